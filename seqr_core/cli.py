@@ -1,0 +1,44 @@
+"""The ``seqr`` command: a thin dispatcher over subcommands that live beside their code.
+
+Each entry maps a command path to ``module:function``; the function takes the remaining
+argv and returns an exit code. Modules are imported only when their command runs, so
+``seqr --help`` starts instantly and seqr_core never imports Flower.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # "command words": ("module:function", "one-line help")
+    "bench routing": (
+        "simulations.bench_routing:main",
+        "time SEQR against SpectR/ARROW/brute force",
+    ),
+    "keys generate": ("seqr_core.keys_cli:main", "create an Ed25519 adapter-signing key pair"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    rows = "\n".join(f"  seqr {name.ljust(width)}  {hint}" for name, (_, hint) in COMMANDS.items())
+    return f"usage: seqr COMMAND [ARGS...]\n\ncommands:\n{rows}\n\nseqr COMMAND --help for each."
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Longest command path first so "registry audit" wins over a plain "registry".
+    for name in sorted(COMMANDS, key=lambda n: -len(n.split())):
+        words = name.split()
+        if args[: len(words)] == words:
+            target, _ = COMMANDS[name]
+            module_name, func_name = target.split(":")
+            func = getattr(importlib.import_module(module_name), func_name)
+            return int(func(args[len(words) :]) or 0)
+    print(_usage(), file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
+    return 0 if not args or args[0] in ("-h", "--help") else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""seqr server: admission checks and the signed adapter registry (ServerApp)."""

@@ -1,0 +1,1 @@
+"""Federations, benchmarks and reports built on seqr_core, client and server."""
