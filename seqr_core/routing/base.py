@@ -116,8 +116,9 @@ class Router:
             raise ShapeError("this router shares one A: the new adapter must not bring its own")
         else:
             A = A.unsqueeze(0) if A.ndim == 2 else A
-        stats = (None, None) if mean is None and std is None else ([mean], [std])
-        self._append(A, stack_b(B), *stats, None if name is None else [name])
+        means = None if mean is None else [mean]
+        stds = None if std is None else [std]
+        self._append(A, stack_b(B), means, stds, None if name is None else [name])
         return len(self) - 1
 
     def remove(self, index: int | str) -> None:
