@@ -24,7 +24,9 @@ def reference_norms(A, B, X):
     """||B_i A_i x|| in float64, one adapter at a time, no factorisation."""
     A, B, X = A.double(), B.double(), X.double()
     As = A if A.ndim == 3 else A.expand(B.shape[0], *A.shape)
-    return torch.stack([torch.linalg.vector_norm(X @ (b @ a).T, dim=1) for a, b in zip(As, B)], 1)
+    return torch.stack(
+        [torch.linalg.vector_norm(X @ (b @ a).T, dim=1) for a, b in zip(As, B, strict=True)], 1
+    )
 
 
 @pytest.mark.parametrize("router_cls", EXACT_ROUTERS)
