@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from seqr_core.atomic_write import create_new_file
 from seqr_core.errors import KeyFileError, SignatureError
 
 __all__ = [
@@ -157,9 +158,9 @@ def write_keypair(out_dir: Path, passphrase: bytes | None = None) -> str:
     )
     public = public_key_bytes(key)
     # Private key first: a public key without its private half would be useless.
-    _create_new_file(private_path, pem, mode=0o600)
+    _create_key_file(private_path, pem, mode=0o600)
     try:
-        _create_new_file(public_path, (public.hex() + "\n").encode("ascii"), mode=0o644)
+        _create_key_file(public_path, (public.hex() + "\n").encode("ascii"), mode=0o644)
     except BaseException:
         with contextlib.suppress(OSError):
             private_path.unlink()
@@ -235,40 +236,9 @@ def _check_public_length(public: bytes) -> None:
         raise KeyFileError(f"public key must be {PUBLIC_KEY_BYTES} raw bytes, got {len(public)}")
 
 
-def _create_new_file(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``data`` to a new file at ``path`` atomically, never replacing an existing one.
-
-    The temp file is created with ``mode`` (O_CREAT|O_EXCL, so the umask can only tighten it)
-    and fsynced; ``os.link`` then publishes it under the final name, failing if that name
-    exists (unlike ``os.replace``), so a concurrent writer cannot be silently overwritten.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+def _create_key_file(path: Path, data: bytes, *, mode: int) -> None:
+    # Created with its final mode and never replacing an existing file (see atomic_write).
     try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have removed bits we want (e.g. 0644 public)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise KeyFileError(
-                f"{path} already exists; refusing to overwrite a signing key"
-            ) from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        create_new_file(path, data, mode=mode)
+    except FileExistsError:
+        raise KeyFileError(f"{path} already exists; refusing to overwrite a signing key") from None
