@@ -9,10 +9,13 @@ against a baseline taken under the same load (these machines are shared and nois
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,13 +83,30 @@ def best_time(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """The CPU profiler prints start/stop lines from C++ straight to fd 2; hide them."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def peak_working_bytes(fn: Callable[[], Any]) -> int:
     """Peak of memory torch allocates during fn (inputs and stored factors excluded).
 
     Walks the profiler's allocation (op self memory) and free ([memory]) events in time
     order; temporaries freed inside a single op are not seen, so this is a lower bound.
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _native_stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         fn()
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     live = peak = 0
