@@ -1,0 +1,410 @@
+"""Typed registry metadata and its exact JSON payloads: root, registry version, tree head.
+
+Three signed payload types (each inside a DSSE envelope, see envelope.py):
+
+- Root (TUF "root" role): the server keys (keyid -> Ed25519 public key) and the k-of-n
+  threshold for everything else. Root N+1 must be signed by a threshold of root N's keys
+  AND of its own (TUF spec 1.0.x, client workflow step 5.3.4).
+- RegistryMetadata: one version of the adapter registry: strictly increasing ``version``,
+  ``expires`` (freeze), ``previous`` (version and SHA-256 of the previous metadata file),
+  the client allow-list and revocations, and one Entry per adapter.
+- TreeHead: RFC 9162 signed tree head over all registry versions (leaf v-1 = the exact bytes
+  of metadata/v.registry.json), with the inclusion proof of the newest leaf and the
+  consistency proof from the previous size.
+
+Parsing here is structural (types, formats, exact key sets); the semantic checks (versions,
+thresholds, allow-list, files) live in verify.py so each attack has one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from seqr_core import signing
+from seqr_core.errors import FormatError, KeyFileError
+from seqr_core.registry.codec import Fields, check_hex, dumps, format_time, loads
+
+__all__ = [
+    "SPEC_VERSION",
+    "ADAPTER_FILE",
+    "CONFIG_FILE",
+    "STATS_FILE",
+    "MANIFEST_FILE",
+    "MANIFEST_SIG_FILE",
+    "EXPORT_FILES",
+    "FileInfo",
+    "TensorSpec",
+    "Root",
+    "ClientKey",
+    "Revocation",
+    "Entry",
+    "RegistryMetadata",
+    "TreeHead",
+    "parse_pointer",
+    "pointer_bytes",
+]
+
+SPEC_VERSION = "1"
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+STATS_FILE = "norm_stats.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_SIG_FILE = "manifest.sig"
+# Every file of a client's signed export, stored under adapters/<sha256 of ADAPTER_FILE>/.
+EXPORT_FILES = (CONFIG_FILE, ADAPTER_FILE, STATS_FILE, MANIFEST_FILE, MANIFEST_SIG_FILE)
+MAX_ENTRIES = 1_000_000
+MAX_KEYS = 64
+_SHA = 32  # bytes of a SHA-256 digest
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """Hash and length of one stored file (TUF "targets" style; length bounds endless data)."""
+
+    sha256: str
+    length: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"length": self.length, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, value: object, what: str) -> FileInfo:
+        f = Fields(value, what, ("length", "sha256"))
+        return cls(sha256=f.hex("sha256", _SHA), length=f.integer("length"))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Expected dtype and shape of one tensor in every adapter of this registry."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, value: object, what: str) -> TensorSpec:
+        f = Fields(value, what, ("dtype", "shape"))
+        shape = f.array("shape", max_len=8)
+        for i, dim in enumerate(shape):
+            if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+                raise FormatError(f"{what}.shape[{i}] must be a non-negative integer, got {dim!r}")
+        return cls(dtype=f.text("dtype", max_len=16), shape=tuple(shape))
+
+
+def _public_key(hex_text: object, what: str) -> bytes:
+    try:
+        return signing.load_public_key_hex(check_hex(hex_text, 32, what))
+    except KeyFileError as exc:
+        raise FormatError(f"{what}: {exc}") from None
+
+
+def _keyid(keyid: str, public: bytes, what: str) -> None:
+    if signing.fingerprint(public) != keyid:
+        raise FormatError(
+            f"{what}: key id {keyid!r} is not the fingerprint of its key "
+            f"({signing.fingerprint(public)!r})"
+        )
+
+
+@dataclass(frozen=True)
+class Root:
+    """Server keys and threshold (TUF root role); versions start at 1."""
+
+    version: int
+    issued: datetime
+    expires: datetime
+    keys: Mapping[str, bytes]  # keyid (signing.fingerprint) -> 32-byte Ed25519 public key
+    threshold: int
+
+    def to_payload(self) -> bytes:
+        return dumps(
+            {
+                "_type": "root",
+                "spec_version": SPEC_VERSION,
+                "version": self.version,
+                "issued": format_time(self.issued),
+                "expires": format_time(self.expires),
+                "keys": {k: v.hex() for k, v in self.keys.items()},
+                "threshold": self.threshold,
+            }
+        )
+
+    @classmethod
+    def from_payload(cls, payload: bytes, what: str = "root") -> Root:
+        f = Fields(
+            loads(payload, what),
+            what,
+            ("_type", "spec_version", "version", "issued", "expires", "keys", "threshold"),
+        )
+        f.const("_type", "root")
+        f.const("spec_version", SPEC_VERSION)
+        raw_keys = f.mapping("keys")
+        if not 1 <= len(raw_keys) <= MAX_KEYS:
+            raise FormatError(f"{what}.keys must list 1 to {MAX_KEYS} keys, got {len(raw_keys)}")
+        keys = {}
+        for keyid, hex_key in raw_keys.items():
+            public = _public_key(hex_key, f"{what}.keys[{keyid}]")
+            _keyid(keyid, public, f"{what}.keys")
+            keys[keyid] = public
+        # TUF: 1 <= threshold <= number of keys, or the root can never be satisfied.
+        threshold = f.integer("threshold", low=1, high=len(keys))
+        return cls(
+            f.integer("version", low=1), f.time("issued"), f.time("expires"), keys, threshold
+        )
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """An allow-listed client key (the registry's admission list)."""
+
+    keyid: str
+    public_key: bytes
+    enrolled: datetime
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """A client key the server revoked: its adapters leave the registry for good."""
+
+    keyid: str
+    public_key: bytes
+    revoked: datetime
+    reason: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One published adapter: its files, its client and the client's signature."""
+
+    adapter_sha256: str  # SHA-256 of adapter_model.safetensors: the content address
+    client: str  # keyid of the client key
+    client_key: bytes
+    client_signature: bytes  # the 64 raw bytes of manifest.sig
+    admitted: datetime
+    files: Mapping[str, FileInfo]  # every name in EXPORT_FILES
+
+    @property
+    def directory(self) -> str:
+        return f"adapters/{self.adapter_sha256}"
+
+    @property
+    def statistics(self) -> FileInfo:
+        return self.files[STATS_FILE]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "adapter_sha256": self.adapter_sha256,
+            "client": self.client,
+            "client_key": self.client_key.hex(),
+            "client_signature": self.client_signature.hex(),
+            "admitted": format_time(self.admitted),
+            "files": {name: info.to_json() for name, info in self.files.items()},
+        }
+
+    @classmethod
+    def from_json(cls, value: object, what: str) -> Entry:
+        f = Fields(
+            value,
+            what,
+            ("adapter_sha256", "client", "client_key", "client_signature", "admitted", "files"),
+        )
+        files_obj = f.mapping("files")
+        if set(files_obj) != set(EXPORT_FILES):
+            raise FormatError(
+                f"{what}.files must list exactly {', '.join(EXPORT_FILES)}; "
+                f"got {', '.join(sorted(files_obj))}"
+            )
+        files = {n: FileInfo.from_json(files_obj[n], f"{what}.files.{n}") for n in EXPORT_FILES}
+        client_key = _public_key(f.raw("client_key"), f.path("client_key"))
+        client = f.text("client", max_len=128)
+        _keyid(client, client_key, what)
+        return cls(
+            adapter_sha256=f.hex("adapter_sha256", _SHA),
+            client=client,
+            client_key=client_key,
+            client_signature=bytes.fromhex(f.hex("client_signature", signing.SIGNATURE_BYTES)),
+            admitted=f.time("admitted"),
+            files=files,
+        )
+
+
+@dataclass(frozen=True)
+class RegistryMetadata:
+    """One version of the registry (what the server signs and the log records)."""
+
+    version: int
+    root_version: int
+    issued: datetime
+    expires: datetime
+    previous: tuple[int, str] | None  # (version, SHA-256 of that metadata file), None for 1
+    clients: Mapping[str, ClientKey]
+    revoked: Mapping[str, Revocation]
+    tensor_spec: Mapping[str, TensorSpec] | None
+    entries: tuple[Entry, ...]
+
+    def to_payload(self) -> bytes:
+        return dumps(
+            {
+                "_type": "registry",
+                "spec_version": SPEC_VERSION,
+                "version": self.version,
+                "root_version": self.root_version,
+                "issued": format_time(self.issued),
+                "expires": format_time(self.expires),
+                "previous": None
+                if self.previous is None
+                else {"version": self.previous[0], "sha256": self.previous[1]},
+                "clients": {
+                    c.keyid: {"public_key": c.public_key.hex(), "enrolled": format_time(c.enrolled)}
+                    for c in self.clients.values()
+                },
+                "revoked": {
+                    r.keyid: {
+                        "public_key": r.public_key.hex(),
+                        "revoked": format_time(r.revoked),
+                        "reason": r.reason,
+                    }
+                    for r in self.revoked.values()
+                },
+                "tensor_spec": None
+                if self.tensor_spec is None
+                else {name: spec.to_json() for name, spec in self.tensor_spec.items()},
+                "entries": [e.to_json() for e in self.entries],
+            }
+        )
+
+    @classmethod
+    def from_payload(cls, payload: bytes, what: str = "registry") -> RegistryMetadata:
+        f = Fields(
+            loads(payload, what),
+            what,
+            (
+                "_type",
+                "spec_version",
+                "version",
+                "root_version",
+                "issued",
+                "expires",
+                "previous",
+                "clients",
+                "revoked",
+                "tensor_spec",
+                "entries",
+            ),
+        )
+        f.const("_type", "registry")
+        f.const("spec_version", SPEC_VERSION)
+        previous = None
+        if f.raw("previous") is not None:
+            p = Fields(f.raw("previous"), f.path("previous"), ("version", "sha256"))
+            previous = (p.integer("version", low=1), p.hex("sha256", _SHA))
+        clients = {}
+        for keyid, item in f.mapping("clients").items():
+            c = Fields(item, f"{what}.clients[{keyid}]", ("public_key", "enrolled"))
+            public = _public_key(c.raw("public_key"), c.path("public_key"))
+            _keyid(keyid, public, c.what)
+            clients[keyid] = ClientKey(keyid, public, c.time("enrolled"))
+        revoked = {}
+        for keyid, item in f.mapping("revoked").items():
+            r = Fields(item, f"{what}.revoked[{keyid}]", ("public_key", "revoked", "reason"))
+            public = _public_key(r.raw("public_key"), r.path("public_key"))
+            _keyid(keyid, public, r.what)
+            revoked[keyid] = Revocation(keyid, public, r.time("revoked"), r.text("reason"))
+        spec = None
+        if f.raw("tensor_spec") is not None:
+            spec = {
+                name: TensorSpec.from_json(v, f"{what}.tensor_spec[{name}]")
+                for name, v in f.mapping("tensor_spec").items()
+            }
+        entries = tuple(
+            Entry.from_json(e, f"{what}.entries[{i}]")
+            for i, e in enumerate(f.array("entries", max_len=MAX_ENTRIES))
+        )
+        return cls(
+            version=f.integer("version", low=1),
+            root_version=f.integer("root_version", low=1),
+            issued=f.time("issued"),
+            expires=f.time("expires"),
+            previous=previous,
+            clients=clients,
+            revoked=revoked,
+            tensor_spec=spec,
+            entries=entries,
+        )
+
+
+@dataclass(frozen=True)
+class TreeHead:
+    """RFC 9162 signed tree head (section 4.10) for the log of registry versions."""
+
+    tree_size: int
+    root_hash: bytes
+    timestamp: datetime
+    root_version: int  # the root whose keys sign this head
+    inclusion: tuple[bytes, ...]  # audit path of leaf tree_size-1 (RFC 9162 section 2.1.3)
+    consistency: tuple[bytes, ...]  # proof from tree_size-1 (RFC 9162 section 2.1.4)
+
+    def to_payload(self) -> bytes:
+        return dumps(
+            {
+                "_type": "tree_head",
+                "spec_version": SPEC_VERSION,
+                "tree_size": self.tree_size,
+                "root_hash": self.root_hash.hex(),
+                "timestamp": format_time(self.timestamp),
+                "root_version": self.root_version,
+                "inclusion": [h.hex() for h in self.inclusion],
+                "consistency": [h.hex() for h in self.consistency],
+            }
+        )
+
+    @classmethod
+    def from_payload(cls, payload: bytes, what: str = "tree head") -> TreeHead:
+        f = Fields(
+            loads(payload, what),
+            what,
+            (
+                "_type",
+                "spec_version",
+                "tree_size",
+                "root_hash",
+                "timestamp",
+                "root_version",
+                "inclusion",
+                "consistency",
+            ),
+        )
+        f.const("_type", "tree_head")
+        f.const("spec_version", SPEC_VERSION)
+
+        def path(key: str) -> tuple[bytes, ...]:
+            items = f.array(key, max_len=64)  # log2 of any tree we can hold
+            return tuple(
+                bytes.fromhex(check_hex(h, _SHA, f"{f.path(key)}[{i}]"))
+                for i, h in enumerate(items)
+            )
+
+        return cls(
+            tree_size=f.integer("tree_size", low=1),
+            root_hash=bytes.fromhex(f.hex("root_hash", _SHA)),
+            timestamp=f.time("timestamp"),
+            root_version=f.integer("root_version", low=1),
+            inclusion=path("inclusion"),
+            consistency=path("consistency"),
+        )
+
+
+def pointer_bytes(version: int) -> bytes:
+    """``latest.json``: which complete version to read. Unsigned: only a hint, since the
+    metadata it names is signed, versioned and checked against the trusted state."""
+    return dumps({"version": version}) + b"\n"
+
+
+def parse_pointer(data: bytes) -> int:
+    f = Fields(loads(data, "latest.json"), "latest.json", ("version",))
+    return f.integer("version", low=1)
