@@ -18,9 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +31,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from seqr_core import signing
 from seqr_core.atomic_write import write_atomic
 from seqr_core.errors import FormatError, KeyFileError, SignatureError
+from seqr_core.export_folder import (
+    DEFAULT_MAX_EXPORT_BYTES,
+    MAX_EXPORT_FILES,
+    check_file_name,
+    read_export,
+)
 from seqr_core.strict_json import loads_strict
 
 __all__ = [
@@ -63,13 +67,10 @@ NORM_STATS_NAME = "norm_stats.json"
 EXPORT_PAYLOAD_NAMES = frozenset({ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, NORM_STATS_NAME})
 
 MAX_MANIFEST_BYTES = 64 * 1024  # bytes; a manifest is ~1 KB
-MAX_EXPORT_FILES = 16  # files in one export folder, manifest and signature included
-DEFAULT_MAX_EXPORT_BYTES = 1024**3  # bytes (1 GiB) over all files of one export
 MAX_NAME_CHARS = 128
 MAX_RANK = 4096
 MAX_INT64 = 2**63 - 1
 
-_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,255}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -114,7 +115,7 @@ class Manifest:
         if not files:
             _bad("files", files, "must list at least one file")
         for name, digest in files.items():
-            _check_file_name(name)
+            check_file_name(name)
             if name in (MANIFEST_NAME, SIGNATURE_NAME):
                 _bad("files", name, "cannot list the manifest or its signature")
             if not isinstance(digest, str) or not _SHA256.match(digest):
@@ -340,61 +341,6 @@ def sign_export(
     return manifest
 
 
-def read_export(
-    folder: Path,
-    *,
-    max_total_bytes: int = DEFAULT_MAX_EXPORT_BYTES,
-    max_files: int = MAX_EXPORT_FILES,
-) -> dict[str, bytes]:
-    """Read an export folder into ``{name: bytes}`` with bounded reads.
-
-    Refuses (FormatError) symlinks, subfolders and other non-regular entries, odd names
-    (hidden files, leftovers of interrupted writes), more than ``max_files`` files and more
-    than ``max_total_bytes`` bytes in all; never reads past the budget.
-    """
-    folder = Path(folder)
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except FileNotFoundError:
-        raise FormatError(f"export folder {folder} does not exist") from None
-    except NotADirectoryError:
-        raise FormatError(f"export path {folder} is not a folder") from None
-    if len(entries) > max_files:
-        raise FormatError(
-            f"export folder {folder} has {len(entries)} entries, over the limit of {max_files}"
-        )
-    files: dict[str, bytes] = {}
-    budget = max_total_bytes
-    for entry in entries:
-        if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
-            raise FormatError(
-                f"{entry.path} is not a regular file (symlink or folder); an export holds "
-                "only regular files"
-            )
-        _check_file_name(entry.name, where=str(folder))
-        data = _read_bounded(Path(entry.path), budget, max_total_bytes)
-        budget -= len(data)
-        files[entry.name] = data
-    return files
-
-
-def _read_bounded(path: Path, budget: int, max_total_bytes: int) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as exc:
-        raise FormatError(f"cannot open {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise FormatError(f"{path} is not a regular file")
-        data = handle.read(budget + 1)
-    if len(data) > budget:
-        raise FormatError(
-            f"export is over the limit of {max_total_bytes} bytes (at {path.name}); "
-            "is this an adapter export?"
-        )
-    return data
-
-
 def _check_sizes(files: Mapping[str, bytes], max_total_bytes: int) -> None:
     if len(files) > MAX_EXPORT_FILES:
         raise FormatError(f"export has {len(files)} files, over the limit of {MAX_EXPORT_FILES}")
@@ -402,18 +348,10 @@ def _check_sizes(files: Mapping[str, bytes], max_total_bytes: int) -> None:
     if total > max_total_bytes:
         raise FormatError(f"export is {total} bytes, over the limit of {max_total_bytes} bytes")
     for name in files:
-        _check_file_name(name)
+        check_file_name(name)
     if MANIFEST_NAME in files and len(files[MANIFEST_NAME]) > MAX_MANIFEST_BYTES:
         raise FormatError(
             f"{MANIFEST_NAME} is {len(files[MANIFEST_NAME])} bytes, over {MAX_MANIFEST_BYTES}"
-        )
-
-
-def _check_file_name(name: object, *, where: str = "export") -> None:
-    if not isinstance(name, str) or not _FILE_NAME.match(name):
-        raise FormatError(
-            f"file name {name!r:.80} in {where} is not allowed: use 1-128 characters of "
-            "A-Z a-z 0-9 . _ - not starting with a dot (no paths, no hidden files)"
         )
 
 

@@ -108,10 +108,15 @@ def make_export(
     weights: bytes | None = None,
     stats: bytes | None = None,
     config: Mapping[str, Any] | None = None,
+    sign_only: bool = False,
     **manifest: Any,
 ) -> Manifest:
-    """Write a complete signed export; ``manifest`` overrides sign_export's keyword arguments."""
-    write_payload(folder, tensors=tensors, weights=weights, stats=stats, config=config)
+    """Write a complete signed export; ``manifest`` overrides sign_export's keyword arguments.
+
+    ``sign_only`` signs whatever the folder holds now instead of writing the payload first.
+    """
+    if not sign_only:
+        write_payload(folder, tensors=tensors, weights=weights, stats=stats, config=config)
     kwargs: dict[str, Any] = {
         "name": "python-stdlib",
         "base_model_sha256": BASE_SHA,

@@ -1,0 +1,697 @@
+"""Server admission: one test per attack, each asserting the replay state did not change."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import pickle
+import struct
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from _signed_export import (
+    A_SEED,
+    A_SHA,
+    BASE_SHA,
+    CREATED,
+    RANK,
+    STATS_MODULES,
+    TARGETS,
+    expected_tensors,
+    make_config,
+    make_export,
+    make_stats,
+    make_tensors,
+    shared_a,
+    tensor_name,
+)
+from safetensors.numpy import save
+
+from seqr_core import signing
+from seqr_core.admission import (
+    REASONS,
+    AdmissionPolicy,
+    AdmittedAdapter,
+    SeenSubmissions,
+    admit,
+    check_stats_plausible,
+)
+from seqr_core.errors import AdmissionError, ConfigError, FormatError, ValueCheckError
+from seqr_core.manifest import MANIFEST_NAME, SIGNATURE_NAME, read_export
+from seqr_core.safetensors_check import load_float_tensors, parse_safetensors_header
+from seqr_core.stats import NormStatistics, RunningMoments
+
+NOW = CREATED + timedelta(minutes=1)
+Key = Any
+
+
+@pytest.fixture
+def key() -> Key:
+    return signing.generate_private_key()
+
+
+@pytest.fixture
+def policy(key: Key) -> AdmissionPolicy:
+    return make_policy(key)
+
+
+def make_policy(key: Key, **overrides: Any) -> AdmissionPolicy:
+    fields: dict[str, Any] = {
+        "base_model_sha256": BASE_SHA,
+        "a_seed": A_SEED,
+        "a_sha256": A_SHA,
+        "rank": RANK,
+        "target_modules": TARGETS,
+        "expected_tensors": expected_tensors(),
+        "stats_modules": STATS_MODULES,
+        "allowed_keys": frozenset({signing.public_key_bytes(key).hex()}),
+    }
+    fields.update(overrides)
+    return AdmissionPolicy(**fields)
+
+
+def submission(tmp_path: Path, key: Key, folder: str = "export", **kwargs: Any) -> dict[str, bytes]:
+    make_export(tmp_path / folder, key, **kwargs)
+    return read_export(tmp_path / folder)
+
+
+def assert_rejected(
+    files: dict[str, bytes],
+    policy: AdmissionPolicy,
+    reason: str,
+    *,
+    seen: SeenSubmissions | None = None,
+    match: str | None = None,
+) -> AdmissionError:
+    """Admission fails with ``reason`` and leaves the replay state exactly as it was."""
+    seen = seen if seen is not None else SeenSubmissions()
+    before = copy.deepcopy(seen)
+    with pytest.raises(AdmissionError, match=match) as info:
+        admit(files, policy, seen=seen, now=NOW)
+    assert info.value.reason == reason, str(info.value)
+    assert reason in REASONS
+    assert seen == before
+    return info.value
+
+
+def header_obj(entries: list[tuple[str, str, list[int], bytes]]) -> dict[str, Any]:
+    offset, obj = 0, {}
+    for name, dtype, shape, data in entries:
+        obj[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    return obj
+
+
+def raw_safetensors(
+    entries: list[tuple[str, str, list[int], bytes]],
+    *,
+    header: bytes | None = None,
+    trailing: bytes = b"",
+    length: int | None = None,
+) -> bytes:
+    """Hand-built safetensors bytes, so every field can be made wrong on purpose."""
+    if header is None:
+        header = json.dumps(header_obj(entries)).encode()
+    n = len(header) if length is None else length
+    return struct.pack("<Q", n) + header + b"".join(e[3] for e in entries) + trailing
+
+
+def tensor_entries(dtype: str = "F32") -> list[tuple[str, str, list[int], bytes]]:
+    out = []
+    for name, array in sorted(make_tensors().items()):
+        if dtype == "BF16":  # keep the upper 16 bits of each float32
+            data = (array.astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()
+        else:
+            data = array.astype("<f4").tobytes()
+        out.append((name, dtype, list(array.shape), data))
+    return out
+
+
+# --- happy path ---------------------------------------------------------------------------
+
+
+def test_honest_submission_admitted(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    files = submission(tmp_path, key)
+    seen = SeenSubmissions()
+    admitted = admit(files, policy, seen=seen, now=NOW)
+    assert isinstance(admitted, AdmittedAdapter)
+    assert admitted.public_key == signing.public_key_bytes(key).hex()
+    assert admitted.fingerprint == signing.fingerprint(signing.public_key_bytes(key))
+    assert admitted.manifest.name == "python-stdlib"
+    assert dict(admitted.files) == files
+    for name, array in make_tensors().items():
+        np.testing.assert_array_equal(admitted.tensors[name], array)
+    assert set(admitted.stats.modules) == set(STATS_MODULES)
+    assert admitted.adapter_config["r"] == RANK
+    assert seen == SeenSubmissions()  # admit is pure
+    admitted.record_in(seen)
+    assert seen.manifest_hashes == {admitted.manifest_sha256}
+    assert seen.last_created == {admitted.public_key: CREATED}
+
+
+def test_newer_submission_from_same_key_admitted(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy
+) -> None:
+    seen = SeenSubmissions()
+    admit(submission(tmp_path, key, "v1"), policy, seen=seen, now=NOW).record_in(seen)
+    newer = submission(tmp_path, key, "v2", created=CREATED + timedelta(seconds=1))
+    admit(newer, policy, seen=seen, now=NOW)
+
+
+def test_bf16_weights_admitted_and_widened_exactly(tmp_path: Path, key: Key) -> None:
+    entries = tensor_entries("BF16")
+    weights = raw_safetensors(entries)
+    specs = {name: (tuple(shape), "BF16") for name, _, shape, _ in entries}
+    policy = make_policy(key, expected_tensors=specs)
+    admitted = admit(
+        submission(tmp_path, key, weights=weights), policy, seen=SeenSubmissions(), now=NOW
+    )
+    for name, array in make_tensors().items():
+        truncated = (array.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+        np.testing.assert_array_equal(admitted.tensors[name], truncated)
+
+
+def test_matching_shared_a_tensors_admitted(tmp_path: Path, key: Key) -> None:
+    policy = make_policy(key, expected_a=shared_a())
+    admit(submission(tmp_path, key), policy, seen=SeenSubmissions(), now=NOW)
+
+
+# --- files, sizes, manifest, signature, keys ----------------------------------------------
+
+
+def test_extra_file_smuggled_into_submission_rejected(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy
+) -> None:
+    files = submission(tmp_path, key)
+    files["setup.py"] = b"import os"
+    assert_rejected(files, policy, "wrong_files", match="setup.py")
+
+
+def test_missing_stats_file_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    files = submission(tmp_path, key)
+    del files["norm_stats.json"]
+    assert_rejected(files, policy, "wrong_files", match="norm_stats.json")
+
+
+def test_oversized_adapter_rejected(tmp_path: Path, key: Key) -> None:
+    files = submission(tmp_path, key)
+    policy = make_policy(key, max_adapter_bytes=100)
+    assert_rejected(files, policy, "too_large", match="adapter_model.safetensors is")
+
+
+def test_oversized_stats_rejected(tmp_path: Path, key: Key) -> None:
+    files = submission(tmp_path, key)
+    assert_rejected(files, make_policy(key, max_stats_bytes=10), "too_large")
+
+
+def test_malformed_manifest_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    files = submission(tmp_path, key)
+    files[MANIFEST_NAME] = b'{"format_version": 1}'
+    assert_rejected(files, policy, "bad_manifest", match="missing")
+
+
+def test_manifest_listing_other_files_rejected(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy
+) -> None:
+    # A validly signed manifest that leaves the statistics out of what it covers.
+    folder = tmp_path / "export"
+    make_export(folder, key)
+    stats = (folder / "norm_stats.json").read_bytes()
+    (folder / "norm_stats.json").unlink()
+    make_export(folder, key, sign_only=True)  # re-sign without the statistics
+    files = read_export(folder)
+    files["norm_stats.json"] = stats
+    assert_rejected(files, policy, "bad_manifest", match="must list exactly")
+
+
+def test_forged_signature_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    files = submission(tmp_path, key)
+    sig = bytearray(files[SIGNATURE_NAME])
+    sig[0] ^= 0x80
+    files[SIGNATURE_NAME] = bytes(sig)
+    assert_rejected(files, policy, "bad_signature")
+
+
+def test_manifest_edited_after_signing_rejected(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy
+) -> None:
+    files = submission(tmp_path, key)
+    files[MANIFEST_NAME] = files[MANIFEST_NAME].replace(b"python-stdlib", b"python-stdlic")
+    assert_rejected(files, policy, "bad_signature")
+
+
+def test_impersonation_with_attackers_signature_rejected(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy
+) -> None:
+    # The attacker keeps the victim's public key in the manifest but can only sign with their own.
+    attacker = signing.generate_private_key()
+    files = submission(tmp_path, key)
+    files[SIGNATURE_NAME] = signing.sign(attacker, files[MANIFEST_NAME])
+    assert_rejected(files, policy, "bad_signature")
+
+
+def test_missing_signature_bytes_rejected(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy
+) -> None:
+    files = submission(tmp_path, key)
+    files[SIGNATURE_NAME] = b""
+    assert_rejected(files, policy, "bad_signature", match="64 bytes")
+
+
+def test_unknown_key_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    stranger = signing.generate_private_key()
+    files = submission(tmp_path, stranger)
+    assert_rejected(files, policy, "unknown_key", match="not enrolled")
+
+
+def test_revoked_key_rejected(tmp_path: Path, key: Key) -> None:
+    hex_key = signing.public_key_bytes(key).hex()
+    policy = make_policy(key, revoked_keys=frozenset({hex_key}))  # still on the allow-list
+    assert_rejected(submission(tmp_path, key), policy, "revoked_key", match="revoked")
+
+
+# --- replay and time ------------------------------------------------------------------------
+
+
+def test_duplicate_submission_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    files = submission(tmp_path, key)
+    seen = SeenSubmissions()
+    admit(files, policy, seen=seen, now=NOW).record_in(seen)
+    assert_rejected(files, policy, "duplicate", seen=seen)
+
+
+def test_replayed_submission_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    # An older, never-admitted export captured in transit is replayed after a newer one.
+    old = submission(tmp_path, key, "old", created=CREATED - timedelta(seconds=30))
+    seen = SeenSubmissions()
+    admit(submission(tmp_path, key, "new"), policy, seen=seen, now=NOW).record_in(seen)
+    assert_rejected(old, policy, "replay", seen=seen, match="not newer")
+
+
+def test_same_timestamp_resubmission_rejected(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy
+) -> None:
+    seen = SeenSubmissions()
+    admit(submission(tmp_path, key, "a"), policy, seen=seen, now=NOW).record_in(seen)
+    other = submission(tmp_path, key, "b", name="other-domain")  # same created time
+    assert_rejected(other, policy, "replay", seen=seen)
+
+
+def test_future_dated_submission_rejected(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy
+) -> None:
+    files = submission(tmp_path, key, created=NOW + timedelta(hours=1))
+    assert_rejected(files, policy, "future", match="clock")
+
+
+def test_stale_submission_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    files = submission(tmp_path, key, created=NOW - timedelta(days=30))
+    assert_rejected(files, policy, "stale")
+
+
+def test_naive_now_refused(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    with pytest.raises(ValueCheckError, match="timezone-aware"):
+        admit(
+            submission(tmp_path, key), policy, seen=SeenSubmissions(), now=NOW.replace(tzinfo=None)
+        )
+
+
+def test_replay_state_roundtrips_through_json(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy
+) -> None:
+    files = submission(tmp_path, key)
+    seen = SeenSubmissions()
+    admit(files, policy, seen=seen, now=NOW).record_in(seen)
+    restored = SeenSubmissions.from_json_bytes(seen.to_json_bytes())
+    assert restored == seen
+    assert_rejected(files, policy, "duplicate", seen=restored)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"[]", b'{"manifest_hashes": [1], "last_created": {}}', b'{"manifest_hashes": []}'],
+)
+def test_malformed_replay_state_rejected(data: bytes) -> None:
+    with pytest.raises(FormatError):
+        SeenSubmissions.from_json_bytes(data)
+
+
+# --- files and federation -----------------------------------------------------------------
+
+
+def test_tampered_weights_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    files = submission(tmp_path, key)
+    weights = bytearray(files["adapter_model.safetensors"])
+    weights[-2] ^= 0x40
+    files["adapter_model.safetensors"] = bytes(weights)
+    assert_rejected(files, policy, "hash_mismatch", match="changed after signing")
+
+
+def test_wrong_base_model_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    files = submission(tmp_path, key, base_model_sha256="ab" * 32)
+    assert_rejected(files, policy, "wrong_base_model")
+
+
+def test_wrong_shared_a_seed_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    files = submission(tmp_path, key, a_seed=A_SEED + 1)
+    assert_rejected(files, policy, "wrong_a", match="seed")
+
+
+def test_substituted_shared_a_tensors_rejected(tmp_path: Path, key: Key) -> None:
+    # The manifest claims the federation's A, but the file carries another one.
+    tensors = make_tensors()
+    name = tensor_name("q_proj", "A")
+    tensors[name] = tensors[name] * 2
+    files = submission(tmp_path, key, tensors=tensors)
+    assert_rejected(files, make_policy(key, expected_a=shared_a()), "wrong_a", match="q_proj")
+
+
+def test_malformed_adapter_config_rejected(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy
+) -> None:
+    files = submission(tmp_path, key, config=make_config(peft_type="IA3"))
+    assert_rejected(files, policy, "bad_config", match="LORA")
+
+
+@pytest.mark.parametrize(
+    ("config", "manifest", "policy_changes", "match"),
+    [
+        ({"r": 4}, {}, {}, "rank"),  # config disagrees with manifest
+        ({"r": 4}, {"rank": 4}, {}, "rank"),  # both disagree with the federation
+        ({"lora_alpha": 8}, {}, {}, "alpha"),
+        ({}, {}, {"alpha": 32.0}, "alpha"),
+        ({"target_modules": ["q_proj", "k_proj"]}, {}, {}, "target_modules"),
+    ],
+)
+def test_wrong_lora_config_rejected(
+    tmp_path: Path, key: Key, config: dict, manifest: dict, policy_changes: dict, match: str
+) -> None:
+    files = submission(tmp_path, key, config=make_config(**config), **manifest)
+    assert_rejected(files, make_policy(key, **policy_changes), "wrong_config", match=match)
+
+
+# --- the weights file -----------------------------------------------------------------------
+
+
+def test_pickle_payload_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    class Boom:  # what an attacker's pickle would run on load; never loaded here
+        def __reduce__(self) -> tuple[Callable[..., Any], tuple[str]]:
+            return (print, ("pwned",))
+
+    weights = pickle.dumps({"tensors": make_tensors(), "x": Boom()}, protocol=4)
+    files = submission(tmp_path, key, weights=weights)
+    assert_rejected(files, policy, "pickle_payload", match="pickle")
+
+
+def test_torch_save_archive_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({n: torch.from_numpy(a) for n, a in make_tensors().items()}, buffer)
+    files = submission(tmp_path, key, weights=buffer.getvalue())
+    assert_rejected(files, policy, "pickle_payload")
+
+
+def _header_with(change: Callable[[dict], None]) -> bytes:
+    entries = tensor_entries()
+    obj = header_obj(entries)
+    change(obj)
+    return raw_safetensors(entries, header=json.dumps(obj).encode())
+
+
+def _first(obj: dict) -> dict:
+    return obj[sorted(obj)[0]]
+
+
+MALFORMED = {
+    "trailing_bytes": lambda: raw_safetensors(tensor_entries(), trailing=b"\x00" * 4),
+    "header_past_end": lambda: raw_safetensors(tensor_entries(), length=10**6),
+    "header_over_cap": lambda: raw_safetensors(tensor_entries(), length=2**40),
+    "too_short": lambda: b"\x01\x00",
+    "not_json": lambda: raw_safetensors([], header=b"{not json"),
+    "not_object": lambda: raw_safetensors([], header=b"[1,2]"),
+    "duplicate_tensor_name": lambda: raw_safetensors(
+        [],
+        header=b'{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},'
+        b'"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}',
+    ),
+    "hole_in_offsets": lambda: _header_with(lambda o: _first(o).update(data_offsets=[8, 40])),
+    "overlapping_offsets": lambda: _header_with(
+        lambda o: o[sorted(o)[1]].update(data_offsets=[0, 32])
+    ),
+    "size_disagrees_with_shape": lambda: _header_with(lambda o: _first(o).update(shape=[2, 3])),
+    "unknown_dtype": lambda: _header_with(lambda o: _first(o).update(dtype="F128")),
+    "negative_dimension": lambda: _header_with(lambda o: _first(o).update(shape=[-2, -4])),
+    "bool_offsets": lambda: _header_with(lambda o: _first(o).update(data_offsets=[False, True])),
+    "extra_entry_key": lambda: _header_with(lambda o: _first(o).update(code="exec")),
+    "non_string_metadata": lambda: _header_with(lambda o: o.update(__metadata__={"a": 1})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_safetensors_rejected(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy, case: str
+) -> None:
+    files = submission(tmp_path, key, weights=MALFORMED[case]())
+    assert_rejected(files, policy, "malformed_safetensors")
+
+
+def test_overlapping_tensors_named_in_error() -> None:
+    with pytest.raises(FormatError, match="overlaps the previous tensor"):
+        parse_safetensors_header(MALFORMED["overlapping_offsets"]())
+
+
+def test_loader_refuses_non_float_tensors() -> None:
+    entries = [("x", "I32", [2], struct.pack("<ii", 1, 2))]
+    data = raw_safetensors(entries)
+    with pytest.raises(FormatError, match="dtype I32"):
+        load_float_tensors(data, parse_safetensors_header(data))
+
+
+def test_integer_tensors_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    entries = [(name, "I32", shape, data) for name, _, shape, data in tensor_entries()]
+    files = submission(tmp_path, key, weights=raw_safetensors(entries))
+    assert_rejected(files, policy, "wrong_tensors", match="I32")
+
+
+def test_handbuilt_safetensors_matches_library_format(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy
+) -> None:
+    # The hand builder used above produces files the honest path accepts.
+    files = submission(tmp_path, key, weights=raw_safetensors(tensor_entries()))
+    admit(files, policy, seen=SeenSubmissions(), now=NOW)
+
+
+def test_metadata_padded_library_file_admitted(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy
+) -> None:
+    weights = save(make_tensors(), metadata={"format": "pt"})
+    admit(submission(tmp_path, key, weights=weights), policy, seen=SeenSubmissions(), now=NOW)
+
+
+def test_extra_backdoor_tensor_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    tensors = make_tensors()
+    tensors["base_model.model.lm_head.lora_B.weight"] = np.ones((4, 2), np.float32)
+    files = submission(tmp_path, key, tensors=tensors)
+    assert_rejected(files, policy, "wrong_tensors", match="unexpected")
+
+
+def test_missing_tensor_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    tensors = make_tensors()
+    del tensors[tensor_name("v_proj", "B")]
+    assert_rejected(submission(tmp_path, key, tensors=tensors), policy, "wrong_tensors")
+
+
+def test_wrong_tensor_shape_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    tensors = make_tensors()
+    tensors[tensor_name("q_proj", "B")] = np.ones((4, 3), np.float32)
+    files = submission(tmp_path, key, tensors=tensors)
+    assert_rejected(files, policy, "wrong_tensors", match=r"\[4, 3\], expected F32 \[4, 2\]")
+
+
+def test_wrong_tensor_dtype_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    tensors = {n: a.astype(np.float16) for n, a in make_tensors().items()}
+    assert_rejected(
+        submission(tmp_path, key, tensors=tensors), policy, "wrong_tensors", match="F16"
+    )
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_weights_rejected(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy, bad: float
+) -> None:
+    tensors = make_tensors()
+    tensors[tensor_name("v_proj", "B")][1, 0] = bad
+    files = submission(tmp_path, key, tensors=tensors)
+    assert_rejected(files, policy, "non_finite", match="v_proj")
+
+
+# --- statistics -----------------------------------------------------------------------------
+
+
+def _stats_bytes(modules: dict[str, RunningMoments]) -> bytes:
+    return NormStatistics(modules).to_json_bytes()
+
+
+@pytest.mark.parametrize(
+    ("stats", "match"),
+    [
+        (lambda: b"not json", "JSON"),
+        (lambda: b'{"format_version":1,"modules":{"m":{"count":2,"mean":[NaN],"m2":[1]}}}', "NaN"),
+        (lambda: _stats_bytes({STATS_MODULES[0]: make_stats().modules[STATS_MODULES[0]]}), "cover"),
+        (
+            lambda: _stats_bytes(
+                {m: RunningMoments(1, 10, np.array([5.0]), np.array([0.0])) for m in STATS_MODULES}
+            ),
+            "std",
+        ),
+        (
+            lambda: _stats_bytes(
+                {m: RunningMoments(1, 0, np.array([5.0]), np.array([1.0])) for m in STATS_MODULES}
+            ),
+            "fewer than",
+        ),
+        (
+            lambda: _stats_bytes(
+                {m: RunningMoments(2, 10, np.ones(2), np.ones(2)) for m in STATS_MODULES}
+            ),
+            "2 series",
+        ),
+        (
+            lambda: _stats_bytes(
+                {m: RunningMoments(1, 10, np.array([-1.0]), np.ones(1)) for m in STATS_MODULES}
+            ),
+            "mean",
+        ),
+    ],
+    ids=["not_json", "nan", "missing_module", "zero_std", "zero_count", "two_series", "neg_mean"],
+)
+def test_bad_stats_rejected(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy, stats: Callable[[], bytes], match: str
+) -> None:
+    files = submission(tmp_path, key, stats=stats())
+    assert_rejected(files, policy, "bad_stats", match=match)
+
+
+def test_too_few_calibration_values_rejected(tmp_path: Path, key: Key) -> None:
+    files = submission(tmp_path, key, stats=make_stats(count=8).to_json_bytes())
+    assert_rejected(files, make_policy(key, min_stats_count=100), "bad_stats", match="fewer")
+
+
+# --- lying statistics (routing hijack) ------------------------------------------------------
+
+
+def _probe(mean: float = 5.0, std: float = 1.0) -> dict[str, np.ndarray]:
+    # Two-point probe sample: mean and population std are exactly `mean` and `std`.
+    values = np.array([mean - std, mean + std] * 8)
+    return {m: values for m in STATS_MODULES}
+
+
+def test_honest_stats_plausible() -> None:
+    # Own-domain data: larger norms and a spread comparable to generic text.
+    check_stats_plausible(
+        make_stats(mean=6.0, std=0.8), _probe(), max_sigma_ratio=3.0, max_mean_z=1.0
+    )
+
+
+def _exact_stats(mean: float, std: float, count: int = 16) -> NormStatistics:
+    moments = RunningMoments(1, count, np.array([mean]), np.array([std * std * count]))
+    return NormStatistics({m: moments for m in STATS_MODULES})
+
+
+def test_bounds_are_inclusive_hand_computed() -> None:
+    # Probe mean 5, std 1. Claimed mean 4 is exactly 1 probe std below; claimed std 0.5 is
+    # exactly 2 times smaller: both at the bound, so allowed (z at the probe mean = 2 = 1 * 2).
+    check_stats_plausible(_exact_stats(4.0, 0.5), _probe(), max_sigma_ratio=2.0, max_mean_z=1.0)
+    with pytest.raises(AdmissionError, match="1.02 probe stds below"):
+        check_stats_plausible(
+            _exact_stats(3.98, 0.5), _probe(), max_sigma_ratio=2.0, max_mean_z=1.0
+        )
+    with pytest.raises(AdmissionError, match="2.04 times smaller"):
+        check_stats_plausible(
+            _exact_stats(4.0, 0.49), _probe(), max_sigma_ratio=2.0, max_mean_z=1.0
+        )
+
+
+def test_lying_tiny_sigma_rejected() -> None:
+    with pytest.raises(AdmissionError, match="times smaller") as info:
+        check_stats_plausible(
+            make_stats(mean=5.0, std=0.01), _probe(), max_sigma_ratio=3.0, max_mean_z=1.0
+        )
+    assert info.value.reason == "implausible_stats"
+
+
+def test_lying_small_mean_rejected() -> None:
+    with pytest.raises(AdmissionError, match="2.5 probe stds below") as info:
+        check_stats_plausible(
+            make_stats(mean=2.5, std=1.0), _probe(), max_sigma_ratio=3.0, max_mean_z=1.0
+        )
+    assert info.value.reason == "implausible_stats"
+
+
+def test_policy_defaults_drive_plausibility(policy: AdmissionPolicy) -> None:
+    with pytest.raises(AdmissionError):
+        check_stats_plausible(
+            make_stats(mean=5.0, std=0.2),
+            _probe(),
+            max_sigma_ratio=policy.max_sigma_ratio,
+            max_mean_z=policy.max_mean_z,
+        )
+
+
+@pytest.mark.parametrize(
+    ("probe", "match"),
+    [
+        ({}, "no probe norms"),
+        ({m: np.array([5.0]) for m in STATS_MODULES}, "T >= 2"),
+        ({m: np.full(8, 5.0) for m in STATS_MODULES}, "do not vary"),
+        ({m: np.array([1.0, np.nan]) for m in STATS_MODULES}, "NaN"),
+    ],
+)
+def test_unusable_probe_is_server_error(probe: dict, match: str) -> None:
+    with pytest.raises(ValueCheckError, match=match):
+        check_stats_plausible(make_stats(), probe, max_sigma_ratio=3.0, max_mean_z=1.0)
+
+
+# --- the policy itself ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"base_model_sha256": "AB" * 32}, "base_model_sha256"),
+        ({"a_sha256": ""}, "a_sha256"),
+        ({"rank": 0}, "rank"),
+        ({"allowed_keys": frozenset()}, "allowed_keys"),
+        ({"allowed_keys": frozenset({"zz"})}, "allowed_keys"),
+        ({"allowed_keys": "00" * 32}, "not one string"),
+        ({"expected_tensors": {}}, "expected_tensors"),
+        ({"expected_tensors": {"x": ((2, 2), "F128")}}, "dtype"),
+        ({"expected_tensors": {"x": "F32"}}, "shape tuple"),
+        ({"stats_modules": ()}, "stats_modules"),
+        ({"target_modules": ("q_proj", "q_proj")}, "target_modules"),
+        ({"max_adapter_bytes": 0}, "max_adapter_bytes"),
+        ({"max_clock_skew": timedelta(seconds=-1)}, "max_clock_skew"),
+        ({"max_sigma_ratio": 0.5}, "max_sigma_ratio"),
+        ({"max_mean_z": float("nan")}, "max_mean_z"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"expected_a": {"nope": np.zeros((2, 4))}}, "expected_a"),
+    ],
+)
+def test_invalid_policy_rejected(key: Key, changes: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        make_policy(key, **changes)
+
+
+def test_policy_normalises_key_case_and_order(key: Key) -> None:
+    upper = signing.public_key_bytes(key).hex().upper()
+    policy = make_policy(key, allowed_keys=frozenset({upper}), target_modules=("v_proj", "q_proj"))
+    assert policy.allowed_keys == frozenset({upper.lower()})
+    assert policy.target_modules == ("q_proj", "v_proj")
+    assert replace(policy, rank=RANK) == policy
