@@ -43,8 +43,9 @@ class AdmissionPolicy:
     revoked_keys: frozenset[str] = frozenset()  # hex public keys never accepted again
     alpha: float | None = None  # None: any lora_alpha (z-scores are scale-invariant)
     # Tensor name -> the federation's shared A (shared_a.generate_shared_a); when given, every
-    # listed tensor must equal it bit for bit. None: trust the manifest's a_sha256 only.
-    expected_a: Mapping[str, np.ndarray] | None = None
+    # listed tensor must equal it bit for bit (both cast to float32; for BF16 weights pass the
+    # BF16-rounded A). None: trust the manifest's a_seed and a_sha256 only.
+    expected_a: Mapping[str, np.ndarray] | None = field(default=None, compare=False)
     max_adapter_bytes: int = 256 * 1024**2  # bytes, adapter_model.safetensors
     max_header_bytes: int = 1024**2  # bytes, the safetensors JSON header
     max_stats_bytes: int = 1024**2  # bytes, norm_stats.json
@@ -138,8 +139,10 @@ class SeenSubmissions:
         if not isinstance(obj, dict) or set(obj) != {"manifest_hashes", "last_created"}:
             raise FormatError("replay state must hold exactly manifest_hashes and last_created")
         hashes, last = obj["manifest_hashes"], obj["last_created"]
-        if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
-            raise FormatError("replay state manifest_hashes must be a list of strings")
+        if not isinstance(hashes, list) or not all(
+            isinstance(h, str) and len(h) == 64 and _is_lower_hex(h) for h in hashes
+        ):
+            raise FormatError("replay state manifest_hashes must be a list of sha256 hex strings")
         if not isinstance(last, dict) or not all(isinstance(v, str) for v in last.values()):
             raise FormatError("replay state last_created must map keys to ISO-8601 times")
         try:

@@ -138,7 +138,7 @@ def write_keypair(out_dir: Path, passphrase: bytes | None = None) -> str:
     out_dir = Path(out_dir)
     if passphrase is not None and len(passphrase) == 0:
         raise KeyFileError("passphrase is empty; give a non-empty passphrase or none at all")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new key folder: owner only
     private_path = out_dir / PRIVATE_KEY_NAME
     public_path = out_dir / PUBLIC_KEY_NAME
     for path in (private_path, public_path):

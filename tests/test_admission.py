@@ -335,7 +335,13 @@ def test_replay_state_roundtrips_through_json(
 
 @pytest.mark.parametrize(
     "data",
-    [b"[]", b'{"manifest_hashes": [1], "last_created": {}}', b'{"manifest_hashes": []}'],
+    [
+        b"[]",
+        b'{"manifest_hashes": [1], "last_created": {}}',
+        b'{"manifest_hashes": ["abc"], "last_created": {}}',
+        b'{"manifest_hashes": []}',
+        b'{"manifest_hashes": [], "last_created": {"k": "2025-01-01T00:00:00"}}',
+    ],
 )
 def test_malformed_replay_state_rejected(data: bytes) -> None:
     with pytest.raises(FormatError):
@@ -695,3 +701,5 @@ def test_policy_normalises_key_case_and_order(key: Key) -> None:
     assert policy.allowed_keys == frozenset({upper.lower()})
     assert policy.target_modules == ("q_proj", "v_proj")
     assert replace(policy, rank=RANK) == policy
+    with_a = make_policy(key, expected_a=shared_a())
+    assert with_a == make_policy(key, expected_a=shared_a())  # arrays are not compared

@@ -37,12 +37,13 @@ def test_keypair_roundtrip_signs_and_verifies(tmp_path: Path) -> None:
 def test_private_key_created_0600_even_with_open_umask(tmp_path: Path) -> None:
     old = os.umask(0)
     try:
-        signing.write_keypair(tmp_path)
+        signing.write_keypair(tmp_path / "keys")
     finally:
         os.umask(old)
-    assert _mode(tmp_path / signing.PRIVATE_KEY_NAME) == 0o600
-    assert _mode(tmp_path / signing.PUBLIC_KEY_NAME) == 0o644
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert _mode(tmp_path / "keys") == 0o700
+    assert _mode(tmp_path / "keys" / signing.PRIVATE_KEY_NAME) == 0o600
+    assert _mode(tmp_path / "keys" / signing.PUBLIC_KEY_NAME) == 0o644
+    assert not [p for p in (tmp_path / "keys").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_public_key_file_is_hex_line(tmp_path: Path) -> None:
