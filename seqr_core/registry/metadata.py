@@ -37,6 +37,7 @@ __all__ = [
     "EXPORT_FILES",
     "FileInfo",
     "TensorSpec",
+    "FederationPin",
     "Root",
     "ClientKey",
     "Revocation",
@@ -94,6 +95,42 @@ class TensorSpec:
             if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
                 raise FormatError(f"{what}.shape[{i}] must be a non-negative integer, got {dim!r}")
         return cls(dtype=f.text("dtype", max_len=16), shape=tuple(shape))
+
+
+@dataclass(frozen=True)
+class FederationPin:
+    """What every adapter's signed manifest must agree on (one base model, one shared A)."""
+
+    base_model_sha256: str
+    a_sha256: str
+    a_seed: int
+    rank: int
+    target_modules: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "base_model_sha256": self.base_model_sha256,
+            "a_sha256": self.a_sha256,
+            "a_seed": self.a_seed,
+            "rank": self.rank,
+            "target_modules": list(self.target_modules),
+        }
+
+    @classmethod
+    def from_json(cls, value: object, what: str) -> FederationPin:
+        f = Fields(
+            value, what, ("base_model_sha256", "a_sha256", "a_seed", "rank", "target_modules")
+        )
+        modules = f.array("target_modules", max_len=256)
+        if not all(isinstance(m, str) and 0 < len(m) <= 256 for m in modules):
+            raise FormatError(f"{what}.target_modules must be a list of module names")
+        return cls(
+            base_model_sha256=f.hex("base_model_sha256", _SHA),
+            a_sha256=f.hex("a_sha256", _SHA),
+            a_seed=f.integer("a_seed"),
+            rank=f.integer("rank", low=1),
+            target_modules=tuple(modules),
+        )
 
 
 def _public_key(hex_text: object, what: str) -> bytes:
@@ -245,6 +282,7 @@ class RegistryMetadata:
     clients: Mapping[str, ClientKey]
     revoked: Mapping[str, Revocation]
     tensor_spec: Mapping[str, TensorSpec] | None
+    federation: FederationPin | None
     entries: tuple[Entry, ...]
 
     def to_payload(self) -> bytes:
@@ -274,6 +312,7 @@ class RegistryMetadata:
                 "tensor_spec": None
                 if self.tensor_spec is None
                 else {name: spec.to_json() for name, spec in self.tensor_spec.items()},
+                "federation": None if self.federation is None else self.federation.to_json(),
                 "entries": [e.to_json() for e in self.entries],
             }
         )
@@ -294,6 +333,7 @@ class RegistryMetadata:
                 "clients",
                 "revoked",
                 "tensor_spec",
+                "federation",
                 "entries",
             ),
         )
@@ -321,6 +361,9 @@ class RegistryMetadata:
                 name: TensorSpec.from_json(v, f"{what}.tensor_spec[{name}]")
                 for name, v in f.mapping("tensor_spec").items()
             }
+        federation = None
+        if f.raw("federation") is not None:
+            federation = FederationPin.from_json(f.raw("federation"), f.path("federation"))
         entries = tuple(
             Entry.from_json(e, f"{what}.entries[{i}]")
             for i, e in enumerate(f.array("entries", max_len=MAX_ENTRIES))
@@ -334,6 +377,7 @@ class RegistryMetadata:
             clients=clients,
             revoked=revoked,
             tensor_spec=spec,
+            federation=federation,
             entries=entries,
         )
 
