@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "simulations.bench_routing:main",
         "time SEQR against SpectR/ARROW/brute force",
     ),
+    "client train": ("client.cli:main", "train, calibrate, export and sign a private adapter"),
     "keys generate": ("seqr_core.keys_cli:main", "create an Ed25519 adapter-signing key pair"),
 }
 
