@@ -17,7 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "time SEQR against SpectR/ARROW/brute force",
     ),
     "client train": ("client.cli:main", "train, calibrate, export and sign a private adapter"),
+    "data prepare": ("simulations.data_prepare:main", "install and build the text domains corpus"),
     "keys generate": ("seqr_core.keys_cli:main", "create an Ed25519 adapter-signing key pair"),
+    "registry audit": ("seqr_core.registry_cli:main", "verify a downloaded adapter registry"),
 }
 
 
