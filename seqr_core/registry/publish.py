@@ -369,7 +369,9 @@ class Publisher:
         self._queue = StagingQueue(self.path / store.STAGING)
 
     def _recover(self) -> None:
-        """Roll forward a version whose metadata was written before a crash."""
+        """Roll forward a version whose metadata was written before a crash; drop temp files
+        of interrupted writes."""
+        store.remove_stale_temp_files(self.path)
         v = self._meta.version + 1
         data = self._read(store.metadata_path(v))
         if data is None:

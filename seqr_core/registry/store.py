@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -40,11 +41,13 @@ __all__ = [
     "write_file",
     "write_new_file",
     "ensure_dir",
+    "remove_stale_temp_files",
 ]
 
 POINTER = "latest.json"
 STAGING = "staging"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_TEMP_NAME = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
 
 
 def root_path(version: int) -> str:
@@ -121,6 +124,18 @@ def write_new_file(path: Path, data: bytes) -> None:
     """Atomically create ``path``; FileExistsError if it exists (signed files are immutable)."""
     ensure_dir(Path(path).parent)
     create_new_file(Path(path), data)
+
+
+def remove_stale_temp_files(registry: Path) -> int:
+    """Delete temp files left by writes a crash interrupted (seqr_core.atomic_write names them
+    ``.<name>.<pid>.<8 hex>.tmp``). Only the publisher calls this, holding its lock."""
+    removed = 0
+    for path in Path(registry).rglob(".*.tmp"):
+        if _TEMP_NAME.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:
