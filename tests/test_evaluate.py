@@ -1,0 +1,96 @@
+"""The simulation's evaluation on a tiny Llama: one pass scores every method, SEQR equals brute
+force, settings are chosen on validation only, and the report is written with its plots."""
+
+import json
+
+import torch
+from _routed_lora import ADAPTERS, calibrate, make_peft_model, token_ids
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from seqr_core.model_routing import ModelRoutingConfig, RoutedModel
+from simulations.evaluate import EvalConfig, evaluate, split_heldout
+from simulations.library import AdapterLibrary, add_uniform_merge
+from simulations.report import write_report
+
+
+def heldout_by_domain(n=8):
+    # Each domain's text lives in its own token range, as in _routed_lora.calibrate.
+    return {
+        name: token_ids(n, 12, seed=10 + i, low=1 + 99 * i, high=100 + 99 * i).numpy()
+        for i, name in enumerate(ADAPTERS)
+    }
+
+
+def tiny_library():
+    model = make_peft_model(seed=0)
+    return AdapterLibrary(model, ADAPTERS, calibrate(model))
+
+
+def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
+    library = tiny_library()
+    cfg = EvalConfig(max_sequences_per_domain=8, batch_size=4, peft_arrow=False)
+    result = evaluate(library, heldout_by_domain(), cfg)
+    methods = result["methods"]
+    for name in ("seqr", "seqr_raw", "spectr", "brute_force", "arrow", "random"):
+        assert 0.0 <= methods[name]["routing_accuracy"] <= 1.0
+        assert sum(map(sum, methods[name]["confusion"])) == result["test_sequences"] == 12
+    assert result["agreement_seqr_brute_force"] == 1.0
+    assert result["agreement_seqr_brute_force_per_token"] == 1.0
+    assert methods["seqr"]["confusion"] == methods["brute_force"]["confusion"]
+    for name in ("oracle", "base", "uniform_merge", "seqr", "seqr_per_token"):
+        assert methods[name]["heldout_loss"] > 0
+    write_report({"evaluation": result}, tmp_path, [])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["evaluation"]["agreement_seqr_brute_force"] == 1.0
+    assert "| seqr |" in (tmp_path / "report.md").read_text()
+    for plot in ("confusion_seqr.png", "accuracy.png", "loss.png"):
+        assert (tmp_path / plot).stat().st_size > 5_000
+
+
+def test_sequence_decisions_match_the_routed_model_on_all_layers():
+    library = tiny_library()
+    heldout = heldout_by_domain(4)
+    result = evaluate(library, heldout, EvalConfig(max_sequences_per_domain=4, peft_arrow=False))
+    data = split_heldout(heldout, ADAPTERS, EvalConfig(max_sequences_per_domain=4))
+    routed = RoutedModel(
+        library.peft_model, ModelRoutingConfig(), adapters=ADAPTERS, stats=library.stats
+    )
+    decision = routed.route_sequences(data.ids[data.is_test])
+    expected = torch.zeros(3, 3, dtype=torch.long)
+    for label, choice in zip(data.labels[data.is_test], decision.indices, strict=True):
+        expected[label, choice] += 1
+    if result["methods"]["seqr"]["aggregation"].endswith("all layers"):
+        assert result["methods"]["seqr"]["confusion"] == expected.tolist()
+
+
+def test_uniform_merge_is_the_mean_of_b_over_the_shared_a():
+    library = tiny_library()
+    name = add_uniform_merge(library)
+    layer = next(
+        m for m in library.peft_model.modules() if hasattr(m, "lora_B") and name in m.lora_B
+    )
+    mean_b = torch.stack([layer.lora_B[a].weight for a in ADAPTERS]).mean(0)
+    torch.testing.assert_close(layer.lora_B[name].weight, mean_b)
+    torch.testing.assert_close(layer.lora_A[name].weight, layer.lora_A[ADAPTERS[0]].weight)
+
+
+def test_peft_arrow_anchor_loads_the_same_exports(tmp_path):
+    from simulations.evaluate import peft_arrow_model, peft_arrow_scorers
+
+    library = tiny_library()
+    paths = []
+    for name in ADAPTERS:
+        library.peft_model.save_pretrained(tmp_path, selected_adapters=[name])
+        paths.append(str(tmp_path / name))
+
+    def make_base():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=128, pad_token_id=0)  # fmt: skip
+        return LlamaForCausalLM(config)
+
+    scorers = peft_arrow_scorers(peft_arrow_model(make_base, paths))
+    assert len(scorers) == 4  # q and v in two layers
+    x = torch.randn(5, 64)
+    assert next(iter(scorers.values()))(x).shape == (5, 3)
