@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -155,7 +156,12 @@ def publish(tmp: Path, out: Path) -> None:
             raise
     old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
     os.rename(out, old / out.name)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old / out.name, out)  # put the old tree back before reporting
+        old.rmdir()
+        raise
     shutil.rmtree(old)
 
 
@@ -241,7 +247,7 @@ def main(argv: list[str]) -> int:
             else SourceConfig(sdist_dir=args.cache or default_cache())
         )
         if args.source_root is not None and args.cache is not None:
-            sources = SourceConfig(**{**sources.__dict__, "sdist_dir": args.cache})
+            sources = dataclasses.replace(sources, sdist_dir=args.cache)
         cfg = PrepareConfig(
             out=args.out,
             domains=tuple(d.strip() for d in args.domains.split(",") if d.strip()),
@@ -254,7 +260,7 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         manifest = prepare(cfg, progress=not args.quiet)
         elapsed = time.perf_counter() - start
-    except SeqrError as exc:
+    except (SeqrError, OSError) as exc:
         print(f"seqr data prepare: {exc}", file=sys.stderr)
         return 1
     total = 0

@@ -278,6 +278,17 @@ def test_select_spread_takes_evenly_from_start_to_end():
     assert [int(d[:2]) for d in kept] == list(range(9, 100, 10))
 
 
+def test_select_spread_tops_up_budget_left_by_a_large_document():
+    # Fifty 100-byte documents, then one of 500: the first pass keeps every 5.5th small one
+    # (9 of them, 900 bytes) and its leftover credit cannot cover the large one, so the
+    # later passes must fill the last 100 bytes with a small one.
+    docs = [f"{i:02d}" + "s" * 96 for i in range(50)] + ["L" * 498]
+    kept = select_spread(docs, 1000)
+    assert sum(len(d) + 2 for d in kept) == 1000 and "L" * 498 not in kept
+    small = [int(d[:2]) for d in kept]
+    assert len(small) == 10 and small == sorted(small) and small[-1] >= 45
+
+
 def test_pack_files_fills_files_and_keeps_every_word():
     docs = [" ".join(f"w{i}_{j}" for j in range(40)) + "\n\n" + "tail " * i for i in range(60)]
     files = pack_files(docs, 1024)

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from seqr_core.errors import DataError
 
-from .text import Doc, decode_text
+from .text import Doc, decode_text, split_blocks
 
 __all__ = ["license_docs", "MIN_PARAGRAPH_CHARS"]
 
 MIN_PARAGRAPH_CHARS = 80  # shorter ones are mostly "Files: *" / "License: GPL-2+" stubs
 MAX_FILE_BYTES = 1024 * 1024
+BLOCK_BYTES = 8192
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*(?:\.[ \t]*)?\n")  # DEP-5 writes blank lines as " ."
 
 
@@ -54,6 +55,8 @@ def license_docs(licenses_dir: Path, doc_dir: Path | None) -> Iterator[Doc]:
                 continue
             seen.add(key)
             fresh.append(paragraph)
-        if fresh:
-            label = path.name if path.parent == licenses_dir else path.parent.name
-            yield Doc(f"licences:{label}", "\n\n".join(fresh))
+        label = path.name if path.parent == licenses_dir else path.parent.name
+        # A few packages carry hundreds of KB of notices; blocks keep them from crowding
+        # out everything else when the domain is sampled.
+        for block in split_blocks("\n\n".join(fresh), BLOCK_BYTES) if fresh else []:
+            yield Doc(f"licences:{label}", block)

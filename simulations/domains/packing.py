@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 SEPARATOR = "\n\n"  # between documents inside a file
+MAX_PASSES = 4  # later passes only top up the last few KB
 
 
 @dataclass(frozen=True)
@@ -38,26 +39,33 @@ def select_spread(docs: Sequence[str], budget: int) -> list[str]:
     """Documents whose total stays within ``budget`` bytes, spread evenly over ``docs``.
 
     Error diffusion over bytes: each document adds ``size * budget / total`` of credit and is
-    taken when the credit covers its size, so the kept share of every stretch of the source
-    tracks budget / total. A second pass, in source order, adds documents that still fit
-    (coarse documents can leave the first pass well short). Source order is kept.
+    taken when the credit covers its size (and it still fits), so the kept share of every
+    stretch of the source tracks budget / total. A pass can end short of the budget by up to
+    one large document, so up to ``MAX_PASSES`` passes run over the documents not yet taken,
+    with the budget left, and a first-fit pass tops up the rest. Source order is kept.
     """
     sizes = [utf8_len(d) + len(SEPARATOR) for d in docs]
-    total = sum(sizes)
-    if total <= budget:
+    if sum(sizes) <= budget:
         return list(docs)
-    fraction = budget / total
-    credit = 0.0
     chosen: set[int] = set()
     used = 0
-    for i, size in enumerate(sizes):
-        credit += size * fraction
-        if credit >= size:
-            credit -= size
-            if used + size <= budget:
+    for _ in range(MAX_PASSES):
+        rest = [i for i in range(len(docs)) if i not in chosen]
+        rest_total = sum(sizes[i] for i in rest)
+        if not rest or used >= budget:
+            break
+        fraction = min(1.0, (budget - used) / rest_total)
+        credit, added = 0.0, 0
+        for i in rest:
+            credit += sizes[i] * fraction
+            if credit >= sizes[i] and used + sizes[i] <= budget:
+                credit -= sizes[i]
                 chosen.add(i)
-                used += size
-    for i, size in enumerate(sizes):
+                used += sizes[i]
+                added += 1
+        if not added:
+            break
+    for i, size in enumerate(sizes):  # last few bytes: first fit, in source order
         if i not in chosen and used + size <= budget:
             chosen.add(i)
             used += size
