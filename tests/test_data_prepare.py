@@ -205,14 +205,15 @@ def test_python_source_skips_tests_site_packages_and_non_utf8(tmp_path):
     assert [d.source for d in python_docs(tmp_path)] == ["python:a.py", "python:pkg/b.py"]
 
 
-def test_licences_dedupe_paragraphs_across_copyright_files(tmp_path):
+def test_licences_dedupe_paragraphs_and_drop_dep5_file_stanzas(tmp_path):
     licenses, doc = tmp_path / "common-licenses", tmp_path / "doc"
     licenses.mkdir()
     gpl = "This program is free software; you can redistribute it and/or modify it " * 2
     (licenses / "GPL-3").write_text(f"GNU GENERAL PUBLIC LICENSE\n\n{gpl}\n")
     (licenses / "GPL").symlink_to("GPL-3")
     own_a, own_b = "Package A is copyright its authors. " * 3, "Package B notice here. " * 4
-    for name, body in (("a", f"{own_a}\n\n{gpl}\n"), ("b", f"{gpl}\n .\n{own_b}\n")):
+    stanza = "Files: src/*.c src/*.h docs/*\nCopyright: 2001-2020 Jane Doe <jane.doe@example.org>\n"
+    for name, body in (("a", f"{stanza}\n{own_a}\n\n{gpl}\n"), ("b", f"{gpl}\n .\n{own_b}\n")):
         (doc / name).mkdir(parents=True)
         (doc / name / "copyright").write_text(body)
     docs = list(license_docs(licenses, doc))

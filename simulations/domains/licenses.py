@@ -25,8 +25,14 @@ BLOCK_BYTES = 8192
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*(?:\.[ \t]*)?\n")  # DEP-5 writes blank lines as " ."
 
 
+# DEP-5 (copyright-format/1.0) header and Files stanzas: path globs and holder lists, not
+# legal prose; the License stanzas and free-form notices are what we keep.
+_DEP5_NOT_PROSE = re.compile(r"^(Format|Files|Upstream-Name|Upstream-Contact|Source):", re.I)
+
+
 def _paragraphs(text: str) -> list[str]:
-    return [p.strip("\n") for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
+    paragraphs = (p.strip("\n") for p in _PARAGRAPH_BREAK.split(text))
+    return [p for p in paragraphs if p.strip() and not _DEP5_NOT_PROSE.match(p)]
 
 
 def _key(paragraph: str) -> bytes:
