@@ -27,8 +27,9 @@ from seqr_core.registry import merkle, store
 from seqr_core.registry.codec import dumps, format_time
 from seqr_core.registry.config import PublisherConfig
 from seqr_core.registry.envelope import REGISTRY_TYPE, TREE_HEAD_TYPE, parse_envelope, sign_envelope
-from seqr_core.registry.metadata import EXPORT_FILES, FederationPin, TreeHead, pointer_bytes
+from seqr_core.registry.metadata import EXPORT_FILES, FederationPin, pointer_bytes
 from seqr_core.registry.publish import Publisher
+from seqr_core.registry.tree_head import TreeHead
 from seqr_core.stats import NormStatistics
 
 T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)

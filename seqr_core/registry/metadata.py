@@ -8,9 +8,7 @@ Three signed payload types (each inside a DSSE envelope, see envelope.py):
 - RegistryMetadata: one version of the adapter registry: strictly increasing ``version``,
   ``expires`` (freeze), ``previous`` (version and SHA-256 of the previous metadata file),
   the client allow-list and revocations, and one Entry per adapter.
-- TreeHead: RFC 9162 signed tree head over all registry versions (leaf v-1 = the exact bytes
-  of metadata/v.registry.json), with the inclusion proof of the newest leaf and the
-  consistency proof from the previous size.
+- TreeHead (tree_head.py): RFC 9162 signed tree head over all registry versions.
 
 Parsing here is structural (types, formats, exact key sets); the semantic checks (versions,
 thresholds, allow-list, files) live in verify.py so each attack has one place.
@@ -43,7 +41,6 @@ __all__ = [
     "Revocation",
     "Entry",
     "RegistryMetadata",
-    "TreeHead",
     "parse_pointer",
     "pointer_bytes",
 ]
@@ -379,67 +376,6 @@ class RegistryMetadata:
             tensor_spec=spec,
             federation=federation,
             entries=entries,
-        )
-
-
-@dataclass(frozen=True)
-class TreeHead:
-    """RFC 9162 signed tree head (section 4.10) for the log of registry versions."""
-
-    tree_size: int
-    root_hash: bytes
-    timestamp: datetime
-    root_version: int  # the root whose keys sign this head
-    inclusion: tuple[bytes, ...]  # audit path of leaf tree_size-1 (RFC 9162 section 2.1.3)
-    consistency: tuple[bytes, ...]  # proof from tree_size-1 (RFC 9162 section 2.1.4)
-
-    def to_payload(self) -> bytes:
-        return dumps(
-            {
-                "_type": "tree_head",
-                "spec_version": SPEC_VERSION,
-                "tree_size": self.tree_size,
-                "root_hash": self.root_hash.hex(),
-                "timestamp": format_time(self.timestamp),
-                "root_version": self.root_version,
-                "inclusion": [h.hex() for h in self.inclusion],
-                "consistency": [h.hex() for h in self.consistency],
-            }
-        )
-
-    @classmethod
-    def from_payload(cls, payload: bytes, what: str = "tree head") -> TreeHead:
-        f = Fields(
-            loads(payload, what),
-            what,
-            (
-                "_type",
-                "spec_version",
-                "tree_size",
-                "root_hash",
-                "timestamp",
-                "root_version",
-                "inclusion",
-                "consistency",
-            ),
-        )
-        f.const("_type", "tree_head")
-        f.const("spec_version", SPEC_VERSION)
-
-        def path(key: str) -> tuple[bytes, ...]:
-            items = f.array(key, max_len=64)  # log2 of any tree we can hold
-            return tuple(
-                bytes.fromhex(check_hex(h, _SHA, f"{f.path(key)}[{i}]"))
-                for i, h in enumerate(items)
-            )
-
-        return cls(
-            tree_size=f.integer("tree_size", low=1),
-            root_hash=bytes.fromhex(f.hex("root_hash", _SHA)),
-            timestamp=f.time("timestamp"),
-            root_version=f.integer("root_version", low=1),
-            inclusion=path("inclusion"),
-            consistency=path("consistency"),
         )
 
 

@@ -45,7 +45,6 @@ from seqr_core.registry.config import PublisherConfig
 from seqr_core.registry.entries import verify_entry
 from seqr_core.registry.envelope import (
     REGISTRY_TYPE,
-    TREE_HEAD_TYPE,
     parse_envelope,
     sign_envelope,
 )
@@ -58,13 +57,13 @@ from seqr_core.registry.metadata import (
     RegistryMetadata,
     Root,
     TensorSpec,
-    TreeHead,
     parse_pointer,
     pointer_bytes,
 )
 from seqr_core.registry.roots import make_root, sign_root, verify_root_chain, verify_root_update
 from seqr_core.registry.staging import StagingQueue
-from seqr_core.registry.verify import verify_tree_head, verify_version
+from seqr_core.registry.tree_head import sign_tree_head, verify_tree_head
+from seqr_core.registry.verify import verify_version
 
 __all__ = ["Publisher", "PublishedVersion"]
 
@@ -158,7 +157,7 @@ class Publisher:
         store.write_new_file(path / store.metadata_path(1), data)
         leaves = [merkle.leaf_hash(data)]
         store.write_new_file(
-            path / store.tree_head_path(1), _sign_head(leaves, root, when, signing_keys)
+            path / store.tree_head_path(1), sign_tree_head(leaves, root, when, signing_keys)
         )
         store.write_file(path / store.POINTER, pointer_bytes(1))
         return cls(path, signing_keys, config)
@@ -387,7 +386,7 @@ class Publisher:
         head_path = self.path / store.tree_head_path(meta.version)
         head = self._read(store.tree_head_path(meta.version))
         if head is None:
-            head = _sign_head(leaves, root, when, self._keys)
+            head = sign_tree_head(leaves, root, when, self._keys)
             verify_tree_head(head, root, leaves, None)  # verify before use
             store.write_new_file(head_path, head)
         else:
@@ -397,9 +396,11 @@ class Publisher:
         self._queue.clear()
 
     def _check_stored(self, entry: Entry) -> None:
+        """The staged files are still on disk with their lengths (they were verified and
+        fsynced at staging; a full re-hash here would double the cost of a publish)."""
         for name, info in entry.files.items():
-            data = self._read(store.adapter_path(entry.adapter_sha256, name))
-            if data is None or len(data) != info.length:
+            path = self.path / store.adapter_path(entry.adapter_sha256, name)
+            if not path.is_file() or path.stat().st_size != info.length:
                 raise RegistryError(
                     f"staged adapter {entry.adapter_sha256[:16]}: {name} is missing or changed on "
                     "disk; stage the export again"
@@ -432,18 +433,3 @@ def _plain(value: Any) -> Any:
 
 def _envelope_payload(data: bytes) -> bytes:
     return parse_envelope(data, REGISTRY_TYPE, "registry metadata").payload
-
-
-def _sign_head(
-    leaves: list[bytes], root: Root, when: datetime, keys: Sequence[Ed25519PrivateKey]
-) -> bytes:
-    n = len(leaves)
-    head = TreeHead(
-        tree_size=n,
-        root_hash=merkle.root_hash(leaves),
-        timestamp=when,
-        root_version=root.version,
-        inclusion=tuple(merkle.inclusion_proof(leaves, n - 1)),
-        consistency=tuple(merkle.consistency_proof(leaves, n - 1)) if n > 1 else (),
-    )
-    return sign_envelope(TREE_HEAD_TYPE, head.to_payload(), keys)

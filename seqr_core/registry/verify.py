@@ -30,13 +30,13 @@ from seqr_core.registry.codec import format_time
 from seqr_core.registry.entries import check_listing
 from seqr_core.registry.envelope import (
     REGISTRY_TYPE,
-    TREE_HEAD_TYPE,
     Envelope,
     parse_envelope,
     verify_threshold,
 )
-from seqr_core.registry.metadata import RegistryMetadata, Root, TreeHead, parse_pointer
+from seqr_core.registry.metadata import RegistryMetadata, Root, parse_pointer
 from seqr_core.registry.roots import verify_root_chain
+from seqr_core.registry.tree_head import TreeHead, verify_tree_head
 from seqr_core.registry.trusted_state import TrustedState
 
 __all__ = [
@@ -224,43 +224,3 @@ def verify_metadata(
         audited=now,
     )
     return VerifiedRegistry(newest, roots[-1], head, signed, state, trusted is None)
-
-
-def verify_tree_head(
-    data: bytes, root: Root, leaves: Sequence[bytes], trusted: TrustedState | None
-) -> TreeHead:
-    """RFC 9162 checks of the signed tree head over the leaves of all versions."""
-    n = len(leaves)
-    what = f"log/{n}.tree_head.json"
-    envelope = parse_envelope(data, TREE_HEAD_TYPE, what)
-    head = TreeHead.from_payload(envelope.payload, what)
-    # Verify the signed tree head itself, not only that a root hash matches (SECURITY.md).
-    verify_threshold(envelope, root.keys, root.threshold, what)
-    if head.root_version != root.version or head.tree_size != n:
-        raise RegistryError(
-            f"{what} is for tree size {head.tree_size} under root {head.root_version}; "
-            f"expected size {n} under root {root.version} (mix-and-match)"
-        )
-    computed = merkle.root_hash(leaves)
-    if computed != head.root_hash:
-        raise RegistryError(
-            f"{what} signs Merkle root {head.root_hash.hex()[:16]}... but the {n} version files "
-            f"give {computed.hex()[:16]}...: a version file was changed, added or removed"
-        )
-    # The head's own proofs, as a light client holding only the newest version would check.
-    merkle.verify_inclusion(leaves[-1], n - 1, n, head.inclusion, head.root_hash)
-    if n > 1:
-        previous_root = merkle.root_hash(leaves[:-1])
-        merkle.verify_consistency(n - 1, n, previous_root, head.root_hash, head.consistency)
-    if trusted is not None:
-        m = trusted.tree_size
-        if m > n:
-            raise RollbackError(f"log shrank from trusted size {m} to {n}")
-        merkle.verify_consistency(
-            m,
-            n,
-            bytes.fromhex(trusted.tree_root),
-            head.root_hash,
-            merkle.consistency_proof(leaves, m),
-        )
-    return head
