@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # "command words": ("module:function", "one-line help")
+    "bench hijack": ("simulations.bench_hijack:main", "routing hijack by lying norm statistics"),
     "bench routing": (
         "simulations.bench_routing:main",
         "time SEQR against SpectR/ARROW/brute force",

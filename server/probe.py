@@ -101,6 +101,13 @@ class Probe:
     ) -> Probe:
         """Run the base model once over the probe text and keep h = A x for every module."""
         picked = probe_chunks(texts, tokenizer, setup.federation.train_seq_len, max_tokens)
+        return cls.from_chunks(model, picked, setup, batch_size=batch_size)
+
+    @classmethod
+    def from_chunks(
+        cls, model: Any, picked: np.ndarray, setup: FederationSetup, *, batch_size: int = 8
+    ) -> Probe:
+        """The same over given (N, L) token chunks; norms come back in row-major token order."""
         digest = hashlib.sha256(picked.astype("<i8").tobytes()).hexdigest()
         layers = dict(model.named_modules())
         parts: dict[str, list[torch.Tensor]] = {m.name: [] for m in setup.modules}

@@ -1,0 +1,78 @@
+"""The hijack benchmark end to end on the tiny model: the lie wins without checks, the
+checks refuse it, and the bound sweep's shortcut equals RoutedModel's own scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny import copy_texts, tiny_model_dir
+
+from seqr_core.stats import NormStatistics
+from simulations.bench_hijack import BOUND, LIAR, main
+from simulations.bench_hijack_lies import bound_stats, scaled_stats, sequence_scores
+
+DOMAINS = {
+    "a": ("bisect.py", "heapq.py"),
+    "b": ("textwrap.py", "string.py"),
+    "c": ("colorsys.py", "keyword.py"),
+    "d": ("glob.py", "fnmatch.py"),
+}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:  # type: ignore[type-arg]
+    root = tmp_path_factory.mktemp("hijack")
+    for name, files in DOMAINS.items():
+        copy_texts(root / "domains" / name, files)
+    argv = [
+        "--model", str(tiny_model_dir()), "--data", str(root / "domains"),
+        "--honest", "a", "b", "c", "--liar", "d", "--max-files", "2", "--rank", "4",
+        "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--calib-sequences", "8",
+        "--eval-sequences", "8", "--probe-tokens", "1024", "--out", str(root / "out"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    return json.loads((root / "out" / "hijack.json").read_text()), root / "out"
+
+
+def test_lie_captures_without_checks_and_is_refused_with_them(result) -> None:  # type: ignore[no-untyped-def]
+    data, out = result
+    verdicts = {name: (v["status"], v["reason"]) for name, v in data["verdicts"].items()}
+    assert verdicts[LIAR] == ("rejected", "implausible_stats")
+    assert all(verdicts[d] == ("admitted", "") for d in ("a", "b", "c"))
+    assert verdicts[BOUND] == ("admitted", "")  # the largest lie the bounds still accept
+    scenarios = data["scenarios"]
+    assert scenarios["honest only"]["capture_share"] == 0.0
+    assert scenarios["liar, no checks"]["capture_share"] >= 0.5
+    assert scenarios["liar, with checks"]["capture_share"] == 0.0
+    assert LIAR not in scenarios["liar, with checks"]["adapters"]
+    assert data["unchecked_registry_entries"] == 4  # three honest + the liar, unchecked
+    assert data["sequences"] == 3 * 8
+    assert (out / "hijack.png").stat().st_size > 10_000
+
+
+def test_sweep_shortcut_equals_routed_model_scores(result) -> None:  # type: ignore[no-untyped-def]
+    data, _ = result
+    assert data["sweep_score_parity_max_abs"] < 1e-4
+    grid = {(r["max_mean_z"], r["max_sigma_ratio"]) for r in data["bound_sweep"]}
+    assert (1.0, 3.0) in grid and len(grid) == len(data["bound_sweep"])
+
+
+def test_bound_stats_sit_just_inside_both_bounds() -> None:
+    rng = np.random.default_rng(0)
+    norms = {"m": rng.gamma(4.0, 0.5, size=500)}
+    stats = bound_stats(norms, max_mean_z=1.0, max_sigma_ratio=3.0)
+    m = stats.modules["m"]
+    mu, sigma = norms["m"].mean(), norms["m"].std()
+    assert mu - sigma < m.mean[0] < mu - 0.999 * sigma
+    assert sigma / 3 < m.std[0] < 1.001 * sigma / 3
+    honest = NormStatistics()
+    honest.update("m", norms["m"])
+    lie = scaled_stats(honest, 0.5, 0.1)
+    assert lie.modules["m"].mean[0] == pytest.approx(0.5 * mu)
+    assert lie.modules["m"].std[0] == pytest.approx(0.1 * sigma)
+    # A sequence whose module mean equals mu scores (mu - mean) / std.
+    score = sequence_scores({"m": np.array([mu])}, lie)
+    assert score[0] == pytest.approx(0.5 * mu / (0.1 * sigma))
