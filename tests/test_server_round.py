@@ -217,3 +217,15 @@ def test_stale_submission_rejected_by_the_configured_age(
     result = round_.run([Submission(1, clients[0].files())], now=now() + timedelta(minutes=1))
     round_.publisher.close()
     assert (result.verdicts[0].status, result.verdicts[0].reason) == ("rejected", "stale")
+
+
+def test_reply_naming_another_key_than_the_signature_is_refused(
+    tmp_path: Path, server_key: Path, clients: list[Client]
+) -> None:
+    registry = new_registry(tmp_path, server_key, clients[:1])
+    round_ = runner(registry, server_key)
+    sub = Submission(1, clients[0].files(), public_key=clients[1].public)
+    result = round_.run([sub], now=now())
+    round_.publisher.close()
+    assert (result.verdicts[0].status, result.verdicts[0].reason) == ("rejected", "key_mismatch")
+    assert not ReplayStore(state_dir_for(registry)).path.exists()
