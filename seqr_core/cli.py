@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "server enrol": ("server.operator_cli:enrol_main", "allow-list client keys and publish"),
     "server init": ("server.operator_cli:init_main", "create a registry signed by server keys"),
     "server revoke": ("server.operator_cli:revoke_main", "revoke client keys for good, publish"),
+    "bench audit": ("simulations.bench_audit:main", "time registry audit on 1,000 adapters"),
     "registry audit": ("seqr_core.registry_cli:main", "verify a downloaded adapter registry"),
 }
 

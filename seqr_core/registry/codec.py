@@ -14,6 +14,7 @@ in every error ("registry.entries[3].files.adapter_model.safetensors.sha256 ..."
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -86,9 +87,15 @@ def parse_time(text: object, what: str) -> datetime:
     if not isinstance(text, str) or not _TIME.fullmatch(text):
         raise FormatError(f"{what} must be a UTC time like 2025-01-31T12:00:00Z, got {text!r}")
     try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        return _parse_time(text)
     except ValueError as exc:
         raise FormatError(f"{what} is not a valid time: {text!r} ({exc})") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_time(text: str) -> datetime:
+    # Cached: a registry repeats the same admission times in every version (strptime is slow).
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 class Fields:
@@ -103,16 +110,17 @@ class Fields:
     ) -> None:
         if not isinstance(value, dict):
             raise FormatError(f"{what} must be a JSON object, got {type(value).__name__}")
-        required_set, optional_set = set(required), set(optional)
-        missing = sorted(required_set - value.keys())
-        unknown = sorted(value.keys() - required_set - optional_set)
-        if missing:
-            raise FormatError(f"{what} is missing field(s) {', '.join(missing)}")
-        if unknown:
-            raise FormatError(
-                f"{what} has unknown field(s) {', '.join(unknown)}; "
-                "was it written by a newer seqr or tampered with?"
-            )
+        required_set = frozenset(required)
+        if value.keys() != required_set:  # fast path: exactly the required keys
+            missing = sorted(required_set - value.keys())
+            unknown = sorted(value.keys() - required_set - frozenset(optional))
+            if missing:
+                raise FormatError(f"{what} is missing field(s) {', '.join(missing)}")
+            if unknown:
+                raise FormatError(
+                    f"{what} has unknown field(s) {', '.join(unknown)}; "
+                    "was it written by a newer seqr or tampered with?"
+                )
         self.value: dict[str, Any] = value
         self.what = what
 

@@ -315,7 +315,16 @@ class RegistryMetadata:
         )
 
     @classmethod
-    def from_payload(cls, payload: bytes, what: str = "registry") -> RegistryMetadata:
+    def from_payload(
+        cls,
+        payload: bytes,
+        what: str = "registry",
+        entry_cache: dict[str, Entry] | None = None,
+    ) -> RegistryMetadata:
+        """Parse strictly. ``entry_cache`` (exact entry JSON -> Entry) lets an audit that
+        parses every version validate each of the entries that repeat across versions once.
+        The key is repr() of the parsed JSON value: injective for JSON types (str, int, list,
+        dict, None, bool), so equal keys mean equal entries."""
         f = Fields(
             loads(payload, what),
             what,
@@ -361,10 +370,15 @@ class RegistryMetadata:
         federation = None
         if f.raw("federation") is not None:
             federation = FederationPin.from_json(f.raw("federation"), f.path("federation"))
-        entries = tuple(
-            Entry.from_json(e, f"{what}.entries[{i}]")
-            for i, e in enumerate(f.array("entries", max_len=MAX_ENTRIES))
-        )
+        entries = []
+        for i, item in enumerate(f.array("entries", max_len=MAX_ENTRIES)):
+            key = repr(item) if entry_cache is not None else ""
+            entry = entry_cache.get(key) if entry_cache is not None else None
+            if entry is None:
+                entry = Entry.from_json(item, f"{what}.entries[{i}]")
+                if entry_cache is not None:
+                    entry_cache[key] = entry
+            entries.append(entry)
         return cls(
             version=f.integer("version", low=1),
             root_version=f.integer("root_version", low=1),
@@ -375,7 +389,7 @@ class RegistryMetadata:
             revoked=revoked,
             tensor_spec=spec,
             federation=federation,
-            entries=entries,
+            entries=tuple(entries),
         )
 
 

@@ -34,7 +34,7 @@ from seqr_core.registry.envelope import (
     parse_envelope,
     verify_threshold,
 )
-from seqr_core.registry.metadata import RegistryMetadata, Root, parse_pointer
+from seqr_core.registry.metadata import Entry, RegistryMetadata, Root, parse_pointer
 from seqr_core.registry.roots import verify_root_chain
 from seqr_core.registry.tree_head import TreeHead, verify_tree_head
 from seqr_core.registry.trusted_state import TrustedState
@@ -72,9 +72,11 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _payload(data: bytes, what: str) -> tuple[RegistryMetadata, Envelope]:
+def _payload(
+    data: bytes, what: str, cache: dict[str, Entry] | None = None
+) -> tuple[RegistryMetadata, Envelope]:
     envelope = parse_envelope(data, REGISTRY_TYPE, what)
-    return RegistryMetadata.from_payload(envelope.payload, what), envelope
+    return RegistryMetadata.from_payload(envelope.payload, what, cache), envelope
 
 
 def peek_root_version(metadata_bytes: bytes) -> int:
@@ -90,10 +92,11 @@ def verify_version(
     previous_data: bytes | None,
     previous: RegistryMetadata | None,
     roots: Sequence[Root],
+    entry_cache: dict[str, Entry] | None = None,
 ) -> tuple[RegistryMetadata, frozenset[str]]:
     """Verify registry version ``version`` against the (already verified) version before it."""
     what = f"metadata/{version}.registry.json"
-    meta, envelope = _payload(data, what)
+    meta, envelope = _payload(data, what, entry_cache)
     if meta.version != version:
         # A file renamed or copied from another version: mix-and-match (TUF snapshot role).
         raise RegistryError(f"{what} holds version {meta.version}, not {version} (mix-and-match)")
@@ -185,9 +188,12 @@ def verify_metadata(
             )
         previous, _ = _payload(pinned, f"metadata/{start}.registry.json")
     signed: frozenset[str] = frozenset()
+    cache: dict[str, Entry] = {}  # entries repeat in every version: validate each once
     for v in range(start + 1, n + 1):
         prev_data = files.metadata[v - 2] if v > 1 else None
-        previous, signed = verify_version(v, files.metadata[v - 1], prev_data, previous, roots)
+        previous, signed = verify_version(
+            v, files.metadata[v - 1], prev_data, previous, roots, cache
+        )
     if previous is None:  # pragma: no cover - n >= 1 always leaves a version
         raise RegistryError("registry has no versions")
     newest = previous
