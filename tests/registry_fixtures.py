@@ -235,3 +235,30 @@ def adapter_dir(path: Path, index: int = 0) -> Path:
     """The folder of the ``index``-th entry of the newest version."""
     entry = read_payload(path, latest_version(path))["entries"][index]
     return path / "adapters" / entry["adapter_sha256"]
+
+
+# Key rotation table (python-tuf test_updater_key_rotations style): old root (keys, threshold)
+# -> new root (keys, threshold), which keys sign the new root, and whether it is trusted.
+# TUF 5.3.4/5.3.5: a threshold of the OLD keys AND a threshold of the NEW keys must sign.
+ROTATIONS = [
+    ("same key re-signs", ("A", 1), ("A", 1), "A", True),
+    ("1-of-1 to a new key, both sign", ("A", 1), ("B", 1), "AB", True),
+    ("1-of-1 to a new key, only the new signs", ("A", 1), ("B", 1), "B", False),
+    ("1-of-1 to a new key, only the old signs", ("A", 1), ("B", 1), "A", False),
+    ("2-of-3 swap one key, two shared sign", ("ABC", 2), ("ABD", 2), "AB", True),
+    ("2-of-3 to disjoint-ish, new threshold unmet", ("ABC", 2), ("CDE", 2), "ABD", False),
+    ("2-of-3 to disjoint-ish, both met via C", ("ABC", 2), ("CDE", 2), "ACD", True),
+    ("2-of-3 to 1-of-1, old threshold unmet", ("ABC", 2), ("D", 1), "AD", False),
+    ("2-of-3 to 1-of-1, duplicate signature counts once", ("ABC", 2), ("D", 1), "AAD", False),
+    ("1-of-2 raised to 2-of-2, one signs", ("AB", 1), ("AB", 2), "A", False),
+    ("1-of-2 raised to 2-of-2, both sign", ("AB", 1), ("AB", 2), "AB", True),
+    ("3-of-3 with an unknown third signer", ("ABC", 3), ("ABC", 3), "ABE", False),
+    ("threshold lowered 3-of-3 to 1-of-3 by all", ("ABC", 3), ("ABC", 1), "ABC", True),
+]
+
+
+def duplicate_first_signature(envelope: bytes) -> bytes:
+    """An envelope whose first signature appears twice (one key "signing twice")."""
+    obj = json.loads(envelope)
+    obj["signatures"].append(dict(obj["signatures"][0]))
+    return json.dumps(obj).encode()

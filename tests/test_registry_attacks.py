@@ -17,9 +17,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from registry_fixtures import (
     BASE_SHA,
+    ROTATIONS,
     T0,
     adapter_dir,
     build_registry,
+    duplicate_first_signature,
     entry_json,
     forge_version,
     inject_adapter,
@@ -46,6 +48,7 @@ from seqr_core.registry import store
 from seqr_core.registry.audit import AuditReport, audit_registry
 from seqr_core.registry.config import AuditConfig
 from seqr_core.registry.publish import Publisher
+from seqr_core.registry.roots import make_root, sign_root
 
 NOW = T0 + timedelta(hours=2)
 
@@ -392,3 +395,52 @@ def test_extraneous_file_in_manifest_rejected(repo: Repo) -> None:
     inject_adapter(repo.path, repo.server, client, files)
     assert read_payload(repo.path, 3)["entries"][-1] == entry
     repo.rejects(RegistryError, "install.sh")
+
+
+@pytest.mark.parametrize(
+    ("case", "old", "new", "signers", "expected"), ROTATIONS, ids=[r[0] for r in ROTATIONS]
+)
+def test_key_rotation_table(
+    tmp_path: Path,
+    case: str,
+    old: tuple[str, int],
+    new: tuple[str, int],
+    signers: str,
+    expected: bool,
+) -> None:
+    """Each row: a registry under the old root, a root 2 signed by ``signers``, and a version
+    signed by the new keys under it; the audit trusts it only if TUF 5.3.4 AND 5.3.5 hold."""
+    keys = {name: new_key() for name in "ABCDE"}
+    (old_names, old_threshold), (new_names, new_threshold) = old, new
+    r = Repo(
+        tmp_path / "registry",
+        tmp_path / "trusted.json",
+        [keys[n] for n in old_names],
+        [new_key()],
+    )
+    build_registry(
+        r.path,
+        r.server,
+        r.clients,
+        threshold=old_threshold,
+        root_keys=[signing.public_key_bytes(keys[n]) for n in old_names],
+    ).close()
+    assert r.audit().root_version == 1
+    root2 = make_root(
+        2,
+        [signing.public_key_bytes(keys[n]) for n in new_names],
+        new_threshold,
+        T0,
+        T0 + timedelta(days=365),
+    )
+    unique = list(dict.fromkeys(signers))
+    data = sign_root(root2, [keys[n] for n in unique])
+    if len(unique) < len(signers):
+        data = duplicate_first_signature(data)
+    (r.path / store.root_path(2)).write_bytes(data)
+    new_signers = [keys[n] for n in new_names]
+    forge_version(r.path, new_signers, lambda p: p.update(root_version=2), head_keys=new_signers)
+    if expected:
+        assert r.audit().root_version == 2
+    else:
+        r.rejects(SignatureError, "root/2.root.json .* is signed by")

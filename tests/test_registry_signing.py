@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from registry_fixtures import ROTATIONS, duplicate_first_signature
 
 from seqr_core import signing
 from seqr_core.errors import FormatError, RegistryError, SignatureError
@@ -36,12 +37,6 @@ def _root(version: int, names: str, threshold: int) -> Root:
     return make_root(version, [PUB[n] for n in names], threshold, T0, T0 + timedelta(days=365))
 
 
-def _duplicate_first_signature(envelope: bytes) -> bytes:
-    obj = json.loads(envelope)
-    obj["signatures"].append(dict(obj["signatures"][0]))
-    return json.dumps(obj).encode()
-
-
 def test_pae_matches_the_dsse_specification_example() -> None:
     # DSSE protocol.md: PAE("http://example.com/HelloWorld", "hello world").
     assert pae("http://example.com/HelloWorld", b"hello world") == (
@@ -59,7 +54,7 @@ def test_envelope_roundtrip_signs_exact_payload_bytes() -> None:
 
 
 def test_threshold_counts_each_key_once() -> None:
-    data = _duplicate_first_signature(sign_envelope(REGISTRY_TYPE, b"{}", [KEYS["A"]]))
+    data = duplicate_first_signature(sign_envelope(REGISTRY_TYPE, b"{}", [KEYS["A"]]))
     envelope = parse_envelope(data, REGISTRY_TYPE, "test")
     assert len(envelope.signatures) == 2
     result = threshold_result(envelope, _keyset("AB"), 2)
@@ -121,38 +116,19 @@ def test_root_payload_roundtrip_and_unknown_fields_rejected() -> None:
         Root.from_payload(codec.dumps(obj))
 
 
-# Key rotation table (python-tuf test_updater_key_rotations style): old root (keys, threshold)
-# -> new root (keys, threshold), which keys sign the new root, and whether it is trusted.
-# TUF 5.3.4/5.3.5: a threshold of the OLD keys AND a threshold of the NEW keys must sign.
-ROTATIONS = [
-    ("same key re-signs", ("A", 1), ("A", 1), "A", True),
-    ("1-of-1 to a new key, both sign", ("A", 1), ("B", 1), "AB", True),
-    ("1-of-1 to a new key, only the new signs", ("A", 1), ("B", 1), "B", False),
-    ("1-of-1 to a new key, only the old signs", ("A", 1), ("B", 1), "A", False),
-    ("2-of-3 swap one key, two shared sign", ("ABC", 2), ("ABD", 2), "AB", True),
-    ("2-of-3 to disjoint-ish, new threshold unmet", ("ABC", 2), ("CDE", 2), "ABD", False),
-    ("2-of-3 to disjoint-ish, both met via C", ("ABC", 2), ("CDE", 2), "ACD", True),
-    ("2-of-3 to 1-of-1, old threshold unmet", ("ABC", 2), ("D", 1), "AD", False),
-    ("2-of-3 to 1-of-1, duplicate signature counts once", ("ABC", 2), ("D", 1), "AAD", False),
-    ("1-of-2 raised to 2-of-2, one signs", ("AB", 1), ("AB", 2), "A", False),
-    ("1-of-2 raised to 2-of-2, both sign", ("AB", 1), ("AB", 2), "AB", True),
-    ("3-of-3 with an unknown third signer", ("ABC", 3), ("ABC", 3), "ABE", False),
-    ("threshold lowered 3-of-3 to 1-of-3 by all", ("ABC", 3), ("ABC", 1), "ABC", True),
-]
-
-
 @pytest.mark.parametrize(
     ("case", "old", "new", "signers", "expected"), ROTATIONS, ids=[r[0] for r in ROTATIONS]
 )
-def test_key_rotation_table(
+def test_root_update_table(
     case: str, old: tuple[str, int], new: tuple[str, int], signers: str, expected: bool
 ) -> None:
+    """ROTATIONS on the pure root update (the end-to-end audit is in test_registry_attacks)."""
     trusted = _root(1, *old)
     candidate = _root(2, *new)
     unique = list(dict.fromkeys(signers))
     data = sign_root(candidate, [KEYS[n] for n in unique])
     if len(unique) < len(signers):  # a key that "signs twice"
-        data = _duplicate_first_signature(data)
+        data = duplicate_first_signature(data)
     if expected:
         assert verify_root_update(trusted, data, "root/2.root.json") == candidate
     else:
