@@ -64,3 +64,27 @@ def add_uniform_merge(library: AdapterLibrary, name: str = UNIFORM_MERGE) -> str
             module.lora_B[name].weight.copy_(stacked.mean(dim=0))
     model.eval()
     return name
+
+
+def lora_shape(library: AdapterLibrary) -> tuple[int, int]:
+    """(r, d_in) of the first LoRA module: the shape routing works on."""
+    from peft.tuners.lora import LoraLayer
+
+    first = library.adapters[0]
+    for module in library.peft_model.modules():
+        if isinstance(module, LoraLayer) and first in module.lora_A:
+            r, d_in = module.lora_A[first].weight.shape
+            return int(r), int(d_in)
+    raise ConfigError("the library holds no LoRA module")
+
+
+def exports_from_audit(registry: Path, entries: Any) -> dict[str, Path]:
+    """Adapter folders of an AUDITED registry by manifest name (call audit_registry first).
+
+    Two clients may pick the same name; the later ones get their key id appended.
+    """
+    folders: dict[str, Path] = {}
+    for entry in entries:
+        name = entry.name if entry.name not in folders else f"{entry.name}-{entry.client[:8]}"
+        folders[name] = Path(registry) / "adapters" / entry.adapter_sha256
+    return folders

@@ -1,0 +1,81 @@
+"""The federation part of `seqr simulate`: operator set-up, then one real Flower run.
+
+The operator makes the server key and the registry (pinned to the base model and the shared A),
+and enrols each client's public key; each simulated client gets its own signing key and one
+domain folder (partition-id picks the partition-id-th subfolder, client/client_app.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from seqr_core.errors import ConfigError
+from seqr_core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, load_private_key, write_keypair
+
+
+@dataclass(frozen=True)
+class FederationResult:
+    registry: Path
+    root_sha256: str  # what clients pin when they first audit the registry
+    federation: Any  # the FederationConfig with the model and A hashes filled in
+    work: Path
+
+
+def _partitions(work: Path, domains: list[Path]) -> Path:
+    """A folder of links, one per domain: each simulated client takes one (by partition-id)
+    and names its adapter after it."""
+    parts = work / "partitions"
+    parts.mkdir(parents=True, exist_ok=True)
+    for domain in domains:
+        link = parts / domain.name
+        if not link.exists():
+            link.symlink_to(domain.resolve(), target_is_directory=True)
+    return parts
+
+
+def run_federation(cfg: Any, fed: Any, domains: list[Path]) -> FederationResult:
+    from seqr_core.base_model import load_base_model
+    from server.federation_setup import setup_federation
+    from server.registry_ops import init_registry, open_publisher
+    from simulations.flower_local import flwr_run, local_superlink, write_app
+
+    registry, work = cfg.out / "registry", cfg.out / "work"
+    if registry.exists():
+        raise ConfigError(f"{registry} already exists; pass a new --out (runs never overwrite)")
+    work.mkdir(parents=True, exist_ok=True)
+    base = load_base_model(fed.base_model)
+    setup = setup_federation(fed, base.model, base.sha256)
+    del base
+    server_key_dir = work / "server-key"
+    if not (server_key_dir / PRIVATE_KEY_NAME).exists():
+        write_keypair(server_key_dir)
+    server_key = load_private_key(server_key_dir / PRIVATE_KEY_NAME)
+    keys = work / "client-keys"
+    parts = _partitions(work, domains)
+    for part in sorted(parts.iterdir()):
+        if not (keys / part.name / PRIVATE_KEY_NAME).exists():
+            write_keypair(keys / part.name)
+    root_sha = init_registry(registry, [server_key], setup=setup)
+    with open_publisher(registry, [server_key], None) as publisher:
+        for part in sorted(parts.iterdir()):
+            publisher.enrol_client(bytes.fromhex((keys / part.name / PUBLIC_KEY_NAME).read_text()))
+        publisher.publish()
+    run_config = {
+        **setup.federation.to_run_config(),
+        "registry-dir": registry.resolve(),
+        "server-keys": server_key_dir.resolve(),
+        "data-dir": parts.resolve(),
+        "signing-key": keys.resolve(),
+        "min-nodes": len(domains),
+    }
+    federation_config = {
+        "num-supernodes": len(domains),
+        "client-resources-num-cpus": cfg.client_cpus,
+    }
+    app = write_app(work / "app")
+    with local_superlink(work) as link:
+        flwr_run(link, app, run_config, federation_config, timeout_s=6 * 3600,
+                 log=work / "flwr-run.log")  # fmt: skip
+    return FederationResult(registry, root_sha, setup.federation, work)
