@@ -34,8 +34,9 @@ class BruteForceRouter(Router):
             if "A" in self._factors:
                 A = self._factors["A"][start:stop]
             else:
+                # A real copy per adapter: batched matmul on a stride-0 expand is very slow.
                 assert self.shared_a is not None
-                A = self.shared_a.expand(stop - start, self.r, self.d_in)
+                A = self.shared_a.expand(stop - start, self.r, self.d_in).contiguous()
             h = X @ A.transpose(1, 2)  # (c, T, r): A_i x for each adapter, as the method says
             out[:, start:stop] = (h @ B[start:stop].transpose(1, 2)).norm(dim=-1).T
         return out
