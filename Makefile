@@ -24,6 +24,8 @@ lint: install
 test: lint
 	$(BIN)/pytest -q
 
+# Data are prepared once (data prepare installs the Debian packages it reads); each run gets a
+# new timestamped folder, because a registry is never overwritten.
 simulate: install
-	$(BIN)/seqr data prepare --out data/domains
-	$(BIN)/seqr simulate --data data/domains --out runs/simulation
+	test -f data/domains/MANIFEST.json || $(BIN)/seqr data prepare --out data/domains
+	$(BIN)/seqr simulate --data data/domains --out runs/simulation-$$(date +%Y%m%d-%H%M%S)
