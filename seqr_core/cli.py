@@ -21,12 +21,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "client train": ("client.cli:main", "train, calibrate, export and sign a private adapter"),
     "data prepare": ("simulations.data_prepare:main", "install and build the text domains corpus"),
     "simulate": ("simulations.simulate:main", "run the whole federation here, then the report"),
+    "simulate scale": ("simulations.scale:main", "100+ clients on a tiny model: time and memory"),
     "keys generate": ("seqr_core.keys_cli:main", "create an Ed25519 adapter-signing key pair"),
     "server enrol": ("server.operator_cli:enrol_main", "allow-list client keys and publish"),
     "server init": ("server.operator_cli:init_main", "create a registry signed by server keys"),
     "server revoke": ("server.operator_cli:revoke_main", "revoke client keys for good, publish"),
     "bench audit": ("simulations.bench_audit:main", "time registry audit on 1,000 adapters"),
     "registry audit": ("seqr_core.registry_cli:main", "verify a downloaded adapter registry"),
+    "route": ("client.route_cli:main", "audit a registry, route (and generate) with its adapters"),
 }
 
 

@@ -21,6 +21,8 @@ class FederationResult:
     root_sha256: str  # what clients pin when they first audit the registry
     federation: Any  # the FederationConfig with the model and A hashes filled in
     work: Path
+    peak_rss_by_process: dict[str, int]  # bytes, by command name (Ray client actors: ray::...)
+    peak_rss_total: int  # bytes, everything the SuperLink started
 
 
 def _partitions(work: Path, domains: list[Path]) -> Path:
@@ -39,7 +41,7 @@ def run_federation(cfg: Any, fed: Any, domains: list[Path]) -> FederationResult:
     from seqr_core.base_model import load_base_model
     from server.federation_setup import setup_federation
     from server.registry_ops import init_registry, open_publisher
-    from simulations.flower_local import flwr_run, local_superlink, write_app
+    from simulations.flower_local import MemorySampler, flwr_run, local_superlink, write_app
 
     registry, work = cfg.out / "registry", cfg.out / "work"
     if registry.exists():
@@ -75,7 +77,9 @@ def run_federation(cfg: Any, fed: Any, domains: list[Path]) -> FederationResult:
         "client-resources-num-cpus": cfg.client_cpus,
     }
     app = write_app(work / "app")
-    with local_superlink(work) as link:
+    with local_superlink(work) as link, MemorySampler(link.process.pid) as memory:
         flwr_run(link, app, run_config, federation_config, timeout_s=6 * 3600,
                  log=work / "flwr-run.log")  # fmt: skip
-    return FederationResult(registry, root_sha, setup.federation, work)
+    return FederationResult(
+        registry, root_sha, setup.federation, work, memory.peak_by_name, memory.peak_total
+    )

@@ -84,8 +84,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _descendant_groups(root_pid: int) -> set[int]:
-    """Process groups of ``root_pid`` and its descendants (SuperExec and Ray start their own)."""
+def descendants(root_pid: int) -> set[int]:
+    """``root_pid`` and every process below it, from /proc."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -99,8 +99,50 @@ def _descendant_groups(root_pid: int) -> set[int]:
             if parent == pid and child not in tree:
                 tree.add(child)
                 frontier.append(child)
+    return tree
+
+
+class MemorySampler:
+    """Peak resident memory of the processes under a root, by command name, sampled twice a
+    second (Ray's client actors are not our children, so getrusage cannot see them)."""
+
+    def __init__(self, root_pid: int, interval_s: float = 0.5) -> None:
+        import threading
+
+        self.root_pid, self.interval_s = root_pid, interval_s
+        self.peak_by_name: dict[str, int] = {}
+        self.peak_total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            total = 0
+            for pid in descendants(self.root_pid):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    status = Path(f"/proc/{pid}/status").read_text()
+                    rss = int(status.split("VmRSS:")[1].split()[0]) * 1024
+                    name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+                    label = Path(name.decode(errors="replace")).name or "?"
+                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                    key = comm if comm.startswith("ray::") else label
+                    self.peak_by_name[key] = max(self.peak_by_name.get(key, 0), rss)
+                    total += rss
+            self.peak_total = max(self.peak_total, total)
+
+
+def _descendant_groups(root_pid: int) -> set[int]:
+    """Process groups of ``root_pid`` and its descendants (SuperExec and Ray start their own)."""
     groups = set()
-    for pid in tree:
+    for pid in descendants(root_pid):
         with contextlib.suppress(OSError):
             groups.add(os.getpgid(pid))
     return groups

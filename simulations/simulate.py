@@ -110,8 +110,13 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
         "federation_seconds": round(trained - started, 1),
         "evaluation_seconds": round(time.perf_counter() - trained, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "peak_rss_mib_this_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-        "peak_rss_mib_clients": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024,
+        "peak_rss_mib_evaluation": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "peak_rss_mib_per_client": max(
+            (v for k, v in federation.peak_rss_by_process.items() if k.startswith("ray::Client")),
+            default=0,
+        )
+        // 2**20,
+        "peak_rss_mib_federation_total": federation.peak_rss_total // 2**20,
         "machine": platform.platform(),
         "config": {k: str(v) for k, v in asdict(cfg).items()},
     }

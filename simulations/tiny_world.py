@@ -1,4 +1,5 @@
-"""A tiny Llama and tokenizer for fast tests, saved as a plain folder (the real loading path).
+"""A tiny Llama and tokenizer for tests and scale runs, saved as a plain folder (the real
+loading path).
 
 Everything is real: a LlamaForCausalLM from a small config (about 0.3 M parameters) and a
 byte-level BPE tokenizer trained with ``tokenizers`` on a few Python stdlib sources. Both are
