@@ -61,8 +61,11 @@ def run_round(
         "probe-sha256": runner.probe.text_sha256,
         "probe-tokens": runner.probe.tokens,
     }
-    content = train_content(runner.setup.federation, info)
-    messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+    fed = runner.setup.federation  # with the base model and shared A hashes filled in
+    messages = [
+        Message(train_content(fed, info), dst_node_id=n, message_type=MessageType.TRAIN)
+        for n in nodes
+    ]
     log.info("round %d: asking %d node(s) for their adapters", server_round, len(nodes))
     replies = grid.send_and_receive(messages, timeout=settings.train_timeout_s)
     submissions = submissions_from_replies(nodes, replies)

@@ -58,12 +58,12 @@ class HijackBenchConfig:
     liar: str = "fortunes_en"  # the domain the liar's adapter is trained on
     max_files: int = 1  # text files read per domain (sorted), to bound the run time
     rank: int = 8
-    steps: int = 30
-    batch_size: int = 8
-    seq_len: int = 128
+    steps: int = 20
+    batch_size: int = 4
+    seq_len: int = 64
     lr: float = 2e-3
-    calib_sequences: int = 64
-    eval_sequences: int = 32  # held-out sequences per honest domain
+    calib_sequences: int = 32
+    eval_sequences: int = 24  # held-out sequences per honest domain
     mean_factor: float = 0.5  # the lie: claimed mean = factor x honest mean
     std_factor: float = 0.05  # claimed std = factor x honest std
     probe_text: str = ""  # server probe text ("" = the server's built-in default)
@@ -320,12 +320,17 @@ def plot(scenarios: dict[str, dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.2))
     capture = [scenarios[n]["capture_share"] for n in names]
     accuracy = [scenarios[n]["accuracy"] for n in names]
-    ax.bar(x - 0.2, capture, 0.4, label="honest sequences captured by the liar", color="#c0392b")
-    ax.bar(x + 0.2, accuracy, 0.4, label="routed to their own domain", color="#2e86c1")
+    bars = [
+        ax.bar(x - 0.2, capture, 0.4, label="honest sequences captured by the liar",
+               color="#c0392b"),
+        ax.bar(x + 0.2, accuracy, 0.4, label="routed to their own domain", color="#2e86c1"),
+    ]  # fmt: skip
+    for group in bars:
+        ax.bar_label(group, labels=[f"{h.get_height():.0%}" for h in group], fontsize=8)
     ax.set_xticks(x, [n.replace(" (", "\n(") for n in names], fontsize=8)
-    ax.set(ylim=(0, 1.05), ylabel="share of honest held-out sequences")
+    ax.set(ylim=(0, 1.3), ylabel="share of honest held-out sequences")
     ax.set_title("Routing hijack by falsified statistics, with and without admission checks")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
