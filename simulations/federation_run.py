@@ -7,10 +7,13 @@ domain folder (partition-id picks the partition-id-th subfolder, client/client_a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from seqr_core.atomic_write import write_atomic
 from seqr_core.errors import ConfigError
 from seqr_core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, load_private_key, write_keypair
 
@@ -23,6 +26,26 @@ class FederationResult:
     work: Path
     peak_rss_by_process: dict[str, int]  # bytes, by command name (Ray client actors: ray::...)
     peak_rss_total: int  # bytes, everything the SuperLink started
+    seconds: float = 0.0
+
+    def save(self) -> None:
+        """work/federation.json, so the evaluation can be rerun alone (--evaluate-only)."""
+        data = {**asdict(self), "registry": str(self.registry), "work": str(self.work),
+                "federation": self.federation.to_run_config()}  # fmt: skip
+        write_atomic(self.work / "federation.json", json.dumps(data, indent=2).encode())
+
+    @classmethod
+    def load(cls, work: Path) -> FederationResult:
+        from seqr_core.federation import FederationConfig
+
+        path = work / "federation.json"
+        if not path.is_file():
+            raise ConfigError(
+                f"{path} is missing: run the federation first (without --evaluate-only)"
+            )
+        data = json.loads(path.read_text())
+        data["federation"] = FederationConfig.from_run_config(data["federation"])
+        return cls(**{**data, "registry": Path(data["registry"]), "work": Path(data["work"])})
 
 
 def _partitions(work: Path, domains: list[Path]) -> Path:
@@ -43,6 +66,7 @@ def run_federation(cfg: Any, fed: Any, domains: list[Path]) -> FederationResult:
     from server.registry_ops import init_registry, open_publisher
     from simulations.flower_local import MemorySampler, flwr_run, local_superlink, write_app
 
+    started = time.perf_counter()
     registry, work = cfg.out / "registry", cfg.out / "work"
     if registry.exists():
         raise ConfigError(f"{registry} already exists; pass a new --out (runs never overwrite)")
@@ -80,6 +104,8 @@ def run_federation(cfg: Any, fed: Any, domains: list[Path]) -> FederationResult:
     with local_superlink(work) as link, MemorySampler(link.process.pid) as memory:
         flwr_run(link, app, run_config, federation_config, timeout_s=6 * 3600,
                  log=work / "flwr-run.log")  # fmt: skip
-    return FederationResult(
-        registry, root_sha, setup.federation, work, memory.peak_by_name, memory.peak_total
-    )
+    result = FederationResult(registry, root_sha, setup.federation, work,
+                              memory.peak_by_name, memory.peak_total,
+                              time.perf_counter() - started)  # fmt: skip
+    result.save()
+    return result

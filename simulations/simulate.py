@@ -43,6 +43,7 @@ class SimulateConfig:
     client_cpus: int = 1  # Ray resources per simulated client (2 clients at once on 2 cores)
     timing_ns: tuple[int, ...] = (4, 16, 64, 256, 1024)
     quick: bool = False
+    evaluate_only: bool = False  # reuse the registry of an earlier run in --out
 
     def __post_init__(self) -> None:
         for name in ("train_steps", "train_seq_len", "train_batch_size", "client_cpus"):
@@ -91,15 +92,16 @@ def federation_for(cfg: SimulateConfig) -> Any:
 
 
 def run(cfg: SimulateConfig) -> dict[str, Any]:
-    from simulations.federation_run import run_federation
+    from simulations.federation_run import FederationResult, run_federation
     from simulations.registry_eval import evaluate_registry
     from simulations.report import write_report
 
-    started = time.perf_counter()
     domains = pick_domains(cfg)
-    fed = federation_for(cfg)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    federation = run_federation(cfg, fed, domains)
+    if cfg.evaluate_only:
+        federation = FederationResult.load(cfg.out / "work")
+    else:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        federation = run_federation(cfg, federation_for(cfg), domains)
     trained = time.perf_counter()
     report = evaluate_registry(cfg, federation, domains)
     report["run"] = {
@@ -107,9 +109,9 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
         "base_model": cfg.base_model,
         "train_steps": cfg.train_steps,
         "train_seq_len": cfg.train_seq_len,
-        "federation_seconds": round(trained - started, 1),
+        "federation_seconds": round(federation.seconds, 1),
         "evaluation_seconds": round(time.perf_counter() - trained, 1),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "wall_seconds": round(federation.seconds + time.perf_counter() - trained, 1),
         "peak_rss_mib_evaluation": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         "peak_rss_mib_per_client": max(
             (v for k, v in federation.peak_rss_by_process.items() if k.startswith("ray::Client")),
@@ -133,9 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps per client")
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="4 domains, few steps (CI)")
+    parser.add_argument(
+        "--evaluate-only", action="store_true", help="evaluate the registry already in --out"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides: dict[str, Any] = {}
+    if args.evaluate_only:
+        overrides["evaluate_only"] = True
     if args.domains:
         overrides["domains"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
     for key, value in (("base_model", args.base_model), ("train_steps", args.steps),

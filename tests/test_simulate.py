@@ -39,8 +39,10 @@ def test_quick_simulation_publishes_an_audited_registry_and_a_report(tmp_path):
     assert report["run"]["clients"] == 3
     for plot in ("confusion_seqr.png", "accuracy.png", "loss.png", "routing_time.png"):
         assert (out / plot).stat().st_size > 5_000
-    # A second run into the same folder never overwrites the registry.
+    # A second run into the same folder never overwrites the registry; evaluation can be rerun.
     assert main(argv) == 2
+    assert main([*argv, "--evaluate-only"]) == 0
+    assert json.loads((out / "report.json").read_text())["audit"]["entries"] == 3
 
 
 def test_missing_data_folder_names_the_prepare_command(tmp_path):
