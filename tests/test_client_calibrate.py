@@ -120,7 +120,7 @@ def test_dp_noise_has_the_documented_scale() -> None:
 
 def test_dp_statistics_near_the_truth_with_large_epsilon(trained) -> None:  # type: ignore[no-untyped-def]
     model, chunks = trained
-    many = FED.replace(calib_max_sequences=10_000)  # all chunks: DP needs data
+    many = FED.replace(calib_max_sequences=96)  # DP needs data: noise shrinks as 1/n
     exact = calibrate(model, chunks, many, progress=False).stats.modules
     clip = 2 * max(float(m.mean[0] + 4 * m.std[0]) for m in exact.values())  # clipping is rare
     fed = many.replace(calib_dp=True, calib_dp_epsilon=100.0, calib_dp_clip=clip)
