@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench audit": ("simulations.bench_audit:main", "time registry audit on 1,000 adapters"),
     "registry audit": ("seqr_core.registry_cli:main", "verify a downloaded adapter registry"),
     "route": ("client.route_cli:main", "audit a registry, route (and generate) with its adapters"),
+    "bench generation": ("simulations.bench_generation:main", "routed vs fixed-adapter generate"),
 }
 
 

@@ -1,0 +1,305 @@
+"""`seqr bench generation`: what per-sequence routing adds to batched generation, in one run.
+
+Same prompts, same N new tokens (min_new_tokens = max_new_tokens: exactly N each), greedy:
+
+- fixed:  peft ``generate(adapter_names=...)`` with each row's adapter chosen in advance
+          (the batch already mixes adapters; this is "generating with the chosen adapter alone");
+- routed: ``RoutedModel.generate``: the SEQR routing pass on the base model, then that same call.
+
+The claim is the ratio routed / fixed (target <= 1.05), measured interleaved in the same run,
+with the routing pass timed alone as well. Both must produce identical tokens (same work).
+
+Library: ``--registry`` (its audited adapters and base model: RegistryRouter) or a synthetic one:
+N adapters sharing the seeded A (seqr_core.shared_a), random B, statistics calibrated on each
+adapter's own token range, on SmolLM2-135M-Instruct when it is available, else a tiny Llama.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from seqr_core.errors import ConfigError, ModelError
+from seqr_core.model_routing import ModelRoutingConfig, RoutedModel
+from seqr_core.stats import NormStatistics
+
+TARGET_RATIO = 1.05
+SMOLLM2 = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class GenerationBenchConfig:
+    registry: Path | None = None  # audited registry to use; None = synthetic library
+    base_model: str | None = None  # None: SmolLM2 if available, else a tiny Llama
+    adapters: int = 8  # synthetic library size
+    rank: int = 8
+    batch: int = 8
+    prompt_tokens: int = 32
+    new_tokens: int = 64
+    repeats: int = 3
+    seed: int = 0
+    threads: int = 0  # torch CPU threads; 0 = torch's default (1 avoids oversubscription on a
+    # busy machine, where spinning OpenMP threads slow every call down many times over)
+    device: str = "cpu"
+    out: Path = field(default_factory=lambda: Path("runs/bench_generation"))
+
+    def __post_init__(self) -> None:
+        for name in ("adapters", "rank", "batch", "prompt_tokens", "new_tokens", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"GenerationBenchConfig.{name} = {value!r} must be an int >= 1")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ConfigError(f"GenerationBenchConfig.threads = {self.threads!r} must be >= 0")
+        if self.adapters < 2:
+            raise ConfigError(f"GenerationBenchConfig.adapters = {self.adapters} must be >= 2")
+
+
+@dataclass
+class Workload:
+    routed: RoutedModel
+    input_ids: torch.Tensor  # (batch, prompt_tokens), left-padded
+    attention_mask: torch.Tensor
+    pad_token_id: int
+    model: str
+    source: str  # "registry" or "synthetic"
+
+
+# ---- the library ---------------------------------------------------------------------------
+
+
+def _tiny_llama(seed: int) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, pad_token_id=0)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def _base_model(cfg: GenerationBenchConfig) -> tuple[Any, str]:
+    from seqr_core.base_model import load_base_model
+
+    name = cfg.base_model
+    if name in (None, SMOLLM2):
+        try:
+            return load_base_model(SMOLLM2).model, SMOLLM2
+        except ModelError as exc:
+            if name == SMOLLM2:
+                raise
+            print(f"SmolLM2 unavailable ({exc}); using a tiny random Llama")
+    if name in (None, "tiny"):
+        return _tiny_llama(cfg.seed), "tiny-llama"
+    return load_base_model(str(name)).model, str(name)
+
+
+def _token_range(vocab: int, i: int, n: int) -> tuple[int, int]:
+    width = (vocab - 1) // n
+    return 1 + i * width, 1 + (i + 1) * width
+
+
+def synthetic_workload(cfg: GenerationBenchConfig) -> Workload:
+    """N LoRA adapters (shared A, random B) with statistics from their own token ranges."""
+    from peft import LoraConfig, get_peft_model
+
+    from seqr_core.shared_a import install_shared_a, lora_layers
+
+    model, name = _base_model(cfg)
+    names = [f"a{i}" for i in range(cfg.adapters)]
+    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=["q_proj", "v_proj"],
+                      lora_dropout=0.0, bias="none")  # fmt: skip
+    peft_model: Any = get_peft_model(model, lora, adapter_name=names[0])
+    for adapter in names[1:]:
+        peft_model.add_adapter(adapter, lora)
+    g = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        for adapter in names:
+            install_shared_a(peft_model, adapter, cfg.seed)
+        for layer in lora_layers(peft_model, names[0]).values():
+            for adapter in names:
+                w = layer.lora_B[adapter].weight
+                w.copy_(torch.randn(w.shape, generator=g) * 0.02)
+    peft_model = peft_model.to(cfg.device).eval()
+    vocab = int(peft_model.get_base_model().config.vocab_size)
+    # Calibration: each adapter's norms on prompts from its own token range (its "domain").
+    probe = RoutedModel(peft_model, ModelRoutingConfig(record=True), adapters=names)
+    stats = {}
+    for i, adapter in enumerate(names):
+        low, high = _token_range(vocab, i, cfg.adapters)
+        ids = torch.randint(low, high, (4, cfg.prompt_tokens), generator=g).to(cfg.device)
+        probe.route_sequences(ids)
+        stats[adapter] = NormStatistics()
+        for module_name, record in probe.records.items():
+            stats[adapter].update(module_name, record.scores[..., i].reshape(-1).double().cpu())
+    routed = RoutedModel(peft_model, ModelRoutingConfig(), adapters=names, stats=stats)
+    # Bench prompts: row j from adapter j's range, lengths varying (left padding in the batch).
+    ids = torch.zeros(cfg.batch, cfg.prompt_tokens, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j in range(cfg.batch):
+        low, high = _token_range(vocab, j % cfg.adapters, cfg.adapters)
+        length = cfg.prompt_tokens - (j % 4) * cfg.prompt_tokens // 8
+        ids[j, -length:] = torch.randint(low, high, (length,), generator=g)
+        mask[j, -length:] = 1
+    return Workload(routed, ids.to(cfg.device), mask.to(cfg.device), 0, name, "synthetic")
+
+
+def registry_workload(cfg: GenerationBenchConfig, prompts: list[str]) -> Workload:
+    from client.route import RegistryRouter, RouterConfig
+
+    if cfg.registry is None:
+        raise ConfigError("registry_workload needs GenerationBenchConfig.registry")
+    router = RegistryRouter.open(cfg.registry, base_model=cfg.base_model,
+                                 config=RouterConfig(device=cfg.device))  # fmt: skip
+    texts = [prompts[j % len(prompts)] for j in range(cfg.batch)]
+    enc = router.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                           max_length=cfg.prompt_tokens)  # fmt: skip
+    return Workload(router.routed, enc["input_ids"].to(cfg.device),
+                    enc["attention_mask"].to(cfg.device), int(router.tokenizer.pad_token_id),
+                    cfg.base_model or SMOLLM2, "registry")  # fmt: skip
+
+
+DEFAULT_PROMPTS = (
+    "def merge_sorted(left, right):\n    result = []\n    while left and right:",
+    "The committee met on Tuesday to discuss the budget for the coming year and",
+    "RFC 9162 section 2.1.3: the consistency proof between two tree heads is",
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind",
+)
+
+
+# ---- the measurement -----------------------------------------------------------------------
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+@torch.no_grad()
+def measure(work: Workload, cfg: GenerationBenchConfig) -> dict[str, Any]:
+    routed, ids, mask = work.routed, work.input_ids, work.attention_mask
+    gen = {"max_new_tokens": cfg.new_tokens, "min_new_tokens": cfg.new_tokens,
+           "do_sample": False, "pad_token_id": work.pad_token_id}  # fmt: skip
+    names = routed.route_sequences(ids, mask).names
+
+    def fixed() -> Any:
+        return routed.peft_model.generate(input_ids=ids, attention_mask=mask,
+                                          adapter_names=names, **gen)  # fmt: skip
+
+    def routed_generate() -> Any:
+        return routed.generate(ids, mask, **gen)
+
+    def route_only() -> Any:
+        return routed.route_sequences(ids, mask)
+
+    same = bool(torch.equal(fixed(), routed_generate()))  # also the warm-up
+    times: dict[str, list[float]] = {"fixed": [], "routed": [], "routing_pass": []}
+    for _ in tqdm(range(cfg.repeats), desc="bench generation", unit="repeat"):
+        for key, fn in (
+            ("fixed", fixed),
+            ("routed", routed_generate),
+            ("routing_pass", route_only),
+        ):
+            times[key].append(_timed(fn)[0])
+    best = {k: min(v) for k, v in times.items()}
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "seconds": times,
+        "best_seconds": best,
+        "ratio_best": best["routed"] / best["fixed"],
+        "ratio_median": median["routed"] / median["fixed"],
+        "routing_pass_share_of_fixed": best["routing_pass"] / best["fixed"],
+        "identical_tokens": same,
+        "adapters_in_batch": len(set(names)),
+        "chosen": names,
+    }
+
+
+def run(cfg: GenerationBenchConfig, prompts: list[str] | None = None) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.registry is not None:
+        work = registry_workload(cfg, prompts or list(DEFAULT_PROMPTS))
+    else:
+        work = synthetic_workload(cfg)
+    result = measure(work, cfg)
+    ratio = result["ratio_best"]
+    doc = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "model": work.model,
+        "library": work.source,
+        "adapters": len(work.routed.adapters),
+        "prompt_shape": list(work.input_ids.shape),
+        "machine": {
+            "platform": platform.platform(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },  # fmt: skip
+        **result,
+        "target_ratio": TARGET_RATIO,
+        "met": bool(ratio <= TARGET_RATIO and result["identical_tokens"]),
+    }
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "generation.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="seqr bench generation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--registry", type=Path, default=None, help="use this registry's adapters")
+    p.add_argument("--prompts", type=Path, default=None, help="prompt file, one per line")
+    p.add_argument("--base-model", default=None, help=f"{SMOLLM2} (default if present), tiny, "
+                   "or a model folder")  # fmt: skip
+    defaults = GenerationBenchConfig()
+    ints = (
+        "adapters",
+        "rank",
+        "batch",
+        "prompt_tokens",
+        "new_tokens",
+        "repeats",
+        "seed",
+        "threads",
+    )
+    for name in ints:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=defaults.out)
+    args = p.parse_args(argv)
+    try:
+        cfg = GenerationBenchConfig(
+            registry=args.registry, base_model=args.base_model, adapters=args.adapters,
+            rank=args.rank, batch=args.batch, prompt_tokens=args.prompt_tokens,
+            new_tokens=args.new_tokens, repeats=args.repeats, seed=args.seed,
+            threads=args.threads, device=args.device, out=args.out,
+        )  # fmt: skip
+    except ConfigError as exc:
+        p.error(str(exc))
+    prompts = None
+    if args.prompts is not None:
+        prompts = [s for s in args.prompts.read_text(encoding="utf-8").splitlines() if s.strip()]
+    doc = run(cfg, prompts)
+    best = doc["best_seconds"]
+    print(f"model {doc['model']} ({doc['library']} library, {doc['adapters']} adapters), "
+          f"batch {doc['prompt_shape']}, {cfg.new_tokens} new tokens, "
+          f"{doc['adapters_in_batch']} adapter(s) mixed in the batch")  # fmt: skip
+    print(f"  fixed adapters : {best['fixed']:.3f} s")
+    print(f"  routed         : {best['routed']:.3f} s")
+    print(f"  routing pass   : {best['routing_pass']:.3f} s")
+    print(f"  routed / fixed = {doc['ratio_best']:.3f} (median {doc['ratio_median']:.3f}; "
+          f"target <= {TARGET_RATIO}); identical tokens: {doc['identical_tokens']}; "
+          f"met: {doc['met']}")  # fmt: skip
+    print(f"wrote {cfg.out / 'generation.json'}")
+    return 0

@@ -1,0 +1,213 @@
+"""`seqr route` and RegistryRouter on a small real registry (tests/_route_world.py): each
+domain's text goes to its own adapter, the scores are the z-scores the registry's own files
+give, mixed-adapter generation equals generating each row with its adapter alone, and a
+registry that fails its audit (or changes after it) is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from _route_world import DOMAINS, RouteWorld, domain_text, make_world
+from safetensors.torch import load_file
+from tiny import build_tiny_llama
+
+from client.route import RegistryRouter, RouterConfig
+from client.route_cli import main
+from seqr_core import signing
+from seqr_core.base_model import load_base_model
+from seqr_core.errors import ConfigError, DataError, ModelError, RegistryError
+from seqr_core.registry import audit_registry
+from seqr_core.stats import NormStatistics
+from server.registry_ops import init_registry
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> RouteWorld:
+    return make_world(tmp_path_factory.mktemp("route-world"))
+
+
+def open_router(
+    world: RouteWorld, registry: Path | None = None, **config: object
+) -> RegistryRouter:
+    return RegistryRouter.open(
+        registry or world.registry,
+        base_model=str(world.model_dir),
+        config=RouterConfig(**config),  # type: ignore[arg-type]
+    )
+
+
+def held_out_texts() -> list[tuple[str, str]]:
+    """(domain, text) pairs the adapters were not calibrated on, domains interleaved."""
+    return [(d, domain_text(d, 3, seed)) for seed in (1, 2) for d in DOMAINS]
+
+
+def test_route_picks_the_adapter_of_each_domain(world: RouteWorld) -> None:
+    router = open_router(world, batch_size=4)  # batches mix domains and lengths
+    pairs = held_out_texts()
+    results = router.route([text for _, text in pairs])
+    assert [r.adapter for r in results] == [domain for domain, _ in pairs]
+    for r in results:
+        assert r.runner_up in DOMAINS and r.runner_up != r.adapter
+        assert r.margin == pytest.approx(r.scores[r.adapter] - r.scores[r.runner_up], abs=1e-5)
+        assert r.margin > 0.05 and r.token_share is None and r.generated is None
+
+
+@torch.no_grad()
+def reference_scores(world: RouteWorld, text: str) -> dict[str, float]:
+    """Mean over tokens and LoRA modules of (||B A x|| - mean) / std, straight from the
+    registry's files and a plain transformers model (no peft, no seqr routing code)."""
+    base = load_base_model(str(world.model_dir))
+    ids = base.tokenizer(text, return_tensors="pt")["input_ids"]
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda m, a, o, n=name: inputs.__setitem__(n, a[0][0]))
+        for name, module in base.model.named_modules()
+        if name.endswith(("q_proj", "v_proj"))
+    ]
+    base.model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    report = audit_registry(world.registry)
+    scores = {}
+    for entry in report.entries:
+        folder = world.registry / "adapters" / entry.adapter_sha256
+        tensors = load_file(folder / "adapter_model.safetensors")
+        stats = NormStatistics.from_json_bytes((folder / "norm_stats.json").read_bytes())
+        z = []
+        for name, x in inputs.items():
+            a = tensors[f"base_model.model.{name}.lora_A.weight"]
+            b = tensors[f"base_model.model.{name}.lora_B.weight"]
+            moments = stats.modules[name]
+            z.append(((x @ a.T @ b.T).norm(dim=-1) - moments.mean[0]) / moments.std[0])
+        scores[entry.name] = float(torch.stack(z).mean())
+    return scores
+
+
+def test_route_scores_are_the_z_scores_of_the_registry_files(world: RouteWorld) -> None:
+    router = open_router(world)
+    texts = [text for _, text in held_out_texts()[:3]]
+    results = router.route(texts)  # padded batch; the reference runs each text alone
+    for text, result in zip(texts, results, strict=True):
+        expected = reference_scores(world, text)
+        assert result.scores == pytest.approx(expected, abs=2e-4)
+        assert result.adapter == max(expected, key=expected.__getitem__)
+
+
+def test_mixed_adapter_generation_equals_each_row_with_its_adapter_alone(
+    world: RouteWorld,
+) -> None:
+    from peft import PeftModel
+
+    router = open_router(world)
+    pairs = held_out_texts()[:3]
+    results = router.route_and_generate([text for _, text in pairs], max_new_tokens=6)
+    assert {r.adapter for r in results} == set(DOMAINS)  # one batch, three adapters
+    for (_, text), result in zip(pairs, results, strict=True):
+        # Reference: the client's own export loaded by peft's standard loader, one row, no pad.
+        base = load_base_model(str(world.model_dir))
+        alone = PeftModel.from_pretrained(base.model, str(world.exports[result.adapter])).eval()
+        ids = base.tokenizer(text, return_tensors="pt")["input_ids"]
+        out = alone.generate(input_ids=ids, max_new_tokens=6, do_sample=False,
+                             pad_token_id=base.tokenizer.pad_token_id)  # fmt: skip
+        expected = base.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        assert result.generated == expected
+    assert router.generate([pairs[0][1]], max_new_tokens=6) == [results[0].generated]
+
+
+def test_per_token_routing_reports_token_shares_and_generates(world: RouteWorld) -> None:
+    router = open_router(world, mode="per_token")
+    results = router.route_and_generate([text for _, text in held_out_texts()[:3]], 4)
+    for r in results:
+        assert r.token_share is not None and set(r.token_share) == set(DOMAINS)
+        assert sum(r.token_share.values()) == pytest.approx(1.0)
+        assert r.generated is not None and r.adapter in DOMAINS
+
+
+def test_cli_routes_each_line_of_a_file_as_json(
+    world: RouteWorld, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pairs = held_out_texts()[:3]
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("\n\n".join(t.replace("\n", " ") for _, t in pairs) + "\n", "utf-8")
+    code = main(["--registry", str(world.registry), "--file", str(inputs), "--generate", "3",
+                 "--base-model", str(world.model_dir), "--json"])  # fmt: skip
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["ok"] and doc["registry"]["version"] == 2
+    assert [r["adapter"] for r in doc["results"]] == [d for d, _ in pairs]
+    assert all(isinstance(r["generated"], str) and r["margin"] > 0 for r in doc["results"])
+
+
+def test_cli_refuses_a_tampered_registry_and_keeps_the_trusted_state(
+    world: RouteWorld, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry, state = tmp_path / "mirror", tmp_path / "trusted.json"
+    shutil.copytree(world.registry, registry)
+    args = ["--registry", str(registry), "--text", "12 34 56", "--trusted-state", str(state),
+            "--base-model", str(world.model_dir)]  # fmt: skip
+    assert main(args) == 0 and "digits" in capsys.readouterr().out
+    trusted = state.read_bytes()
+    # A mirror lowers the digits adapter's claimed mean: the routing-hijack lie.
+    sha = next(e.adapter_sha256 for e in audit_registry(registry).entries if e.name == "digits")
+    stats_file = registry / "adapters" / sha / "norm_stats.json"
+    stats_file.write_bytes(stats_file.read_bytes().replace(b'"mean":[', b'"mean":[-', 1))
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "REFUSED" in err and "norm_stats.json" in err and sha[:16] in err
+    assert state.read_bytes() == trusted
+
+
+def test_adapter_changed_between_audit_and_load_is_refused(
+    world: RouteWorld, tmp_path: Path
+) -> None:
+    registry = tmp_path / "mirror"
+    shutil.copytree(world.registry, registry)
+    report = audit_registry(registry)
+    entries = {e.name: e for e in report.entries}
+    # After the audit, the code adapter's folder is swapped for the digits adapter's files.
+    code_dir = registry / "adapters" / entries["code"].adapter_sha256
+    shutil.rmtree(code_dir)
+    shutil.copytree(registry / "adapters" / entries["digits"].adapter_sha256, code_dir)
+    with pytest.raises(RegistryError, match="changed after the audit"):
+        RegistryRouter.from_report(registry, report, base_model=str(world.model_dir))
+
+
+def test_a_base_model_other_than_the_adapters_one_is_refused(
+    world: RouteWorld, tmp_path: Path
+) -> None:
+    other = build_tiny_llama(tmp_path / "other-llama", seed=1)
+    with pytest.raises(ModelError, match="sha256.*--base-model"):
+        RegistryRouter.open(world.registry, base_model=str(other))
+
+
+def test_a_registry_without_adapters_is_refused(tmp_path: Path) -> None:
+    signing.write_keypair(tmp_path / "key")
+    key = signing.load_private_key(tmp_path / "key" / signing.PRIVATE_KEY_NAME)
+    init_registry(tmp_path / "registry", [key])
+    with pytest.raises(RegistryError, match="holds no adapters"):
+        RegistryRouter.open(tmp_path / "registry")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("mode", "per_layer"), ("statistics", "global"), ("batch_size", 0),
+     ("max_input_tokens", True), ("device", "gpu:x")],
+)  # fmt: skip
+def test_router_config_names_the_bad_field(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"RouterConfig.{field}"):
+        RouterConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_bad_inputs_are_refused_before_any_model_call(world: RouteWorld) -> None:
+    router = open_router(world)
+    with pytest.raises(DataError, match="input 1"):
+        router.route(["fine", ""])
+    with pytest.raises(DataError, match="no input"):
+        router.route([])
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        router.generate(["fine"], max_new_tokens=0)
