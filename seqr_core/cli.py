@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "registry audit": ("seqr_core.registry_cli:main", "verify a downloaded adapter registry"),
     "route": ("client.route_cli:main", "audit a registry, route (and generate) with its adapters"),
     "bench generation": ("simulations.bench_generation:main", "routed vs fixed-adapter generate"),
+    "deploy certs": ("deploy.certs:main", "test CA + SuperLink TLS certificate (localhost SANs)"),
+    "deploy node-key": ("deploy.node_keys:main", "SuperNode auth key pair (ECDSA P-384, OpenSSH)"),
 }
 
 
