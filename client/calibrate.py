@@ -182,4 +182,5 @@ def _privatize(
         },
         "clamped_modules": clamped,
     }
+    stats.privacy = privacy  # signed with the statistics file: anyone can read the guarantee
     return stats, privacy

@@ -128,9 +128,14 @@ class RunningMoments:
 
 @dataclass
 class NormStatistics:
-    """Per-module moments of activation norms, and the same pooled over modules."""
+    """Per-module moments of activation norms, and the same pooled over modules.
+
+    ``privacy`` records the differential-privacy guarantee of noised statistics (mechanism,
+    epsilon, delta, clip, ...): it travels inside the signed statistics file.
+    """
 
     modules: dict[str, RunningMoments] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None
 
     def update(self, module: str, values: Any) -> NormStatistics:
         batch = _as_2d_float64(values)
@@ -161,15 +166,21 @@ class NormStatistics:
         return total
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "format_version": STATS_FORMAT_VERSION,
             "modules": {name: self.modules[name].to_dict() for name in sorted(self.modules)},
         }
+        if self.privacy is not None:
+            out["privacy"] = self.privacy
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> NormStatistics:
-        if not isinstance(data, Mapping) or set(data) != {"format_version", "modules"}:
-            raise FormatError("statistics must be an object with format_version and modules")
+        keys = set(data) if isinstance(data, Mapping) else set()
+        if not {"format_version", "modules"} <= keys <= {"format_version", "modules", "privacy"}:
+            raise FormatError(
+                "statistics must be an object with format_version, modules and optionally privacy"
+            )
         if data["format_version"] != STATS_FORMAT_VERSION:
             raise FormatError(
                 f"statistics format_version {data['format_version']!r} is not "
@@ -183,7 +194,7 @@ class NormStatistics:
                 modules[str(name)] = RunningMoments.from_dict(moments)
             except FormatError as exc:
                 raise FormatError(f"statistics of module {name!r}: {exc}") from None
-        return cls(modules)
+        return cls(modules, _check_privacy(data["privacy"]) if "privacy" in data else None)
 
     def to_json_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
@@ -197,6 +208,22 @@ class NormStatistics:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(f"statistics are not valid UTF-8 JSON: {exc}") from None
         return cls.from_dict(parsed)
+
+
+def _check_privacy(privacy: Any) -> dict[str, Any]:
+    """A DP record must state its mechanism and (epsilon, delta) in range; the rest is free."""
+    if not isinstance(privacy, Mapping):
+        raise FormatError("privacy must be an object (mechanism, epsilon, delta, clip, ...)")
+    mechanism, eps, delta = privacy.get("mechanism"), privacy.get("epsilon"), privacy.get("delta")
+    if not isinstance(mechanism, str) or not mechanism:
+        raise FormatError("privacy.mechanism must name the mechanism")
+    for key, value, ok in (
+        ("epsilon", eps, lambda v: v > 0),
+        ("delta", delta, lambda v: 0 <= v < 1),
+    ):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
+            raise FormatError(f"privacy.{key} = {value!r} is out of range")
+    return dict(privacy)
 
 
 def _reject_constant(name: str) -> None:

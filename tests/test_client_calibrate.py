@@ -15,6 +15,7 @@ from client.train import make_lora_model, train_adapter
 from seqr_core.base_model import load_base_model
 from seqr_core.federation import FederationConfig
 from seqr_core.shared_a import lora_layers
+from seqr_core.stats import NormStatistics
 from seqr_core.textdata import load_text_data
 
 FED = FederationConfig(
@@ -126,6 +127,8 @@ def test_dp_statistics_near_the_truth_with_large_epsilon(trained) -> None:  # ty
     fed = many.replace(calib_dp=True, calib_dp_epsilon=100.0, calib_dp_clip=clip)
     noisy = calibrate(model, chunks, fed, progress=False, rng=np.random.default_rng(1))
     assert noisy.privacy is not None and noisy.privacy["epsilon"] == 100.0
+    signed = NormStatistics.from_json_bytes(noisy.stats.to_json_bytes())  # what the server gets
+    assert signed.privacy == noisy.privacy
     assert set(noisy.stats.modules) == set(exact)
     noise = noisy.privacy["noise_std"]
     for name, m in noisy.stats.modules.items():

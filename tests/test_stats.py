@@ -104,3 +104,20 @@ def test_bad_values_are_rejected_before_they_enter_the_statistics():
     assert moments.count == 0
     with pytest.raises(ValueCheckError, match="no values"):
         _ = moments.std
+
+
+def test_privacy_record_travels_with_the_statistics_and_is_checked():
+    stats = NormStatistics(
+        privacy={"mechanism": "analytic-gaussian", "epsilon": 1.0, "delta": 1e-5}
+    )
+    stats.update("m", [1.0, 2.0])
+    again = NormStatistics.from_json_bytes(stats.to_json_bytes())
+    assert again.privacy == {"mechanism": "analytic-gaussian", "epsilon": 1.0, "delta": 1e-5}
+    assert (
+        NormStatistics.from_json_bytes(NormStatistics().update("m", [1.0]).to_json_bytes()).privacy
+        is None
+    )
+    bad = stats.to_dict()
+    bad["privacy"]["epsilon"] = -1
+    with pytest.raises(FormatError, match="epsilon"):
+        NormStatistics.from_dict(bad)
