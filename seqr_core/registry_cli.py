@@ -80,6 +80,10 @@ def _print_report(report: AuditReport) -> None:
             f"  OK  {e.adapter_sha256[:16]}  {e.client}  {e.name:<24}  "
             f"admitted {format_time(e.admitted)}  {e.size_bytes / 1024:.1f} KiB"
         )
+        if e.contributors:  # a group adapter: the server signed it, these clients produced it
+            examples = e.examples_by_client or {}
+            who = ", ".join(f"{k} ({examples.get(k, 0)} examples)" for k in e.contributors)
+            print(f"      group of {len(e.contributors)}, {e.group_rounds} round(s): {who}")
     state = "trusted state updated" if report.trusted_state_updated else "no trusted state kept"
     print(
         f"AUDIT PASSED: {len(report.entries)} adapter(s), {report.clients} client key(s), "

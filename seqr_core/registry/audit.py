@@ -86,6 +86,15 @@ class AuditReport:
                     "size_bytes": e.size_bytes,
                     "tensors": len(e.layout),
                     "ok": True,
+                    **(
+                        {
+                            "contributors": list(e.contributors),
+                            "group_rounds": e.group_rounds,
+                            "examples_by_client": dict(e.examples_by_client or {}),
+                        }
+                        if e.contributors
+                        else {}
+                    ),
                 }
                 for e in self.entries
             ],

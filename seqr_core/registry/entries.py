@@ -12,6 +12,11 @@ entry is good only if ALL of these hold (each check names its attack, SECURITY.m
 - the client key is allow-listed in this version and not revoked (unknown / revoked key);
 - the manifest agrees with the registry's federation pin (wrong software), the statistics
   parse, and the weights are real safetensors with finite floats and the agreed shapes.
+
+A group adapter (``Entry.contributors``) is signed by a server key (verify.py checks it
+against the root) instead of an allow-listed client, and must also carry contributions.json:
+every contributor allow-listed and unrevoked, every contribution signature valid, and the
+statistics the exact merge of the signed partial ones (contributions.py).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from datetime import datetime
 from seqr_core.errors import FormatError, RegistryError, SeqrError
 from seqr_core.manifest import Manifest, verify_export_files
 from seqr_core.registry.adapter_check import check_adapter_weights
+from seqr_core.registry.contributions import verify_contributions
 from seqr_core.registry.metadata import (
     ADAPTER_FILE,
+    CONTRIBUTIONS_FILE,
     EXPORT_FILES,
     MANIFEST_FILE,
     MANIFEST_SIG_FILE,
@@ -52,6 +59,9 @@ class EntryReport:
     admitted: datetime
     size_bytes: int
     layout: Mapping[str, TensorSpec]
+    contributors: tuple[str, ...] = ()  # a group adapter's contributing client key ids
+    group_rounds: int = 0  # rounds of the group run (0: not a group adapter)
+    examples_by_client: Mapping[str, int] | None = None  # signed example counts (groups)
 
 
 def check_listing(metadata: RegistryMetadata, what: str) -> None:
@@ -70,6 +80,9 @@ def check_listing(metadata: RegistryMetadata, what: str) -> None:
                 f"{label} is stored under a name that is not the SHA-256 of its weights "
                 f"({entry.files[ADAPTER_FILE].sha256[:16]}...)"
             )
+        if entry.contributors is not None:
+            _check_contributors(entry, metadata, label)
+            continue  # signed by a server key: verify.py checks it against the root
         if entry.client in metadata.revoked:
             raise RegistryError(
                 f"{label} is signed by revoked client key {entry.client} "
@@ -84,9 +97,23 @@ def check_listing(metadata: RegistryMetadata, what: str) -> None:
             )
 
 
+def _check_contributors(entry: Entry, metadata: RegistryMetadata, label: str) -> None:
+    for keyid in entry.contributors or ():
+        if keyid in metadata.revoked:
+            raise RegistryError(
+                f"{label} is a group adapter with a contribution by revoked client key {keyid}; "
+                "it must leave the registry with that key"
+            )
+        if keyid not in metadata.clients:
+            raise RegistryError(
+                f"{label} is a group adapter with a contribution by client key {keyid}, which "
+                "is not on this registry's allow-list: unknown client key"
+            )
+
+
 def check_entry_files(entry: Entry, files: Mapping[str, bytes]) -> None:
     """Presence, lengths and the hashes of manifest.json / manifest.sig (cheap, before parsing)."""
-    for name in EXPORT_FILES:
+    for name in entry.files:
         if name not in files:
             if name == MANIFEST_SIG_FILE:
                 raise RegistryError(
@@ -116,12 +143,13 @@ def _check_manifest(entry: Entry, manifest: Manifest, pin: FederationPin | None)
         raise RegistryError(
             f"manifest is signed by {manifest.fingerprint}, but the entry says {entry.client}"
         )
-    if set(manifest.files) != PAYLOAD_FILES:
+    payload = PAYLOAD_FILES | ({CONTRIBUTIONS_FILE} if entry.contributors is not None else set())
+    if set(manifest.files) != payload:
         raise RegistryError(
-            f"manifest lists {sorted(manifest.files)}; a registry adapter has exactly "
-            f"{sorted(PAYLOAD_FILES)}"
+            f"manifest lists {sorted(manifest.files)}; this registry adapter has exactly "
+            f"{sorted(payload)}"
         )
-    for name in PAYLOAD_FILES:
+    for name in payload:
         if manifest.files[name] != entry.files[name].sha256:
             raise RegistryError(
                 f"{name}: the client signed SHA-256 {manifest.files[name][:16]}... but the "
@@ -153,10 +181,24 @@ def verify_entry(
     try:
         check_entry_files(entry, files)
         # Signature over the exact manifest bytes, then every payload file against it.
-        manifest = verify_export_files({n: files[n] for n in EXPORT_FILES})
+        manifest = verify_export_files({n: files[n] for n in entry.files})
         _check_manifest(entry, manifest, federation)
         NormStatistics.from_json_bytes(files[STATS_FILE])
         layout = check_adapter_weights(files[ADAPTER_FILE], rank=manifest.rank, spec=tensor_spec)
+        group = None
+        if entry.contributors is not None:
+            group = verify_contributions(
+                files[CONTRIBUTIONS_FILE],
+                group=manifest.name,
+                adapter_weights=files[ADAPTER_FILE],
+                stats_bytes=files[STATS_FILE],
+                example_count=manifest.example_count,
+            )
+            if group.contributors != entry.contributors:
+                raise RegistryError(
+                    f"the entry lists contributors {list(entry.contributors)} but "
+                    f"{CONTRIBUTIONS_FILE} is signed by {list(group.contributors)}"
+                )
     except RegistryError as exc:
         raise RegistryError(f"adapter {entry.adapter_sha256[:16]} ({entry.client}): {exc}") from exc
     except (SeqrError, ValueError) as exc:  # FormatError, SignatureError, ShapeError, ...
@@ -171,4 +213,7 @@ def verify_entry(
         admitted=entry.admitted,
         size_bytes=sum(len(b) for b in files.values()),
         layout=layout,
+        contributors=() if group is None else group.contributors,
+        group_rounds=0 if group is None else group.rounds,
+        examples_by_client=None if group is None else group.examples_by_client(),
     )

@@ -33,6 +33,8 @@ __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_SIG_FILE",
     "EXPORT_FILES",
+    "CONTRIBUTIONS_FILE",
+    "GROUP_FILES",
     "FileInfo",
     "TensorSpec",
     "FederationPin",
@@ -53,6 +55,11 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_SIG_FILE = "manifest.sig"
 # Every file of a client's signed export, stored under adapters/<sha256 of ADAPTER_FILE>/.
 EXPORT_FILES = (CONFIG_FILE, ADAPTER_FILE, STATS_FILE, MANIFEST_FILE, MANIFEST_SIG_FILE)
+# A group adapter (clients of one task federated it, contributions.py) adds the list of the
+# clients' signed contributions; its manifest is signed by a server key.
+CONTRIBUTIONS_FILE = "contributions.json"
+GROUP_FILES = (*EXPORT_FILES, CONTRIBUTIONS_FILE)
+MAX_CONTRIBUTORS = 10_000
 MAX_ENTRIES = 1_000_000
 MAX_KEYS = 64
 _SHA = 32  # bytes of a SHA-256 digest
@@ -213,14 +220,19 @@ class Revocation:
 
 @dataclass(frozen=True)
 class Entry:
-    """One published adapter: its files, its client and the client's signature."""
+    """One published adapter: its files, its client and the client's signature.
+
+    A group adapter (``contributors`` set) is signed by a server key instead of a client's,
+    and lists the key ids of the clients whose signed contributions produced it.
+    """
 
     adapter_sha256: str  # SHA-256 of adapter_model.safetensors: the content address
-    client: str  # keyid of the client key
+    client: str  # keyid of the key that signed the manifest (a server key for a group)
     client_key: bytes
     client_signature: bytes  # the 64 raw bytes of manifest.sig
     admitted: datetime
-    files: Mapping[str, FileInfo]  # every name in EXPORT_FILES
+    files: Mapping[str, FileInfo]  # every name in EXPORT_FILES (GROUP_FILES for a group)
+    contributors: tuple[str, ...] | None = None  # sorted client key ids; None: not a group
 
     @property
     def directory(self) -> str:
@@ -230,8 +242,16 @@ class Entry:
     def statistics(self) -> FileInfo:
         return self.files[STATS_FILE]
 
+    @property
+    def is_group(self) -> bool:
+        return self.contributors is not None
+
+    def depends_on(self, keyid: str) -> bool:
+        """Whether revoking ``keyid`` must remove this adapter (its signer or a contributor)."""
+        return self.client == keyid or keyid in (self.contributors or ())
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "adapter_sha256": self.adapter_sha256,
             "client": self.client,
             "client_key": self.client_key.hex(),
@@ -239,6 +259,9 @@ class Entry:
             "admitted": format_time(self.admitted),
             "files": {name: info.to_json() for name, info in self.files.items()},
         }
+        if self.contributors is not None:
+            out["contributors"] = list(self.contributors)
+        return out
 
     @classmethod
     def from_json(cls, value: object, what: str) -> Entry:
@@ -246,14 +269,24 @@ class Entry:
             value,
             what,
             ("adapter_sha256", "client", "client_key", "client_signature", "admitted", "files"),
+            optional=("contributors",),
         )
+        contributors = None
+        if f.has("contributors"):
+            raw = f.array("contributors", max_len=MAX_CONTRIBUTORS)
+            if not raw or not all(isinstance(c, str) and 0 < len(c) <= 128 for c in raw):
+                raise FormatError(f"{what}.contributors must be a non-empty list of key ids")
+            if raw != sorted(set(raw)):
+                raise FormatError(f"{what}.contributors must be sorted and without duplicates")
+            contributors = tuple(raw)
+        names = GROUP_FILES if contributors is not None else EXPORT_FILES
         files_obj = f.mapping("files")
-        if set(files_obj) != set(EXPORT_FILES):
+        if set(files_obj) != set(names):
             raise FormatError(
-                f"{what}.files must list exactly {', '.join(EXPORT_FILES)}; "
+                f"{what}.files must list exactly {', '.join(names)}; "
                 f"got {', '.join(sorted(files_obj))}"
             )
-        files = {n: FileInfo.from_json(files_obj[n], f"{what}.files.{n}") for n in EXPORT_FILES}
+        files = {n: FileInfo.from_json(files_obj[n], f"{what}.files.{n}") for n in names}
         client_key = _public_key(f.raw("client_key"), f.path("client_key"))
         client = f.text("client", max_len=128)
         _keyid(client, client_key, what)
@@ -264,6 +297,7 @@ class Entry:
             client_signature=bytes.fromhex(f.hex("client_signature", signing.SIGNATURE_BYTES)),
             admitted=f.time("admitted"),
             files=files,
+            contributors=contributors,
         )
 
 

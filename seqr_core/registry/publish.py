@@ -42,6 +42,7 @@ from seqr_core.registry import merkle, store
 from seqr_core.registry.adapter_check import check_adapter_weights
 from seqr_core.registry.codec import format_time
 from seqr_core.registry.config import PublisherConfig
+from seqr_core.registry.contributions import ContributionsFile, verify_contribution
 from seqr_core.registry.entries import verify_entry
 from seqr_core.registry.envelope import (
     REGISTRY_TYPE,
@@ -50,7 +51,9 @@ from seqr_core.registry.envelope import (
 )
 from seqr_core.registry.metadata import (
     ADAPTER_FILE,
+    CONTRIBUTIONS_FILE,
     EXPORT_FILES,
+    GROUP_FILES,
     MANIFEST_SIG_FILE,
     Entry,
     FileInfo,
@@ -226,23 +229,29 @@ class Publisher:
         Returns the adapter's SHA-256 (its content address). Raises AdmissionError for an
         unknown (when auto_enrol is off), revoked or duplicate adapter.
         """
-        if set(files) != set(EXPORT_FILES):
+        group = set(files) == set(GROUP_FILES)
+        if set(files) != set(EXPORT_FILES) and not group:
             raise FormatError(
-                f"an adapter export must hold exactly {', '.join(EXPORT_FILES)}; "
-                f"got {', '.join(sorted(files))}"
+                f"an adapter export must hold exactly {', '.join(EXPORT_FILES)} (a group "
+                f"adapter also {CONTRIBUTIONS_FILE}); got {', '.join(sorted(files))}"
             )
         manifest = verify_export_files(files)
         keyid, when = manifest.fingerprint, _now(admitted)
+        contributors = self._group_contributors(files, keyid) if group else None
         clients, revoked, entries = self._queue.apply(self._meta)
-        if keyid in revoked:
-            raise AdmissionError("revoked_client", f"client key {keyid} was revoked")
-        if keyid not in clients:
-            if not self.config.auto_enrol:
-                raise AdmissionError(
-                    "unknown_client",
-                    f"client key {keyid} is not enrolled; enrol it first (Publisher.enrol_client)",
-                )
-            self.enrol_client(manifest.public_key_bytes, now=when)
+        # A client's export needs its own key enrolled; a group's, every contributor's.
+        keys = contributors if contributors is not None else {keyid: manifest.public_key_bytes}
+        for key, public in keys.items():
+            if key in revoked:
+                raise AdmissionError("revoked_client", f"client key {key} was revoked")
+            if key not in clients:
+                if not self.config.auto_enrol:
+                    raise AdmissionError(
+                        "unknown_client",
+                        f"client key {key} is not enrolled; enrol it first "
+                        "(Publisher.enrol_client)",
+                    )
+                self.enrol_client(public, now=when)
         sha = hashlib.sha256(files[ADAPTER_FILE]).hexdigest()
         entry = Entry(
             adapter_sha256=sha,
@@ -250,10 +259,8 @@ class Publisher:
             client_key=manifest.public_key_bytes,
             client_signature=bytes(files[MANIFEST_SIG_FILE]),
             admitted=when,
-            files={
-                n: FileInfo(hashlib.sha256(files[n]).hexdigest(), len(files[n]))
-                for n in EXPORT_FILES
-            },
+            files={n: FileInfo(hashlib.sha256(files[n]).hexdigest(), len(files[n])) for n in files},
+            contributors=None if contributors is None else tuple(sorted(contributors)),
         )
         if sha in entries:
             if entries[sha].files == entry.files:
@@ -264,12 +271,25 @@ class Publisher:
         verify_entry(
             entry, files, tensor_spec=self._spec(entries), federation=self._meta.federation
         )
-        for name in EXPORT_FILES:
+        for name in entry.files:
             target = self.path / store.adapter_path(sha, name)
             if store.read_optional(target, _CAP, name) != files[name]:
                 store.write_file(target, bytes(files[name]))
         self._queue.append({"kind": "adapter", "entry": entry.to_json()})
         return sha
+
+    def _group_contributors(self, files: Mapping[str, bytes], keyid: str) -> dict[str, bytes]:
+        """Key id -> public key of every contributor of a group export signed by ``keyid``,
+        which must be a server key of the current root (only the server aggregates)."""
+        if keyid not in self.root.keys:
+            raise AdmissionError(
+                "not_server_key",
+                f"a group adapter must be signed by a server key; {keyid} is not one of root "
+                f"{self.root.version}",
+            )
+        doc = ContributionsFile.from_bytes(files[CONTRIBUTIONS_FILE])
+        records = [verify_contribution(c, CONTRIBUTIONS_FILE) for c in doc.contributions]
+        return {r.client: r.client_key for r in records}
 
     # ----------------------------------------------------------------- publishing
     def publish(self, *, now: datetime | None = None) -> PublishedVersion:

@@ -62,11 +62,13 @@ class StagingQueue:
                 if keyid in clients and keyid not in revoked:
                     public = clients.pop(keyid).public_key
                     revoked[keyid] = Revocation(keyid, public, f.time("time"), f.text("reason"))
-                    entries = {h: e for h, e in entries.items() if e.client != keyid}
+                    entries = {h: e for h, e in entries.items() if not e.depends_on(keyid)}
             elif kind == "adapter":
                 f = Fields(rec, what, ("kind", "entry"))
                 entry = Entry.from_json(f.raw("entry"), what)
-                if entry.client in clients and entry.adapter_sha256 not in entries:
+                # A group adapter is signed by a server key: its contributors must be enrolled.
+                signers = entry.contributors if entry.contributors is not None else [entry.client]
+                if all(k in clients for k in signers) and entry.adapter_sha256 not in entries:
                     entries[entry.adapter_sha256] = entry
             else:
                 raise FormatError(f"{what} has unknown kind {kind!r}")

@@ -128,7 +128,7 @@ def verify_version(
             )
         current = {e.adapter_sha256: e for e in meta.entries}
         for old in previous.entries:
-            if old.client in meta.revoked:
+            if any(k in meta.revoked for k in (old.client, *(old.contributors or ()))):
                 continue  # its adapters leave the registry with the revocation
             if current.get(old.adapter_sha256) != old:
                 raise RegistryError(
@@ -136,7 +136,22 @@ def verify_version(
                     f"{previous.version} without revoking its client: the registry is append-only"
                 )
     check_listing(meta, what)
+    known = set() if previous is None else {e.adapter_sha256 for e in previous.entries}
+    check_group_signers(meta, root, known, what)
     return meta, result.signed
+
+
+def check_group_signers(meta: RegistryMetadata, root: Root, known: set[str], what: str) -> None:
+    """A group adapter new in this version is signed by a server key of the root that signs
+    the version (only the server aggregates; a client key cannot publish a "group")."""
+    for entry in meta.entries:
+        if entry.contributors is None or entry.adapter_sha256 in known:
+            continue
+        if root.keys.get(entry.client) != entry.client_key:
+            raise RegistryError(
+                f"{what}: group adapter {entry.adapter_sha256[:16]} is signed by key "
+                f"{entry.client}, which is not a server key of root {root.version}"
+            )
 
 
 def verify_metadata(
