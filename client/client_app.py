@@ -12,7 +12,8 @@ Reply: exactly two ConfigRecords. ``export``: the five export files as bytes, by
 optimizer state or local paths (tests/test_client_privacy.py). On failure the reply is an
 Error whose reason names only the error class and a fixed hint, because Flower would otherwise
 send ``str(exception)`` (which may name private files) to the server; details go to the node log.
-Heavy imports (torch, transformers) happen inside the handler.
+Heavy imports (torch, transformers) happen inside the handler. Task-group handlers
+(``query.group``, ``train.group``, ``query.group_stats``): client/group_app.py.
 """
 
 from __future__ import annotations
@@ -115,3 +116,11 @@ def verdict(msg: Message, context: Context) -> Message:
     record = msg.content.config_records.get(VERDICT_RECORD, ConfigRecord())
     log.info("server verdict: %s", {k: v for k, v in record.items() if not isinstance(v, bytes)})
     return Message(RecordDict(), reply_to=msg)
+
+
+# Task groups (client/group_app.py): clients of one task federate one adapter over rounds.
+from client import group_app  # noqa: E402  (after node_inputs, which it uses)
+
+app.query("group")(group_app.membership)
+app.train("group", mods=[group_app.contribution_mod, group_app.clip_if_asked])(group_app.train)
+app.query("group_stats")(group_app.statistics)

@@ -8,8 +8,11 @@ its verdict in a ``query.verdict`` message. Record names: server/messages.py.
 
 Run config: the ServerSettings keys (server/settings.py: registry-dir and server-keys are
 required) plus the federation keys (FederationConfig, kebab-case), or a TOML file of them
-named by ``federation-file``. The registry must exist (``seqr server init``); a restarted
-ServerApp continues from the stored registry and replay state.
+named by ``federation-file``. With ``task-groups`` set (server/groups.py), the members of each
+group first federate one group adapter (server/group_loop.py), which the first registry round
+publishes; the registry rounds then run for the other nodes. The registry must exist
+(``seqr server init``); a restarted ServerApp continues from the stored registry and replay
+state.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch  # noqa: F401  # flwr's ArrayRecord conversions need torch imported
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
+from server.group_loop import run_groups, server_signing_key
+from server.groups import GroupSettings
 from server.messages import (
     VERDICT_MESSAGE_TYPE,
     submissions_from_replies,
@@ -42,19 +47,31 @@ def main(grid: Grid, context: Context) -> None:
     _log_to_console()
     settings = ServerSettings.from_run_config(context.run_config)
     fed = federation_from_run_config(context.run_config)
+    groups = GroupSettings.from_run_config(context.run_config)
     runner = start_server(settings, fed)
     try:
+        grouped: set[int] = set()  # task-group members federate their group's adapter instead
+        if groups.enabled:
+            nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_s)
+            grouped = run_groups(
+                grid, runner, settings, groups, nodes, server_signing_key(settings)
+            )
         for server_round in range(1, settings.num_server_rounds + 1):
-            result = run_round(grid, runner, settings, server_round)
+            result = run_round(grid, runner, settings, server_round, exclude=grouped)
             _summarise(server_round, result)
     finally:
         runner.publisher.close()
 
 
 def run_round(
-    grid: Grid, runner: RoundRunner, settings: ServerSettings, server_round: int
+    grid: Grid,
+    runner: RoundRunner,
+    settings: ServerSettings,
+    server_round: int,
+    exclude: set[int] | frozenset[int] = frozenset(),
 ) -> RoundResult:
     nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_s)
+    nodes = [n for n in nodes if n not in exclude]
     info: dict[str, int | str] = {
         "server-round": server_round,
         "registry-version": runner.publisher.version,

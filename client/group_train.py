@@ -1,0 +1,139 @@
+"""A client's part in a task group: local rounds of LoRA-FA on B, partial statistics at the end.
+
+FedAvg (McMahan et al. 2017) over B only: each round the client sets B to the global B it
+received, takes ``local_steps`` AdamW steps on its own data (a fresh optimizer each round:
+no optimizer state crosses rounds or leaves the node), and returns its new B. A is the shared
+frozen A (FFA-LoRA, Sun et al. ICLR 2024), regenerated from the public seed and never sent.
+Batches continue the client's data stream across rounds: round r takes steps
+(r - 1) * local_steps .. r * local_steps - 1 of client.train.batch_indices, so no round
+repeats another's batches until the data is exhausted.
+
+At the end the client measures its partial norm statistics of the FINAL group adapter on its
+own data (client/calibrate.py: the same measurement as a single-client export), which the
+server merges exactly (seqr_core.stats, Chan et al.) into the group adapter's statistics.
+
+No Flower here: client/group_app.py wraps these in message handlers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.calibrate import CalibrationResult, calibrate
+from client.train import ADAPTER, batch_indices, heldout_loss, make_lora_model, trainable_b
+from seqr_core.errors import ShapeError
+from seqr_core.federation import FederationConfig
+from seqr_core.registry.contributions import lora_b_name
+from seqr_core.shared_a import lora_layers
+
+__all__ = ["GroupWork", "load_group_work", "get_b", "set_b", "train_round", "statistics"]
+
+
+@dataclass
+class GroupWork:
+    """What a client keeps in memory between group rounds (one simulation actor, one node)."""
+
+    peft_model: Any
+    train: np.ndarray  # (N, seq_len) training chunks
+    heldout: np.ndarray  # (H, seq_len) held-out chunks (the client's own split)
+    fed: FederationConfig
+    key: tuple[str, str, str]  # (data folder, federation fingerprint, cache folder)
+
+
+_CACHE: dict[tuple[str, str, str], GroupWork] = {}
+
+
+def load_group_work(
+    data_dir: Path, fed: FederationConfig, cache_dir: str | None = None
+) -> GroupWork:
+    """Base model + LoRA-FA wrapper + tokenized data, loaded once per process and data set."""
+    from seqr_core.base_model import load_base_model
+    from seqr_core.textdata import load_text_data
+
+    key = (str(Path(data_dir).resolve()), fed.fingerprint(), cache_dir or "")
+    if key in _CACHE:
+        return _CACHE[key]
+    base = load_base_model(
+        fed.base_model, cache_dir=cache_dir, expected_sha256=fed.base_model_sha256
+    )
+    data = load_text_data(
+        data_dir,
+        base.tokenizer,
+        seq_len=fed.train_seq_len,
+        heldout_fraction=fed.train_heldout_fraction,
+        seed=fed.data_seed,
+    )
+    peft_model, _ = make_lora_model(base.model, fed)
+    _CACHE.clear()  # one data set per process: never hold two base models
+    _CACHE[key] = GroupWork(peft_model, data.train, data.heldout, fed, key)
+    return _CACHE[key]
+
+
+def get_b(peft_model: Any) -> dict[str, np.ndarray]:
+    """B of every LoRA module, float32, by peft's saved tensor name (sorted)."""
+    layers = lora_layers(peft_model, ADAPTER)
+    return {
+        lora_b_name(name): layers[name].lora_B[ADAPTER].weight.detach().cpu().numpy().copy()
+        for name in sorted(layers)
+    }
+
+
+def set_b(peft_model: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load a global B (exactly the tensors of get_b: same names and shapes)."""
+    import torch
+
+    layers = lora_layers(peft_model, ADAPTER)
+    expected = {lora_b_name(name): name for name in layers}
+    if set(arrays) != set(expected):
+        extra, missing = sorted(set(arrays) - set(expected)), sorted(set(expected) - set(arrays))
+        raise ShapeError(f"global B names differ: unexpected {extra[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        for tensor_name, module in expected.items():
+            weight = layers[module].lora_B[ADAPTER].weight
+            value = np.asarray(arrays[tensor_name])
+            if value.shape != tuple(weight.shape) or not np.isfinite(value).all():
+                raise ShapeError(
+                    f"global {tensor_name} has shape {value.shape} (or non-finite values); "
+                    f"expected {tuple(weight.shape)}"
+                )
+            weight.copy_(torch.from_numpy(value.astype(np.float32)))
+
+
+def train_round(work: GroupWork, server_round: int, local_steps: int) -> list[float]:
+    """``local_steps`` AdamW steps on B from the B already set; returns the losses."""
+    import torch
+
+    fed, model = work.fed, work.peft_model
+    params = trainable_b(model)  # refuses anything but lora_B (FFA-LoRA invariant)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=fed.train_lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    first = (server_round - 1) * local_steps
+    for step in range(first, first + local_steps):
+        idx = batch_indices(step, len(work.train), fed.train_batch_size, fed.data_seed)
+        batch = torch.from_numpy(work.train[idx])
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        if fed.train_max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), fed.train_max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise ShapeError(f"group training loss became {value} at step {step}; lower train-lr")
+        losses.append(value)
+    model.eval()
+    return losses
+
+
+def statistics(work: GroupWork) -> tuple[CalibrationResult, float]:
+    """Partial norm statistics of the adapter now set, and its loss on held-out chunks."""
+    result = calibrate(work.peft_model, work.train, work.fed, progress=False)
+    loss = heldout_loss(work.peft_model, work.heldout[:32], work.fed.train_batch_size)
+    return result, loss
