@@ -26,7 +26,7 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def create_new_file(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -42,7 +42,7 @@ def create_new_file(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_temp(path: Path, data: bytes, mode: int) -> Path:
@@ -63,7 +63,7 @@ def _write_temp(path: Path, data: bytes, mode: int) -> Path:
     return tmp
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # The rename itself is durable only once the directory entry is on disk.
     with contextlib.suppress(OSError):
         dfd = os.open(directory, os.O_RDONLY)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from seqr_core.atomic_write import fsync_dir
 from seqr_core.errors import ModelError
 
 MODEL_HASH_FORMAT = "seqr/model/v1"
@@ -217,18 +218,9 @@ def atomic_folder(target: Path) -> Iterator[Path]:
             if target.exists():
                 raise FileExistsError(f"{target} already exists") from exc
             raise
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def resolve_model_dir(model: str, cache_dir: str | Path | None = None) -> Path:

@@ -26,7 +26,7 @@ import re
 import stat
 from pathlib import Path
 
-from seqr_core.atomic_write import create_new_file, write_atomic
+from seqr_core.atomic_write import create_new_file, fsync_dir, write_atomic
 from seqr_core.errors import FormatError
 
 __all__ = [
@@ -111,7 +111,7 @@ def ensure_dir(path: Path) -> None:
     ensure_dir(path.parent)
     with contextlib.suppress(FileExistsError):
         path.mkdir()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -136,12 +136,3 @@ def remove_stale_temp_files(registry: Path) -> int:
                 path.unlink()
                 removed += 1
     return removed
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
