@@ -201,9 +201,22 @@ def merge_partial_statistics(partials: Mapping[str, bytes]) -> NormStatistics:
     """Exact merge (Chan et al.) of partial statistics, in sorted client-key-id order."""
     if not partials:
         raise FormatError("no partial statistics to merge")
+    parsed = [NormStatistics.from_json_bytes(partials[keyid]) for keyid in sorted(partials)]
     merged = NormStatistics()
-    for keyid in sorted(partials):
-        merged = merged.merge(NormStatistics.from_json_bytes(partials[keyid]))
+    for stats in parsed:
+        merged = merged.merge(stats)
+    records = [s.privacy for s in parsed]
+    if any(r is not None for r in records):
+        if not all(r is not None for r in records):
+            raise FormatError("some partial statistics are differentially private and some not")
+        # Each client's noise protects its own disjoint data: parallel composition, so the
+        # merge is (max epsilon, max delta)-DP per calibration sequence.
+        merged.privacy = {
+            "mechanism": str(records[0]["mechanism"]),  # type: ignore[index]
+            "epsilon": max(float(r["epsilon"]) for r in records),  # type: ignore[index]
+            "delta": max(float(r["delta"]) for r in records),  # type: ignore[index]
+            "composition": f"parallel over {len(records)} clients' disjoint data",
+        }
     return merged
 
 

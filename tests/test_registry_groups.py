@@ -1,0 +1,260 @@
+"""Provenance of group adapters: the server signs the adapter, each client signs its
+contributions, and the registry's audit verifies both. One test per attack; after each
+rejection the registry (and the auditor's trusted state) is unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny import tiny_model_dir
+
+from seqr_core import signing
+from seqr_core.base_model import load_base_model
+from seqr_core.errors import AdmissionError, RegistryError, SeqrError
+from seqr_core.federation import FederationConfig
+from seqr_core.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, parse_manifest
+from seqr_core.registry import store
+from seqr_core.registry.audit import audit_registry
+from seqr_core.registry.contributions import (
+    Contribution,
+    ContributionsFile,
+    SignedContribution,
+    arrays_sha256,
+    merge_partial_statistics,
+    sign_contribution,
+    verify_contributions,
+)
+from seqr_core.registry.metadata import ADAPTER_FILE, CONTRIBUTIONS_FILE, STATS_FILE
+from seqr_core.stats import NormStatistics
+from server.federation_setup import FederationSetup, setup_federation
+from server.group_export import build_group_export
+from server.registry_ops import init_registry, open_publisher
+
+NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+SESSION = "5e" * 16
+ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def setup() -> FederationSetup:
+    fed = FederationConfig(base_model=str(tiny_model_dir()), lora_rank=4)
+    base = load_base_model(fed.base_model)
+    return setup_federation(fed, base.model, base.sha256)
+
+
+def _b(setup: FederationSetup, seed: int) -> dict[str, np.ndarray]:
+    gen = np.random.default_rng(seed)
+    return {m.b_tensor: gen.standard_normal((m.d_out, 4)).astype(np.float32) * 0.01
+            for m in setup.modules}  # fmt: skip
+
+
+def _stats(setup: FederationSetup, seed: int) -> bytes:
+    gen = np.random.default_rng(seed)
+    stats = NormStatistics()
+    for m in setup.modules:
+        stats.update(m.name, np.abs(gen.normal(1.0, 0.2, 50 + seed)))
+    return stats.to_json_bytes()
+
+
+def _record(key, kind, rnd, examples, sha, base, *, session=SESSION) -> SignedContribution:
+    record = Contribution("wiki", session, kind, rnd, signing.public_key_bytes(key), examples,
+                          sha, base)  # fmt: skip
+    return sign_contribution(record, key)
+
+
+def _contributions(setup, clients) -> tuple[ContributionsFile, dict[str, np.ndarray], int]:
+    """Two rounds by every client; the last global B is the published one."""
+    globals_ = [arrays_sha256({k: np.zeros_like(v) for k, v in _b(setup, 0).items()})]
+    final = _b(setup, ROUNDS)
+    globals_ += [arrays_sha256(_b(setup, 1)), arrays_sha256(final)]
+    signed, partials, total = [], {}, 0
+    for i, key in enumerate(clients):
+        for rnd in range(1, ROUNDS + 1):
+            update = arrays_sha256(_b(setup, 10 * i + rnd))
+            signed.append(_record(key, "update", rnd, 100 + i, update, globals_[rnd - 1]))
+        stats = _stats(setup, i)
+        partials[signing.fingerprint(signing.public_key_bytes(key))] = stats
+        signed.append(_record(key, "statistics", ROUNDS, 60 + i,
+                              hashlib.sha256(stats).hexdigest(), globals_[-1]))  # fmt: skip
+        total += 60 + i
+    doc = ContributionsFile("wiki", SESSION, ROUNDS, "fedavg weighted by num-examples", "none",
+                            tuple(globals_), tuple(signed), partials)  # fmt: skip
+    return doc, final, total
+
+
+@pytest.fixture()
+def world(tmp_path: Path, setup: FederationSetup) -> dict:
+    server = signing.generate_private_key()
+    clients = [signing.generate_private_key() for _ in range(3)]
+    registry = tmp_path / "registry"
+    init_registry(registry, [server], setup=setup, now=NOW)
+    with open_publisher(registry, [server], setup) as pub:
+        for key in clients:
+            pub.enrol_client(signing.public_key_bytes(key), now=NOW)
+        pub.publish(now=NOW)
+    doc, final, total = _contributions(setup, clients)
+    stats = merge_partial_statistics(doc.statistics).to_json_bytes()
+    files = build_group_export(setup, final, stats, doc, server, example_count=total, created=NOW)
+    state = tmp_path / "trusted.json"
+    return {"registry": registry, "server": server, "clients": clients, "files": files,
+            "doc": doc, "setup": setup, "total": total, "state": state}  # fmt: skip
+
+
+def _resign(files: dict[str, bytes], key, **changes: bytes) -> dict[str, bytes]:
+    """A malicious (or buggy) server re-signs the manifest over changed files."""
+    files = {**files, **changes}
+    old = parse_manifest(files[MANIFEST_NAME])
+    hashes = {n: hashlib.sha256(files[n]).hexdigest() for n in old.files}
+    manifest = dataclasses.replace(
+        old, files=hashes, public_key=signing.public_key_bytes(key).hex()
+    )
+    data = Manifest.to_bytes(manifest)
+    return {**files, MANIFEST_NAME: data, SIGNATURE_NAME: signing.sign(key, data)}
+
+
+def _publish(world: dict, files: dict[str, bytes]) -> str:
+    with open_publisher(world["registry"], [world["server"]], world["setup"]) as pub:
+        sha = pub.stage_adapter(files, admitted=NOW)
+        pub.publish(now=NOW)
+    return sha
+
+
+def _verify(world: dict, files: dict[str, bytes]):
+    manifest = parse_manifest(files[MANIFEST_NAME])
+    return verify_contributions(files[CONTRIBUTIONS_FILE], group=manifest.name,
+                                adapter_weights=files[ADAPTER_FILE],
+                                stats_bytes=files[STATS_FILE],
+                                example_count=manifest.example_count)  # fmt: skip
+
+
+def test_group_adapter_audit_lists_every_signed_contributor(world: dict) -> None:
+    sha = _publish(world, world["files"])
+    report = audit_registry(world["registry"], world["state"], now=NOW)
+    entry = {e.adapter_sha256: e for e in report.entries}[sha]
+    ids = sorted(signing.fingerprint(signing.public_key_bytes(k)) for k in world["clients"])
+    assert entry.name == "wiki" and entry.group_rounds == ROUNDS
+    assert list(entry.contributors) == ids
+    assert entry.client == signing.fingerprint(signing.public_key_bytes(world["server"]))
+    assert sum(entry.examples_by_client.values()) == world["total"]
+    listed = report.to_json()["entries"][0]
+    assert listed["contributors"] == ids and listed["group_rounds"] == ROUNDS
+
+
+def test_forged_contribution_signature_rejected(world: dict) -> None:
+    doc = world["doc"]
+    first = doc.contributions[0]
+    forged_sig = bytes([first.signature[0] ^ 1]) + first.signature[1:]
+    forged = dataclasses.replace(doc, contributions=(SignedContribution(first.payload, forged_sig),
+                                                     *doc.contributions[1:]))  # fmt: skip
+    files = _resign(world["files"], world["server"], **{CONTRIBUTIONS_FILE: forged.to_bytes()})
+    with pytest.raises(RegistryError, match="forged or altered contribution"):
+        _verify(world, files)
+    before = (world["registry"] / store.POINTER).read_bytes()
+    with pytest.raises(SeqrError, match="forged or altered contribution"):
+        _publish(world, files)
+    assert (world["registry"] / store.POINTER).read_bytes() == before
+    # A record whose example count was inflated after signing is a forgery too.
+    record = json.loads(first.payload)
+    inflated = json.dumps({**record, "example_count": 10**6}, sort_keys=True,
+                          separators=(",", ":")).encode()  # fmt: skip
+    changed = dataclasses.replace(doc, contributions=(SignedContribution(inflated, first.signature),
+                                                      *doc.contributions[1:]))  # fmt: skip
+    with pytest.raises(RegistryError, match="forged or altered contribution"):
+        _verify(world, _resign(world["files"], world["server"],
+                               **{CONTRIBUTIONS_FILE: changed.to_bytes()}))  # fmt: skip
+
+
+def test_contribution_list_tampered_rejected(world: dict) -> None:
+    doc = world["doc"]
+    # A contributor dropped from the list (its records and statistics): the published
+    # statistics are no longer the merge of the signed partial ones.
+    dropped = next(iter(doc.statistics))
+    fewer = dataclasses.replace(
+        doc,
+        contributions=tuple(c for c in doc.contributions
+                            if json.loads(c.payload)["client_key"] != _key_hex(dropped, world)),
+        statistics={k: v for k, v in doc.statistics.items() if k != dropped},
+    )  # fmt: skip
+    files = _resign(world["files"], world["server"], **{CONTRIBUTIONS_FILE: fewer.to_bytes()})
+    with pytest.raises(RegistryError, match="exact merge"):
+        _verify(world, files)
+    # A partial statistics file swapped for another: its signed hash no longer matches.
+    swapped = dataclasses.replace(
+        doc, statistics={**doc.statistics, dropped: _stats(world["setup"], 9)}
+    )
+    files = _resign(world["files"], world["server"], **{CONTRIBUTIONS_FILE: swapped.to_bytes()})
+    with pytest.raises(RegistryError, match="they were changed"):
+        _verify(world, files)
+    # contributions.json changed on the mirror after publication: the audit refuses the
+    # registry and the trusted state is unchanged.
+    sha = _publish(world, world["files"])
+    audit_registry(world["registry"], world["state"], now=NOW)
+    trusted = world["state"].read_bytes()
+    path = world["registry"] / store.adapter_path(sha, CONTRIBUTIONS_FILE)
+    path.write_bytes(fewer.to_bytes())
+    with pytest.raises(RegistryError, match="contributions.json"):
+        audit_registry(world["registry"], world["state"], now=NOW)
+    assert world["state"].read_bytes() == trusted
+
+
+def _key_hex(keyid: str, world: dict) -> str:
+    for key in world["clients"]:
+        public = signing.public_key_bytes(key)
+        if signing.fingerprint(public) == keyid:
+            return public.hex()
+    raise AssertionError(keyid)
+
+
+def test_replayed_contribution_from_another_run_rejected(world: dict) -> None:
+    doc = world["doc"]
+    key = world["clients"][0]
+    old = _record(key, "update", 1, 100, "00" * 32, doc.globals[0], session="77" * 16)
+    replayed = dataclasses.replace(doc, contributions=(old, *doc.contributions[1:]))
+    files = _resign(world["files"], world["server"], **{CONTRIBUTIONS_FILE: replayed.to_bytes()})
+    with pytest.raises(RegistryError, match="replayed from another run"):
+        _verify(world, files)
+
+
+def test_statistics_of_another_model_rejected_as_split_view(world: dict) -> None:
+    doc = world["doc"]
+    key = world["clients"][0]
+    keyid = signing.fingerprint(signing.public_key_bytes(key))
+    stats = doc.statistics[keyid]
+    other = _record(key, "statistics", ROUNDS, 60, hashlib.sha256(stats).hexdigest(), "ab" * 32)
+    mine = signing.public_key_bytes(key).hex()
+
+    def is_mine(c: SignedContribution) -> bool:
+        record = json.loads(c.payload)
+        return record["kind"] == "statistics" and record["client_key"] == mine
+
+    records = tuple(other if is_mine(c) else c for c in doc.contributions)
+    changed = dataclasses.replace(doc, contributions=records).to_bytes()
+    files = _resign(world["files"], world["server"], **{CONTRIBUTIONS_FILE: changed})
+    with pytest.raises(RegistryError, match="split view"):
+        _verify(world, files)
+
+
+def test_group_adapter_signed_by_a_client_key_rejected(world: dict) -> None:
+    client = world["clients"][0]
+    files = _resign(world["files"], client)
+    before = (world["registry"] / store.POINTER).read_bytes()
+    with pytest.raises(AdmissionError, match="must be signed by a server key"):
+        _publish(world, files)
+    assert (world["registry"] / store.POINTER).read_bytes() == before
+
+
+def test_revoking_a_contributor_removes_the_group_adapter(world: dict) -> None:
+    sha = _publish(world, world["files"])
+    keyid = signing.fingerprint(signing.public_key_bytes(world["clients"][1]))
+    with open_publisher(world["registry"], [world["server"]], world["setup"]) as pub:
+        pub.revoke_client(keyid, "poisoned its updates", now=NOW)
+        published = pub.publish(now=NOW)
+    assert published.removed == (sha,)
+    report = audit_registry(world["registry"], world["state"], now=NOW)
+    assert report.entries == () and report.revoked == 1
