@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data prepare": ("simulations.data_prepare:main", "install and build the text domains corpus"),
     "simulate": ("simulations.simulate:main", "run the whole federation here, then the report"),
     "simulate scale": ("simulations.scale:main", "100+ clients on a tiny model: time and memory"),
+    "simulate groups": ("simulations.groups_eval:main", "a task group federates one adapter"),
     "keys generate": ("seqr_core.keys_cli:main", "create an Ed25519 adapter-signing key pair"),
     "server enrol": ("server.operator_cli:enrol_main", "allow-list client keys and publish"),
     "server init": ("server.operator_cli:init_main", "create a registry signed by server keys"),
