@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _inputs(args: argparse.Namespace) -> list[str]:
+def _inputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
     if args.text is not None:
         return [args.text]
     path: Path = args.file
@@ -66,16 +66,16 @@ def _inputs(args: argparse.Namespace) -> list[str]:
         with path.open("rb") as handle:
             data = handle.read(MAX_INPUT_FILE_BYTES + 1)
     except OSError as exc:
-        raise SystemExit(f"seqr route: cannot read --file {path}: {exc.strerror}") from None
+        parser.error(f"cannot read --file {path}: {exc.strerror}")
     if len(data) > MAX_INPUT_FILE_BYTES:
-        raise SystemExit(f"seqr route: --file {path} is over {MAX_INPUT_FILE_BYTES} bytes")
+        parser.error(f"--file {path} is over {MAX_INPUT_FILE_BYTES} bytes")
     try:
         lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise SystemExit(f"seqr route: --file {path} is not UTF-8 ({exc})") from None
+        parser.error(f"--file {path} is not UTF-8 ({exc})")
     texts = [line for line in lines if line.strip()]
     if not texts:
-        raise SystemExit(f"seqr route: --file {path} holds no non-empty line")
+        parser.error(f"--file {path} holds no non-empty line")
     return texts
 
 
@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.generate < 0:
         parser.error(f"--generate {args.generate} must be >= 0")
-    texts = _inputs(args)
+    texts = _inputs(args, parser)
     from client.route import RegistryRouter, RouterConfig
     from seqr_core.errors import ConfigError, SeqrError
     from seqr_core.registry import AuditConfig, audit_registry

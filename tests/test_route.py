@@ -211,3 +211,11 @@ def test_bad_inputs_are_refused_before_any_model_call(world: RouteWorld) -> None
         router.route([])
     with pytest.raises(ConfigError, match="max_new_tokens"):
         router.generate(["fine"], max_new_tokens=0)
+
+
+def test_cli_rejects_an_input_file_that_is_not_utf8(tmp_path: Path) -> None:
+    bad = tmp_path / "inputs.txt"
+    bad.write_bytes(b"caf\xe9\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--registry", str(tmp_path), "--file", str(bad)])
+    assert exit_info.value.code == 2
