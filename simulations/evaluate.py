@@ -44,6 +44,7 @@ class EvalConfig:
     seed: int = 0
     per_token_top_k: int = 1
     peft_arrow: bool = True
+    losses: bool = True  # False: routing metrics only (minutes faster on CPU)
 
     def __post_init__(self) -> None:
         if self.max_sequences_per_domain < 2:
@@ -187,7 +188,7 @@ def evaluate(
         m: torch.cat(scores[m].token_means).argmax(-1) for m in ("seqr", "brute_force")
     }
     token_agreement = float((token_choices["seqr"] == token_choices["brute_force"]).double().mean())
-    losses = _losses(library, data, decisions, cfg, arrow_model)
+    losses = _losses(library, data, decisions, cfg, arrow_model) if cfg.losses else {}
     for method, loss in losses.items():
         results.setdefault(method, {})["heldout_loss"] = loss
         results[method]["perplexity"] = float(np.exp(loss))
