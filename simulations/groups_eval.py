@@ -45,6 +45,7 @@ class GroupsEvalConfig:
     seq_len: int = 64
     batch_size: int = 8
     eval_sequences: int = 32  # held-out chunks per domain for losses and routing
+    calib_sequences: int = 128  # sequences each client calibrates its statistics on
     aggregation: str = "fedavg"
     dp: str = "none"
     dp_noise_multiplier: float = 1.0
@@ -52,7 +53,8 @@ class GroupsEvalConfig:
     client_cpus: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("clients", "rounds", "local_steps", "seq_len", "batch_size", "client_cpus"):
+        for name in ("clients", "rounds", "local_steps", "seq_len", "batch_size", "client_cpus",
+                     "calib_sequences"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.clients < 2:
@@ -237,7 +239,7 @@ def run(cfg: GroupsEvalConfig) -> dict[str, Any]:
             link.symlink_to(domains[other].resolve(), target_is_directory=True)
     fed = FederationConfig(base_model=cfg.base_model, train_steps=cfg.steps,
                            train_seq_len=cfg.seq_len, train_batch_size=cfg.batch_size,
-                           calib_max_sequences=256)  # fmt: skip
+                           calib_max_sequences=cfg.calib_sequences)  # fmt: skip
     flower = run_group_federation(cfg, fed, work)
     fed = flower["federation"]
     audit = audit_registry(
@@ -373,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--domain", default=None, help="the domain split across the group")
     parser.add_argument("--others", default=None, help="comma-separated single-client domains")
     parser.add_argument("--base-model", default=None)
-    for name in ("clients", "rounds", "local-steps", "seq-len", "batch-size", "eval-sequences"):
+    for name in ("clients", "rounds", "local-steps", "seq-len", "batch-size", "eval-sequences",
+                 "calib-sequences"):  # fmt: skip
         parser.add_argument(f"--{name}", type=int, default=None)
     parser.add_argument("--aggregation", default=None, help="fedavg|fedtrimmedavg|fedmedian|krum")
     parser.add_argument("--dp", default=None, help="none|server|client")
