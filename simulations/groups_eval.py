@@ -51,6 +51,7 @@ class GroupsEvalConfig:
     dp_noise_multiplier: float = 1.0
     dp_clip: float = 0.05
     client_cpus: int = 1
+    resume: bool = False  # reuse the registry (and baselines) an earlier run left in --out
 
     def __post_init__(self) -> None:
         for name in ("clients", "rounds", "local_steps", "seq_len", "batch_size", "client_cpus",
@@ -160,6 +161,20 @@ def run_group_federation(cfg: GroupsEvalConfig, fed: Any, work: Path) -> dict[st
             "seconds": time.perf_counter() - started}  # fmt: skip
 
 
+def resume_federation(cfg: GroupsEvalConfig, fed: Any) -> dict[str, Any]:
+    """The federation of an earlier run in --out (its registry is audited again below)."""
+    from seqr_core.base_model import load_base_model
+    from server.federation_setup import setup_federation
+    from server.registry_ops import root_sha256
+
+    base = load_base_model(fed.base_model)
+    setup = setup_federation(fed, base.model, base.sha256)
+    registry = cfg.out / "registry"
+    log.info("resuming: reusing the registry in %s", registry)
+    return {"registry": registry, "root_sha256": root_sha256(registry),
+            "federation": setup.federation, "seconds": 0.0}  # fmt: skip
+
+
 def train_baselines(
     cfg: GroupsEvalConfig, fed: Any, parts: list[Path], pooled: Path, work: Path
 ) -> dict[str, Path]:
@@ -240,7 +255,10 @@ def run(cfg: GroupsEvalConfig) -> dict[str, Any]:
     fed = FederationConfig(base_model=cfg.base_model, train_steps=cfg.steps,
                            train_seq_len=cfg.seq_len, train_batch_size=cfg.batch_size,
                            calib_max_sequences=cfg.calib_sequences)  # fmt: skip
-    flower = run_group_federation(cfg, fed, work)
+    if cfg.resume and (cfg.out / "registry" / "latest.json").is_file():
+        flower = resume_federation(cfg, fed)
+    else:
+        flower = run_group_federation(cfg, fed, work)
     fed = flower["federation"]
     audit = audit_registry(
         flower["registry"],
@@ -383,9 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp-noise-multiplier", type=float, default=None)
     parser.add_argument("--dp-clip", type=float, default=None)
     parser.add_argument("--quick", action="store_true", help="2 rounds of 3 steps, short text")
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse the registry and baselines already in --out"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides: dict[str, Any] = {}
+    if args.resume:
+        overrides["resume"] = True
     if args.quick:
         overrides.update(rounds=2, local_steps=3, seq_len=48, eval_sequences=12)
     for f in fields(GroupsEvalConfig):
