@@ -21,7 +21,12 @@ from tqdm.auto import tqdm
 
 from seqr_core import ArrowRouter, BruteForceRouter, SeqrRouter, SpectrRouter
 from seqr_core.errors import ConfigError, DataError
-from seqr_core.model_routing import ModelRoutingConfig, RoutedModel, build_routed_modules
+from seqr_core.model_routing import (
+    ModelRoutingConfig,
+    RoutedModel,
+    build_routed_modules,
+    reference_statistics,
+)
 from simulations.eval_scores import ExtraScorers, MethodScores, collect_method_scores
 from simulations.library import AdapterLibrary, add_uniform_merge
 
@@ -149,8 +154,14 @@ def evaluate(
     *,
     make_base: Callable[[], Any] | None = None,
     export_paths: list[str] | None = None,
+    reference: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Everything the simulation report shows, as plain JSON-ready values."""
+    """Everything the simulation report shows, as plain JSON-ready values.
+
+    ``reference``: chunks of public text outside every client's domain; with it, method
+    "seqr_public" z-scores SEQR norms against statistics the router measures on that text
+    (seqr_core.model_routing.reference) instead of the adapters' own claims.
+    """
     model, adapters = library.peft_model, library.adapters
     data = split_heldout(heldout, adapters, cfg)
     n = len(adapters)
@@ -160,6 +171,10 @@ def evaluate(
         )
         for name, (factory, z) in ROUTED_METHODS.items()
     }
+    if reference is not None:
+        ref_batches = torch.split(torch.as_tensor(reference, dtype=torch.long), cfg.batch_size)
+        ref_stats = reference_statistics(model, adapters, ref_batches)
+        methods["seqr_public"] = build_routed_modules(model, adapters, stats=ref_stats)
     extra: ExtraScorers = {}
     arrow_model = None
     if cfg.peft_arrow and make_base is not None and export_paths is not None:
@@ -251,8 +266,9 @@ def _losses(
         "base": ["__base__"] * rows,
         "uniform_merge": [merged] * rows,
     }
-    for method in ("seqr", "seqr_raw", "arrow", "random"):
-        plans[method] = [adapters[i] for i in decisions[method][data.is_test].tolist()]
+    for method in ("seqr", "seqr_public", "seqr_raw", "arrow", "random"):
+        if method in decisions:
+            plans[method] = [adapters[i] for i in decisions[method][data.is_test].tolist()]
     losses = {}
     for label, names in tqdm(plans.items(), desc="held-out loss", unit="plan"):
         losses[label] = float(sequence_losses(with_adapters, ids, names, cfg.batch_size).mean())

@@ -30,6 +30,24 @@ def heldout_chunks(domains: list[Path], tokenizer: Any, fed: Any) -> dict[str, n
     }
 
 
+def reference_chunks(
+    data: Path, clients: list[Path], tokenizer: Any, fed: Any, per_domain: int = 16
+) -> np.ndarray | None:
+    """Public reference text: chunks of every domain folder in --data that no client holds."""
+    from seqr_core.textdata import load_text_data
+
+    held = {c.resolve() for c in clients}
+    others = sorted(p for p in data.iterdir() if p.is_dir() and p.resolve() not in held
+                    and not p.name.startswith("."))  # fmt: skip
+    parts = [
+        load_text_data(
+            p, tokenizer, seq_len=fed.train_seq_len, heldout_fraction=0.0, seed=fed.data_seed
+        ).train[:per_domain]  # fmt: skip
+        for p in others
+    ]
+    return np.concatenate(parts) if parts else None
+
+
 def routing_timing(ns: tuple[int, ...], d_in: int, r: int) -> list[dict[str, Any]]:
     """Routing time against N at the real model's module shape (one LoRA module)."""
     from simulations.bench_routing import RoutingBenchConfig, bench_point
@@ -60,6 +78,7 @@ def evaluate_registry(cfg: Any, result: FederationResult, domains: list[Path]) -
         EvalConfig(max_sequences_per_domain=cfg.eval_sequences_per_domain),
         make_base=lambda: load_base_model(fed.base_model).model,
         export_paths=[str(p) for p in exports.values()],
+        reference=reference_chunks(cfg.data, domains, base.tokenizer, fed),
     )
     r, d_in = lora_shape(library)
     return {

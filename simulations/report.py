@@ -8,9 +8,11 @@ from typing import Any
 
 from seqr_core.atomic_write import write_atomic
 
-ACCURACY_ORDER = ["seqr", "seqr_raw", "spectr", "brute_force", "arrow", "peft_arrow", "random"]
+ACCURACY_ORDER = [
+    "seqr_public", "seqr", "seqr_raw", "spectr", "brute_force", "arrow", "peft_arrow", "random",
+]  # fmt: skip
 LOSS_ORDER = [
-    "oracle", "seqr", "seqr_per_token", "seqr_raw", "arrow", "peft_arrow_per_token",
+    "oracle", "seqr_public", "seqr", "seqr_per_token", "seqr_raw", "arrow", "peft_arrow_per_token",
     "uniform_merge", "random", "base",
 ]  # fmt: skip
 

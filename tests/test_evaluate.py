@@ -29,9 +29,11 @@ def tiny_library():
 def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
     library = tiny_library()
     cfg = EvalConfig(max_sequences_per_domain=8, batch_size=4, peft_arrow=False)
-    result = evaluate(library, heldout_by_domain(), cfg)
+    reference = token_ids(6, 12, seed=99).numpy()  # "public" text: all token ranges
+    result = evaluate(library, heldout_by_domain(), cfg, reference=reference)
     methods = result["methods"]
-    for name in ("seqr", "seqr_raw", "spectr", "brute_force", "arrow", "random"):
+    assert methods["seqr_public"]["heldout_loss"] > 0
+    for name in ("seqr", "seqr_public", "seqr_raw", "spectr", "brute_force", "arrow", "random"):
         assert 0.0 <= methods[name]["routing_accuracy"] <= 1.0
         assert sum(map(sum, methods[name]["confusion"])) == result["test_sequences"] == 12
     assert result["agreement_seqr_brute_force"] == 1.0
