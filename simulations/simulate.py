@@ -14,6 +14,8 @@ import argparse
 import logging
 import platform
 import resource
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -140,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # SIGTERM (kill, CI timeouts) unwinds like Ctrl-C, so the SuperLink and Ray are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     overrides: dict[str, Any] = {}
     if args.evaluate_only:
         overrides["evaluate_only"] = True
