@@ -6,12 +6,16 @@ Same prompts, same N new tokens (min_new_tokens = max_new_tokens: exactly N each
           (the batch already mixes adapters; this is "generating with the chosen adapter alone");
 - routed: ``RoutedModel.generate``: the SEQR routing pass on the base model, then that same call.
 
-The claim is the ratio routed / fixed (target <= 1.05), measured interleaved in the same run,
-with the routing pass timed alone as well. Both must produce identical tokens (same work).
+The claim is the ratio routed / fixed (target <= 1.05), in CPU time of this process (other
+jobs on a shared machine do not inflate it), measured in paired, interleaved repeats of the same
+run, for several N; wall-clock ratios and the routing pass alone are reported too. Both must
+produce identical tokens (the same work). The routing pass is one base-model forward over the
+prompt, so its share shrinks as N grows.
 
 Library: ``--registry`` (its audited adapters and base model: RegistryRouter) or a synthetic one:
-N adapters sharing the seeded A (seqr_core.shared_a), random B, statistics calibrated on each
-adapter's own token range, on SmolLM2-135M-Instruct when it is available, else a tiny Llama.
+N adapters sharing the seeded A (seqr_core.shared_a), each owning a token range of the vocabulary
+(B and statistics from that range), on SmolLM2-135M-Instruct when it is available, else a tiny
+Llama.
 """
 
 from __future__ import annotations
@@ -219,17 +223,25 @@ DEFAULT_PROMPTS = (
 # ---- the measurement -----------------------------------------------------------------------
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _median_ratio(num: list[float], den: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
 @torch.no_grad()
 def measure(work: Workload, new_tokens: int, repeats: int) -> dict[str, Any]:
     """Paired repeats: each times fixed, routed and the routing pass back to back (rotating
-    the order), so slow phases of a shared machine hit all three; the claim is the median of
-    the per-repeat ratios routed / fixed."""
+    the order), so slow phases of a shared machine hit all three alike.
+
+    The claim is the median over repeats of routed / fixed in CPU time of this process: what
+    the work costs, which other jobs on a shared machine do not inflate (with one torch
+    thread nothing spins). Wall-clock ratios are reported beside it."""
     routed, ids, mask = work.routed, work.input_ids, work.attention_mask
     gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
            "do_sample": False, "pad_token_id": work.pad_token_id}  # fmt: skip
@@ -247,23 +259,23 @@ def measure(work: Workload, new_tokens: int, repeats: int) -> dict[str, Any]:
 
     same = bool(torch.equal(fixed(), routed_generate()))  # also the warm-up
     calls = [("fixed", fixed), ("routed", routed_generate), ("routing_pass", route_only)]
-    times: dict[str, list[float]] = {key: [] for key, _ in calls}
+    wall: dict[str, list[float]] = {key: [] for key, _ in calls}
+    cpu: dict[str, list[float]] = {key: [] for key, _ in calls}
     for rep in tqdm(range(repeats), desc=f"{new_tokens} new tokens", unit="repeat"):
         for key, fn in calls[rep % 3 :] + calls[: rep % 3]:
-            times[key].append(_timed(fn))
-    ratios = [r / f for r, f in zip(times["routed"], times["fixed"], strict=True)]
-    best = {k: min(v) for k, v in times.items()}
+            w, c = _timed(fn)
+            wall[key].append(w)
+            cpu[key].append(c)
+    ratio = _median_ratio(cpu["routed"], cpu["fixed"])
     return {
         "new_tokens": new_tokens,
-        "seconds": times,
-        "best_seconds": best,
-        "ratio": statistics.median(ratios),  # the claim: median of paired ratios
-        "ratio_of_best": best["routed"] / best["fixed"],
-        "routing_pass_share": statistics.median(
-            p / f for p, f in zip(times["routing_pass"], times["fixed"], strict=True)
-        ),
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "ratio": ratio,  # the claim: median of paired CPU-time ratios routed / fixed
+        "wall_ratio": _median_ratio(wall["routed"], wall["fixed"]),
+        "routing_pass_share": _median_ratio(cpu["routing_pass"], cpu["fixed"]),
         "identical_tokens": same,
-        "met": bool(statistics.median(ratios) <= TARGET_RATIO and same),
+        "met": bool(ratio <= TARGET_RATIO and same),
         "adapters_in_batch": len(set(names)),
         "chosen": names,
     }
@@ -327,16 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     doc = run(cfg, prompts)
     print(f"model {doc['model']} ({doc['library']} library, {doc['adapters']} adapters), "
           f"prompts {doc['prompt_shape']}, {doc['machine']['threads']} thread(s)")  # fmt: skip
-    print("new tokens  mixed  fixed s  routed s  pass s  routed/fixed  (of best)  pass/fixed  met")
+    print("new tokens  mixed  fixed s  routed s  pass s  routed/fixed  (wall)  pass/fixed  met")
     for row in doc["results"]:
-        best = row["best_seconds"]
-        print(f"{row['new_tokens']:>10}  {row['adapters_in_batch']:>5}  {best['fixed']:>7.2f}  "
-              f"{best['routed']:>8.2f}  {best['routing_pass']:>6.2f}  {row['ratio']:>12.3f}  "
-              f"{row['ratio_of_best']:>9.3f}  {row['routing_pass_share']:>10.3f}  "
+        cpu = {k: statistics.median(v) for k, v in row["cpu_seconds"].items()}
+        print(f"{row['new_tokens']:>10}  {row['adapters_in_batch']:>5}  {cpu['fixed']:>7.2f}  "
+              f"{cpu['routed']:>8.2f}  {cpu['routing_pass']:>6.2f}  {row['ratio']:>12.3f}  "
+              f"{row['wall_ratio']:>6.3f}  {row['routing_pass_share']:>10.3f}  "
               f"{'yes' if row['met'] else 'NO'}")  # fmt: skip
-    print(
-        f"target: routed / fixed <= {TARGET_RATIO} (median of paired repeats), identical "
-        f"tokens: {all(r['identical_tokens'] for r in doc['results'])}"
-    )
+    print(f"seconds: median CPU seconds. Target: routed / fixed <= {TARGET_RATIO} (median of "
+          "paired CPU-time ratios); identical tokens: "
+          f"{all(r['identical_tokens'] for r in doc['results'])}")  # fmt: skip
     print(f"wrote {cfg.out / 'generation.json'}")
     return 0
