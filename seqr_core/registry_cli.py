@@ -82,7 +82,7 @@ def _print_report(report: AuditReport) -> None:
         )
         if e.contributors:  # a group adapter: the server signed it, these clients produced it
             examples = e.examples_by_client or {}
-            who = ", ".join(f"{k} ({examples.get(k, 0)} examples)" for k in e.contributors)
+            who = ", ".join(f"{k} ({examples.get(k, 0)} training chunks)" for k in e.contributors)
             print(f"      group of {len(e.contributors)}, {e.group_rounds} round(s): {who}")
     state = "trusted state updated" if report.trusted_state_updated else "no trusted state kept"
     print(

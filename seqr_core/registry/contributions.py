@@ -19,7 +19,10 @@ every signature; that every record names this group and session; that each updat
 from the global B of the round before (all clients saw one chain of models: no split view);
 that every statistics record was computed on exactly the published B (the digest of the B
 tensors in adapter_model.safetensors); and that the published norm_stats.json is, byte for
-byte, the exact merge (Chan et al., seqr_core.stats) of the signed partial statistics.
+byte, the exact merge (Chan et al., seqr_core.stats) of the signed partial statistics. The
+group manifest's ``example_count`` is the number of calibration sequences behind those
+statistics (the sum the statistics records sign); each update record signs the client's
+training examples (its FedAvg weight).
 """
 
 from __future__ import annotations
@@ -292,8 +295,13 @@ class ContributionsReport:
     records: tuple[Contribution, ...]
 
     def examples_by_client(self) -> dict[str, int]:
-        """Client key id -> the example count its statistics record states."""
-        return {r.client: r.example_count for r in self.records if r.kind == "statistics"}
+        """Client key id -> the training examples (chunks) its update records state: the
+        FedAvg weight it claimed (the largest over its rounds)."""
+        out: dict[str, int] = {}
+        for r in self.records:
+            if r.kind == "update":
+                out[r.client] = max(out.get(r.client, 0), r.example_count)
+        return out
 
 
 def verify_contributions(
