@@ -107,11 +107,20 @@ class Deployment:
             time.sleep(0.3)
         raise RuntimeError(f"flower-superlink is not listening: {self.tail('superlink.log')}")
 
-    def register(self, node: Node) -> None:
-        """`flwr supernode register node.pub deploy` (the operator's step)."""
-        done = self.flwr("supernode", "register", f"{node.node_key}.pub", CONNECTION)
-        if done.returncode != 0 or "registered successfully" not in done.stdout:
-            raise RuntimeError(f"register {node.name}: {done.stdout[-800:]} {done.stderr[-800:]}")
+    def register(self, *nodes: Node) -> None:
+        """`flwr supernode register node.pub deploy` for each node (the operator's step; the
+        CLI calls run side by side, as several operators' terminals would)."""
+        calls = [
+            (node, subprocess.Popen(
+                [str(BIN / "flwr"), "supernode", "register", f"{node.node_key}.pub", CONNECTION],
+                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            ))
+            for node in nodes
+        ]  # fmt: skip
+        for node, call in calls:
+            out, _ = call.communicate(timeout=120)
+            if call.returncode != 0 or "registered successfully" not in out:
+                raise RuntimeError(f"register {node.name}: {out[-800:]}")
 
     def new_registry(self, folder: Path, nodes: list[Node]) -> tuple[Path, Path]:
         """`seqr keys generate` + `seqr server init --federation` + `seqr server enrol`."""

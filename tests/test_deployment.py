@@ -45,8 +45,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     try:
         deployment.start_superlink()
         nodes = [deployment.new_node(f"node{i}", CLIENT_FILES[i]) for i in range(3)]
+        deployment.register(*nodes)  # operator: flwr supernode register node.pub deploy
         for node in nodes:
-            deployment.register(node)  # operator: flwr supernode register node.pub deploy
             deployment.start_supernode(node)
         yield Federation(deployment, nodes)
     finally:
