@@ -21,11 +21,12 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy seqr_core
 
+# PATH: Flower's SuperLink starts flower-superexec by name from this venv.
 test: lint
-	$(BIN)/pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
 
 # Data are prepared once (data prepare installs the Debian packages it reads); each run gets a
 # new timestamped folder, because a registry is never overwritten.
 simulate: install
 	test -f data/domains/MANIFEST.json || $(BIN)/seqr data prepare --out data/domains
-	$(BIN)/seqr simulate --data data/domains --out runs/simulation-$$(date +%Y%m%d-%H%M%S)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/seqr simulate --data data/domains --out runs/simulation-$$(date +%Y%m%d-%H%M%S)

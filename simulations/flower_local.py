@@ -181,7 +181,10 @@ def local_superlink(work: Path, *, name: str = "local-sim") -> Iterator[LocalSup
         f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+    # The SuperLink starts flower-superexec by name: this environment's bin must be on PATH
+    # even when the venv is not activated (make test, cron, CI).
+    path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1"}  # fmt: skip
     log = work / "superlink.log"
     with log.open("wb") as out:
