@@ -23,10 +23,10 @@ lint: install
 
 # PATH: Flower's SuperLink starts flower-superexec by name from this venv.
 test: lint
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q
 
 # Data are prepared once (data prepare installs the Debian packages it reads); each run gets a
 # new timestamped folder, because a registry is never overwritten.
 simulate: install
 	test -f data/domains/MANIFEST.json || $(BIN)/seqr data prepare --out data/domains
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/seqr simulate --data data/domains --out runs/simulation-$$(date +%Y%m%d-%H%M%S)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/seqr simulate --data data/domains --out runs/simulation-$$(date +%Y%m%d-%H%M%S)
