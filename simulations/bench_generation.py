@@ -6,11 +6,12 @@ Same prompts, same N new tokens (min_new_tokens = max_new_tokens: exactly N each
           (the batch already mixes adapters; this is "generating with the chosen adapter alone");
 - routed: ``RoutedModel.generate``: the SEQR routing pass on the base model, then that same call.
 
-The claim is the ratio routed / fixed (target <= 1.05), in CPU time of this process (other
-jobs on a shared machine do not inflate it), measured in paired, interleaved repeats of the same
-run, for several N; wall-clock ratios and the routing pass alone are reported too. Both must
-produce identical tokens (the same work). The routing pass is one base-model forward over the
-prompt, so its share shrinks as N grows.
+The claim is the overhead routed / fixed (target <= 1.05) in CPU time of this process, from
+paired, interleaved repeats of the same run, for several N. Since routed = routing pass + the
+same generate call, 1 + (routing pass / fixed) bounds it from below, and the claim is the larger
+of the two (on a shared machine the end-to-end ratio alone can dip under the bound by noise).
+Wall-clock ratios are reported too. Both runs must produce identical tokens (the same work). The
+routing pass is one base-model forward over the prompt, so its share shrinks as N grows.
 
 Library: ``--registry`` (its audited adapters and base model: RegistryRouter) or a synthetic one:
 N adapters sharing the seeded A (seqr_core.shared_a), each owning a token range of the vocabulary
@@ -267,15 +268,20 @@ def measure(work: Workload, new_tokens: int, repeats: int) -> dict[str, Any]:
             wall[key].append(w)
             cpu[key].append(c)
     ratio = _median_ratio(cpu["routed"], cpu["fixed"])
+    share = _median_ratio(cpu["routing_pass"], cpu["fixed"])
+    # routed = routing pass + the same generate, so 1 + share bounds the ratio from below;
+    # an end-to-end ratio under it is timing noise, and the claim takes the larger of the two.
+    overhead = max(ratio, 1.0 + share)
     return {
         "new_tokens": new_tokens,
         "wall_seconds": wall,
         "cpu_seconds": cpu,
-        "ratio": ratio,  # the claim: median of paired CPU-time ratios routed / fixed
+        "ratio": ratio,  # median of paired CPU-time ratios routed / fixed
         "wall_ratio": _median_ratio(wall["routed"], wall["fixed"]),
-        "routing_pass_share": _median_ratio(cpu["routing_pass"], cpu["fixed"]),
+        "routing_pass_share": share,
+        "overhead": overhead,  # the claim: max(ratio, 1 + routing pass / fixed)
         "identical_tokens": same,
-        "met": bool(ratio <= TARGET_RATIO and same),
+        "met": bool(overhead <= TARGET_RATIO and same),
         "adapters_in_batch": len(set(names)),
         "chosen": names,
     }
@@ -339,15 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     doc = run(cfg, prompts)
     print(f"model {doc['model']} ({doc['library']} library, {doc['adapters']} adapters), "
           f"prompts {doc['prompt_shape']}, {doc['machine']['threads']} thread(s)")  # fmt: skip
-    print("new tokens  mixed  fixed s  routed s  pass s  routed/fixed  (wall)  pass/fixed  met")
+    print("new tokens  mixed  fixed s  routed s  pass s  routed/fixed  (wall)  1+pass/fixed  met")
     for row in doc["results"]:
         cpu = {k: statistics.median(v) for k, v in row["cpu_seconds"].items()}
         print(f"{row['new_tokens']:>10}  {row['adapters_in_batch']:>5}  {cpu['fixed']:>7.2f}  "
               f"{cpu['routed']:>8.2f}  {cpu['routing_pass']:>6.2f}  {row['ratio']:>12.3f}  "
-              f"{row['wall_ratio']:>6.3f}  {row['routing_pass_share']:>10.3f}  "
+              f"{row['wall_ratio']:>6.3f}  {1 + row['routing_pass_share']:>12.3f}  "
               f"{'yes' if row['met'] else 'NO'}")  # fmt: skip
-    print(f"seconds: median CPU seconds. Target: routed / fixed <= {TARGET_RATIO} (median of "
-          "paired CPU-time ratios); identical tokens: "
+    print(f"seconds: median CPU seconds. Target: overhead <= {TARGET_RATIO}, the larger of "
+          "routed / fixed (median of paired CPU-time ratios) and 1 + pass / fixed; identical "
+          "tokens: "
           f"{all(r['identical_tokens'] for r in doc['results'])}")  # fmt: skip
     print(f"wrote {cfg.out / 'generation.json'}")
     return 0

@@ -24,6 +24,7 @@ def test_routed_and_fixed_generation_match_on_a_mixed_batch(
     for row in doc["results"]:
         assert row["identical_tokens"] and row["adapters_in_batch"] >= 2
         assert row["ratio"] > 0 and row["routing_pass_share"] > 0
+        assert row["overhead"] >= 1 + row["routing_pass_share"]
         assert len(row["cpu_seconds"]["fixed"]) == len(row["wall_seconds"]["routed"]) == 1
     assert "routed/fixed" in capsys.readouterr().out
 
