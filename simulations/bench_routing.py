@@ -284,7 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RoutingBenchConfig.ranks))
     parser.add_argument("--tokens", type=int, default=RoutingBenchConfig.tokens)
     parser.add_argument("--repeats", type=int, default=RoutingBenchConfig.repeats)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default); 1 is steadier on a shared, loaded machine",
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = RoutingBenchConfig(
         ns=tuple(args.ns),
         d_ins=tuple(args.d_ins),
