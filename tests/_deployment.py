@@ -214,7 +214,10 @@ def make_deployment(root: Path, model: Path) -> Deployment:
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\nroot-certificates = "{pki / CA_CERT}"\n'
     )
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+    # SuperLink and SuperNode start flower-superexec by name: this environment's bin must be on
+    # PATH even when the venv is not activated (make test, CI).
+    path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1"}  # fmt: skip
     fed = {"base-model": str(model), **FEDERATION}
     (root / "fed.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in fed.items()))
