@@ -182,8 +182,9 @@ def train_baselines(
     from client.task import run_client
     from seqr_core.signing import PRIVATE_KEY_NAME, write_keypair
 
-    write_keypair(work / "baseline-key")
     key = work / "baseline-key" / PRIVATE_KEY_NAME
+    if not key.exists():
+        write_keypair(key.parent)
     out: dict[str, Path] = {}
     jobs = [
         (
