@@ -88,7 +88,19 @@ def train(msg: Message, context: Context) -> Message:
         return Message(Error(CLIENT_APP_RAISED_EXCEPTION, f"{kind}: {hint}"), reply_to=msg)
 
 
+def _log_progress_to_stderr() -> None:
+    """Training runs for minutes inside a Ray actor or SuperNode: show its INFO lines (steps,
+    loss) on stderr, which Flower forwards, as the ServerApp does for its own log."""
+    logger = logging.getLogger("seqr")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def _train(fed: FederationConfig, context: Context) -> RecordDict:
+    _log_progress_to_stderr()
     from client.task import run_client  # torch loads here, not at app import
     from seqr_core.export_folder import read_export
 
