@@ -45,11 +45,13 @@ class FlowerRunError(SeqrError):
 
 def run_config_defaults() -> dict[str, Any]:
     """Every run-config key the app reads, with its default (Flower refuses undeclared keys)."""
+    from server.groups import GroupSettings
     from server.settings import ServerSettings
 
     server = {
         f.name.replace("_", "-"): "" if f.default is MISSING else f.default
-        for f in fields(ServerSettings)
+        for cls in (ServerSettings, GroupSettings)
+        for f in fields(cls)
     }
     return {**server, **FederationConfig().to_run_config(), **CLIENT_KEYS}
 
