@@ -17,7 +17,6 @@ No Flower here: client/group_app.py wraps these in message handlers.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from client.calibrate import CalibrationResult, calibrate
-from client.train import ADAPTER, batch_indices, heldout_loss, make_lora_model, trainable_b
+from client.train import ADAPTER, heldout_loss, make_lora_model, train_step, trainable_b
 from seqr_core.errors import ShapeError
 from seqr_core.federation import FederationConfig
 from seqr_core.registry.contributions import lora_b_name
@@ -116,18 +115,7 @@ def train_round(work: GroupWork, server_round: int, local_steps: int) -> list[fl
     losses = []
     first = (server_round - 1) * local_steps
     for step in range(first, first + local_steps):
-        idx = batch_indices(step, len(work.train), fed.train_batch_size, fed.data_seed)
-        batch = torch.from_numpy(work.train[idx])
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
-        if fed.train_max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), fed.train_max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise ShapeError(f"group training loss became {value} at step {step}; lower train-lr")
-        losses.append(value)
+        losses.append(train_step(model, work.train, step, fed, list(params.values()), optimizer))
     model.eval()
     return losses
 

@@ -102,6 +102,26 @@ def batch_indices(step: int, n_chunks: int, batch_size: int, seed: int) -> np.nd
     return out
 
 
+def train_step(
+    model: Any, chunks: np.ndarray, step: int, fed: FederationConfig, params: list, optimizer: Any
+) -> float:
+    """One optimizer step on the step-th deterministic batch; its loss; ShapeError if not finite."""
+    import torch
+
+    idx = batch_indices(step, len(chunks), fed.train_batch_size, fed.data_seed)
+    batch = torch.from_numpy(chunks[idx])
+    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+    loss.backward()
+    if fed.train_max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, fed.train_max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise ShapeError(f"training loss became {value} at step {step}; lower train-lr")
+    return value
+
+
 def train_adapter(
     peft_model: Any,
     chunks: np.ndarray,
@@ -144,17 +164,7 @@ def train_adapter(
     began = time.perf_counter()
     bar = tqdm(total=total, initial=start, desc="train LoRA-FA", unit="step", disable=not progress)
     for step in range(start, total):
-        idx = batch_indices(step, len(chunks), fed.train_batch_size, fed.data_seed)
-        batch = torch.from_numpy(chunks[idx])
-        loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
-        if fed.train_max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), fed.train_max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise ShapeError(f"training loss became {value} at step {step}; lower train-lr")
+        value = train_step(peft_model, chunks, step, fed, list(params.values()), optimizer)
         losses.append(value)
         bar.update(1)
         bar.set_postfix(loss=f"{value:.3f}")
