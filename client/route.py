@@ -57,6 +57,9 @@ class RouterConfig:
     max_input_tokens: int = 1024  # longer inputs keep their LAST tokens (generation continues)
     device: str = "cpu"  # torch device of the model ("cuda" on a GPU machine)
     progress: bool = False  # tqdm bar over batches
+    # per_sequence: the routing pass on a copy in this dtype ("bfloat16": ~2.5x faster on CPUs
+    # with AMX, see ModelRoutingConfig.first_pass_dtype); None runs it on the model itself.
+    first_pass_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("per_sequence", "per_token"):
@@ -71,12 +74,24 @@ class RouterConfig:
                 raise ConfigError(
                     f"RouterConfig.{name} = {value!r} must be an int in [{low}, {high}]"
                 )
+        if self.first_pass_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"RouterConfig.first_pass_dtype = {self.first_pass_dtype!r} must be None, "
+                "float32, bfloat16 or float16"
+            )
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
             raise ConfigError(
                 f"RouterConfig.device = {self.device!r} is not a torch device"
             ) from None
+
+    def routing(self) -> ModelRoutingConfig:
+        """The model-level config; per_token routing has no first pass to speed up."""
+        dtype = self.first_pass_dtype if self.mode == "per_sequence" else None
+        return ModelRoutingConfig(
+            mode=self.mode, statistics=self.statistics, first_pass_dtype=dtype
+        )
 
 
 @dataclass(frozen=True)
@@ -215,9 +230,8 @@ class RegistryRouter:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         peft_model = build_peft_model(base.model, adapters).to(self.config.device)
         internal = [f"a{i}" for i in range(len(adapters))]
-        routing = ModelRoutingConfig(mode=self.config.mode, statistics=self.config.statistics)
         self.routed = RoutedModel(
-            peft_model, routing, adapters=internal,
+            peft_model, self.config.routing(), adapters=internal,
             stats={f"a{i}": a.stats for i, a in enumerate(adapters)},
         )  # fmt: skip
 

@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="where known models are converted once")
     p.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--first-pass-dtype", choices=("bfloat16", "float16"), default=None,
+                   help="run the routing pass on a copy of the model in this dtype (faster "
+                   "generation; near-ties may flip)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
     return p
 
@@ -122,7 +125,8 @@ def main(argv: list[str]) -> int:
 
     try:
         config = RouterConfig(mode="per_token" if args.per_token else "per_sequence",
-                              batch_size=args.batch_size, device=args.device)  # fmt: skip
+                              batch_size=args.batch_size, device=args.device,
+                              first_pass_dtype=args.first_pass_dtype)  # fmt: skip
         audit = AuditConfig(expected_root_sha256=args.expect_root_sha256)
     except ConfigError as exc:
         parser.error(str(exc))

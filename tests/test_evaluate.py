@@ -96,3 +96,22 @@ def test_peft_arrow_anchor_loads_the_same_exports(tmp_path):
     assert len(scorers) == 4  # q and v in two layers
     x = torch.randn(5, 64)
     assert next(iter(scorers.values()))(x).shape == (5, 3)
+
+
+def test_pair_losses_equal_each_plans_own_mixed_batch_losses():
+    from simulations.evaluate import pair_losses, sequence_losses
+
+    library = tiny_library()
+    model = library.peft_model
+    ids = torch.cat([torch.as_tensor(v[:2]) for v in heldout_by_domain(2).values()])
+    plans = [[ADAPTERS[i % 3] for i in range(len(ids))], ["__base__"] * len(ids)]
+    cache = pair_losses(model, ids, plans, batch_size=4)
+    assert len(cache) == 2 * len(ids)  # each (sequence, adapter) pair once
+
+    def forward(batch, names):
+        return model(input_ids=batch, adapter_names=names)
+
+    for names in plans:
+        direct = sequence_losses(forward, ids, names, batch_size=4)
+        cached = torch.tensor([cache[row, name] for row, name in enumerate(names)])
+        torch.testing.assert_close(cached, direct.float(), rtol=1e-5, atol=1e-5)

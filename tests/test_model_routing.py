@@ -173,6 +173,29 @@ def test_layer_subset_scores_only_those_layers(peft_model, stats):
         RoutedModel(peft_model, ModelRoutingConfig(layers=(1, 5)), stats=stats)
 
 
+def test_bf16_first_pass_routes_a_copy_and_leaves_the_model_in_fp32(peft_model, stats):
+    ids = token_ids(6, 10, seed=63)
+    fast = RoutedModel(peft_model, ModelRoutingConfig(first_pass_dtype="bfloat16"), stats=stats)
+    exact = RoutedModel(peft_model, ModelRoutingConfig(), stats=stats)
+    brute = RoutedModel(
+        peft_model,
+        ModelRoutingConfig(first_pass_dtype="bfloat16"),
+        stats=stats,
+        router_factory=BruteForceRouter,
+    )
+    decision = fast.route_sequences(ids)
+    assert decision.names == brute.route_sequences(ids).names  # exact over the same bf16 pass
+    assert next(peft_model.parameters()).dtype == torch.float32
+    assert next(fast._first_pass_model()[0].parameters()).dtype == torch.bfloat16
+    # bf16 activations move the mean z-scores little: same choices as the fp32 pass here
+    torch.testing.assert_close(decision.scores, exact.route_sequences(ids).scores, atol=0.1,
+                               rtol=0.05)  # fmt: skip
+    with pytest.raises(ConfigError, match="first_pass_dtype"):
+        ModelRoutingConfig(first_pass_dtype="int8")
+    with pytest.raises(ConfigError, match="per_sequence"):
+        ModelRoutingConfig(mode="per_token", first_pass_dtype="bfloat16")
+
+
 def test_pooled_statistics_give_pooled_z_scores(peft_model, stats):
     config = ModelRoutingConfig(mode="per_token", statistics="pooled", record=True)
     routed = RoutedModel(peft_model, config, stats=stats)

@@ -136,7 +136,8 @@ def test_cli_routes_each_line_of_a_file_as_json(
     inputs = tmp_path / "inputs.txt"
     inputs.write_text("\n\n".join(t.replace("\n", " ") for _, t in pairs) + "\n", "utf-8")
     code = main(["--registry", str(world.registry), "--file", str(inputs), "--generate", "3",
-                 "--base-model", str(world.model_dir), "--json"])  # fmt: skip
+                 "--base-model", str(world.model_dir), "--json",
+                 "--first-pass-dtype", "bfloat16"])  # fmt: skip
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and doc["ok"] and doc["registry"]["version"] == 2
     assert [r["adapter"] for r in doc["results"]] == [d for d, _ in pairs]
@@ -196,7 +197,7 @@ def test_a_registry_without_adapters_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [("mode", "per_layer"), ("statistics", "global"), ("batch_size", 0),
-     ("max_input_tokens", True), ("device", "gpu:x")],
+     ("max_input_tokens", True), ("device", "gpu:x"), ("first_pass_dtype", "int8")],
 )  # fmt: skip
 def test_router_config_names_the_bad_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"RouterConfig.{field}"):

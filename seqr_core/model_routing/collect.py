@@ -70,7 +70,7 @@ def collect_scores(
     def hook_for(module: RoutedModule) -> Any:
         def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
             x = args[0] if args else kwargs["x"]  # (B, T, d_in)
-            flat = x.reshape(-1, x.shape[-1])
+            flat = x.reshape(-1, x.shape[-1]).to(module.A.dtype)  # a bf16 pass: score in fp32
             scores = module.scores(flat, module.project(flat)).reshape(*x.shape[:-1], -1)
             sums.add(module.name, scores, attention_mask.to(scores.device))
             if record:

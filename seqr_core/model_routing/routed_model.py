@@ -7,6 +7,8 @@ mixed-adapter batches in training, and LoRA dropout is not applied by the per-to
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -16,7 +18,12 @@ import torch
 from seqr_core.errors import ConfigError, ShapeError
 from seqr_core.model_routing.collect import collect_scores, scored_modules
 from seqr_core.model_routing.config import ModelRoutingConfig
-from seqr_core.model_routing.modules import RouterFactory, build_routed_modules
+from seqr_core.model_routing.modules import (
+    RoutedModule,
+    RouterFactory,
+    build_routed_modules,
+    transformers_model,
+)
 from seqr_core.model_routing.per_sequence import RoutingDecision, check_batch, decide
 from seqr_core.model_routing.per_token import ModuleRecord, per_token_routing
 from seqr_core.routing import SeqrRouter
@@ -45,6 +52,7 @@ class RoutedModel:
         self.config = config if config is not None else ModelRoutingConfig()
         names = adapters if adapters is not None else list(getattr(peft_model, "peft_config", {}))
         self.adapters: tuple[str, ...] = tuple(names)
+        self.stats = stats
         if self.config.mode == "per_token" and self.config.top_k > len(self.adapters):
             raise ShapeError(
                 f"top_k is {self.config.top_k} but only {len(self.adapters)} adapters are routed"
@@ -57,6 +65,7 @@ class RoutedModel:
             router_factory=router_factory,
         )
         self.scored_modules = scored_modules(self.modules, self.config)
+        self._first_pass: tuple[Any, list[RoutedModule]] | None = None
         # Last forward's per-module scores and choices, by module name (config.record only).
         self.records: dict[str, ModuleRecord] = {}
         self.last_decision: RoutingDecision | None = None
@@ -74,17 +83,24 @@ class RoutedModel:
         """One adapter per sequence from a first pass on the base model (padding masked)."""
         self._check_call({})
         input_ids, attention_mask = check_batch(input_ids, attention_mask)
-        sums = collect_scores(
-            self.peft_model,
-            self.scored_modules,
-            input_ids,
-            attention_mask,
-            record=self.config.record,
-        )
+        model, modules = self._first_pass_model()
+        sums = collect_scores(model, modules, input_ids, attention_mask, record=self.config.record)
         if self.config.record:
             self.records = sums.records
         self.last_decision = decide(sums, attention_mask, self.config, self.adapters)
         return self.last_decision
+
+    def _first_pass_model(self) -> tuple[Any, list[RoutedModule]]:
+        """The model the first pass runs on, and its scored modules' routers hooked into it."""
+        dtype = self.config.first_pass_dtype
+        if dtype is None:
+            return self.peft_model, self.scored_modules
+        if self._first_pass is None:  # built once: a snapshot, like the routers
+            model = copy.deepcopy(self.peft_model).to(getattr(torch, dtype)).eval()
+            layers = dict(transformers_model(model).named_modules())
+            modules = [dataclasses.replace(m, layer=layers[m.name]) for m in self.scored_modules]
+            self._first_pass = (model, modules)
+        return self._first_pass
 
     @contextmanager
     def per_token(self) -> Iterator[None]:
