@@ -2,8 +2,9 @@
 
 SEQR (arXiv 2509.18093) routes by z = (||B A x|| - mu) / sigma with mu, sigma measured on the
 adapter's own training data. For every LoRA module, with x the module's input at each token,
-the value recorded is ||B A x||_2: the stored lora_B and the shared lora_A, WITHOUT peft's
-alpha/r scaling (the router computes ||R (A x)|| from the published B). Keys are the base
+the value recorded is ||B A x||_2 (divided by ||A x|| when FederationConfig.calib_score is
+"gain", the default: seqr_core.routing.gain): the stored lora_B and the shared lora_A, WITHOUT
+peft's alpha/r scaling (the router computes ||R (A x)|| from the published B). Keys are the base
 model's module names (``model.layers.0.self_attn.q_proj``), as in shared_a.py.
 
 Documented choice (FederationConfig.calib_lora_active, default False): the calibration forward
@@ -35,6 +36,7 @@ import numpy as np
 from client.train import ADAPTER
 from seqr_core.errors import ValueCheckError
 from seqr_core.federation import FederationConfig
+from seqr_core.routing.gain import score_values
 from seqr_core.shared_a import lora_layers
 from seqr_core.stats import NormStatistics, RunningMoments
 
@@ -106,14 +108,16 @@ def calibrate(
     picked = chunks[pick_sequences(len(chunks), fed)]
     clip = fed.calib_dp_clip if fed.calib_dp else math.inf
     sums = {name: np.zeros(3) for name in layers}  # clipped count, sum, sum of squares
-    stats = NormStatistics()
+    stats = NormStatistics(score=fed.calib_score)
 
     def hook_for(name: str, layer: Any) -> Any:
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
             x = args[0].detach()
             a = layer.lora_A[ADAPTER].weight.detach()  # (r, d_in), the shared A
             b = layer.lora_B[ADAPTER].weight.detach()  # (d_out, r)
-            norms = ((x @ a.T) @ b.T).norm(dim=-1).reshape(-1).double()  # (batch * T,)
+            h = x @ a.T
+            norms = score_values((h @ b.T).norm(dim=-1, keepdim=True), h, fed.calib_score)
+            norms = norms.reshape(-1).double()  # (batch * T,)
             if fed.calib_dp:
                 c = norms.clamp(max=clip)
                 sums[name] += [c.numel(), float(c.sum()), float((c * c).sum())]
@@ -152,7 +156,7 @@ def _privatize(
     sensitivity = math.sqrt(3 * len(sums))  # unit-scaled (count, sum, sumsq) per module
     sigma = analytic_gaussian_sigma(fed.calib_dp_epsilon, fed.calib_dp_delta, sensitivity)
     scales = np.array([t, t * c, t * c * c])  # undo the unit scaling
-    stats = NormStatistics()
+    stats = NormStatistics(score=fed.calib_score)
     clamped = []
     for name in sorted(sums):
         count, total, squares = sums[name] + rng.normal(0.0, sigma, 3) * scales

@@ -336,6 +336,12 @@ def _check_stats(data: bytes, policy: AdmissionPolicy) -> NormStatistics:
         stats = NormStatistics.from_json_bytes(data)
     except FormatError as exc:
         _reject("bad_stats", str(exc))
+    if stats.score != policy.stats_score:
+        _reject(
+            "bad_stats",
+            f"statistics measure {stats.score!r} but this federation z-scores "
+            f"{policy.stats_score!r} (calib_score); recalibrate with the federation's settings",
+        )
     if tuple(sorted(stats.modules)) != policy.stats_modules:
         _reject(
             "bad_stats",

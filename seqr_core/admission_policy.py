@@ -20,6 +20,7 @@ import numpy as np
 
 from seqr_core.errors import ConfigError, FormatError, KeyFileError
 from seqr_core.signing import load_public_key_hex
+from seqr_core.stats import SCORE_KINDS
 from seqr_core.strict_json import loads_strict
 
 __all__ = ["AdmissionPolicy", "SeenSubmissions", "WEIGHT_DTYPES"]
@@ -42,6 +43,7 @@ class AdmissionPolicy:
     allowed_keys: frozenset[str]  # hex public keys allowed to submit
     revoked_keys: frozenset[str] = frozenset()  # hex public keys never accepted again
     alpha: float | None = None  # None: any lora_alpha (z-scores are scale-invariant)
+    stats_score: str = "gain"  # what norm_stats.json must measure: the federation's calib_score
     # Tensor name -> the federation's shared A (shared_a.generate_shared_a); when given, every
     # listed tensor must equal it bit for bit (both cast to float32; for BF16 weights pass the
     # BF16-rounded A). None: trust the manifest's a_seed and a_sha256 only.
@@ -67,6 +69,8 @@ class AdmissionPolicy:
         if not modules or len(set(modules)) != len(modules):
             _bad("target_modules", modules, "must be non-empty and without duplicates")
         object.__setattr__(self, "target_modules", tuple(sorted(modules)))
+        if self.stats_score not in SCORE_KINDS:
+            _bad("stats_score", self.stats_score, f"must be one of {SCORE_KINDS}")
         stats_modules = tuple(self.stats_modules)
         if not stats_modules or len(set(stats_modules)) != len(stats_modules):
             _bad("stats_modules", stats_modules, "must be non-empty and without duplicates")

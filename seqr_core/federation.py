@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from seqr_core.errors import ConfigError
+from seqr_core.stats import SCORE_KINDS
 
 DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
 
@@ -43,6 +44,8 @@ class FederationConfig:
     calib_max_sequences: int = 256  # sequences of train_seq_len tokens used for statistics
     calib_max_tokens: int = 32768  # tokens; the tighter of the two limits wins
     calib_lora_active: bool = False  # False: statistics on the base model's module inputs
+    # What is z-scored: "gain" = ||B A x|| / ||A x|| (seqr_core.routing.gain), or "norm".
+    calib_score: str = "gain"
     calib_dp: bool = False  # Gaussian mechanism on clipped (count, sum, sum of squares)
     calib_dp_epsilon: float = 1.0
     calib_dp_delta: float = 1e-5
@@ -88,6 +91,7 @@ class FederationConfig:
         _need(
             self.calib_max_sequences >= 1, "calib_max_sequences", self.calib_max_sequences, ">= 1"
         )
+        _need(self.calib_score in SCORE_KINDS, "calib_score", self.calib_score, f"in {SCORE_KINDS}")
         _need(self.calib_max_tokens >= 1, "calib_max_tokens", self.calib_max_tokens, "must be >= 1")
         eps = self.calib_dp_epsilon
         _need(0 < eps <= 100, "calib_dp_epsilon", eps, "must be in (0, 100]")

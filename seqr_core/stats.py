@@ -19,6 +19,7 @@ import numpy as np
 from seqr_core.errors import FormatError, ShapeError, ValueCheckError
 
 STATS_FORMAT_VERSION = 1
+SCORE_KINDS = ("norm", "gain")  # what is measured: seqr_core.routing.gain
 MAX_STATS_BYTES = 16 * 1024 * 1024  # bytes; a statistics file is a few KB per adapter
 
 
@@ -131,11 +132,18 @@ class NormStatistics:
     """Per-module moments of activation norms, and the same pooled over modules.
 
     ``privacy`` records the differential-privacy guarantee of noised statistics (mechanism,
-    epsilon, delta, clip, ...): it travels inside the signed statistics file.
+    epsilon, delta, clip, ...): it travels inside the signed statistics file. ``score`` says
+    what was measured: ``"norm"`` (||B A x||) or ``"gain"`` (||B A x|| / ||A x||,
+    seqr_core.routing.gain); a router z-scores the same kind.
     """
 
     modules: dict[str, RunningMoments] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None
+    score: str = "norm"
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORE_KINDS:
+            raise FormatError(f"statistics score {self.score!r} must be one of {SCORE_KINDS}")
 
     def update(self, module: str, values: Any) -> NormStatistics:
         batch = _as_2d_float64(values)
@@ -149,12 +157,15 @@ class NormStatistics:
         return self
 
     def merge(self, other: NormStatistics) -> NormStatistics:
+        if other.modules and self.modules and other.score != self.score:
+            raise FormatError(f"cannot merge {self.score} statistics with {other.score} ones")
+        score = self.score if self.modules else other.score
         merged = {
             name: RunningMoments(m.n, m.count, m.mean, m.m2) for name, m in self.modules.items()
         }
         for name, moments in other.modules.items():
             merged[name] = merged[name].merge(moments) if name in merged else moments
-        return NormStatistics(merged)
+        return NormStatistics(merged, score=score)
 
     def pooled(self) -> RunningMoments:
         if not self.modules:
@@ -169,6 +180,7 @@ class NormStatistics:
         out: dict[str, Any] = {
             "format_version": STATS_FORMAT_VERSION,
             "modules": {name: self.modules[name].to_dict() for name in sorted(self.modules)},
+            "score": self.score,
         }
         if self.privacy is not None:
             out["privacy"] = self.privacy
@@ -177,9 +189,19 @@ class NormStatistics:
     @classmethod
     def from_dict(cls, data: Any) -> NormStatistics:
         keys = set(data) if isinstance(data, Mapping) else set()
-        if not {"format_version", "modules"} <= keys <= {"format_version", "modules", "privacy"}:
+        if (
+            not {"format_version", "modules"}
+            <= keys
+            <= {
+                "format_version",
+                "modules",
+                "privacy",
+                "score",
+            }
+        ):
             raise FormatError(
-                "statistics must be an object with format_version, modules and optionally privacy"
+                "statistics must be an object with format_version, modules and optionally "
+                "privacy and score"
             )
         if data["format_version"] != STATS_FORMAT_VERSION:
             raise FormatError(
@@ -194,7 +216,8 @@ class NormStatistics:
                 modules[str(name)] = RunningMoments.from_dict(moments)
             except FormatError as exc:
                 raise FormatError(f"statistics of module {name!r}: {exc}") from None
-        return cls(modules, _check_privacy(data["privacy"]) if "privacy" in data else None)
+        privacy = _check_privacy(data["privacy"]) if "privacy" in data else None
+        return cls(modules, privacy, data.get("score", "norm"))  # files before "score": norms
 
     def to_json_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()

@@ -90,6 +90,7 @@ class FederationSetup:
             a_sha256=fed.a_sha256,
             rank=fed.lora_rank,
             alpha=float(fed.lora_alpha),
+            stats_score=fed.calib_score,
             target_modules=tuple(fed.lora_target_modules),
             expected_tensors={n: (t.shape, t.dtype) for n, t in self.tensor_spec.items()},
             stats_modules=tuple(m.name for m in self.modules),

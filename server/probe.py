@@ -33,6 +33,7 @@ import torch
 
 from seqr_core.admission import AdmittedAdapter, check_stats_plausible
 from seqr_core.errors import AdmissionError, DataError, ShapeError, ValueCheckError
+from seqr_core.routing.gain import score_values
 from seqr_core.textdata import TextFile, read_text_folder, tokenize_chunks
 from server.federation_setup import FederationSetup
 
@@ -143,8 +144,11 @@ class Probe:
             text_sha256=digest,
         )
 
-    def norms(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """module -> (T,) float64 norms ||B A x|| of one adapter on the probe tokens."""
+    def norms(
+        self, tensors: Mapping[str, np.ndarray], score: str = "norm"
+    ) -> dict[str, np.ndarray]:
+        """module -> (T,) float64 values of one adapter on the probe tokens: norms ||B A x||,
+        or gains (divided by ||A x||) when ``score`` is "gain", what its statistics claim."""
         out = {}
         for module, h in self.projections.items():
             name = self.b_tensors[module]
@@ -155,13 +159,14 @@ class Probe:
                 raise ShapeError(
                     f"{name} has shape {tuple(b.shape)}; expected (d_out, {h.shape[1]})"
                 )
-            out[module] = (h @ b.T).norm(dim=-1).numpy()
+            norms = (h @ b.T).norm(dim=-1, keepdim=True)
+            out[module] = score_values(norms, h, score).reshape(-1).numpy()
         return out
 
     def check(self, adapter: AdmittedAdapter, *, max_sigma_ratio: float, max_mean_z: float) -> None:
         """AdmissionError("implausible_stats", ...) when the claimed statistics would hijack
         routing (see check_stats_plausible for the two bounds)."""
-        norms = self.norms(adapter.tensors)
+        norms = self.norms(adapter.tensors, adapter.stats.score)
         try:
             check_stats_plausible(
                 adapter.stats, norms, max_sigma_ratio=max_sigma_ratio, max_mean_z=max_mean_z

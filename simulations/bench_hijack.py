@@ -232,9 +232,10 @@ def run(cfg: HijackBenchConfig) -> dict[str, Any]:
     key = signing.load_private_key(work / "keys" / cfg.liar / signing.PRIVATE_KEY_NAME)
     own = NormStatistics.from_json_bytes(read_export(exports[cfg.liar])[NORM_STATS_NAME])
     lie = scaled_stats(own, cfg.mean_factor, cfg.std_factor)
+    score = setup.federation.calib_score  # what statistics (and so the probe values) measure
     subs[LIAR] = resign(exports[cfg.liar], work / "exports" / LIAR, key, lie, 1)
-    liar_public = probe.norms(_tensors(subs[LIAR]))
-    bound = bound_stats(liar_public, cfg.max_mean_z, cfg.max_sigma_ratio)
+    liar_public = probe.norms(_tensors(subs[LIAR]), score)
+    bound = bound_stats(liar_public, cfg.max_mean_z, cfg.max_sigma_ratio, score)
     subs[BOUND] = resign(exports[cfg.liar], work / "exports" / BOUND, key, bound, 2)
     admission = admit_all(cfg, subs, setup, probe, work)
     verdicts = admission["verdicts"]
@@ -254,7 +255,7 @@ def run(cfg: HijackBenchConfig) -> dict[str, Any]:
     }
     # The sweep computes the bound liar's scores from its norms; check it against RoutedModel.
     seq_len = setup.federation.train_seq_len
-    liar_eval = eval_probe.norms(_tensors(subs[LIAR]))
+    liar_eval = eval_probe.norms(_tensors(subs[LIAR]), score)
     per_seq = {m: v.reshape(-1, seq_len).mean(axis=1) for m, v in liar_eval.items()}
     parity = float(np.abs(sequence_scores(per_seq, bound) - scores[:, names.index(BOUND)]).max())
     honest_best = scores[:, [names.index(d) for d in honest]].max(axis=1)
@@ -262,7 +263,7 @@ def run(cfg: HijackBenchConfig) -> dict[str, Any]:
         liar_public,
         per_seq,
         honest_best,
-        {d: (stats[d], probe.norms(_tensors(subs[d]))) for d in honest},
+        {d: (stats[d], probe.norms(_tensors(subs[d]), score)) for d in honest},
     )
     result = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},

@@ -35,7 +35,7 @@ def moments(mean: float, std: float, count: int) -> RunningMoments:
 
 
 def scaled_stats(stats: NormStatistics, mean_factor: float, std_factor: float) -> NormStatistics:
-    out = NormStatistics()
+    out = NormStatistics(score=stats.score)
     for name, m in stats.modules.items():
         out.modules[name] = moments(
             float(m.mean[0]) * mean_factor, float(m.std[0]) * std_factor, m.count
@@ -44,10 +44,14 @@ def scaled_stats(stats: NormStatistics, mean_factor: float, std_factor: float) -
 
 
 def bound_stats(
-    probe_norms: Mapping[str, np.ndarray], max_mean_z: float, max_sigma_ratio: float
+    probe_norms: Mapping[str, np.ndarray],
+    max_mean_z: float,
+    max_sigma_ratio: float,
+    score: str = "norm",
 ) -> NormStatistics:
-    """The largest lie the plausibility check accepts, per module (just inside both bounds)."""
-    out = NormStatistics()
+    """The largest lie the plausibility check accepts, per module (just inside both bounds);
+    ``probe_norms`` are the probe values of the kind the statistics measure (``score``)."""
+    out = NormStatistics(score=score)
     for name, norms in probe_norms.items():
         mu, sigma = float(norms.mean()), float(norms.std())
         mean = max(mu - max_mean_z * sigma * (1 - 1e-6), 1e-12)

@@ -173,7 +173,8 @@ def evaluate(
     }
     if reference is not None:
         ref_batches = torch.split(torch.as_tensor(reference, dtype=torch.long), cfg.batch_size)
-        ref_stats = reference_statistics(model, adapters, ref_batches)
+        score = library.stats[adapters[0]].score  # the same kind as the adapters' own
+        ref_stats = reference_statistics(model, adapters, ref_batches, score=score)
         methods["seqr_public"] = build_routed_modules(model, adapters, stats=ref_stats)
     extra: ExtraScorers = {}
     arrow_model = None

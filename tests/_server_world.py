@@ -132,7 +132,7 @@ def resign(
 
 def lying_stats(honest: NormStatistics, mean_factor: float, std_factor: float) -> NormStatistics:
     """The routing-hijack lie: every module's mean and std scaled down."""
-    out = NormStatistics()
+    out = NormStatistics(score=honest.score)
     for name, m in honest.modules.items():
         std = m.std * std_factor
         out.modules[name] = RunningMoments(

@@ -70,6 +70,7 @@ def make_policy(key: Key, **overrides: Any) -> AdmissionPolicy:
         "target_modules": TARGETS,
         "expected_tensors": expected_tensors(),
         "stats_modules": STATS_MODULES,
+        "stats_score": "norm",  # make_export's statistics measure norms
         "allowed_keys": frozenset({signing.public_key_bytes(key).hex()}),
     }
     fields.update(overrides)
@@ -583,6 +584,13 @@ def test_bad_stats_rejected(
 ) -> None:
     files = submission(tmp_path, key, stats=stats())
     assert_rejected(files, policy, "bad_stats", match=match)
+
+
+def test_statistics_of_another_score_than_the_federations_rejected(
+    tmp_path: Path, key: Key
+) -> None:
+    files = submission(tmp_path, key)  # norm statistics
+    assert_rejected(files, make_policy(key, stats_score="gain"), "bad_stats", match="calib_score")
 
 
 def test_too_few_calibration_values_rejected(tmp_path: Path, key: Key) -> None:

@@ -34,8 +34,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     return model, data.train
 
 
-def _reference_norms(model, chunks: np.ndarray, active: bool) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
-    """||B A x|| from each LoRA layer's own forward: (layer(x) - base_layer(x)) / scaling."""
+def _reference_norms(
+    model, chunks: np.ndarray, active: bool, score: str = "norm"
+) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+    """||B A x|| from each LoRA layer's own forward: (layer(x) - base_layer(x)) / scaling;
+    for "gain" divided by ||A x||."""
     inputs: dict[str, torch.Tensor] = {}
     layers = lora_layers(model, "default")
     hooks = [
@@ -54,18 +57,24 @@ def _reference_norms(model, chunks: np.ndarray, active: bool) -> dict[str, np.nd
         for name, layer in layers.items():
             x = inputs[name]
             delta = (layer(x) - layer.base_layer(x)) / layer.scaling["default"]
-            out[name] = delta.norm(dim=-1).reshape(-1).double().numpy()
+            values = delta.norm(dim=-1)
+            if score == "gain":
+                values = values / layer.lora_A["default"](x).norm(dim=-1)
+            out[name] = values.reshape(-1).double().numpy()
     return out
 
 
-@pytest.mark.parametrize("active", [False, True])
-def test_statistics_equal_norms_computed_from_layer_outputs(trained, active: bool) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("active", "score"), [(False, "norm"), (True, "norm"), (False, "gain")])
+def test_statistics_equal_values_computed_from_layer_outputs(
+    trained, active: bool, score: str
+) -> None:  # type: ignore[no-untyped-def]
     model, chunks = trained
-    fed = FED.replace(calib_lora_active=active)
+    fed = FED.replace(calib_lora_active=active, calib_score=score)
     result = calibrate(model, chunks, fed, progress=False, batch_size=5)
     picked = chunks[pick_sequences(len(chunks), fed)]
     assert result.sequences == 12 and result.tokens == 12 * 32 and result.privacy is None
-    reference = _reference_norms(model, picked, active)
+    assert result.stats.score == score
+    reference = _reference_norms(model, picked, active, score)
     assert sorted(result.stats.modules) == sorted(reference)
     for name, moments in result.stats.modules.items():
         assert moments.count == 12 * 32

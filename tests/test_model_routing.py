@@ -6,8 +6,8 @@ import pytest
 import torch
 from _routed_lora import ADAPTERS, calibrate, lora_linears, make_peft_model, pad, token_ids
 
-from seqr_core.errors import ConfigError
-from seqr_core.model_routing import ModelRoutingConfig, RoutedModel
+from seqr_core.errors import ConfigError, ValueCheckError
+from seqr_core.model_routing import ModelRoutingConfig, RoutedModel, build_routed_modules
 from seqr_core.routing import ArrowRouter, BruteForceRouter, SeqrRouter, SpectrRouter
 
 
@@ -194,6 +194,35 @@ def test_bf16_first_pass_routes_a_copy_and_leaves_the_model_in_fp32(peft_model, 
         ModelRoutingConfig(first_pass_dtype="int8")
     with pytest.raises(ConfigError, match="per_sequence"):
         ModelRoutingConfig(mode="per_token", first_pass_dtype="bfloat16")
+
+
+def test_gain_scores_are_norms_per_unit_input_and_seqr_still_equals_brute_force(peft_model):
+    from seqr_core.model_routing import reference_statistics
+
+    stats = reference_statistics(peft_model, ADAPTERS, [token_ids(4, 10, seed=64)], score="gain")
+    ids = token_ids(3, 8, seed=65)
+    config = ModelRoutingConfig(mode="per_token", record=True)
+    seqr = RoutedModel(peft_model, config, stats=stats)
+    brute = RoutedModel(peft_model, config, stats=stats, router_factory=BruteForceRouter)
+    raw = RoutedModel(peft_model, ModelRoutingConfig(record=True))
+    with torch.no_grad():
+        seqr(ids)
+        brute(ids)
+    raw.route_sequences(ids)
+    first = "model.layers.0.self_attn.q_proj"  # its input is the same in every pass
+    module = next(m for m in seqr.modules if m.name == first)
+    assert module.score == "gain"
+    norms = raw.records[first].scores  # (B, T, N) raw norms
+    x = torch.nn.functional.embedding(ids, peft_model.get_base_model().model.embed_tokens.weight)
+    h = peft_model.get_base_model().model.layers[0].input_layernorm(x) @ module.A.T
+    gains = norms / h.norm(dim=-1, keepdim=True)
+    mean = torch.tensor([stats[a].modules[first].mean[0] for a in ADAPTERS], dtype=torch.float32)
+    std = torch.tensor([stats[a].modules[first].std[0] for a in ADAPTERS], dtype=torch.float32)
+    torch.testing.assert_close(seqr.records[first].scores, (gains - mean) / std)
+    for name, record in seqr.records.items():
+        assert torch.equal(record.indices, brute.records[name].indices), name
+    with pytest.raises(ValueCheckError, match="z-scores 'norm'"):
+        build_routed_modules(peft_model, ADAPTERS, stats=stats, score="norm")
 
 
 def test_pooled_statistics_give_pooled_z_scores(peft_model, stats):

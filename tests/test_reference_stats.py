@@ -1,16 +1,18 @@
 """Statistics on a shared public reference corpus equal the directly computed norms' moments."""
 
 import numpy as np
+import pytest
 import torch
 from _routed_lora import ADAPTERS, lora_linears, make_peft_model, token_ids
 
 from seqr_core.model_routing import ModelRoutingConfig, RoutedModel, reference_statistics
 
 
-def test_reference_statistics_are_the_moments_of_each_adapters_direct_norms():
+@pytest.mark.parametrize("score", ["norm", "gain"])
+def test_reference_statistics_are_the_moments_of_each_adapters_direct_values(score):
     model = make_peft_model(seed=1)
     batches = [token_ids(4, 10, seed=s) for s in (5, 6)]
-    stats = reference_statistics(model, ADAPTERS, batches)
+    stats = reference_statistics(model, ADAPTERS, batches, score=score)
     inputs: dict[str, list[torch.Tensor]] = {}
     layers = lora_linears(model)
     hooks = [
@@ -29,8 +31,12 @@ def test_reference_statistics_are_the_moments_of_each_adapters_direct_norms():
         for adapter in ADAPTERS:
             a = layer.lora_A[adapter].weight.double()
             b = layer.lora_B[adapter].weight.double()
-            norms = (x @ a.T @ b.T).norm(dim=-1).detach().numpy()
+            norms = (x @ a.T @ b.T).norm(dim=-1)
+            if score == "gain":
+                norms = norms / (x @ a.T).norm(dim=-1)
+            norms = norms.detach().numpy()
             moments = stats[adapter].modules[name]
+            assert stats[adapter].score == score
             assert moments.count == len(norms) == 80
             np.testing.assert_allclose(moments.mean, [norms.mean()], rtol=1e-5)
             np.testing.assert_allclose(moments.std, [norms.std()], rtol=1e-4)

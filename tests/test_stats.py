@@ -121,3 +121,15 @@ def test_privacy_record_travels_with_the_statistics_and_is_checked():
     bad["privacy"]["epsilon"] = -1
     with pytest.raises(FormatError, match="epsilon"):
         NormStatistics.from_dict(bad)
+
+
+def test_the_measured_score_travels_with_the_statistics_and_must_match_to_merge():
+    gains = NormStatistics(score="gain").update("m", [0.5, 0.7])
+    back = NormStatistics.from_json_bytes(gains.to_json_bytes())
+    assert back.score == "gain"
+    legacy = b'{"format_version": 1, "modules": {"m": {"count": 2, "mean": [1.0], "m2": [0.5]}}}'
+    assert NormStatistics.from_json_bytes(legacy).score == "norm"  # files before the field
+    with pytest.raises(FormatError, match="cannot merge"):
+        gains.merge(NormStatistics().update("m", [1.0, 2.0]))
+    with pytest.raises(FormatError, match="score"):
+        NormStatistics.from_json_bytes(legacy.replace(b"}}}", b'}}, "score": "energy"}'))

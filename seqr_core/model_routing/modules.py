@@ -24,6 +24,7 @@ from torch import nn
 from seqr_core.errors import ConfigError, SeqrError, ShapeError, ValueCheckError
 from seqr_core.routing import Router, SeqrRouter
 from seqr_core.routing.base import compute_dtype_for
+from seqr_core.routing.gain import check_score_kind, input_energy
 from seqr_core.stats import NormStatistics, RunningMoments
 
 RouterFactory = Callable[..., Router]
@@ -40,13 +41,18 @@ class RoutedModule:
     B: torch.Tensor  # (N, d_out, r), compute dtype
     scaling: float  # peft's alpha / r (or alpha / sqrt(r)), the same for every adapter
     router: Router
+    score: str = "norm"  # "gain": norms per unit ||A x|| (seqr_core.routing.gain)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """h = A x for flat rows (M, d_in): computed once, used to route and to apply."""
         return x.to(self.A.dtype) @ self.A.T  # (M, r)
 
     def scores(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """(M, N) scores: z-scores with statistics, else norms. SEQR reuses h (no extra A x)."""
+        """(M, N) scores: z-scores with statistics, else norms (or gains: x and h scaled by
+        1 / ||h||, which every router's norm follows). SEQR reuses h (no extra A x)."""
+        if self.score == "gain":
+            energy = input_energy(h)
+            x, h = x / energy.to(x.dtype), h / energy
         if isinstance(self.router, SeqrRouter):
             out = self.router.scores_from_projection(h)
         else:
@@ -149,6 +155,25 @@ def _moments(
     return moments
 
 
+def _score_kind(
+    stats: Mapping[str, NormStatistics] | None, adapters: Sequence[str], score: str | None
+) -> str:
+    if score is not None:
+        check_score_kind(score, "score")
+    if stats is None:
+        return score or "norm"
+    kinds = {a: stats[a].score for a in adapters if a in stats}
+    wanted = score or next(iter(kinds.values()), "norm")
+    wrong = {a: k for a, k in kinds.items() if k != wanted}
+    if wrong:
+        raise ValueCheckError(
+            f"statistics of {sorted(wrong)} measure {sorted(set(wrong.values()))} but routing "
+            f"z-scores {wanted!r}; every adapter's statistics must measure the same score "
+            "(the federation's calib_score)"
+        )
+    return wanted
+
+
 def build_routed_modules(
     peft_model: Any,
     adapters: Sequence[str],
@@ -156,12 +181,18 @@ def build_routed_modules(
     stats: Mapping[str, NormStatistics] | None = None,
     pooled: bool = False,
     router_factory: RouterFactory = SeqrRouter,
+    score: str | None = None,
 ) -> list[RoutedModule]:
-    """Every lora.Linear holding the adapters, each with its router (in ``adapters`` order)."""
+    """Every lora.Linear holding the adapters, each with its router (in ``adapters`` order).
+
+    score: "norm" or "gain"; None takes the kind the statistics were measured as (raw norms
+    without statistics). Statistics of another kind than ``score`` are refused.
+    """
     from peft.tuners.lora import LoraLayer
 
     if not adapters or len(set(adapters)) != len(adapters):
         raise ConfigError(f"adapters must be a non-empty list of unique names, got {adapters!r}")
+    score = _score_kind(stats, adapters, score)
     model = transformers_model(peft_model)
     routed = []
     for name, module in model.named_modules():
@@ -190,6 +221,7 @@ def build_routed_modules(
                 B=torch.stack([b.to(dtype) for b in Bs]),
                 scaling=scaling,
                 router=router,
+                score=score,
             )
         )
     if not routed:

@@ -18,29 +18,32 @@ from typing import Any
 import torch
 
 from seqr_core.errors import DataError
-from seqr_core.model_routing.modules import build_routed_modules
-from seqr_core.routing import Router
+from seqr_core.model_routing.modules import RoutedModule, build_routed_modules
 from seqr_core.stats import NormStatistics, RunningMoments
 
 
 @torch.no_grad()
 def reference_statistics(
-    peft_model: Any, adapters: Sequence[str], batches: Iterable[torch.Tensor]
+    peft_model: Any,
+    adapters: Sequence[str],
+    batches: Iterable[torch.Tensor],
+    *,
+    score: str = "gain",
 ) -> dict[str, NormStatistics]:
-    """Per-module token-norm statistics of every adapter on reference batches of token ids."""
-    modules = build_routed_modules(peft_model, adapters)  # raw norms: no statistics
+    """Per-module token statistics of every adapter's ``score`` ("gain" or "norm", as the
+    federation's calib_score) on reference batches of token ids."""
+    modules = build_routed_modules(peft_model, adapters, score=score)  # no statistics: raw
     moments = {m.name: RunningMoments(len(adapters)) for m in modules}
 
-    def hook_for(name: str, router: Router) -> Any:
+    def hook_for(module: RoutedModule) -> Any:
         def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
             x = args[0] if args else kwargs["x"]
-            moments[name].update(router.norms(x.reshape(-1, x.shape[-1])))  # (tokens, N)
+            flat = x.reshape(-1, x.shape[-1]).to(module.A.dtype)
+            moments[module.name].update(module.scores(flat, module.project(flat)))  # (T, N)
 
         return hook
 
-    handles = [
-        m.layer.register_forward_hook(hook_for(m.name, m.router), with_kwargs=True) for m in modules
-    ]
+    handles = [m.layer.register_forward_hook(hook_for(m), with_kwargs=True) for m in modules]
     seen = 0
     try:
         for input_ids in batches:
@@ -60,7 +63,8 @@ def reference_statistics(
             {
                 name: RunningMoments(1, m.count, m.mean[i : i + 1].copy(), m.m2[i : i + 1].copy())
                 for name, m in moments.items()
-            }
+            },
+            score=score,
         )
         for i, adapter in enumerate(adapters)
     }
