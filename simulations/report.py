@@ -73,6 +73,33 @@ def plot_routing_time(rows: list[dict[str, Any]], path: Path, title: str) -> Non
     plt.close(fig)
 
 
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The simulation issue's targets, each with the measured value and whether it is met."""
+    ev, run = report["evaluation"], report.get("run", {})
+    methods = ev["methods"]
+    seqr = methods.get("seqr", {})
+    out = []
+
+    def add(name: str, value: float | None, met: bool | None) -> None:
+        out.append({"target": name, "value": value, "met": met})
+
+    acc = seqr.get("routing_accuracy")
+    arrows = [methods[m]["routing_accuracy"] for m in ("arrow", "peft_arrow") if m in methods]
+    add("SEQR routing accuracy >= 0.95", acc, None if acc is None else acc >= 0.95)
+    best_arrow = max(arrows, default=None)
+    add("SEQR accuracy >= ARROW's (ours and peft's)", best_arrow,
+        None if acc is None or best_arrow is None else acc >= best_arrow)  # fmt: skip
+    agree = ev.get("agreement_seqr_brute_force")
+    add("SEQR choices identical to brute force (share)", agree, agree == 1.0)
+    oracle, routed = methods.get("oracle", {}).get("heldout_loss"), seqr.get("heldout_loss")
+    rel = None if oracle is None or routed is None else (routed - oracle) / oracle
+    add("routed held-out loss within 2% of the oracle's", rel, None if rel is None else rel <= 0.02)
+    wall = run.get("wall_seconds")
+    limit = 300 if run.get("quick") else 3600
+    add(f"wall time <= {limit} s", wall, None if wall is None else wall <= limit)
+    return out
+
+
 def _fmt(value: Any, spec: str = ".3f") -> str:
     return "—" if value is None else format(value, spec)
 
@@ -122,6 +149,10 @@ def markdown(report: dict[str, Any]) -> str:
         loss = methods[name]["heldout_loss"]
         rel = "—" if not oracle else f"{(loss - oracle) / oracle:+.2%}"
         lines.append(f"| {name} | {loss:.4f} | {methods[name]['perplexity']:.2f} | {rel} |")
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for t in report.get("targets", []):
+        met = {True: "yes", False: "**no**", None: "—"}[t["met"]]
+        lines.append(f"| {t['target']} | {_fmt(t['value'], '.4g')} | {met} |")
     lines += ["", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in report.get("plots", [])]
     if report.get("notes"):
@@ -165,6 +196,6 @@ def write_report(report: dict[str, Any], out: Path, timing_rows: list[dict[str, 
         )
     for name, draw in plots.items():
         draw(out / name)
-    report = {**report, "plots": list(plots)}
+    report = {**report, "plots": list(plots), "targets": targets(report)}
     write_atomic(out / "report.json", json.dumps(report, indent=2).encode())
     write_atomic(out / "report.md", markdown(report).encode())

@@ -123,6 +123,7 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
         )
         // 2**20,
         "peak_rss_mib_federation_total": federation.peak_rss_total // 2**20,
+        "quick": cfg.quick,
         "machine": platform.platform(),
         "config": {k: str(v) for k, v in asdict(cfg).items()},
     }

@@ -45,6 +45,9 @@ def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["evaluation"]["agreement_seqr_brute_force"] == 1.0
     assert "| seqr |" in (tmp_path / "report.md").read_text()
+    met = {t["target"]: t["met"] for t in report["targets"]}
+    assert met["SEQR choices identical to brute force (share)"] is True
+    assert met["wall time <= 3600 s"] is None  # no run section: not measured, not "met"
     for plot in ("confusion_seqr.png", "accuracy.png", "loss.png"):
         assert (tmp_path / plot).stat().st_size > 5_000
 
