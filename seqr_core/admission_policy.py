@@ -55,7 +55,7 @@ class AdmissionPolicy:
     max_clock_skew: timedelta = timedelta(minutes=5)  # how far `created` may be in the future
     max_age: timedelta = timedelta(days=7)  # how far `created` may be in the past
     min_stats_count: int = 1  # norm values (tokens) per module behind the statistics
-    max_mean_z: float = 1.0  # check_stats_plausible: probe stds the claimed mean may sit below
+    max_mean_z: float = 2.0  # check_stats_plausible: probe stds the claimed mean may sit below
     max_sigma_ratio: float = 3.0  # check_stats_plausible: probe std / claimed std at most this
 
     def __post_init__(self) -> None:

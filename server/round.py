@@ -113,7 +113,7 @@ class RoundRunner:
         probe: Probe,
         replay: ReplayStore,
         *,
-        max_mean_z: float = 1.0,
+        max_mean_z: float = 2.0,
         max_sigma_ratio: float = 3.0,
         max_age: timedelta = timedelta(days=7),
     ) -> None:

@@ -68,7 +68,7 @@ class HijackBenchConfig:
     std_factor: float = 0.05  # claimed std = factor x honest std
     probe_text: str = ""  # server probe text ("" = the server's built-in default)
     probe_tokens: int = 4096
-    max_mean_z: float = 1.0
+    max_mean_z: float = 2.0
     max_sigma_ratio: float = 3.0
     out: Path = field(default_factory=lambda: Path("runs/bench_hijack"))
 
