@@ -49,7 +49,10 @@ def test_group_of_three_federates_one_audited_adapter_over_two_rounds(tmp_path: 
                   "server-keys": str(tmp_path / "server-key"), "data-dir": str(data),
                   "signing-key": str(keys), "min-nodes": 4, "train-timeout-s": 240.0,
                   "task-groups": "g:g_part0,g_part1,g_part2", "num-group-rounds": 2,
-                  "group-local-steps": 2, "group-timeout-s": 240.0}  # fmt: skip
+                  "group-local-steps": 2, "group-timeout-s": 240.0,
+                  # The tiny random model's group adapter on near-identical parts has gain std
+                  # ~5x below the probe's; this test is about the group, not plausibility.
+                  "max-sigma-ratio": 10.0}  # fmt: skip
     app = write_group_app(tmp_path / "app")
     # Execute: one real Flower run on a private SuperLink.
     with local_superlink(tmp_path / "work") as link:

@@ -60,8 +60,9 @@ def test_route_picks_the_adapter_of_each_domain(world: RouteWorld) -> None:
 
 @torch.no_grad()
 def reference_scores(world: RouteWorld, text: str) -> dict[str, float]:
-    """Mean over tokens and LoRA modules of (||B A x|| - mean) / std, straight from the
-    registry's files and a plain transformers model (no peft, no seqr routing code)."""
+    """Mean over tokens and LoRA modules of (value - mean) / std, value = ||B A x|| or, for
+    gain statistics, ||B A x|| / ||A x||: straight from the registry's files and a plain
+    transformers model (no peft, no seqr routing code)."""
     base = load_base_model(str(world.model_dir))
     ids = base.tokenizer(text, return_tensors="pt")["input_ids"]
     inputs: dict[str, torch.Tensor] = {}
@@ -84,7 +85,10 @@ def reference_scores(world: RouteWorld, text: str) -> dict[str, float]:
             a = tensors[f"base_model.model.{name}.lora_A.weight"]
             b = tensors[f"base_model.model.{name}.lora_B.weight"]
             moments = stats.modules[name]
-            z.append(((x @ a.T @ b.T).norm(dim=-1) - moments.mean[0]) / moments.std[0])
+            value = (x @ a.T @ b.T).norm(dim=-1)
+            if stats.score == "gain":
+                value = value / (x @ a.T).norm(dim=-1)
+            z.append((value - moments.mean[0]) / moments.std[0])
         scores[entry.name] = float(torch.stack(z).mean())
     return scores
 
