@@ -9,7 +9,7 @@ O(modules B N) unless the full scores are recorded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,15 +56,31 @@ def scored_modules(
 
 
 @torch.no_grad()
+def base_pass(peft_model: Any) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """The first pass on the peft model itself, every row on the base model: peft's
+    mixed-batch placeholder ``"__base__"`` switches the adapters off for this call only."""
+
+    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        return peft_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            adapter_names=["__base__"] * int(input_ids.shape[0]),
+            logits_to_keep=1,  # only the module inputs are needed, not the vocabulary logits
+        )
+
+    return run
+
+
 def collect_scores(
-    peft_model: Any,
+    run_base: Callable[[torch.Tensor, torch.Tensor], Any],
     modules: Sequence[RoutedModule],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     *,
     record: bool = False,
 ) -> ScoreSums:
-    """Run the base model once and sum every module's token scores per sequence."""
+    """Run the base model once (``run_base(input_ids, attention_mask)``, e.g. base_pass)
+    and sum every module's token scores per sequence."""
     sums = ScoreSums()
 
     def hook_for(module: RoutedModule) -> Any:
@@ -83,12 +99,7 @@ def collect_scores(
 
     handles = [m.layer.register_forward_hook(hook_for(m), with_kwargs=True) for m in modules]
     try:
-        peft_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            adapter_names=["__base__"] * int(input_ids.shape[0]),
-            logits_to_keep=1,  # only the module inputs are needed, not the vocabulary logits
-        )
+        run_base(input_ids, attention_mask)
     finally:
         for handle in handles:
             handle.remove()

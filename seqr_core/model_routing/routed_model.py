@@ -16,13 +16,12 @@ from typing import Any
 import torch
 
 from seqr_core.errors import ConfigError, ShapeError
-from seqr_core.model_routing.collect import collect_scores, scored_modules
+from seqr_core.model_routing.collect import base_pass, collect_scores, scored_modules
 from seqr_core.model_routing.config import ModelRoutingConfig
 from seqr_core.model_routing.modules import (
     RoutedModule,
     RouterFactory,
     build_routed_modules,
-    transformers_model,
 )
 from seqr_core.model_routing.per_sequence import RoutingDecision, check_batch, decide
 from seqr_core.model_routing.per_token import ModuleRecord, per_token_routing
@@ -65,7 +64,7 @@ class RoutedModel:
             router_factory=router_factory,
         )
         self.scored_modules = scored_modules(self.modules, self.config)
-        self._first_pass: tuple[Any, list[RoutedModule]] | None = None
+        self._pass_copy: tuple[torch.nn.Module, list[RoutedModule]] | None = None
         # Last forward's per-module scores and choices, by module name (config.record only).
         self.records: dict[str, ModuleRecord] = {}
         self.last_decision: RoutingDecision | None = None
@@ -83,24 +82,34 @@ class RoutedModel:
         """One adapter per sequence from a first pass on the base model (padding masked)."""
         self._check_call({})
         input_ids, attention_mask = check_batch(input_ids, attention_mask)
-        model, modules = self._first_pass_model()
-        sums = collect_scores(model, modules, input_ids, attention_mask, record=self.config.record)
+        run_base, modules = self._first_pass()
+        sums = collect_scores(
+            run_base, modules, input_ids, attention_mask, record=self.config.record
+        )
         if self.config.record:
             self.records = sums.records
         self.last_decision = decide(sums, attention_mask, self.config, self.adapters)
         return self.last_decision
 
-    def _first_pass_model(self) -> tuple[Any, list[RoutedModule]]:
-        """The model the first pass runs on, and its scored modules' routers hooked into it."""
+    def _first_pass(self) -> tuple[Any, list[RoutedModule]]:
+        """How the first pass runs, and the scored modules' routers hooked into that model."""
         dtype = self.config.first_pass_dtype
         if dtype is None:
-            return self.peft_model, self.scored_modules
-        if self._first_pass is None:  # built once: a snapshot, like the routers
-            model = copy.deepcopy(self.peft_model).to(getattr(torch, dtype)).eval()
-            layers = dict(transformers_model(model).named_modules())
+            return base_pass(self.peft_model), self.scored_modules
+        if self._pass_copy is None:  # built once: a snapshot, like the routers
+            # The base weights only (unload drops the LoRA layers, which are off in this pass)
+            # and only the decoder stack: the vocabulary head is not needed for module inputs.
+            full = copy.deepcopy(self.peft_model).unload()
+            layers = dict(full.named_modules())
             modules = [dataclasses.replace(m, layer=layers[m.name]) for m in self.scored_modules]
-            self._first_pass = (model, modules)
-        return self._first_pass
+            decoder = full.get_decoder().to(getattr(torch, dtype)).eval()
+            self._pass_copy = (decoder, modules)
+        decoder, modules = self._pass_copy
+
+        def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+            return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+        return run, modules
 
     @contextmanager
     def per_token(self) -> Iterator[None]:
