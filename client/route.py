@@ -57,7 +57,7 @@ class RouterConfig:
     max_input_tokens: int = 1024  # longer inputs keep their LAST tokens (generation continues)
     device: str = "cpu"  # torch device of the model ("cuda" on a GPU machine)
     progress: bool = False  # tqdm bar over batches
-    # per_sequence: the routing pass on a copy in this dtype ("bfloat16": ~2.5x faster on CPUs
+    # per_sequence: the routing pass on a copy in this dtype ("bfloat16": ~3x faster on CPUs
     # with AMX, see ModelRoutingConfig.first_pass_dtype); None runs it on the model itself.
     first_pass_dtype: str | None = None
 

@@ -48,7 +48,7 @@ class ModelRoutingConfig:
         in this dtype, e.g. ``"bfloat16"``; None runs it on the model itself. The decision is
         still exact SEQR over that pass's activations (brute force on the same pass agrees),
         but bf16 activations may flip near-ties. Costs one copy of the weights in that dtype;
-        on CPUs with bf16 matrix units (AMX) the pass runs ~2.5x faster, which keeps routed
+        on CPUs with bf16 matrix units (AMX) the pass runs ~3x faster, which keeps routed
         generation within a few percent of generating with the chosen adapter alone.
     record: keep the last forward's per-module scores and choices (``RoutedModel.records``).
     """
