@@ -55,7 +55,6 @@ def scored_modules(
     return [m for m in modules if m.layer_index in config.layers]
 
 
-@torch.no_grad()
 def base_pass(peft_model: Any) -> Callable[[torch.Tensor, torch.Tensor], Any]:
     """The first pass on the peft model itself, every row on the base model: peft's
     mixed-batch placeholder ``"__base__"`` switches the adapters off for this call only."""
@@ -71,6 +70,7 @@ def base_pass(peft_model: Any) -> Callable[[torch.Tensor, torch.Tensor], Any]:
     return run
 
 
+@torch.no_grad()
 def collect_scores(
     run_base: Callable[[torch.Tensor, torch.Tensor], Any],
     modules: Sequence[RoutedModule],
