@@ -185,7 +185,6 @@ def test_bf16_first_pass_routes_a_copy_and_leaves_the_model_in_fp32(peft_model, 
     )
     decision = fast.route_sequences(ids)
     assert decision.names == brute.route_sequences(ids).names  # exact over the same bf16 pass
-    assert not decision.scores.requires_grad  # the pass builds no autograd graph
     assert next(peft_model.parameters()).dtype == torch.float32
     copy_params = list(fast._pass_copy[0].parameters())
     assert copy_params and all(p.dtype == torch.bfloat16 for p in copy_params)
