@@ -72,15 +72,23 @@ def membership(msg: Message, context: Context) -> Message:
         return _failure(msg, exc)
 
 
+def _work_at_global_b(msg: Message, context: Context) -> tuple[dict[str, Any], Any]:
+    """(group settings, this node's loaded GroupWork with the message's global B set)."""
+    from client.group_train import load_group_work, set_b
+
+    fed, group = _read_config(msg)
+    work = load_group_work(_data_dir(context), fed, _setting(context, "cache-dir"))
+    set_b(work.peft_model, _numpy(msg.content[ARRAYS_RECORD]))
+    return group, work
+
+
 def train(msg: Message, context: Context) -> Message:
     """One local round from the global B; reply B, the weight and the mean loss."""
     try:
-        from client.group_train import load_group_work, set_b, train_round
+        from client.group_train import train_round
 
-        fed, group = _read_config(msg)
-        work = load_group_work(_data_dir(context), fed, _setting(context, "cache-dir"))
+        group, work = _work_at_global_b(msg, context)
         incoming = msg.content[ARRAYS_RECORD]
-        set_b(work.peft_model, _numpy(incoming))
         losses = train_round(work, int(group["group-round"]), int(group["group-local-steps"]))
         b = _b_in_order(work.peft_model, list(incoming.keys()))
         metrics = MetricRecord(
@@ -99,13 +107,10 @@ def train(msg: Message, context: Context) -> Message:
 def statistics(msg: Message, context: Context) -> Message:
     """Partial statistics of the final group adapter on this node's data, signed."""
     try:
-        from client.group_train import load_group_work, set_b
         from client.group_train import statistics as measure
 
-        fed, group = _read_config(msg)
-        work = load_group_work(_data_dir(context), fed, _setting(context, "cache-dir"))
+        group, work = _work_at_global_b(msg, context)
         incoming = _numpy(msg.content[ARRAYS_RECORD])
-        set_b(work.peft_model, incoming)
         result, loss = measure(work)
         stats = result.stats.to_json_bytes()
         signed = _sign(context, group, "statistics", int(group["group-rounds"]),

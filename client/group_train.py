@@ -52,22 +52,12 @@ def load_group_work(
     data_dir: Path, fed: FederationConfig, cache_dir: str | None = None
 ) -> GroupWork:
     """Base model + LoRA-FA wrapper + tokenized data, loaded once per process and data set."""
-    from seqr_core.base_model import load_base_model
-    from seqr_core.textdata import load_text_data
+    from client.task import load_model_and_data
 
     key = (str(Path(data_dir).resolve()), fed.fingerprint(), cache_dir or "")
     if key in _CACHE:
         return _CACHE[key]
-    base = load_base_model(
-        fed.base_model, cache_dir=cache_dir, expected_sha256=fed.base_model_sha256
-    )
-    data = load_text_data(
-        data_dir,
-        base.tokenizer,
-        seq_len=fed.train_seq_len,
-        heldout_fraction=fed.train_heldout_fraction,
-        seed=fed.data_seed,
-    )
+    base, data = load_model_and_data(Path(data_dir), fed, cache_dir=cache_dir)
     peft_model, _ = make_lora_model(base.model, fed)
     _CACHE.clear()  # one data set per process: never hold two base models
     _CACHE[key] = GroupWork(peft_model, data.train, data.heldout, fed, key)

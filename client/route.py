@@ -37,6 +37,7 @@ from seqr_core.errors import ConfigError, DataError, ModelError, RegistryError, 
 from seqr_core.federation import DEFAULT_BASE_MODEL
 from seqr_core.manifest import Manifest, parse_manifest, verify_export_files
 from seqr_core.model_routing import ModelRoutingConfig, RoutedModel, RoutingDecision
+from seqr_core.model_routing.config import FIRST_PASS_DTYPES
 from seqr_core.model_routing.per_token import ModuleRecord, per_token_routing
 from seqr_core.registry import AuditConfig, AuditReport, EntryReport, audit_registry, store
 from seqr_core.registry.metadata import ADAPTER_FILE, MANIFEST_FILE, MANIFEST_SIG_FILE, STATS_FILE
@@ -74,10 +75,10 @@ class RouterConfig:
                 raise ConfigError(
                     f"RouterConfig.{name} = {value!r} must be an int in [{low}, {high}]"
                 )
-        if self.first_pass_dtype not in (None, "float32", "bfloat16", "float16"):
+        if self.first_pass_dtype not in (None, *FIRST_PASS_DTYPES):
             raise ConfigError(
-                f"RouterConfig.first_pass_dtype = {self.first_pass_dtype!r} must be None, "
-                "float32, bfloat16 or float16"
+                f"RouterConfig.first_pass_dtype = {self.first_pass_dtype!r} must be None or "
+                f"one of {FIRST_PASS_DTYPES}"
             )
         try:
             torch.device(self.device)

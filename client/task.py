@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from client.calibrate import CalibrationResult, calibrate
 from client.export import check_adapter_name, default_name, export_adapter
 from client.train import TrainResult, heldout_loss, make_lora_model, train_adapter
-from seqr_core.base_model import load_base_model
+from seqr_core.base_model import BaseModel, load_base_model
 from seqr_core.errors import ConfigError
 from seqr_core.federation import FederationConfig
 from seqr_core.manifest import ADAPTER_WEIGHTS_NAME, Manifest
 from seqr_core.signing import load_private_key
-from seqr_core.textdata import load_text_data, read_text_folder
+from seqr_core.textdata import TextData, TextFile, load_text_data, read_text_folder
 
 log = logging.getLogger("seqr.client")
 
@@ -38,6 +39,29 @@ class ClientRun:
 
 def checkpoint_dir_for(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.checkpoints"
+
+
+def load_model_and_data(
+    data_dir: Path,
+    fed: FederationConfig,
+    *,
+    cache_dir: str | Path | None = None,
+    files: Sequence[TextFile] | None = None,
+) -> tuple[BaseModel, TextData]:
+    """The federation's base model (hash checked) and ``data_dir`` tokenized and split as every
+    client splits it (train / held-out by the federation's fraction and seed)."""
+    base = load_base_model(
+        fed.base_model, cache_dir=cache_dir, expected_sha256=fed.base_model_sha256
+    )
+    data = load_text_data(
+        data_dir,
+        base.tokenizer,
+        seq_len=fed.train_seq_len,
+        heldout_fraction=fed.train_heldout_fraction,
+        seed=fed.data_seed,
+        files=files,
+    )
+    return base, data
 
 
 def run_client(
@@ -61,17 +85,7 @@ def run_client(
     private_key = load_private_key(Path(key_path), passphrase)
     name = check_adapter_name(name if name is not None else default_name(data_dir))
     files = read_text_folder(data_dir)
-    base = load_base_model(
-        fed.base_model, cache_dir=cache_dir, expected_sha256=fed.base_model_sha256
-    )
-    data = load_text_data(
-        data_dir,
-        base.tokenizer,
-        seq_len=fed.train_seq_len,
-        heldout_fraction=fed.train_heldout_fraction,
-        seed=fed.data_seed,
-        files=files,
-    )
+    base, data = load_model_and_data(data_dir, fed, cache_dir=cache_dir, files=files)
     log.info("%s: %d files, %d train / %d held-out chunks of %d tokens", data_dir, data.files,
              len(data.train), len(data.heldout), data.seq_len)  # fmt: skip
     peft_model, a_sha256 = make_lora_model(base.model, fed)

@@ -23,7 +23,7 @@ _MODES = ("per_token", "per_sequence")
 _WEIGHTINGS = ("softmax", "uniform")
 _AGGREGATIONS = ("mean", "vote")
 _SCOPES = ("per_module", "pooled")
-_PASS_DTYPES = ("float32", "bfloat16", "float16")
+FIRST_PASS_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,9 @@ class ModelRoutingConfig:
         if self.statistics not in _SCOPES:
             raise ConfigError(f"statistics must be one of {_SCOPES}, got {self.statistics!r}")
         if self.first_pass_dtype is not None:
-            if self.first_pass_dtype not in _PASS_DTYPES:
+            if self.first_pass_dtype not in FIRST_PASS_DTYPES:
                 raise ConfigError(
-                    f"first_pass_dtype must be None or one of {_PASS_DTYPES}, "
+                    f"first_pass_dtype must be None or one of {FIRST_PASS_DTYPES}, "
                     f"got {self.first_pass_dtype!r}"
                 )
             if self.mode != "per_sequence":
