@@ -6,7 +6,8 @@ anchor, and random choice; held-out loss with the routed adapter against the ora
 true domain's adapter), the base model and the exact uniform merge; per-token routing; and
 routing time. Each domain's held-out chunks are split into a validation half, on which the
 one free setting (which layers' scores to aggregate) is chosen per method, and a test half on
-which everything is reported (SEQR.md: never tune on the test split).
+which everything is reported (SEQR.md: never tune on the test split). The calibration SEQR
+z-scores with (own, reference or blended statistics) is chosen on validation the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from seqr_core.errors import ConfigError, DataError
 from seqr_core.model_routing import (
     ModelRoutingConfig,
     RoutedModel,
+    blend_statistics,
     build_routed_modules,
     reference_statistics,
 )
@@ -38,6 +40,8 @@ ROUTED_METHODS: dict[str, tuple[Callable[..., Any], bool]] = {
     "brute_force": (BruteForceRouter, True),  # same scores as "seqr": checks exactness
     "arrow": (ArrowRouter, False),
 }
+# SEQR under each calibration: own statistics, router-measured reference ones, both averaged.
+SEQR_CALIBRATIONS = ("seqr", "seqr_public", "seqr_blend")
 # Aggregation candidates chosen on validation data: decoder layers whose scores count.
 LAYER_SUBSETS = {"all layers": 0.0, "upper half": 0.5, "upper third": 2 / 3}
 
@@ -160,7 +164,8 @@ def evaluate(
 
     ``reference``: chunks of public text outside every client's domain; with it, method
     "seqr_public" z-scores SEQR norms against statistics the router measures on that text
-    (seqr_core.model_routing.reference) instead of the adapters' own claims.
+    (seqr_core.model_routing.reference) instead of the adapters' own claims, and "seqr_blend"
+    averages both z-scores. "seqr_selected" names the calibration best on validation.
     """
     model, adapters = library.peft_model, library.adapters
     data = split_heldout(heldout, adapters, cfg)
@@ -176,6 +181,8 @@ def evaluate(
         score = library.stats[adapters[0]].score  # the same kind as the adapters' own
         ref_stats = reference_statistics(model, adapters, ref_batches, score=score)
         methods["seqr_public"] = build_routed_modules(model, adapters, stats=ref_stats)
+        blend = blend_statistics(library.stats, ref_stats)
+        methods["seqr_blend"] = build_routed_modules(model, adapters, stats=blend)
     extra: ExtraScorers = {}
     arrow_model = None
     if cfg.peft_arrow and make_base is not None and export_paths is not None:
@@ -199,6 +206,8 @@ def evaluate(
         "routing_accuracy": accuracy(random_choice[test], data.labels[test]),
         "confusion": confusion(random_choice[test], data.labels[test], n),
     }
+    calibrations = [m for m in SEQR_CALIBRATIONS if m in results]
+    selected = max(calibrations, key=lambda m: max(results[m]["validation_accuracy"].values()))
     agreement = float((decisions["seqr"][test] == decisions["brute_force"][test]).double().mean())
     token_choices = {
         m: torch.cat(scores[m].token_means).argmax(-1) for m in ("seqr", "brute_force")
@@ -214,6 +223,7 @@ def evaluate(
         "validation_sequences": int(val.sum()),
         "sequence_tokens": int(data.ids.shape[1]),
         "methods": results,
+        "seqr_selected": selected,
         "agreement_seqr_brute_force": agreement,
         "agreement_seqr_brute_force_per_token": token_agreement,
     }
@@ -263,7 +273,7 @@ def _losses(
         "base": ["__base__"] * rows,
         "uniform_merge": [merged] * rows,
     }
-    for method in ("seqr", "seqr_public", "seqr_raw", "arrow", "random"):
+    for method in (*SEQR_CALIBRATIONS, "seqr_raw", "arrow", "random"):
         if method in decisions:
             plans[method] = [adapters[i] for i in decisions[method][data.is_test].tolist()]
     pair_loss = pair_losses(model, ids, plans.values(), cfg.batch_size)

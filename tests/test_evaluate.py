@@ -8,7 +8,7 @@ from _routed_lora import ADAPTERS, calibrate, make_peft_model, token_ids
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from seqr_core.model_routing import ModelRoutingConfig, RoutedModel
-from simulations.evaluate import EvalConfig, evaluate, split_heldout
+from simulations.evaluate import SEQR_CALIBRATIONS, EvalConfig, evaluate, split_heldout
 from simulations.library import AdapterLibrary, add_uniform_merge
 from simulations.report import write_report
 
@@ -32,8 +32,19 @@ def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
     reference = token_ids(6, 12, seed=99).numpy()  # "public" text: all token ranges
     result = evaluate(library, heldout_by_domain(), cfg, reference=reference)
     methods = result["methods"]
-    assert methods["seqr_public"]["heldout_loss"] > 0
-    for name in ("seqr", "seqr_public", "seqr_raw", "spectr", "brute_force", "arrow", "random"):
+    assert methods["seqr_public"]["heldout_loss"] > 0 and methods["seqr_blend"]["heldout_loss"] > 0
+    val_best = {m: max(methods[m]["validation_accuracy"].values()) for m in SEQR_CALIBRATIONS}
+    assert val_best[result["seqr_selected"]] == max(val_best.values())
+    for name in (
+        "seqr",
+        "seqr_public",
+        "seqr_blend",
+        "seqr_raw",
+        "spectr",
+        "brute_force",
+        "arrow",
+        "random",
+    ):
         assert 0.0 <= methods[name]["routing_accuracy"] <= 1.0
         assert sum(map(sum, methods[name]["confusion"])) == result["test_sequences"] == 12
     assert result["agreement_seqr_brute_force"] == 1.0

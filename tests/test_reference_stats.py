@@ -1,11 +1,19 @@
-"""Statistics on a shared public reference corpus equal the directly computed norms' moments."""
+"""Statistics on a shared public reference corpus equal the directly computed norms' moments;
+blended statistics z-score as the mean of the own and reference z-scores."""
 
 import numpy as np
 import pytest
 import torch
 from _routed_lora import ADAPTERS, lora_linears, make_peft_model, token_ids
 
-from seqr_core.model_routing import ModelRoutingConfig, RoutedModel, reference_statistics
+from seqr_core.errors import ShapeError
+from seqr_core.model_routing import (
+    ModelRoutingConfig,
+    RoutedModel,
+    blend_statistics,
+    reference_statistics,
+)
+from seqr_core.stats import NormStatistics, RunningMoments
 
 
 @pytest.mark.parametrize("score", ["norm", "gain"])
@@ -48,3 +56,27 @@ def test_reference_statistics_plug_into_the_routed_model():
     routed = RoutedModel(model, ModelRoutingConfig(), adapters=ADAPTERS, stats=stats)
     decision = routed.route_sequences(token_ids(3, 12, seed=10))
     assert decision.indices.shape == (3,)
+
+
+def _stats(mean, std, count=50, score="gain"):
+    moments = RunningMoments(1, count, np.array([mean]), np.array([std**2 * count]))
+    return NormStatistics({"layer.q_proj": moments}, score=score)
+
+
+def test_blended_z_score_is_the_mean_of_the_own_and_reference_z_scores():
+    own = {"a": _stats(2.0, 0.5), "b": _stats(1.0, 3.0)}
+    ref = {"a": _stats(1.0, 2.0, count=80), "b": _stats(4.0, 0.25, count=80)}
+    blend = blend_statistics(own, ref)
+    for name in own:
+        for g in (-1.0, 0.3, 2.0, 7.5):
+            z = [(g - s.modules["layer.q_proj"].mean[0]) / s.modules["layer.q_proj"].std[0]
+                 for s in (own[name], ref[name], blend[name])]  # fmt: skip
+            assert z[2] == pytest.approx((z[0] + z[1]) / 2)
+        assert blend[name].score == "gain"
+
+
+def test_blend_refuses_statistics_of_different_adapters_or_scores():
+    with pytest.raises(ShapeError, match="adapters"):
+        blend_statistics({"a": _stats(1, 1)}, {"b": _stats(1, 1)})
+    with pytest.raises(ShapeError, match="same score"):
+        blend_statistics({"a": _stats(1, 1)}, {"a": _stats(1, 1, score="norm")})

@@ -9,7 +9,7 @@ from seqr_core.model_routing.config import ModelRoutingConfig
 from seqr_core.model_routing.modules import RoutedModule, build_routed_modules
 from seqr_core.model_routing.per_sequence import RoutingDecision
 from seqr_core.model_routing.per_token import ModuleRecord, topk_weights
-from seqr_core.model_routing.reference import reference_statistics
+from seqr_core.model_routing.reference import blend_statistics, reference_statistics
 from seqr_core.model_routing.routed_model import RoutedModel
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "RoutedModel",
     "RoutedModule",
     "RoutingDecision",
+    "blend_statistics",
     "build_routed_modules",
     "reference_statistics",
     "topk_weights",

@@ -8,16 +8,21 @@ Measuring every adapter's norms on the SAME public reference text removes both: 
 then says how much more this input excites adapter i than generic text does, and no one but
 the router supplies the numbers. The norm convention is calibration's (unscaled ||B A x|| on
 the base model's module inputs), so the result plugs into RoutedModel(stats=...).
+
+The two calibrations fail differently (own statistics: an adapter with narrow statistics takes
+foreign inputs; reference ones: domains near the reference text look alike), so
+``blend_statistics`` averages both z-scores, which is again a z-score with its own mean and std.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
-from seqr_core.errors import DataError
+from seqr_core.errors import DataError, ShapeError
 from seqr_core.model_routing.modules import RoutedModule, build_routed_modules
 from seqr_core.stats import NormStatistics, RunningMoments
 
@@ -68,3 +73,36 @@ def reference_statistics(
         )
         for i, adapter in enumerate(adapters)
     }
+
+
+def blend_statistics(
+    own: Mapping[str, NormStatistics], reference: Mapping[str, NormStatistics]
+) -> dict[str, NormStatistics]:
+    """Statistics whose z-score is the mean of the own and the reference z-scores.
+
+    (g - mu_o) / s_o + (g - mu_r) / s_r = (g - mu) * (1 / s_o + 1 / s_r), so the average is
+    (g - mu) / s with s = 2 / (1 / s_o + 1 / s_r) (harmonic mean of the stds) and
+    mu = s (mu_o / s_o + mu_r / s_r) / 2: an ordinary z-score any router can apply.
+    """
+    if set(own) != set(reference):
+        raise ShapeError(
+            f"own statistics cover adapters {sorted(own)} but reference ones {sorted(reference)}"
+        )
+    return {name: _blend(own[name], reference[name], name) for name in own}
+
+
+def _blend(own: NormStatistics, ref: NormStatistics, adapter: str) -> NormStatistics:
+    if own.score != ref.score or set(own.modules) != set(ref.modules):
+        raise ShapeError(
+            f"adapter {adapter!r}: own and reference statistics measure different scores or "
+            "modules; compute the reference with the same score and LoRA modules"
+        )
+    modules = {}
+    for module, o in own.modules.items():
+        r = ref.modules[module]
+        std_o, std_r = np.maximum(o.std, 1e-12), np.maximum(r.std, 1e-12)
+        std = 2.0 / (1.0 / std_o + 1.0 / std_r)
+        mean = std * (o.mean / std_o + r.mean / std_r) / 2.0
+        count = min(o.count, r.count)
+        modules[module] = RunningMoments(o.n, count, mean, std**2 * count)
+    return NormStatistics(modules, score=own.score)
