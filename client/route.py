@@ -12,7 +12,10 @@
 4. One peft model is built from the SIGNED manifest fields (rank, alpha, target modules) and
    the safetensors bytes; adapter_config.json's free-form peft options (DoRA, modules_to_save,
    ...) are never applied, since they would change what runs.
-5. A RoutedModel scores every adapter with SEQR z-scores (each adapter's own norm statistics).
+5. A RoutedModel scores every adapter with SEQR z-scores: by default against each adapter's own
+   signed statistics; with ``calibration="reference"`` against statistics this router measures
+   on public text it trusts (``reference``: a folder of text files), so no adapter author
+   supplies the numbers; ``"blend"`` averages both z-scores (model_routing.reference).
 
 Per-sequence routing (default) picks one adapter per input from a first pass on the base model
 and generates the batch with mixed adapters (peft ``adapter_names``); per-token routing mixes
@@ -36,7 +39,13 @@ from seqr_core.base_model import load_base_model
 from seqr_core.errors import ConfigError, DataError, ModelError, RegistryError, SeqrError
 from seqr_core.federation import DEFAULT_BASE_MODEL
 from seqr_core.manifest import Manifest, parse_manifest, verify_export_files
-from seqr_core.model_routing import ModelRoutingConfig, RoutedModel, RoutingDecision
+from seqr_core.model_routing import (
+    ModelRoutingConfig,
+    RoutedModel,
+    RoutingDecision,
+    blend_statistics,
+    reference_statistics,
+)
 from seqr_core.model_routing.config import FIRST_PASS_DTYPES
 from seqr_core.model_routing.per_token import ModuleRecord, per_token_routing
 from seqr_core.registry import AuditConfig, AuditReport, EntryReport, audit_registry, store
@@ -46,6 +55,9 @@ from seqr_core.stats import NormStatistics
 __all__ = ["AuditedAdapter", "RegistryRouter", "RouteResult", "RouterConfig", "read_adapters"]
 
 Mode = Literal["per_sequence", "per_token"]
+Calibration = Literal["own", "reference", "blend"]
+CALIBRATIONS = ("own", "reference", "blend")
+REFERENCE_SEQ_LEN = 128  # tokens per reference chunk, as the federation calibrates
 
 
 @dataclass(frozen=True)
@@ -61,15 +73,30 @@ class RouterConfig:
     # per_sequence: the routing pass on a copy in this dtype ("bfloat16": ~3x faster on CPUs
     # with AMX, see ModelRoutingConfig.first_pass_dtype); None runs it on the model itself.
     first_pass_dtype: str | None = None
+    calibration: Calibration = "own"  # whose statistics z-score the scores (module docstring)
+    reference: Path | None = None  # folder of public text files; needed unless calibration="own"
+    reference_max_chunks: int = 256  # chunks of REFERENCE_SEQ_LEN tokens read from it at most
 
     def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(
+                f"RouterConfig.calibration = {self.calibration!r} must be one of {CALIBRATIONS}"
+            )
+        if (self.calibration == "own") != (self.reference is None):
+            raise ConfigError(
+                f"calibration {self.calibration!r} "
+                + ("takes no reference text" if self.reference else "needs a reference folder")
+                + " (--reference DIR of public text files, with --calibration reference|blend)"
+            )
         if self.mode not in ("per_sequence", "per_token"):
             raise ConfigError(f"RouterConfig.mode = {self.mode!r} must be per_sequence/per_token")
         if self.statistics not in ("per_module", "pooled"):
             raise ConfigError(
                 f"RouterConfig.statistics = {self.statistics!r} must be per_module or pooled"
             )
-        for name, low, high in (("batch_size", 1, 4096), ("max_input_tokens", 1, 1 << 20)):
+        limits = (("batch_size", 1, 4096), ("max_input_tokens", 1, 1 << 20),
+                  ("reference_max_chunks", 2, 1 << 20))  # fmt: skip
+        for name, low, high in limits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ConfigError(
@@ -231,10 +258,10 @@ class RegistryRouter:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         peft_model = build_peft_model(base.model, adapters).to(self.config.device)
         internal = [f"a{i}" for i in range(len(adapters))]
-        self.routed = RoutedModel(
-            peft_model, self.config.routing(), adapters=internal,
-            stats={f"a{i}": a.stats for i, a in enumerate(adapters)},
-        )  # fmt: skip
+        stats = {f"a{i}": a.stats for i, a in enumerate(adapters)}
+        if self.config.calibration != "own":
+            stats = self._reference_calibration(peft_model, stats)
+        self.routed = RoutedModel(peft_model, self.config.routing(), adapters=internal, stats=stats)
 
     @classmethod
     def open(
@@ -312,6 +339,28 @@ class RegistryRouter:
         return out
 
     # ----- internals --------------------------------------------------------------------
+    def _reference_calibration(
+        self, peft_model: Any, own: dict[str, NormStatistics]
+    ) -> dict[str, NormStatistics]:
+        """Statistics measured here on the reference folder (or blended with the own ones)."""
+        from seqr_core.textdata import load_text_data
+
+        folder = self.config.reference
+        assert folder is not None  # RouterConfig checked it
+        chunks = load_text_data(
+            folder, self.tokenizer, seq_len=REFERENCE_SEQ_LEN, heldout_fraction=0.0, seed=0
+        ).train[: self.config.reference_max_chunks]
+        ids = torch.as_tensor(chunks, dtype=torch.long, device=self.config.device)
+        score = next(iter(own.values())).score
+        reference = reference_statistics(
+            peft_model, list(own), torch.split(ids, self.config.batch_size), score=score
+        )
+        return (
+            reference
+            if self.config.calibration == "reference"
+            else blend_statistics(own, reference)
+        )
+
     def _batches(
         self, texts: Sequence[str]
     ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:

@@ -57,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--first-pass-dtype", choices=("bfloat16", "float16"), default=None,
                    help="run the routing pass on a copy of the model in this dtype (faster "
                    "generation; near-ties may flip)")  # fmt: skip
+    p.add_argument(
+        "--calibration",
+        choices=("own", "reference", "blend"),
+        default="own",
+        help="z-score with each adapter's own signed statistics (default), with "
+        "statistics measured here on --reference text, or the mean of both z-scores",
+    )
+    p.add_argument("--reference", type=Path, default=None,
+                   help="folder of public text files you trust (for --calibration "
+                   "reference|blend)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
     return p
 
@@ -126,7 +136,8 @@ def main(argv: list[str]) -> int:
     try:
         config = RouterConfig(mode="per_token" if args.per_token else "per_sequence",
                               batch_size=args.batch_size, device=args.device,
-                              first_pass_dtype=args.first_pass_dtype)  # fmt: skip
+                              first_pass_dtype=args.first_pass_dtype,
+                              calibration=args.calibration, reference=args.reference)  # fmt: skip
         audit = AuditConfig(expected_root_sha256=args.expect_root_sha256)
     except ConfigError as exc:
         parser.error(str(exc))

@@ -63,18 +63,22 @@ def reference_scores(world: RouteWorld, text: str) -> dict[str, float]:
     """Mean over tokens and LoRA modules of (value - mean) / std, value = ||B A x|| or, for
     gain statistics, ||B A x|| / ||A x||: straight from the registry's files and a plain
     transformers model (no peft, no seqr routing code)."""
+    report = audit_registry(world.registry)
+    first = world.registry / "adapters" / report.entries[0].adapter_sha256
+    tensors = load_file(first / "adapter_model.safetensors")
+    lora = {k.split(".lora_A.")[0] for k in tensors if ".lora_A." in k}  # peft module names
     base = load_base_model(str(world.model_dir))
     ids = base.tokenizer(text, return_tensors="pt")["input_ids"]
     inputs: dict[str, torch.Tensor] = {}
     handles = [
         module.register_forward_hook(lambda m, a, o, n=name: inputs.__setitem__(n, a[0][0]))
         for name, module in base.model.named_modules()
-        if name.endswith(("q_proj", "v_proj"))
+        if f"base_model.model.{name}" in lora
     ]
     base.model(input_ids=ids)
     for handle in handles:
         handle.remove()
-    report = audit_registry(world.registry)
+    assert len(inputs) == len(lora) > 0
     scores = {}
     for entry in report.entries:
         folder = world.registry / "adapters" / entry.adapter_sha256
@@ -101,6 +105,31 @@ def test_route_scores_are_the_z_scores_of_the_registry_files(world: RouteWorld) 
         expected = reference_scores(world, text)
         assert result.scores == pytest.approx(expected, abs=2e-4)
         assert result.adapter == max(expected, key=expected.__getitem__)
+
+
+def test_reference_and_blended_calibrations_route_and_average_the_z_scores(
+    world: RouteWorld, tmp_path: Path
+) -> None:
+    for domain in DOMAINS:  # public text of every kind, none of it an adapter's training data
+        (tmp_path / f"{domain}.txt").write_text(domain_text(domain, 12, seed=7), encoding="utf-8")
+    texts = [text for _, text in held_out_texts()]
+    results = {
+        calibration: open_router(world, calibration=calibration, reference=reference).route(texts)
+        for calibration, reference in (("own", None), ("reference", tmp_path), ("blend", tmp_path))
+    }
+    for own, ref, blend in zip(*results.values(), strict=True):
+        assert ref.scores != pytest.approx(own.scores, abs=1e-3)  # other statistics
+        for name in own.scores:
+            expected = (own.scores[name] + ref.scores[name]) / 2
+            assert blend.scores[name] == pytest.approx(expected, abs=1e-4)
+    assert [r.adapter for r in results["reference"]] == [d for d, _ in held_out_texts()]
+
+
+def test_reference_calibration_needs_a_reference_folder() -> None:
+    with pytest.raises(ConfigError, match="needs a reference folder"):
+        RouterConfig(calibration="reference")
+    with pytest.raises(ConfigError, match="takes no reference"):
+        RouterConfig(reference=Path("public"))
 
 
 def test_mixed_adapter_generation_equals_each_row_with_its_adapter_alone(
@@ -201,7 +230,8 @@ def test_a_registry_without_adapters_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [("mode", "per_layer"), ("statistics", "global"), ("batch_size", 0),
-     ("max_input_tokens", True), ("device", "gpu:x"), ("first_pass_dtype", "int8")],
+     ("max_input_tokens", True), ("device", "gpu:x"), ("first_pass_dtype", "int8"),
+     ("calibration", "mine")],
 )  # fmt: skip
 def test_router_config_names_the_bad_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"RouterConfig.{field}"):
