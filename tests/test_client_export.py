@@ -36,6 +36,7 @@ def fed_for_tiny(**changes: object) -> FederationConfig:
     return FederationConfig(
         base_model=str(tiny_model_dir()), lora_rank=4, train_steps=3, train_batch_size=4,
         train_seq_len=32, train_lr=1e-2, calib_max_sequences=8, a_seed=5,
+        lora_target_modules=("q_proj", "v_proj"),
     ).replace(**changes)  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from seqr_core.stats import NormStatistics
 CANARY = "CANARY-private-3b9f1e"  # appears in the private data; must never appear in the reply
 FED = FederationConfig(
     base_model=str(tiny_model_dir()), lora_rank=4, train_steps=2, train_batch_size=2,
-    train_seq_len=32, calib_max_sequences=4, a_seed=3,
+    train_seq_len=32, calib_max_sequences=4, a_seed=3, lora_target_modules=("q_proj", "v_proj"),
 )  # fmt: skip
 MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
 

@@ -31,7 +31,7 @@ def test_smollm2_trains_exports_and_reloads(tmp_path: Path) -> None:
                      progress=False, heldout_chunks=0)  # fmt: skip
 
     tensors = load_file(run.out_dir / "adapter_model.safetensors")
-    assert len(tensors) == 30 * 2 * 2  # 30 layers x (q, v) x (A, B)
+    assert len(tensors) == 30 * 7 * 2  # 30 layers x 7 projections (the default) x (A, B)
     q0 = "base_model.model.model.layers.0.self_attn.q_proj"
     assert tensors[f"{q0}.lora_A.weight"].shape == (8, 576)
     assert tensors[f"{q0}.lora_B.weight"].shape == (576, 8)
@@ -40,8 +40,9 @@ def test_smollm2_trains_exports_and_reloads(tmp_path: Path) -> None:
         8,
     )
     assert torch.equal(tensors[f"{q0}.lora_A.weight"], generate_shared_a(0, q0[17:], 8, 576))
-    # fp32, r=8 on q and v: 30 x (8*576*2 + 576*8 + 192*8) floats = 1.84 MB plus the header.
-    assert 1_843_200 < run.adapter_bytes < 1_900_000
+    # fp32, r=8 on the 7 projections: A has 8 x (6 x 576 + 1536) floats per layer and B has
+    # (576 + 192 + 192 + 576 + 1536 + 1536 + 576) x 8: 30 x 81,408 x 4 bytes = 9.77 MB + header.
+    assert 9_768_960 < run.adapter_bytes < 9_900_000
 
     base = load_base_model(fed.base_model)
     assert base.sha256 == run.manifest.base_model_sha256

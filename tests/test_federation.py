@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from seqr_core.errors import ConfigError
-from seqr_core.federation import FederationConfig
+from seqr_core.federation import ALL_LINEAR, FederationConfig
 
 
 def test_defaults_match_the_paper_setup() -> None:
     fed = FederationConfig()
     assert (fed.lora_rank, fed.lora_alpha) == (8, 16)
-    assert fed.lora_target_modules == ("q_proj", "v_proj")
+    assert fed.lora_target_modules == ALL_LINEAR and "down_proj" in ALL_LINEAR
     assert fed.base_model == "SmolLM2-135M-Instruct"
 
 

@@ -24,7 +24,7 @@ from server.group_replies import Expected, Member, check_statistics, check_updat
 
 FED = FederationConfig(
     base_model=str(tiny_model_dir()), lora_rank=4, train_batch_size=2, train_seq_len=32,
-    calib_max_sequences=10_000, calib_max_tokens=10**7,
+    calib_max_sequences=10_000, calib_max_tokens=10**7, lora_target_modules=("q_proj", "v_proj"),
 )  # fmt: skip
 MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
 B_NAMES = sorted(f"base_model.model.{m}.lora_B.weight" for m in MODULES)
