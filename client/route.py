@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -56,7 +56,7 @@ __all__ = ["AuditedAdapter", "RegistryRouter", "RouteResult", "RouterConfig", "r
 
 Mode = Literal["per_sequence", "per_token"]
 Calibration = Literal["own", "reference", "blend"]
-CALIBRATIONS = ("own", "reference", "blend")
+CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 REFERENCE_SEQ_LEN = 128  # tokens per reference chunk, as the federation calibrates
 
 
@@ -82,12 +82,12 @@ class RouterConfig:
             raise ConfigError(
                 f"RouterConfig.calibration = {self.calibration!r} must be one of {CALIBRATIONS}"
             )
-        if (self.calibration == "own") != (self.reference is None):
-            raise ConfigError(
-                f"calibration {self.calibration!r} "
-                + ("takes no reference text" if self.reference else "needs a reference folder")
-                + " (--reference DIR of public text files, with --calibration reference|blend)"
-            )
+        if self.calibration == "own" and self.reference is not None:
+            raise ConfigError("calibration 'own' takes no reference text; add --calibration "
+                              "reference|blend to use --reference")  # fmt: skip
+        if self.calibration != "own" and self.reference is None:
+            raise ConfigError(f"calibration {self.calibration!r} needs a reference folder: "
+                              "--reference DIR of public text files")  # fmt: skip
         if self.mode not in ("per_sequence", "per_token"):
             raise ConfigError(f"RouterConfig.mode = {self.mode!r} must be per_sequence/per_token")
         if self.statistics not in ("per_module", "pooled"):

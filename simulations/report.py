@@ -74,11 +74,16 @@ def plot_routing_time(rows: list[dict[str, Any]], path: Path, title: str) -> Non
     plt.close(fig)
 
 
+def selected_seqr(evaluation: dict[str, Any]) -> str:
+    """The SEQR calibration chosen on validation (reports before the choice: "seqr")."""
+    return str(evaluation.get("seqr_selected", "seqr"))
+
+
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The simulation issue's targets, each with the measured value and whether it is met."""
     ev, run = report["evaluation"], report.get("run", {})
     methods = ev["methods"]
-    selected = ev.get("seqr_selected", "seqr")  # the calibration chosen on validation
+    selected = selected_seqr(ev)
     seqr = methods.get(selected, {})
     out = []
 
@@ -137,7 +142,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"SEQR calibration chosen on validation: {ev.get('seqr_selected', 'seqr')} "
+        f"SEQR calibration chosen on validation: {selected_seqr(ev)} "
         "(seqr: the adapters' own statistics; seqr_public: statistics the router measures on "
         "public reference text; seqr_blend: both z-scores averaged).",
         "",
@@ -171,7 +176,7 @@ def write_report(report: dict[str, Any], out: Path, timing_rows: list[dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     ev = report["evaluation"]
     methods, names = ev["methods"], ev["adapters"]
-    selected = ev.get("seqr_selected", "seqr")
+    selected = selected_seqr(ev)
     plots = {
         "confusion_seqr.png": lambda p: plot_confusion(
             methods[selected]["confusion"], names, f"SEQR ({selected}), test split", p

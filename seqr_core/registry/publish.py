@@ -43,6 +43,7 @@ from seqr_core.registry.adapter_check import check_adapter_weights
 from seqr_core.registry.codec import format_time
 from seqr_core.registry.config import PublisherConfig
 from seqr_core.registry.contributions import ContributionsFile, verify_contribution
+from seqr_core.registry.create import write_new_registry
 from seqr_core.registry.entries import verify_entry
 from seqr_core.registry.envelope import (
     REGISTRY_TYPE,
@@ -132,37 +133,12 @@ class Publisher:
         now: datetime | None = None,
     ) -> Publisher:
         """Create a registry: root 1 (``root_keys``, default the signing keys' public keys,
-        k-of-n ``threshold``) and an empty, signed version 1."""
-        path, config, when = Path(path), config or PublisherConfig(), _now(now)
-        if path.exists() and any(path.iterdir()):
-            raise RegistryError(f"{path} exists and is not empty; choose a new folder")
-        publics = (
-            list(root_keys) if root_keys else [signing.public_key_bytes(k) for k in signing_keys]
-        )
-        root = make_root(1, publics, threshold, when, when + config.root_expires_after)
-        root_file = sign_root(root, signing_keys)
-        verify_root_chain([root_file], trusted_version=None, trusted_sha256=None)
-        first = RegistryMetadata(
-            version=1,
-            root_version=1,
-            issued=when,
-            expires=when + config.expires_after,
-            previous=None,
-            clients={},
-            revoked={},
-            tensor_spec=config.tensor_spec,
-            federation=config.federation,
-            entries=(),
-        )
-        data = sign_envelope(REGISTRY_TYPE, first.to_payload(), signing_keys)
-        verify_version(1, data, None, None, [root])
-        store.write_new_file(path / store.root_path(1), root_file)
-        store.write_new_file(path / store.metadata_path(1), data)
-        leaves = [merkle.leaf_hash(data)]
-        store.write_new_file(
-            path / store.tree_head_path(1), sign_tree_head(leaves, root, when, signing_keys)
-        )
-        store.write_file(path / store.POINTER, pointer_bytes(1))
+        k-of-n ``threshold``) and an empty, signed version 1 (create.py); then open it."""
+        config = config or PublisherConfig()
+        write_new_registry(
+            Path(path), signing_keys, root_keys=root_keys, threshold=threshold, config=config,
+            when=_now(now),
+        )  # fmt: skip
         return cls(path, signing_keys, config)
 
     def close(self) -> None:
