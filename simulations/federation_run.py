@@ -64,7 +64,13 @@ def run_federation(cfg: Any, fed: Any, domains: list[Path]) -> FederationResult:
     from seqr_core.base_model import load_base_model
     from server.federation_setup import setup_federation
     from server.registry_ops import init_registry, open_publisher
-    from simulations.flower_local import MemorySampler, flwr_run, local_superlink, write_app
+    from simulations.flower_local import (
+        SIMULATION_TIMEOUT_S,
+        MemorySampler,
+        flwr_run,
+        local_superlink,
+        write_app,
+    )
 
     started = time.perf_counter()
     registry, work = cfg.out / "registry", cfg.out / "work"
@@ -95,6 +101,7 @@ def run_federation(cfg: Any, fed: Any, domains: list[Path]) -> FederationResult:
         "data-dir": parts.resolve(),
         "signing-key": keys.resolve(),
         "min-nodes": len(domains),
+        "train-timeout-s": float(SIMULATION_TIMEOUT_S),
     }
     federation_config = {
         "num-supernodes": len(domains),
@@ -102,7 +109,7 @@ def run_federation(cfg: Any, fed: Any, domains: list[Path]) -> FederationResult:
     }
     app = write_app(work / "app")
     with local_superlink(work) as link, MemorySampler(link.process.pid) as memory:
-        flwr_run(link, app, run_config, federation_config, timeout_s=6 * 3600,
+        flwr_run(link, app, run_config, federation_config, timeout_s=SIMULATION_TIMEOUT_S,
                  log=work / "flwr-run.log")  # fmt: skip
     result = FederationResult(registry, root_sha, setup.federation, work,
                               memory.peak_by_name, memory.peak_total,

@@ -28,6 +28,11 @@ from seqr_core.federation import FederationConfig
 
 BIN = Path(sys.executable).parent
 APP_PACKAGES = ("seqr_core", "client", "server")
+# A simulation runs its clients in waves of (cores / client cpus), so one round's replies arrive
+# over ALL the waves: its server waits as long as the whole run may take, not the per-round
+# default (3600 s) that suits a real federation where every node trains at once. On a slower
+# machine, 3600 s timed out the last waves of the 10-domain run.
+SIMULATION_TIMEOUT_S = 6 * 3600
 # ClientApp node settings that may also come from the run config (client/client_app.py).
 CLIENT_KEYS = {
     "data-dir": "",

@@ -110,7 +110,7 @@ def run_group_federation(cfg: GroupsEvalConfig, fed: Any, work: Path) -> dict[st
     from seqr_core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, load_private_key, write_keypair
     from server.federation_setup import setup_federation
     from server.registry_ops import init_registry, open_publisher
-    from simulations.flower_local import flwr_run, local_superlink
+    from simulations.flower_local import SIMULATION_TIMEOUT_S, flwr_run, local_superlink
 
     registry = cfg.out / "registry"
     if registry.exists():
@@ -139,13 +139,15 @@ def run_group_federation(cfg: GroupsEvalConfig, fed: Any, work: Path) -> dict[st
         "num-group-rounds": cfg.rounds, "group-local-steps": cfg.local_steps,
         "group-aggregation": cfg.aggregation, "group-dp": cfg.dp,
         "group-dp-noise-multiplier": cfg.dp_noise_multiplier, "group-dp-clip": cfg.dp_clip,
+        "train-timeout-s": float(SIMULATION_TIMEOUT_S),
+        "group-timeout-s": float(SIMULATION_TIMEOUT_S),
     }  # fmt: skip
     app = write_group_app(work / "app")
     started = time.perf_counter()
     with local_superlink(work) as link:
         flwr_run(link, app, run_config,
                  {"num-supernodes": len(parts), "client-resources-num-cpus": cfg.client_cpus},
-                 timeout_s=6 * 3600, log=work / "flwr-run.log")  # fmt: skip
+                 timeout_s=SIMULATION_TIMEOUT_S, log=work / "flwr-run.log")  # fmt: skip
     return {"registry": registry, "root_sha256": root_sha, "federation": setup.federation,
             "seconds": time.perf_counter() - started}  # fmt: skip
 
