@@ -15,7 +15,9 @@
 5. A RoutedModel scores every adapter with SEQR z-scores: by default against each adapter's own
    signed statistics; with ``calibration="reference"`` against statistics this router measures
    on public text it trusts (``reference``: a folder of text files), so no adapter author
-   supplies the numbers; ``"blend"`` averages both z-scores (model_routing.reference).
+   supplies the numbers; ``"blend"`` averages both z-scores (model_routing.reference);
+   ``"queries"`` z-scores with sequence-level statistics over ``reference`` holding unlabeled
+   examples of the inputs this router serves (e.g. its recent queries), covering its domains.
 
 Per-sequence routing (default) picks one adapter per input from a first pass on the base model
 and generates the batch with mixed adapters (peft ``adapter_names``); per-token routing mixes
@@ -55,7 +57,7 @@ from seqr_core.stats import NormStatistics
 __all__ = ["AuditedAdapter", "RegistryRouter", "RouteResult", "RouterConfig", "read_adapters"]
 
 Mode = Literal["per_sequence", "per_token"]
-Calibration = Literal["own", "reference", "blend"]
+Calibration = Literal["own", "reference", "blend", "queries"]
 CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 REFERENCE_SEQ_LEN = 128  # tokens per reference chunk, as the federation calibrates
 
@@ -84,7 +86,7 @@ class RouterConfig:
             )
         if self.calibration == "own" and self.reference is not None:
             raise ConfigError("calibration 'own' takes no reference text; add --calibration "
-                              "reference|blend to use --reference")  # fmt: skip
+                              "reference|blend|queries to use --reference")  # fmt: skip
         if self.calibration != "own" and self.reference is None:
             raise ConfigError(f"calibration {self.calibration!r} needs a reference folder: "
                               "--reference DIR of public text files")  # fmt: skip
@@ -260,7 +262,9 @@ class RegistryRouter:
         internal = [f"a{i}" for i in range(len(adapters))]
         stats = {f"a{i}": a.stats for i, a in enumerate(adapters)}
         if self.config.calibration != "own":
-            stats = self._reference_calibration(peft_model, stats)
+            measured = self._reference_statistics(peft_model, stats)
+            is_blend = self.config.calibration == "blend"
+            stats = blend_statistics(stats, measured) if is_blend else measured
         self.routed = RoutedModel(peft_model, self.config.routing(), adapters=internal, stats=stats)
 
     @classmethod
@@ -339,10 +343,11 @@ class RegistryRouter:
         return out
 
     # ----- internals --------------------------------------------------------------------
-    def _reference_calibration(
+    def _reference_statistics(
         self, peft_model: Any, own: dict[str, NormStatistics]
     ) -> dict[str, NormStatistics]:
-        """Statistics measured here on the reference folder (or blended with the own ones)."""
+        """Every adapter's statistics measured here on the reference folder (per sequence
+        for calibration "queries")."""
         from seqr_core.textdata import load_text_data
 
         folder = self.config.reference
@@ -352,13 +357,12 @@ class RegistryRouter:
         ).train[: self.config.reference_max_chunks]
         ids = torch.as_tensor(chunks, dtype=torch.long, device=self.config.device)
         score = next(iter(own.values())).score
-        reference = reference_statistics(
-            peft_model, list(own), torch.split(ids, self.config.batch_size), score=score
-        )
-        return (
-            reference
-            if self.config.calibration == "reference"
-            else blend_statistics(own, reference)
+        return reference_statistics(
+            peft_model,
+            list(own),
+            torch.split(ids, self.config.batch_size),
+            score=score,
+            per_sequence=self.config.calibration == "queries",
         )
 
     def _batches(

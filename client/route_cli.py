@@ -59,14 +59,15 @@ def _parser() -> argparse.ArgumentParser:
                    "generation; near-ties may flip)")  # fmt: skip
     p.add_argument(
         "--calibration",
-        choices=("own", "reference", "blend"),
+        choices=("own", "reference", "blend", "queries"),
         default="own",
         help="z-score with each adapter's own signed statistics (default), with "
-        "statistics measured here on --reference text, or the mean of both z-scores",
+        "statistics measured here on --reference text, or the mean of both z-scores; queries: "
+        "sequence-level statistics over --reference holding unlabeled examples of your inputs",
     )
     p.add_argument("--reference", type=Path, default=None,
                    help="folder of public text files you trust (for --calibration "
-                   "reference|blend)")  # fmt: skip
+                   "reference|blend), or examples of your inputs (queries)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
     return p
 

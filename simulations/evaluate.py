@@ -41,7 +41,7 @@ ROUTED_METHODS: dict[str, tuple[Callable[..., Any], bool]] = {
     "arrow": (ArrowRouter, False),
 }
 # SEQR under each calibration: own statistics, router-measured reference ones, both averaged.
-SEQR_CALIBRATIONS = ("seqr", "seqr_public", "seqr_blend")
+SEQR_CALIBRATIONS = ("seqr", "seqr_public", "seqr_blend", "seqr_queries")
 # Aggregation candidates chosen on validation data: decoder layers whose scores count.
 LAYER_SUBSETS = {"all layers": 0.0, "upper half": 0.5, "upper third": 2 / 3}
 
@@ -164,8 +164,10 @@ def evaluate(
 
     ``reference``: chunks of public text outside every client's domain; with it, method
     "seqr_public" z-scores SEQR norms against statistics the router measures on that text
-    (seqr_core.model_routing.reference) instead of the adapters' own claims, and "seqr_blend"
-    averages both z-scores. "seqr_selected" names the calibration best on validation.
+    (seqr_core.model_routing.reference) instead of the adapters' own claims, "seqr_blend"
+    averages both z-scores. "seqr_queries" z-scores with query statistics: sequence-level
+    moments over the validation inputs, unlabeled, as a router would keep them over the
+    traffic it serves. "seqr_selected" names the calibration best on validation.
     """
     model, adapters = library.peft_model, library.adapters
     data = split_heldout(heldout, adapters, cfg)
@@ -183,6 +185,12 @@ def evaluate(
         methods["seqr_public"] = build_routed_modules(model, adapters, stats=ref_stats)
         blend = blend_statistics(library.stats, ref_stats)
         methods["seqr_blend"] = build_routed_modules(model, adapters, stats=blend)
+    score_kind = library.stats[adapters[0]].score
+    val_batches = torch.split(data.ids[~data.is_test], cfg.batch_size)  # inputs, never labels
+    queries = reference_statistics(
+        model, adapters, val_batches, score=score_kind, per_sequence=True
+    )
+    methods["seqr_queries"] = build_routed_modules(model, adapters, stats=queries)
     extra: ExtraScorers = {}
     arrow_model = None
     if cfg.peft_arrow and make_base is not None and export_paths is not None:

@@ -9,12 +9,12 @@ from typing import Any
 from seqr_core.atomic_write import write_atomic
 
 ACCURACY_ORDER = [
-    "seqr_blend", "seqr_public", "seqr", "seqr_raw", "spectr", "brute_force", "arrow",
-    "peft_arrow", "random",
+    "seqr_queries", "seqr_blend", "seqr_public", "seqr", "seqr_raw", "spectr", "brute_force",
+    "arrow", "peft_arrow", "random",
 ]  # fmt: skip
 LOSS_ORDER = [
-    "oracle", "seqr_blend", "seqr_public", "seqr", "seqr_per_token", "seqr_raw", "arrow",
-    "peft_arrow_per_token", "uniform_merge", "random", "base",
+    "oracle", "seqr_queries", "seqr_blend", "seqr_public", "seqr", "seqr_per_token", "seqr_raw",
+    "arrow", "peft_arrow_per_token", "uniform_merge", "random", "base",
 ]  # fmt: skip
 
 
@@ -144,7 +144,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"SEQR calibration chosen on validation: {selected_seqr(ev)} "
         "(seqr: the adapters' own statistics; seqr_public: statistics the router measures on "
-        "public reference text; seqr_blend: both z-scores averaged).",
+        "public reference text; seqr_blend: both z-scores averaged; seqr_queries: sequence-level "
+        "statistics over unlabeled validation inputs, as over a router's own traffic).",
         "",
         f"SEQR and brute force chose the same adapter for "
         f"{ev['agreement_seqr_brute_force']:.1%} of test sequences "

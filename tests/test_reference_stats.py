@@ -1,4 +1,5 @@
-"""Statistics on a shared public reference corpus equal the directly computed norms' moments;
+"""Statistics on a shared public reference corpus (per token, or per sequence for query
+statistics) equal the directly computed norms' moments;
 blended statistics z-score as the mean of the own and reference z-scores."""
 
 import numpy as np
@@ -16,11 +17,13 @@ from seqr_core.model_routing import (
 from seqr_core.stats import NormStatistics, RunningMoments
 
 
-@pytest.mark.parametrize("score", ["norm", "gain"])
-def test_reference_statistics_are_the_moments_of_each_adapters_direct_values(score):
+@pytest.mark.parametrize(
+    ("score", "per_sequence"), [("norm", False), ("gain", False), ("gain", True)]
+)
+def test_reference_statistics_are_the_moments_of_each_adapters_direct_values(score, per_sequence):
     model = make_peft_model(seed=1)
     batches = [token_ids(4, 10, seed=s) for s in (5, 6)]
-    stats = reference_statistics(model, ADAPTERS, batches, score=score)
+    stats = reference_statistics(model, ADAPTERS, batches, score=score, per_sequence=per_sequence)
     inputs: dict[str, list[torch.Tensor]] = {}
     layers = lora_linears(model)
     hooks = [
@@ -42,10 +45,12 @@ def test_reference_statistics_are_the_moments_of_each_adapters_direct_values(sco
             norms = (x @ a.T @ b.T).norm(dim=-1)
             if score == "gain":
                 norms = norms / (x @ a.T).norm(dim=-1)
+            if per_sequence:  # query statistics: moments of each sequence's token mean
+                norms = norms.reshape(8, 10).mean(dim=1)
             norms = norms.detach().numpy()
             moments = stats[adapter].modules[name]
             assert stats[adapter].score == score
-            assert moments.count == len(norms) == 80
+            assert moments.count == len(norms) == (8 if per_sequence else 80)
             np.testing.assert_allclose(moments.mean, [norms.mean()], rtol=1e-5)
             np.testing.assert_allclose(moments.std, [norms.std()], rtol=1e-4)
 

@@ -107,7 +107,7 @@ def test_route_scores_are_the_z_scores_of_the_registry_files(world: RouteWorld) 
         assert result.adapter == max(expected, key=expected.__getitem__)
 
 
-def test_reference_and_blended_calibrations_route_and_average_the_z_scores(
+def test_reference_blended_and_query_calibrations_route_every_domain(
     world: RouteWorld, tmp_path: Path
 ) -> None:
     for domain in DOMAINS:  # public text of every kind, none of it an adapter's training data
@@ -115,14 +115,18 @@ def test_reference_and_blended_calibrations_route_and_average_the_z_scores(
     texts = [text for _, text in held_out_texts()]
     results = {
         calibration: open_router(world, calibration=calibration, reference=reference).route(texts)
-        for calibration, reference in (("own", None), ("reference", tmp_path), ("blend", tmp_path))
-    }
-    for own, ref, blend in zip(*results.values(), strict=True):
+        for calibration, reference in (
+            ("own", None), ("reference", tmp_path), ("blend", tmp_path), ("queries", tmp_path)
+        )
+    }  # fmt: skip
+    for own, ref, blend, queries in zip(*results.values(), strict=True):
+        assert queries.scores != pytest.approx(ref.scores, abs=1e-3)  # sequence-level moments
         assert ref.scores != pytest.approx(own.scores, abs=1e-3)  # other statistics
         for name in own.scores:
             expected = (own.scores[name] + ref.scores[name]) / 2
             assert blend.scores[name] == pytest.approx(expected, abs=1e-4)
-    assert [r.adapter for r in results["reference"]] == [d for d, _ in held_out_texts()]
+    for calibration in ("reference", "queries"):
+        assert [r.adapter for r in results[calibration]] == [d for d, _ in held_out_texts()]
 
 
 def test_reference_calibration_needs_a_reference_folder() -> None:

@@ -12,6 +12,14 @@ the base model's module inputs), so the result plugs into RoutedModel(stats=...)
 The two calibrations fail differently (own statistics: an adapter with narrow statistics takes
 foreign inputs; reference ones: domains near the reference text look alike), so
 ``blend_statistics`` averages both z-scores, which is again a z-score with its own mean and std.
+
+Query statistics (``per_sequence=True``) are the moments of each SEQUENCE's token-mean score
+over a pool of unlabeled inputs like the ones the router serves (its own recent queries, kept
+locally: no one else's data). A per-sequence decision averages token scores, and
+(mean_t g_t - m) / s = mean_t (g_t - m) / s, so z-scoring every token with sequence-level
+moments is exactly standardising each adapter's sequence score across the traffic: the spread
+that matters for a per-sequence choice, not the token-level spread, which over- or
+understates it by how correlated a module's token scores are within a sequence.
 """
 
 from __future__ import annotations
@@ -34,9 +42,11 @@ def reference_statistics(
     batches: Iterable[torch.Tensor],
     *,
     score: str = "gain",
+    per_sequence: bool = False,
 ) -> dict[str, NormStatistics]:
-    """Per-module token statistics of every adapter's ``score`` ("gain" or "norm", as the
-    federation's calib_score) on reference batches of token ids."""
+    """Per-module statistics of every adapter's ``score`` ("gain" or "norm", as the
+    federation's calib_score) on batches of token ids (no padding): of token scores, or with
+    ``per_sequence`` of each sequence's token-mean score (query statistics, module docstring)."""
     modules = build_routed_modules(peft_model, adapters, score=score)  # no statistics: raw
     moments = {m.name: RunningMoments(len(adapters)) for m in modules}
 
@@ -44,7 +54,10 @@ def reference_statistics(
         def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
             x = args[0] if args else kwargs["x"]
             flat = x.reshape(-1, x.shape[-1]).to(module.A.dtype)
-            moments[module.name].update(module.scores(flat, module.project(flat)))  # (T, N)
+            scores = module.scores(flat, module.project(flat))  # (B * T, N)
+            if per_sequence:
+                scores = scores.reshape(*x.shape[:-1], -1).mean(dim=1)  # (B, N)
+            moments[module.name].update(scores)
 
         return hook
 
@@ -57,12 +70,13 @@ def reference_statistics(
                 adapter_names=["__base__"] * int(input_ids.shape[0]),
                 logits_to_keep=1,
             )
-            seen += int(input_ids.numel())
+            seen += int(input_ids.shape[0] if per_sequence else input_ids.numel())
     finally:
         for handle in handles:
             handle.remove()
     if seen < 2:
-        raise DataError("the reference corpus gave fewer than 2 tokens; give more public text")
+        unit = "sequences" if per_sequence else "tokens"
+        raise DataError(f"the corpus gave fewer than 2 {unit}; give more text")
     return {
         adapter: NormStatistics(
             {
