@@ -89,7 +89,7 @@ class RouterConfig:
                               "reference|blend|queries to use --reference")  # fmt: skip
         if self.calibration != "own" and self.reference is None:
             raise ConfigError(f"calibration {self.calibration!r} needs a reference folder: "
-                              "--reference DIR of public text files")  # fmt: skip
+                              "--reference DIR of text files")  # fmt: skip
         if self.mode not in ("per_sequence", "per_token"):
             raise ConfigError(f"RouterConfig.mode = {self.mode!r} must be per_sequence/per_token")
         if self.statistics not in ("per_module", "pooled"):

@@ -40,7 +40,8 @@ ROUTED_METHODS: dict[str, tuple[Callable[..., Any], bool]] = {
     "brute_force": (BruteForceRouter, True),  # same scores as "seqr": checks exactness
     "arrow": (ArrowRouter, False),
 }
-# SEQR under each calibration: own statistics, router-measured reference ones, both averaged.
+# SEQR under each calibration: own statistics, router-measured reference ones, both averaged,
+# and query statistics (sequence-level, over unlabeled validation inputs).
 SEQR_CALIBRATIONS = ("seqr", "seqr_public", "seqr_blend", "seqr_queries")
 # Aggregation candidates chosen on validation data: decoder layers whose scores count.
 LAYER_SUBSETS = {"all layers": 0.0, "upper half": 0.5, "upper third": 2 / 3}
@@ -178,18 +179,15 @@ def evaluate(
         )
         for name, (factory, z) in ROUTED_METHODS.items()
     }
+    score = library.stats[adapters[0]].score  # router statistics measure the adapters' kind
     if reference is not None:
         ref_batches = torch.split(torch.as_tensor(reference, dtype=torch.long), cfg.batch_size)
-        score = library.stats[adapters[0]].score  # the same kind as the adapters' own
         ref_stats = reference_statistics(model, adapters, ref_batches, score=score)
         methods["seqr_public"] = build_routed_modules(model, adapters, stats=ref_stats)
         blend = blend_statistics(library.stats, ref_stats)
         methods["seqr_blend"] = build_routed_modules(model, adapters, stats=blend)
-    score_kind = library.stats[adapters[0]].score
     val_batches = torch.split(data.ids[~data.is_test], cfg.batch_size)  # inputs, never labels
-    queries = reference_statistics(
-        model, adapters, val_batches, score=score_kind, per_sequence=True
-    )
+    queries = reference_statistics(model, adapters, val_batches, score=score, per_sequence=True)
     methods["seqr_queries"] = build_routed_modules(model, adapters, stats=queries)
     extra: ExtraScorers = {}
     arrow_model = None
