@@ -33,95 +33,23 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
+from client.route_calibration import calibrated_statistics
+from client.route_config import RouterConfig
 from seqr_core.base_model import load_base_model
 from seqr_core.errors import ConfigError, DataError, ModelError, RegistryError, SeqrError
 from seqr_core.federation import DEFAULT_BASE_MODEL
 from seqr_core.manifest import Manifest, parse_manifest, verify_export_files
-from seqr_core.model_routing import (
-    ModelRoutingConfig,
-    RoutedModel,
-    RoutingDecision,
-    blend_statistics,
-    reference_statistics,
-)
-from seqr_core.model_routing.config import FIRST_PASS_DTYPES
+from seqr_core.model_routing import RoutedModel, RoutingDecision
 from seqr_core.model_routing.per_token import ModuleRecord, per_token_routing
 from seqr_core.registry import AuditConfig, AuditReport, EntryReport, audit_registry, store
 from seqr_core.registry.metadata import ADAPTER_FILE, MANIFEST_FILE, MANIFEST_SIG_FILE, STATS_FILE
 from seqr_core.stats import NormStatistics
 
 __all__ = ["AuditedAdapter", "RegistryRouter", "RouteResult", "RouterConfig", "read_adapters"]
-
-Mode = Literal["per_sequence", "per_token"]
-Calibration = Literal["own", "reference", "blend", "queries"]
-CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
-REFERENCE_SEQ_LEN = 128  # tokens per reference chunk, as the federation calibrates
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """How a RegistryRouter routes and batches (validated on construction)."""
-
-    mode: Mode = "per_sequence"  # one adapter per input, or per token in every LoRA module
-    statistics: Literal["per_module", "pooled"] = "per_module"  # which moments z-score norms
-    batch_size: int = 8  # inputs per forward pass
-    max_input_tokens: int = 1024  # longer inputs keep their LAST tokens (generation continues)
-    device: str = "cpu"  # torch device of the model ("cuda" on a GPU machine)
-    progress: bool = False  # tqdm bar over batches
-    # per_sequence: the routing pass on a copy in this dtype ("bfloat16": ~3x faster on CPUs
-    # with AMX, see ModelRoutingConfig.first_pass_dtype); None runs it on the model itself.
-    first_pass_dtype: str | None = None
-    calibration: Calibration = "own"  # whose statistics z-score the scores (module docstring)
-    reference: Path | None = None  # folder of public text files; needed unless calibration="own"
-    reference_max_chunks: int = 256  # chunks of REFERENCE_SEQ_LEN tokens read from it at most
-
-    def __post_init__(self) -> None:
-        if self.calibration not in CALIBRATIONS:
-            raise ConfigError(
-                f"RouterConfig.calibration = {self.calibration!r} must be one of {CALIBRATIONS}"
-            )
-        if self.calibration == "own" and self.reference is not None:
-            raise ConfigError("calibration 'own' takes no reference text; add --calibration "
-                              "reference|blend|queries to use --reference")  # fmt: skip
-        if self.calibration != "own" and self.reference is None:
-            raise ConfigError(f"calibration {self.calibration!r} needs a reference folder: "
-                              "--reference DIR of text files")  # fmt: skip
-        if self.mode not in ("per_sequence", "per_token"):
-            raise ConfigError(f"RouterConfig.mode = {self.mode!r} must be per_sequence/per_token")
-        if self.statistics not in ("per_module", "pooled"):
-            raise ConfigError(
-                f"RouterConfig.statistics = {self.statistics!r} must be per_module or pooled"
-            )
-        limits = (("batch_size", 1, 4096), ("max_input_tokens", 1, 1 << 20),
-                  ("reference_max_chunks", 2, 1 << 20))  # fmt: skip
-        for name, low, high in limits:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(
-                    f"RouterConfig.{name} = {value!r} must be an int in [{low}, {high}]"
-                )
-        if self.first_pass_dtype not in (None, *FIRST_PASS_DTYPES):
-            raise ConfigError(
-                f"RouterConfig.first_pass_dtype = {self.first_pass_dtype!r} must be None or "
-                f"one of {FIRST_PASS_DTYPES}"
-            )
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise ConfigError(
-                f"RouterConfig.device = {self.device!r} is not a torch device"
-            ) from None
-
-    def routing(self) -> ModelRoutingConfig:
-        """The model-level config; per_token routing has no first pass to speed up."""
-        dtype = self.first_pass_dtype if self.mode == "per_sequence" else None
-        return ModelRoutingConfig(
-            mode=self.mode, statistics=self.statistics, first_pass_dtype=dtype
-        )
 
 
 @dataclass(frozen=True)
@@ -261,10 +189,7 @@ class RegistryRouter:
         peft_model = build_peft_model(base.model, adapters).to(self.config.device)
         internal = [f"a{i}" for i in range(len(adapters))]
         stats = {f"a{i}": a.stats for i, a in enumerate(adapters)}
-        if self.config.calibration != "own":
-            measured = self._reference_statistics(peft_model, stats)
-            is_blend = self.config.calibration == "blend"
-            stats = blend_statistics(stats, measured) if is_blend else measured
+        stats = calibrated_statistics(peft_model, stats, self.config, self.tokenizer)
         self.routed = RoutedModel(peft_model, self.config.routing(), adapters=internal, stats=stats)
 
     @classmethod
@@ -343,28 +268,6 @@ class RegistryRouter:
         return out
 
     # ----- internals --------------------------------------------------------------------
-    def _reference_statistics(
-        self, peft_model: Any, own: dict[str, NormStatistics]
-    ) -> dict[str, NormStatistics]:
-        """Every adapter's statistics measured here on the reference folder (per sequence
-        for calibration "queries")."""
-        from seqr_core.textdata import load_text_data
-
-        folder = self.config.reference
-        assert folder is not None  # RouterConfig checked it
-        chunks = load_text_data(
-            folder, self.tokenizer, seq_len=REFERENCE_SEQ_LEN, heldout_fraction=0.0, seed=0
-        ).train[: self.config.reference_max_chunks]
-        ids = torch.as_tensor(chunks, dtype=torch.long, device=self.config.device)
-        score = next(iter(own.values())).score
-        return reference_statistics(
-            peft_model,
-            list(own),
-            torch.split(ids, self.config.batch_size),
-            score=score,
-            per_sequence=self.config.calibration == "queries",
-        )
-
     def _batches(
         self, texts: Sequence[str]
     ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
