@@ -12,7 +12,7 @@ z-scores with (own, reference or blended statistics) is chosen on validation the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from seqr_core.errors import ConfigError, DataError
 from seqr_core.model_routing import (
     ModelRoutingConfig,
     RoutedModel,
+    RoutedModule,
     blend_statistics,
     build_routed_modules,
     reference_statistics,
@@ -95,9 +96,32 @@ def layer_mask(module_layers: list[int | None], share_skipped: float) -> torch.T
     return torch.tensor([i is not None and i >= first for i in module_layers])
 
 
+def masks_for(module_layers: list[int | None]) -> dict[str, torch.Tensor]:
+    return {label: layer_mask(module_layers, share) for label, share in LAYER_SUBSETS.items()}
+
+
 def decide(module_means: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(S,) chosen adapter: argmax of the mean over the masked modules of token-mean scores."""
     return module_means[:, mask].mean(dim=1).argmax(dim=-1)
+
+
+def recalibrate(
+    module_means: torch.Tensor, source: Sequence[RoutedModule], target: Sequence[RoutedModule]
+) -> torch.Tensor:
+    """(S, M, N) token-mean z-scores under ``source``'s statistics, z-scored with ``target``'s.
+
+    Exact up to rounding: a z-score is affine per module and adapter, so it commutes with the
+    token mean. One brute-force pass thus gives brute force under every calibration.
+    """
+
+    def moments(modules: Sequence[RoutedModule]) -> tuple[torch.Tensor, torch.Tensor]:
+        if any(m.router.mean is None for m in modules):
+            raise ConfigError("recalibrate needs routers built with statistics")
+        means, stds = ([getattr(m.router, k) for m in modules] for k in ("mean", "std"))
+        return torch.stack(means).double(), torch.stack(stds).double()
+
+    (mean_s, std_s), (mean_t, std_t) = moments(source), moments(target)
+    return (module_means.double() * std_s + mean_s - mean_t) / std_t
 
 
 def accuracy(choice: torch.Tensor, labels: torch.Tensor) -> float:
@@ -215,6 +239,11 @@ def evaluate(
     calibrations = [m for m in SEQR_CALIBRATIONS if m in results]
     selected = max(calibrations, key=lambda m: max(results[m]["validation_accuracy"].values()))
     agreement = float((decisions["seqr"][test] == decisions["brute_force"][test]).double().mean())
+    brute_force = recalibrate(
+        scores["brute_force"].sequence_modules(), methods["brute_force"], methods[selected]
+    )
+    brute_force_selected = decide(brute_force, masks_for(layers)[results[selected]["layers"]])
+    selected_agreement = float((decisions[selected] == brute_force_selected)[test].double().mean())
     token_choices = {
         m: torch.cat(scores[m].token_means).argmax(-1) for m in ("seqr", "brute_force")
     }
@@ -232,6 +261,7 @@ def evaluate(
         "seqr_selected": selected,
         "agreement_seqr_brute_force": agreement,
         "agreement_seqr_brute_force_per_token": token_agreement,
+        "agreement_selected_brute_force": selected_agreement,
     }
 
 
@@ -244,7 +274,7 @@ def _routing_metrics(
     test: torch.Tensor,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     module_means = scores.sequence_modules()
-    masks = {label: layer_mask(layers, share) for label, share in LAYER_SUBSETS.items()}
+    masks = masks_for(layers)
     val_acc = {
         label: accuracy(decide(module_means[val], m), data.labels[val])
         for label, m in masks.items()
@@ -257,6 +287,7 @@ def _routing_metrics(
         "routing_accuracy": accuracy(choice[test], data.labels[test]),
         "validation_accuracy": val_acc,
         "aggregation": f"mean of token scores over {chosen}",
+        "layers": chosen,
         "per_token_routing_accuracy": float(token_acc),
         "confusion": confusion(choice[test], data.labels[test], n),
         "routing_seconds_per_sequence": scores.seconds / len(data.ids),

@@ -50,6 +50,7 @@ def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
         assert sum(map(sum, methods[name]["confusion"])) == result["test_sequences"] == 12
     assert result["agreement_seqr_brute_force"] == 1.0
     assert result["agreement_seqr_brute_force_per_token"] == 1.0
+    assert result["agreement_selected_brute_force"] == 1.0
     assert methods["seqr"]["confusion"] == methods["brute_force"]["confusion"]
     for name in ("oracle", "base", "uniform_merge", "seqr", "seqr_per_token"):
         assert methods[name]["heldout_loss"] > 0
@@ -58,10 +59,32 @@ def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
     assert report["evaluation"]["agreement_seqr_brute_force"] == 1.0
     assert "| seqr |" in (tmp_path / "report.md").read_text()
     met = {t["target"]: t["met"] for t in report["targets"]}
-    assert met["SEQR choices identical to brute force (share)"] is True
+    assert met[f"SEQR ({result['seqr_selected']}) choices identical to brute force (share)"] is True
     assert met["wall time <= 3600 s"] is None  # no run section: not measured, not "met"
     for plot in ("confusion_seqr.png", "accuracy.png", "loss.png"):
         assert (tmp_path / plot).stat().st_size > 5_000
+
+
+def test_recalibrated_brute_force_equals_brute_force_built_with_those_statistics():
+    from seqr_core import BruteForceRouter
+    from seqr_core.model_routing import build_routed_modules, reference_statistics
+    from simulations.eval_scores import collect_method_scores
+    from simulations.evaluate import recalibrate
+
+    library = tiny_library()
+    model = library.peft_model
+    batches = list(torch.split(token_ids(8, 12, seed=5), 4))
+    score = library.stats[ADAPTERS[0]].score
+    queries = reference_statistics(model, ADAPTERS, batches, score=score, per_sequence=True)
+    methods = {
+        label: build_routed_modules(model, ADAPTERS, stats=stats, router_factory=BruteForceRouter)
+        for label, stats in (("own", library.stats), ("queries", queries))
+    }
+    scores = collect_method_scores(model, methods, batches)
+    own, direct = (scores[label].sequence_modules() for label in ("own", "queries"))
+    assert not torch.allclose(own, direct)  # the two calibrations really differ
+    recalibrated = recalibrate(own, methods["own"], methods["queries"])
+    torch.testing.assert_close(recalibrated.float(), direct, rtol=1e-4, atol=1e-4)
 
 
 def test_sequence_decisions_match_the_routed_model_on_all_layers():
