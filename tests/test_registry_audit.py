@@ -35,7 +35,10 @@ def test_audit_passes_and_reports_every_entry(tmp_path: Path) -> None:
     }
     saved = load_trusted_state(state)
     assert saved is not None and saved.registry_version == 2 and saved.tree_root == report.tree_root
-    assert json.loads(json.dumps(report.to_json()))["entries"][0]["ok"] is True
+    entries = json.loads(json.dumps(report.to_json()))["entries"]
+    assert all(e["ok"] for e in entries)
+    stored = {hashlib.sha256(p.read_bytes()).hexdigest() for p in reg.rglob("manifest.json")}
+    assert {e["manifest_sha256"] for e in entries} == stored and len(stored) == 3
 
 
 def test_audit_continues_from_the_trusted_state(tmp_path: Path) -> None:

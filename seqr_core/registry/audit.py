@@ -80,6 +80,7 @@ class AuditReport:
             "entries": [
                 {
                     "adapter_sha256": e.adapter_sha256,
+                    "manifest_sha256": e.manifest_sha256,
                     "client": e.client,
                     "name": e.name,
                     "admitted": format_time(e.admitted),

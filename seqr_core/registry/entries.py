@@ -54,6 +54,7 @@ class EntryReport:
     """One verified adapter, as the audit report lists it."""
 
     adapter_sha256: str
+    manifest_sha256: str  # the exact manifest.json bytes the client signed
     client: str
     name: str  # the manifest's adapter/domain label
     admitted: datetime
@@ -208,6 +209,7 @@ def verify_entry(
         ) from exc
     return EntryReport(
         adapter_sha256=entry.adapter_sha256,
+        manifest_sha256=entry.files[MANIFEST_FILE].sha256,
         client=entry.client,
         name=manifest.name,
         admitted=entry.admitted,
