@@ -96,8 +96,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     best_arrow = max(arrows, default=None)
     add("SEQR accuracy >= ARROW's (ours and peft's)", best_arrow,
         None if acc is None or best_arrow is None else acc >= best_arrow)  # fmt: skip
-    # Brute force z-scored with the selected calibration's statistics (older reports: own).
-    agree = ev.get("agreement_selected_brute_force", ev.get("agreement_seqr_brute_force"))
+    agree = ev.get("agreement_selected_brute_force")  # brute force under the same statistics
     add(f"SEQR ({selected}) choices identical to brute force (share)", agree, agree == 1.0)
     oracle, routed = methods.get("oracle", {}).get("heldout_loss"), seqr.get("heldout_loss")
     rel = None if oracle is None or routed is None else (routed - oracle) / oracle
@@ -151,13 +150,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"SEQR and brute force chose the same adapter for "
         f"{ev['agreement_seqr_brute_force']:.1%} of test sequences "
         f"({ev['agreement_seqr_brute_force_per_token']:.1%} of tokens) with the adapters' own "
-        "statistics"
-        + (
-            f", and {ev['agreement_selected_brute_force']:.1%} of test sequences with "
-            f"{selected_seqr(ev)}'s statistics."
-            if "agreement_selected_brute_force" in ev
-            else "."
-        ),
+        f"statistics, and {ev['agreement_selected_brute_force']:.1%} of test sequences with "
+        f"{selected_seqr(ev)}'s statistics.",
         "",
         "## Held-out loss (test split)",
         "",
