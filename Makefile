@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy seqr_core
+	$(BIN)/mypy seqr
 
 # PATH: Flower's SuperLink starts flower-superexec by name from this venv.
 test: lint

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from tiny import copy_texts
 
-from deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY, make_certs
-from deploy.node_keys import make_node_key
-from seqr_core import signing
-from server.operator_cli import enrol_main, init_main
-from simulations.flower_local import descendants, free_port, stop_process_tree, write_app
+from seqr.cli.server import enrol_main, init_main
+from seqr.core import signing
+from seqr.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY, make_certs
+from seqr.deploy.node_keys import make_node_key
+from seqr.sim.flower_local import descendants, free_port, stop_process_tree, write_app
 
 BIN = Path(sys.executable).parent
 CONNECTION = "deploy"

@@ -6,7 +6,7 @@ specialise an adapter, so each adapter's B is set instead: per LoRA module, the 
 h = A x (A: the federation's shared A) whose energy its domain has most above the other
 domains' (top eigenvector of the difference of second moments), so ||B A x|| is large on its
 own domain. Everything else is the real client path: calibration on the adapter's own chunks
-(client.calibrate), the signed export (client.export), and the server's Publisher.
+(seqr.node.calibrate), the signed export (seqr.node.export), and the server's Publisher.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ import torch
 from _server_world import federation_setup
 from tiny import copy_texts, stdlib_texts, tiny_model_dir
 
-from client.calibrate import calibrate
-from client.export import export_adapter
-from client.train import ADAPTER, make_lora_model
-from seqr_core import signing
-from seqr_core.base_model import load_base_model
-from seqr_core.export_folder import read_export
-from seqr_core.manifest import parse_manifest
-from seqr_core.shared_a import lora_layers
-from seqr_core.textdata import load_text_data
-from server.registry_ops import init_registry, open_publisher
+from seqr.core import signing
+from seqr.core.base_model import load_base_model
+from seqr.core.export_folder import read_export
+from seqr.core.manifest import parse_manifest
+from seqr.core.shared_a import lora_layers
+from seqr.core.textdata import load_text_data
+from seqr.node.calibrate import calibrate
+from seqr.node.export import export_adapter
+from seqr.node.train import ADAPTER, make_lora_model
+from seqr.operator.registry_ops import init_registry, open_publisher
 
 DOMAINS = ("code", "digits", "upper")
 # fmt: off

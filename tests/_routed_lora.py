@@ -11,8 +11,8 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Linear
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from seqr_core.model_routing import ModelRoutingConfig, RoutedModel
-from seqr_core.stats import NormStatistics
+from seqr.core.model_routing import ModelRoutingConfig, RoutedModel
+from seqr.core.stats import NormStatistics
 
 ADAPTERS = ("a0", "a1", "a2")
 VOCAB = 300

@@ -1,6 +1,6 @@
 """A tiny but real federation for the server tests: tiny Llama, real client runs, real keys.
 
-Honest exports come from the client's own pipeline (client.task.run_client: LoRA-FA training,
+Honest exports come from the client's own pipeline (seqr.node.task.run_client: LoRA-FA training,
 calibration, signed export); lying ones re-sign an honest export with falsified statistics.
 """
 
@@ -15,13 +15,13 @@ from typing import Any
 
 from tiny import copy_texts, tiny_model_dir
 
-from seqr_core import signing
-from seqr_core.base_model import BaseModel, load_base_model
-from seqr_core.federation import FederationConfig
-from seqr_core.manifest import NORM_STATS_NAME, parse_manifest, read_export, sign_export
-from seqr_core.stats import NormStatistics, RunningMoments
-from server.federation_setup import FederationSetup, setup_federation
-from server.probe import Probe, load_probe_texts
+from seqr.core import signing
+from seqr.core.base_model import BaseModel, load_base_model
+from seqr.core.federation import FederationConfig
+from seqr.core.manifest import NORM_STATS_NAME, parse_manifest, read_export, sign_export
+from seqr.core.stats import NormStatistics, RunningMoments
+from seqr.operator.federation_setup import FederationSetup, setup_federation
+from seqr.operator.probe import Probe, load_probe_texts
 
 # Client data: disjoint stdlib files per client (tests/tiny.py STDLIB_FILES and a few more).
 CLIENT_FILES = (
@@ -88,7 +88,7 @@ class Client:
 
 def make_client(root: Path, index: int, *, files: tuple[str, ...] | None = None) -> Client:
     """Train, calibrate, export and sign one client's adapter with the real client code."""
-    from client.task import run_client
+    from seqr.node.task import run_client
 
     key_dir = root / f"client{index}-key"
     signing.write_keypair(key_dir)

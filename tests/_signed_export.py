@@ -17,8 +17,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import save
 
-from seqr_core.manifest import Manifest, sign_export
-from seqr_core.stats import NormStatistics
+from seqr.core.manifest import Manifest, sign_export
+from seqr.core.stats import NormStatistics
 
 RANK, DIM = 2, 4
 ALPHA = 4.0

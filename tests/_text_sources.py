@@ -13,8 +13,8 @@ import io
 import tarfile
 from pathlib import Path
 
-from simulations.domains import SourceConfig
-from simulations.domains.dictd import encode_number
+from seqr.sim.domains import SourceConfig
+from seqr.sim.domains.dictd import encode_number
 
 
 def write_dictd(folder: Path, name: str, entries: list[tuple[list[str], str]]) -> None:

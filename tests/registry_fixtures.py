@@ -21,16 +21,16 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import save
 
-from seqr_core import signing
-from seqr_core.manifest import Manifest
-from seqr_core.registry import merkle, store
-from seqr_core.registry.codec import dumps, format_time
-from seqr_core.registry.config import PublisherConfig
-from seqr_core.registry.envelope import REGISTRY_TYPE, TREE_HEAD_TYPE, parse_envelope, sign_envelope
-from seqr_core.registry.metadata import EXPORT_FILES, FederationPin, pointer_bytes
-from seqr_core.registry.publish import Publisher
-from seqr_core.registry.tree_head import TreeHead
-from seqr_core.stats import NormStatistics
+from seqr.core import signing
+from seqr.core.manifest import Manifest
+from seqr.core.stats import NormStatistics
+from seqr.registry import merkle, store
+from seqr.registry.codec import dumps, format_time
+from seqr.registry.config import PublisherConfig
+from seqr.registry.envelope import REGISTRY_TYPE, TREE_HEAD_TYPE, parse_envelope, sign_envelope
+from seqr.registry.metadata import EXPORT_FILES, FederationPin, pointer_bytes
+from seqr.registry.publish import Publisher
+from seqr.registry.tree_head import TreeHead
 
 T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 RANK, DIM = 2, 4

@@ -33,8 +33,8 @@ from _signed_export import (
 )
 from safetensors.numpy import save
 
-from seqr_core import signing
-from seqr_core.admission import (
+from seqr.core import signing
+from seqr.core.admission import (
     REASONS,
     AdmissionPolicy,
     AdmittedAdapter,
@@ -42,10 +42,10 @@ from seqr_core.admission import (
     admit,
     check_stats_plausible,
 )
-from seqr_core.errors import AdmissionError, ConfigError, FormatError, ValueCheckError
-from seqr_core.manifest import MANIFEST_NAME, SIGNATURE_NAME, read_export
-from seqr_core.safetensors_check import load_float_tensors, parse_safetensors_header
-from seqr_core.stats import NormStatistics, RunningMoments
+from seqr.core.errors import AdmissionError, ConfigError, FormatError, ValueCheckError
+from seqr.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, read_export
+from seqr.core.safetensors_check import load_float_tensors, parse_safetensors_header
+from seqr.core.stats import NormStatistics, RunningMoments
 
 NOW = CREATED + timedelta(minutes=1)
 Key = Any

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from seqr_core.errors import ConfigError
-from simulations.bench_generation import GenerationBenchConfig, main
+from seqr.core.errors import ConfigError
+from seqr.sim.bench_generation import GenerationBenchConfig, main
 
 
 def test_routed_and_fixed_generation_match_on_a_mixed_batch(

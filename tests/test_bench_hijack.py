@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from tiny import copy_texts, tiny_model_dir
 
-from seqr_core.stats import NormStatistics
-from simulations.bench_hijack import BOUND, LIAR, main
-from simulations.bench_hijack_lies import bound_stats, scaled_stats, sequence_scores
+from seqr.core.stats import NormStatistics
+from seqr.sim.bench_hijack import BOUND, LIAR, main
+from seqr.sim.bench_hijack_lies import bound_stats, scaled_stats, sequence_scores
 
 DOMAINS = {
     "a": ("bisect.py", "heapq.py"),

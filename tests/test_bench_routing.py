@@ -2,7 +2,7 @@
 
 import json
 
-from simulations.bench_routing import RoutingBenchConfig, macs_per_token, main, run
+from seqr.sim.bench_routing import RoutingBenchConfig, macs_per_token, main, run
 
 
 def test_small_grid_writes_json_plot_and_exact_agreement(tmp_path):

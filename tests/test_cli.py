@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-from seqr_core.cli import COMMANDS, main
+from seqr.cli.main import COMMANDS, main
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import tiny_model_dir
 
-from seqr_core.base_model import (
+from seqr.core.base_model import (
     atomic_folder,
     load_base_model,
     model_sha256,
     resolve_model_dir,
 )
-from seqr_core.errors import ModelError
+from seqr.core.errors import ModelError
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ import pytest
 import torch
 from tiny import copy_texts, tiny_model_dir
 
-from client.calibrate import _privatize, analytic_gaussian_sigma, calibrate, pick_sequences
-from client.train import make_lora_model, train_adapter
-from seqr_core.base_model import load_base_model
-from seqr_core.federation import FederationConfig
-from seqr_core.shared_a import lora_layers
-from seqr_core.stats import NormStatistics
-from seqr_core.textdata import load_text_data
+from seqr.core.base_model import load_base_model
+from seqr.core.federation import FederationConfig
+from seqr.core.shared_a import lora_layers
+from seqr.core.stats import NormStatistics
+from seqr.core.textdata import load_text_data
+from seqr.node.calibrate import _privatize, analytic_gaussian_sigma, calibrate, pick_sequences
+from seqr.node.train import make_lora_model, train_adapter
 
 FED = FederationConfig(
     lora_rank=4, train_steps=6, train_batch_size=4, train_seq_len=32, train_lr=1e-2,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from tiny import copy_texts, tiny_model_dir
 
-from seqr_core.cli import main as seqr
-from seqr_core.export_folder import read_export
-from seqr_core.manifest import verify_export_files
-from seqr_core.signing import PRIVATE_KEY_NAME, write_keypair
+from seqr.cli.main import main as seqr
+from seqr.core.export_folder import read_export
+from seqr.core.manifest import verify_export_files
+from seqr.core.signing import PRIVATE_KEY_NAME, write_keypair
 
 
 @pytest.fixture

@@ -13,15 +13,15 @@ from safetensors.torch import load_file
 from tiny import copy_texts, tiny_model_dir
 from transformers import AutoModelForCausalLM
 
-import client.export
-from client.task import checkpoint_dir_for, run_client
-from seqr_core.errors import ConfigError, DataError, KeyFileError, ModelError
-from seqr_core.export_folder import read_export
-from seqr_core.federation import FederationConfig
-from seqr_core.manifest import verify_export_files
-from seqr_core.shared_a import generate_shared_a
-from seqr_core.signing import PRIVATE_KEY_NAME, public_key_bytes, write_keypair
-from seqr_core.stats import NormStatistics
+from seqr.core.errors import ConfigError, DataError, KeyFileError, ModelError
+from seqr.core.export_folder import read_export
+from seqr.core.federation import FederationConfig
+from seqr.core.manifest import verify_export_files
+from seqr.core.shared_a import generate_shared_a
+from seqr.core.signing import PRIVATE_KEY_NAME, public_key_bytes, write_keypair
+from seqr.core.stats import NormStatistics
+from seqr.node import export as node_export
+from seqr.node.task import checkpoint_dir_for, run_client
 
 FILES = [
     "adapter_config.json",
@@ -154,7 +154,7 @@ def test_failure_while_signing_leaves_no_export(
     def broken(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt  # e.g. Ctrl-C while the manifest is written
 
-    monkeypatch.setattr(client.export, "sign_export", broken)
+    monkeypatch.setattr(node_export, "sign_export", broken)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run_client(data, key, out, fed_for_tiny(), progress=False)
@@ -164,6 +164,6 @@ def test_failure_while_signing_leaves_no_export(
 
 
 def test_manifest_is_signed_by_the_given_key(run, key: Path) -> None:  # type: ignore[no-untyped-def]
-    from seqr_core.signing import load_private_key
+    from seqr.core.signing import load_private_key
 
     assert run.manifest.public_key_bytes == public_key_bytes(load_private_key(key))

@@ -12,11 +12,11 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, Reco
 from safetensors.numpy import load as load_safetensors
 from tiny import copy_texts, tiny_model_dir
 
-from client.client_app import app
-from seqr_core.federation import FederationConfig
-from seqr_core.manifest import verify_export_files
-from seqr_core.signing import PRIVATE_KEY_NAME, write_keypair
-from seqr_core.stats import NormStatistics
+from seqr.core.federation import FederationConfig
+from seqr.core.manifest import verify_export_files
+from seqr.core.signing import PRIVATE_KEY_NAME, write_keypair
+from seqr.core.stats import NormStatistics
+from seqr.node.client_app import app
 
 CANARY = "CANARY-private-3b9f1e"  # appears in the private data; must never appear in the reply
 FED = FederationConfig(

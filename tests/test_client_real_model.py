@@ -9,11 +9,11 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from client.task import run_client
-from seqr_core.base_model import load_base_model
-from seqr_core.federation import FederationConfig
-from seqr_core.shared_a import generate_shared_a
-from seqr_core.signing import PRIVATE_KEY_NAME, write_keypair
+from seqr.core.base_model import load_base_model
+from seqr.core.federation import FederationConfig
+from seqr.core.shared_a import generate_shared_a
+from seqr.core.signing import PRIVATE_KEY_NAME, write_keypair
+from seqr.node.task import run_client
 
 
 @pytest.mark.real_model

@@ -9,8 +9,8 @@ import pytest
 from tiny import copy_texts, tiny_model_dir
 from transformers import AutoTokenizer
 
-from seqr_core.errors import DataError
-from seqr_core.textdata import heldout_mask, load_text_data, read_text_folder, tokenize_chunks
+from seqr.core.errors import DataError
+from seqr.core.textdata import heldout_mask, load_text_data, read_text_folder, tokenize_chunks
 
 
 @pytest.fixture(scope="module")

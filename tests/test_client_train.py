@@ -9,18 +9,18 @@ import pytest
 import torch
 from tiny import copy_texts, tiny_model_dir
 
-from client.train import (
+from seqr.core.base_model import load_base_model
+from seqr.core.errors import ConfigError
+from seqr.core.federation import FederationConfig
+from seqr.core.shared_a import check_shared_a
+from seqr.core.textdata import load_text_data
+from seqr.node.train import (
     batch_indices,
     latest_checkpoint,
     make_lora_model,
     train_adapter,
     trainable_b,
 )
-from seqr_core.base_model import load_base_model
-from seqr_core.errors import ConfigError
-from seqr_core.federation import FederationConfig
-from seqr_core.shared_a import check_shared_a
-from seqr_core.textdata import load_text_data
 
 FED = FederationConfig(
     lora_rank=4, train_steps=12, train_batch_size=4, train_seq_len=32, train_lr=1e-2, a_seed=11

@@ -13,20 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from seqr_core.errors import ConfigError, DataError, FormatError
-from simulations import data_prepare
-from simulations.data_prepare import PrepareConfig, main, prepare
-from simulations.domains import DOMAINS, SourceConfig, install
-from simulations.domains.dictd import decode_number, encode_number, foldoc_docs, read_entries
-from simulations.domains.fortunes import fortune_docs, parse_fortunes
-from simulations.domains.gcide import gcide_docs, subject_of
-from simulations.domains.gutenberg import milton_docs, shakespeare_docs
-from simulations.domains.licenses import license_docs
-from simulations.domains.manpages import man_docs, roff_to_text
-from simulations.domains.packing import pack_files, select_spread
-from simulations.domains.pysource import python_docs
-from simulations.domains.rstdocs import rst_to_text
-from simulations.domains.text import normalise
+from seqr.core.errors import ConfigError, DataError, FormatError
+from seqr.sim import data_prepare
+from seqr.sim.data_prepare import PrepareConfig, main, prepare
+from seqr.sim.domains import DOMAINS, SourceConfig, install
+from seqr.sim.domains.dictd import decode_number, encode_number, foldoc_docs, read_entries
+from seqr.sim.domains.fortunes import fortune_docs, parse_fortunes
+from seqr.sim.domains.gcide import gcide_docs, subject_of
+from seqr.sim.domains.gutenberg import milton_docs, shakespeare_docs
+from seqr.sim.domains.licenses import license_docs
+from seqr.sim.domains.manpages import man_docs, roff_to_text
+from seqr.sim.domains.packing import pack_files, select_spread
+from seqr.sim.domains.pysource import python_docs
+from seqr.sim.domains.rstdocs import rst_to_text
+from seqr.sim.domains.text import normalise
 from tests._text_sources import build_source_tree, write_dictd, write_sdist
 
 # ---- dictd (FOLDOC, GCIDE) -------------------------------------------------------------

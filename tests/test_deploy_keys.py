@@ -14,10 +14,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from deploy import certs, node_keys
-from deploy.certs import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, CertConfig, make_certs
-from deploy.node_keys import make_node_key
-from seqr_core.errors import ConfigError, KeyFileError
+from seqr.core.errors import ConfigError, KeyFileError
+from seqr.deploy import certs, node_keys
+from seqr.deploy.certs import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, CertConfig, make_certs
+from seqr.deploy.node_keys import make_node_key
 
 
 def handshake(folder: Path, ca_folder: Path, server_hostname: str) -> None:

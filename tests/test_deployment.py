@@ -22,11 +22,11 @@ import pytest
 from _deployment import CLIENT_FILES, Deployment, Node, has_clientapp, make_deployment
 from tiny import tiny_model_dir
 
-from client.route import RegistryRouter
-from seqr_core.registry import audit_registry
-from server.round import ReplayStore
-from server.settings import state_dir_for
-from simulations.flower_local import descendants
+from seqr.consumer.router import RegistryRouter
+from seqr.operator.round import ReplayStore
+from seqr.operator.settings import state_dir_for
+from seqr.registry import audit_registry
+from seqr.sim.flower_local import descendants
 
 pytestmark = [pytest.mark.flower, pytest.mark.timeout(600)]
 SUPERNODE_CONNECTION_ERROR = 305  # flwr.supercore.exit.ExitCode.SUPERNODE_CONNECTION_ERROR

@@ -7,10 +7,10 @@ import torch
 from _routed_lora import ADAPTERS, calibrate, make_peft_model, token_ids
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from seqr_core.model_routing import ModelRoutingConfig, RoutedModel
-from simulations.evaluate import SEQR_CALIBRATIONS, EvalConfig, evaluate, split_heldout
-from simulations.library import AdapterLibrary, add_uniform_merge
-from simulations.report import write_report
+from seqr.core.model_routing import ModelRoutingConfig, RoutedModel
+from seqr.sim.evaluate import SEQR_CALIBRATIONS, EvalConfig, evaluate, split_heldout
+from seqr.sim.library import AdapterLibrary, add_uniform_merge
+from seqr.sim.report import write_report
 
 
 def heldout_by_domain(n=8):
@@ -66,10 +66,10 @@ def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
 
 
 def test_recalibrated_brute_force_equals_brute_force_built_with_those_statistics():
-    from seqr_core import BruteForceRouter
-    from seqr_core.model_routing import build_routed_modules, reference_statistics
-    from simulations.eval_scores import collect_method_scores
-    from simulations.evaluate import recalibrate
+    from seqr import BruteForceRouter
+    from seqr.core.model_routing import build_routed_modules, reference_statistics
+    from seqr.sim.eval_scores import collect_method_scores
+    from seqr.sim.evaluate import recalibrate
 
     library = tiny_library()
     model = library.peft_model
@@ -115,7 +115,7 @@ def test_uniform_merge_is_the_mean_of_b_over_the_shared_a():
 
 
 def test_peft_arrow_anchor_loads_the_same_exports(tmp_path):
-    from simulations.evaluate import peft_arrow_model, peft_arrow_scorers
+    from seqr.sim.evaluate import peft_arrow_model, peft_arrow_scorers
 
     library = tiny_library()
     paths = []
@@ -137,7 +137,7 @@ def test_peft_arrow_anchor_loads_the_same_exports(tmp_path):
 
 
 def test_pair_losses_equal_each_plans_own_mixed_batch_losses():
-    from simulations.evaluate import pair_losses, sequence_losses
+    from seqr.sim.evaluate import pair_losses, sequence_losses
 
     library = tiny_library()
     model = library.peft_model

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from seqr_core.errors import ConfigError
-from seqr_core.federation import ALL_LINEAR, FederationConfig
+from seqr.core.errors import ConfigError
+from seqr.core.federation import ALL_LINEAR, FederationConfig
 
 
 def test_defaults_match_the_paper_setup() -> None:

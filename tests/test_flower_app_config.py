@@ -3,7 +3,7 @@
 import tomllib
 from pathlib import Path
 
-from simulations.flower_local import run_config_defaults
+from seqr.sim.flower_local import run_config_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_pyproject_declares_every_run_config_key_with_its_default():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert declared["components"] == {
-        "serverapp": "server.server_app:app",
-        "clientapp": "client.client_app:app",
+        "serverapp": "seqr.operator.server_app:app",
+        "clientapp": "seqr.node.client_app:app",
     }
     assert declared["config"] == run_config_defaults()

@@ -11,16 +11,16 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from tiny import copy_texts, tiny_model_dir
 
-from client.calibrate import calibrate
-from client.client_app import app
-from client.train import make_lora_model
-from seqr_core.base_model import load_base_model
-from seqr_core.errors import AdmissionError
-from seqr_core.federation import FederationConfig
-from seqr_core.registry.contributions import arrays_sha256, merge_partial_statistics
-from seqr_core.signing import PRIVATE_KEY_NAME, load_private_key, public_key_bytes, write_keypair
-from seqr_core.textdata import read_text_folder, tokenize_chunks
-from server.group_replies import Expected, Member, check_statistics, check_update
+from seqr.core.base_model import load_base_model
+from seqr.core.errors import AdmissionError
+from seqr.core.federation import FederationConfig
+from seqr.core.signing import PRIVATE_KEY_NAME, load_private_key, public_key_bytes, write_keypair
+from seqr.core.textdata import read_text_folder, tokenize_chunks
+from seqr.node.calibrate import calibrate
+from seqr.node.client_app import app
+from seqr.node.train import make_lora_model
+from seqr.operator.group_replies import Expected, Member, check_statistics, check_update
+from seqr.registry.contributions import arrays_sha256, merge_partial_statistics
 
 FED = FederationConfig(
     base_model=str(tiny_model_dir()), lora_rank=4, train_batch_size=2, train_seq_len=32,

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from tiny import build_tiny_llama, copy_texts
 
-from seqr_core import signing
-from seqr_core.base_model import load_base_model
-from seqr_core.registry.audit import audit_registry
-from seqr_core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
-from server.federation_setup import setup_federation
-from server.registry_ops import init_registry, open_publisher
-from server.settings import federation_from_run_config, state_dir_for
-from simulations.flower_local import flwr_run, local_superlink
-from simulations.groups_eval import write_group_app
+from seqr.core import signing
+from seqr.core.base_model import load_base_model
+from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
+from seqr.operator.federation_setup import setup_federation
+from seqr.operator.registry_ops import init_registry, open_publisher
+from seqr.operator.settings import federation_from_run_config, state_dir_for
+from seqr.registry.audit import audit_registry
+from seqr.sim.flower_local import flwr_run, local_superlink
+from seqr.sim.groups_eval import write_group_app
 
 FEDERATION = {"lora-rank": 4, "lora-alpha": 8, "train-steps": 3, "train-batch-size": 4,
               "train-seq-len": 32, "calib-max-sequences": 8}  # fmt: skip

@@ -26,10 +26,10 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.calibrate import analytic_gaussian_sigma
-from seqr_core.errors import ConfigError
-from server.group_privacy import GaussianRdpAccountant, gaussian_epsilon, make_accountant
-from server.groups import GroupSettings, NodeSubset, make_strategy, parse_task_groups
+from seqr.core.errors import ConfigError
+from seqr.node.calibrate import analytic_gaussian_sigma
+from seqr.operator.group_privacy import GaussianRdpAccountant, gaussian_epsilon, make_accountant
+from seqr.operator.groups import GroupSettings, NodeSubset, make_strategy, parse_task_groups
 
 RNG = np.random.default_rng(0)
 
@@ -128,7 +128,7 @@ def test_server_side_dp_clips_each_update_adds_noise_and_accounts_epsilon(monkey
 
 
 def test_rdp_epsilon_is_sound_and_close_to_the_exact_gaussian_bound() -> None:
-    # The exact (analytic) Gaussian mechanism (Balle & Wang 2018, client/calibrate.py) needs
+    # The exact (analytic) Gaussian mechanism (Balle & Wang 2018, seqr/node/calibrate.py) needs
     # noise sigma(eps) for (eps, delta)-DP. The RDP epsilon of noise 1 must be sound: the
     # exact mechanism needs at most noise 1 for it; and not loose: at least 0.8.
     for z in (0.8, 1.0, 2.0, 4.0):

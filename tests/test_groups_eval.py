@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from seqr_core.errors import ConfigError, DataError
-from simulations.groups_eval import GroupsEvalConfig, split_domain
+from seqr.core.errors import ConfigError, DataError
+from seqr.sim.groups_eval import GroupsEvalConfig, split_domain
 
 
 def _domain(folder: Path, paragraphs: int) -> Path:

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from _signed_export import A_SHA, BASE_SHA, CREATED, TARGETS, make_export
 
-from seqr_core import signing
-from seqr_core.errors import FormatError, SignatureError
-from seqr_core.manifest import (
+from seqr.core import signing
+from seqr.core.errors import FormatError, SignatureError
+from seqr.core.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     SIGNATURE_NAME,

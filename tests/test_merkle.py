@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from seqr_core.errors import ForkError, RegistryError
-from seqr_core.registry import merkle
+from seqr.core.errors import ForkError, RegistryError
+from seqr.registry import merkle
 
 # The Certificate Transparency reference vectors (RFC 6962 / RFC 9162 hashing; the same eight
 # leaves and roots are used by the C++ and Go CT implementations' merkle tests).

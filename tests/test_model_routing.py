@@ -6,9 +6,9 @@ import pytest
 import torch
 from _routed_lora import ADAPTERS, calibrate, lora_linears, make_peft_model, pad, token_ids
 
-from seqr_core.errors import ConfigError, ValueCheckError
-from seqr_core.model_routing import ModelRoutingConfig, RoutedModel, build_routed_modules
-from seqr_core.routing import ArrowRouter, BruteForceRouter, SeqrRouter, SpectrRouter
+from seqr.core.errors import ConfigError, ValueCheckError
+from seqr.core.model_routing import ModelRoutingConfig, RoutedModel, build_routed_modules
+from seqr.core.routing import ArrowRouter, BruteForceRouter, SeqrRouter, SpectrRouter
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_bf16_first_pass_routes_a_copy_and_leaves_the_model_in_fp32(peft_model, 
 
 
 def test_gain_scores_are_norms_per_unit_input_and_seqr_still_equals_brute_force(peft_model):
-    from seqr_core.model_routing import reference_statistics
+    from seqr.core.model_routing import reference_statistics
 
     stats = reference_statistics(peft_model, ADAPTERS, [token_ids(4, 10, seed=64)], score="gain")
     ids = token_ids(3, 8, seed=65)

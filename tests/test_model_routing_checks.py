@@ -6,9 +6,9 @@ import pytest
 import torch
 from _routed_lora import calibrate, lora_linears, make_peft_model, token_ids
 
-from seqr_core.errors import ConfigError, ShapeError, ValueCheckError
-from seqr_core.model_routing import ModelRoutingConfig, RoutedModel, topk_weights
-from seqr_core.stats import NormStatistics
+from seqr.core.errors import ConfigError, ShapeError, ValueCheckError
+from seqr.core.model_routing import ModelRoutingConfig, RoutedModel, topk_weights
+from seqr.core.stats import NormStatistics
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,14 @@ import pytest
 import torch
 from _routed_lora import ADAPTERS, lora_linears, make_peft_model, token_ids
 
-from seqr_core.errors import ShapeError
-from seqr_core.model_routing import (
+from seqr.core.errors import ShapeError
+from seqr.core.model_routing import (
     ModelRoutingConfig,
     RoutedModel,
     blend_statistics,
     reference_statistics,
 )
-from seqr_core.stats import NormStatistics, RunningMoments
+from seqr.core.stats import NormStatistics, RunningMoments
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from seqr_core.errors import FormatError, ShapeError, ValueCheckError
-from seqr_core.registry.adapter_check import check_adapter_weights, describe_layout_difference
-from seqr_core.registry.metadata import TensorSpec
+from seqr.core.errors import FormatError, ShapeError, ValueCheckError
+from seqr.registry.adapter_check import check_adapter_weights, describe_layout_difference
+from seqr.registry.metadata import TensorSpec
 
 A = "base_model.model.layers.0.q_proj.lora_A.weight"
 B = "base_model.model.layers.0.q_proj.lora_B.weight"

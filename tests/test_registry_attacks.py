@@ -34,8 +34,8 @@ from registry_fixtures import (
     write_tree_head,
 )
 
-from seqr_core import signing
-from seqr_core.errors import (
+from seqr.core import signing
+from seqr.core.errors import (
     ForkError,
     FormatError,
     FreezeError,
@@ -44,11 +44,11 @@ from seqr_core.errors import (
     SeqrError,
     SignatureError,
 )
-from seqr_core.registry import store
-from seqr_core.registry.audit import AuditReport, audit_registry
-from seqr_core.registry.config import AuditConfig
-from seqr_core.registry.publish import Publisher
-from seqr_core.registry.roots import make_root, sign_root
+from seqr.registry import store
+from seqr.registry.audit import AuditReport, audit_registry
+from seqr.registry.config import AuditConfig
+from seqr.registry.publish import Publisher
+from seqr.registry.roots import make_root, sign_root
 
 NOW = T0 + timedelta(hours=2)
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 from registry_fixtures import T0, build_registry, make_export, new_key
 
-from seqr_core import cli, signing
-from seqr_core.errors import RegistryError, SignatureError
-from seqr_core.registry.audit import audit_registry, read_registry_files
-from seqr_core.registry.config import AuditConfig
-from seqr_core.registry.publish import Publisher
-from seqr_core.registry.trusted_state import load_trusted_state
-from seqr_core.registry.verify import RegistryFiles, verify_metadata
+from seqr.cli import main as cli
+from seqr.core import signing
+from seqr.core.errors import RegistryError, SignatureError
+from seqr.registry.audit import audit_registry, read_registry_files
+from seqr.registry.config import AuditConfig
+from seqr.registry.publish import Publisher
+from seqr.registry.trusted_state import load_trusted_state
+from seqr.registry.verify import RegistryFiles, verify_metadata
 
 NOW = T0 + timedelta(hours=2)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from seqr_core import cli
+from seqr.cli import main as cli
 
 
 def test_bench_audit_builds_audits_and_writes_json(tmp_path: Path) -> None:

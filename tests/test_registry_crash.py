@@ -19,11 +19,11 @@ from pathlib import Path
 
 from registry_fixtures import FEDERATION, make_export
 
-from seqr_core import signing
-from seqr_core.registry import store
-from seqr_core.registry.audit import audit_registry
-from seqr_core.registry.config import PublisherConfig
-from seqr_core.registry.publish import Publisher
+from seqr.core import signing
+from seqr.registry import store
+from seqr.registry.audit import audit_registry
+from seqr.registry.config import PublisherConfig
+from seqr.registry.publish import Publisher
 
 TESTS = Path(__file__).resolve().parent
 RANDOM_KILLS = 2
@@ -36,10 +36,10 @@ WORKER = """
 import os, signal, sys
 from pathlib import Path
 from registry_fixtures import FEDERATION, make_export
-from seqr_core import signing
-from seqr_core.registry import store
-from seqr_core.registry.config import PublisherConfig
-from seqr_core.registry.publish import Publisher
+from seqr.core import signing
+from seqr.registry import store
+from seqr.registry.config import PublisherConfig
+from seqr.registry.publish import Publisher
 
 reg, keys, seed, point = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 per_version = int(sys.argv[5])

@@ -14,14 +14,18 @@ import numpy as np
 import pytest
 from tiny import tiny_model_dir
 
-from seqr_core import signing
-from seqr_core.base_model import load_base_model
-from seqr_core.errors import AdmissionError, RegistryError, SeqrError
-from seqr_core.federation import FederationConfig
-from seqr_core.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, parse_manifest
-from seqr_core.registry import store
-from seqr_core.registry.audit import audit_registry
-from seqr_core.registry.contributions import (
+from seqr.core import signing
+from seqr.core.base_model import load_base_model
+from seqr.core.errors import AdmissionError, RegistryError, SeqrError
+from seqr.core.federation import FederationConfig
+from seqr.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, parse_manifest
+from seqr.core.stats import NormStatistics
+from seqr.operator.federation_setup import FederationSetup, setup_federation
+from seqr.operator.group_export import build_group_export
+from seqr.operator.registry_ops import init_registry, open_publisher
+from seqr.registry import store
+from seqr.registry.audit import audit_registry
+from seqr.registry.contributions import (
     Contribution,
     ContributionsFile,
     SignedContribution,
@@ -30,11 +34,7 @@ from seqr_core.registry.contributions import (
     sign_contribution,
     verify_contributions,
 )
-from seqr_core.registry.metadata import ADAPTER_FILE, CONTRIBUTIONS_FILE, STATS_FILE
-from seqr_core.stats import NormStatistics
-from server.federation_setup import FederationSetup, setup_federation
-from server.group_export import build_group_export
-from server.registry_ops import init_registry, open_publisher
+from seqr.registry.metadata import ADAPTER_FILE, CONTRIBUTIONS_FILE, STATS_FILE
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 SESSION = "5e" * 16

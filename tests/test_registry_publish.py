@@ -21,12 +21,12 @@ from registry_fixtures import (
     read_payload,
 )
 
-from seqr_core import signing
-from seqr_core.errors import AdmissionError, RegistryError, SignatureError
-from seqr_core.registry import merkle, store
-from seqr_core.registry.config import PublisherConfig
-from seqr_core.registry.publish import Publisher
-from seqr_core.registry.verify import RegistryFiles, verify_metadata
+from seqr.core import signing
+from seqr.core.errors import AdmissionError, RegistryError, SignatureError
+from seqr.registry import merkle, store
+from seqr.registry.config import PublisherConfig
+from seqr.registry.publish import Publisher
+from seqr.registry.verify import RegistryFiles, verify_metadata
 
 LATER = T0 + timedelta(hours=1)
 

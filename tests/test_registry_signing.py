@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from registry_fixtures import ROTATIONS, duplicate_first_signature
 
-from seqr_core import signing
-from seqr_core.errors import FormatError, RegistryError, SignatureError
-from seqr_core.registry import codec
-from seqr_core.registry.envelope import (
+from seqr.core import signing
+from seqr.core.errors import FormatError, RegistryError, SignatureError
+from seqr.registry import codec
+from seqr.registry.envelope import (
     REGISTRY_TYPE,
     ROOT_TYPE,
     pae,
@@ -21,8 +21,8 @@ from seqr_core.registry.envelope import (
     threshold_result,
     verify_threshold,
 )
-from seqr_core.registry.metadata import Root
-from seqr_core.registry.roots import make_root, sign_root, verify_root_chain, verify_root_update
+from seqr.registry.metadata import Root
+from seqr.registry.roots import make_root, sign_root, verify_root_chain, verify_root_update
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
 KEYS = {name: signing.generate_private_key() for name in "ABCDE"}

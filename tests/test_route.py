@@ -15,14 +15,14 @@ from _route_world import DOMAINS, RouteWorld, domain_text, make_world
 from safetensors.torch import load_file
 from tiny import build_tiny_llama
 
-from client.route import RegistryRouter, RouterConfig
-from client.route_cli import main
-from seqr_core import signing
-from seqr_core.base_model import load_base_model
-from seqr_core.errors import ConfigError, DataError, ModelError, RegistryError
-from seqr_core.registry import audit_registry
-from seqr_core.stats import NormStatistics
-from server.registry_ops import init_registry
+from seqr.cli.route import main
+from seqr.consumer.router import RegistryRouter, RouterConfig
+from seqr.core import signing
+from seqr.core.base_model import load_base_model
+from seqr.core.errors import ConfigError, DataError, ModelError, RegistryError
+from seqr.core.stats import NormStatistics
+from seqr.operator.registry_ops import init_registry
+from seqr.registry import audit_registry
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from seqr_core import ArrowRouter, BruteForceRouter, SeqrRouter, SpectrRouter
-from seqr_core.errors import ShapeError, ValueCheckError
+from seqr import ArrowRouter, BruteForceRouter, SeqrRouter, SpectrRouter
+from seqr.core.errors import ShapeError, ValueCheckError
 
 EXACT_ROUTERS = [SeqrRouter, SpectrRouter, BruteForceRouter]
 ALL_ROUTERS = [*EXACT_ROUTERS, ArrowRouter]

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from tiny import tiny_model_dir
 
-from seqr_core import signing
-from seqr_core.cli import main
-from seqr_core.registry.audit import audit_registry
-from seqr_core.registry.config import AuditConfig
-from seqr_core.signing import PUBLIC_KEY_NAME
-from server.settings import state_dir_for
+from seqr.cli.main import main
+from seqr.core import signing
+from seqr.core.signing import PUBLIC_KEY_NAME
+from seqr.operator.settings import state_dir_for
+from seqr.registry.audit import audit_registry
+from seqr.registry.config import AuditConfig
 
 
 def test_init_enrol_revoke_publish_versions_an_auditor_accepts(

@@ -2,7 +2,7 @@
 SuperNodes training the tiny model, then the registry's own audit of what was published.
 
 The Flower plumbing (private SuperLink, app folder, `flwr run`, shutdown by PID) is the one
-`seqr simulate` uses: simulations/flower_local.py.
+`seqr simulate` uses: seqr/sim/flower_local.py.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 from tiny import build_tiny_llama, copy_texts
 
-from seqr_core import signing
-from seqr_core.base_model import load_base_model
-from seqr_core.registry.audit import audit_registry
-from seqr_core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
-from server.federation_setup import setup_federation
-from server.registry_ops import init_registry, open_publisher
-from server.round import ReplayStore
-from server.settings import federation_from_run_config, state_dir_for
-from simulations.flower_local import flwr_run, local_superlink, write_app
+from seqr.core import signing
+from seqr.core.base_model import load_base_model
+from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
+from seqr.operator.federation_setup import setup_federation
+from seqr.operator.registry_ops import init_registry, open_publisher
+from seqr.operator.round import ReplayStore
+from seqr.operator.settings import federation_from_run_config, state_dir_for
+from seqr.registry.audit import audit_registry
+from seqr.sim.flower_local import flwr_run, local_superlink, write_app
 
 FEDERATION = {  # the federation keys of the run config (tiny and fast)
     "lora-rank": 4,

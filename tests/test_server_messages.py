@@ -7,10 +7,10 @@ import time
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, Metadata, RecordDict
 from tiny import tiny_model_dir
 
-import client.client_app as client_app
-from seqr_core.federation import FederationConfig
-from server import messages
-from server.round import Verdict
+import seqr.node.client_app as client_app
+from seqr.core.federation import FederationConfig
+from seqr.operator import messages
+from seqr.operator.round import Verdict
 
 FED = FederationConfig(base_model=str(tiny_model_dir()), lora_rank=4, a_sha256="ab" * 32)
 

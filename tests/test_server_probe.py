@@ -21,12 +21,12 @@ from _server_world import (
 from peft import PeftModel
 from tiny import tiny_model_dir
 
-from seqr_core.admission import AdmittedAdapter, SeenSubmissions, admit
-from seqr_core.base_model import load_base_model
-from seqr_core.errors import AdmissionError, DataError
-from seqr_core.shared_a import lora_layers
-from seqr_core.stats import NormStatistics
-from server.probe import BUILTIN_PROBE_FILES, load_probe_texts, probe_chunks
+from seqr.core.admission import AdmittedAdapter, SeenSubmissions, admit
+from seqr.core.base_model import load_base_model
+from seqr.core.errors import AdmissionError, DataError
+from seqr.core.shared_a import lora_layers
+from seqr.core.stats import NormStatistics
+from seqr.operator.probe import BUILTIN_PROBE_FILES, load_probe_texts, probe_chunks
 
 BOUNDS = {"max_sigma_ratio": 3.0, "max_mean_z": 1.0}
 
@@ -123,7 +123,7 @@ def test_probe_text_from_a_file_a_folder_or_the_builtin_sources(tmp_path: Path) 
 
 
 def test_probe_refuses_text_shorter_than_two_tokens() -> None:
-    from seqr_core.textdata import TextFile
+    from seqr.core.textdata import TextFile
 
     tokenizer = base_model().tokenizer
     with pytest.raises(DataError):

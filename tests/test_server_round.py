@@ -17,13 +17,13 @@ from _server_world import (
     resign,
 )
 
-from seqr_core import signing
-from seqr_core.manifest import NORM_STATS_NAME
-from seqr_core.registry.audit import audit_registry
-from seqr_core.stats import NormStatistics
-from server.registry_ops import init_registry, open_publisher
-from server.round import ReplayStore, RoundRunner, Submission
-from server.settings import state_dir_for
+from seqr.core import signing
+from seqr.core.manifest import NORM_STATS_NAME
+from seqr.core.stats import NormStatistics
+from seqr.operator.registry_ops import init_registry, open_publisher
+from seqr.operator.round import ReplayStore, RoundRunner, Submission
+from seqr.operator.settings import state_dir_for
+from seqr.registry.audit import audit_registry
 
 
 @pytest.fixture(scope="module")

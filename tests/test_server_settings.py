@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from seqr_core.errors import ConfigError
-from server.settings import ServerSettings, federation_from_run_config, state_dir_for
+from seqr.core.errors import ConfigError
+from seqr.operator.settings import ServerSettings, federation_from_run_config, state_dir_for
 
 BASE = {"registry-dir": "/srv/reg", "server-keys": "/k1, /k2", "lora-rank": 4}
 

@@ -12,8 +12,8 @@ from peft import LoraConfig, get_peft_model
 from tiny import tiny_model_dir
 from transformers import AutoModelForCausalLM
 
-from seqr_core.errors import ShapeError
-from seqr_core.shared_a import (
+from seqr.core.errors import ShapeError
+from seqr.core.shared_a import (
     check_shared_a,
     freeze_shared_a,
     generate_shared_a,

@@ -12,8 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from seqr_core import keys_cli, signing
-from seqr_core.errors import KeyFileError, SignatureError
+from seqr.cli import keys as keys_cli
+from seqr.core import signing
+from seqr.core.errors import KeyFileError, SignatureError
 
 PASS = b"correct horse battery staple"
 
@@ -256,7 +257,7 @@ def test_keys_generate_cli_unset_env_is_one_line_error(
 
 def test_keys_generate_through_seqr_dispatcher(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "seqr_core.cli", "keys", "generate", "--out", str(tmp_path)],
+        [sys.executable, "-m", "seqr.cli.main", "keys", "generate", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         check=False,

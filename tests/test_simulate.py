@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from tiny import build_tiny_llama, copy_texts
 
-from seqr_core.errors import ConfigError, DataError
-from seqr_core.registry.audit import audit_registry
-from simulations.simulate import SimulateConfig, main, pick_domains
+from seqr.core.errors import ConfigError, DataError
+from seqr.registry.audit import audit_registry
+from seqr.sim.simulate import SimulateConfig, main, pick_domains
 
 DOMAINS = {"d0": ("bisect.py", "heapq.py"), "d1": ("textwrap.py",), "d2": ("colorsys.py",)}
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from seqr_core.errors import FormatError, ShapeError, ValueCheckError
-from seqr_core.stats import NormStatistics, RunningMoments
+from seqr.core.errors import FormatError, ShapeError, ValueCheckError
+from seqr.core.stats import NormStatistics, RunningMoments
 
 
 def batches(seed=0, n=3):

@@ -1,6 +1,6 @@
-"""Test helpers: the tiny Llama world lives in simulations/tiny_world.py (scale runs use it too)."""
+"""Test helpers: the tiny Llama world lives in seqr/sim/tiny_world.py (scale runs use it too)."""
 
-from simulations.tiny_world import (  # noqa: F401
+from seqr.sim.tiny_world import (  # noqa: F401
     EOS,
     STDLIB,
     STDLIB_FILES,

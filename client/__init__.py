@@ -1,1 +1,0 @@
-"""seqr client: private LoRA-FA training, calibration and signed export (ClientApp)."""

@@ -1,0 +1,1 @@
+"""The ``seqr`` command: one module per command group (main.py dispatches)."""

@@ -1,0 +1,175 @@
+"""``seqr route``: route text (and optionally generate) with every adapter of an audited registry.
+
+Exit status 0 on success; 1 when the registry fails its audit (the reason is printed and the
+trusted state is left as it was) or the model / input cannot be used; 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from seqr.consumer.router import RegistryRouter, RouteResult
+
+__all__ = ["main"]
+
+MAX_INPUT_FILE_BYTES = 64 * 1024 * 1024  # bytes; --file is read whole
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="seqr route",
+        description="Audit an adapter registry, load its adapters onto the base model, and route "
+        "each input with SEQR z-scores: prints the chosen adapter and its z-score margin over "
+        "the runner-up; with --generate N also the greedy continuation (batched, mixed adapters).",
+    )
+    p.add_argument("--registry", type=Path, required=True, help="registry folder (or a mirror)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="one input text")
+    src.add_argument("--file", type=Path, help="UTF-8 file: one input per non-empty line")
+    p.add_argument("--generate", type=int, default=0, metavar="N", help="new tokens per input")
+    p.add_argument(
+        "--per-token",
+        action="store_true",
+        help="route every token in every LoRA module (default: one adapter per input)",
+    )
+    p.add_argument(
+        "--trusted-state",
+        type=Path,
+        default=None,
+        help="file remembering the last trusted registry version (rollback, fork)",
+    )
+    p.add_argument(
+        "--expect-root-sha256",
+        default=None,
+        help="first use: SHA-256 of root/1.root.json from the operator (else TOFU)",
+    )
+    p.add_argument("--base-model", default=None,
+                   help="known name or local folder (default: SmolLM2-135M-Instruct); its hash "
+                   "must be the one the adapters were trained on")  # fmt: skip
+    p.add_argument("--cache-dir", default=None, help="where known models are converted once")
+    p.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--first-pass-dtype", choices=("bfloat16", "float16"), default=None,
+                   help="run the routing pass on a copy of the model in this dtype (faster "
+                   "generation; near-ties may flip)")  # fmt: skip
+    p.add_argument(
+        "--calibration",
+        choices=("own", "reference", "blend", "queries"),
+        default="own",
+        help="z-score with each adapter's own signed statistics (default), with "
+        "statistics measured here on --reference text, or the mean of both z-scores; queries: "
+        "sequence-level statistics over --reference holding unlabeled examples of your inputs",
+    )
+    p.add_argument("--reference", type=Path, default=None,
+                   help="folder of public text files you trust (for --calibration "
+                   "reference|blend), or examples of your inputs (queries)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    return p
+
+
+def _inputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    if args.text is not None:
+        return [args.text]
+    path: Path = args.file
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_INPUT_FILE_BYTES + 1)
+    except OSError as exc:
+        parser.error(f"cannot read --file {path}: {exc.strerror}")
+    if len(data) > MAX_INPUT_FILE_BYTES:
+        parser.error(f"--file {path} is over {MAX_INPUT_FILE_BYTES} bytes")
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        parser.error(f"--file {path} is not UTF-8 ({exc})")
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        parser.error(f"--file {path} holds no non-empty line")
+    return texts
+
+
+def _print_results(router: RegistryRouter, results: list[RouteResult], generate: bool) -> None:
+    r = router.report
+    trust = "first use" if r.first_use else f"consistent with trusted v{r.trusted_version_before}"
+    print(f"registry {r.path}: version {r.version}, {len(r.entries)} adapter(s) audited ({trust})")
+    print(f"adapters: {', '.join(router.names)}; routing {router.config.mode}")
+    for i, res in enumerate(results, 1):
+        if res.runner_up is None:
+            margin = "only adapter"
+        else:
+            margin = f"margin {res.margin:+.3f} z over {res.runner_up}"
+        snippet = res.text if len(res.text) <= 60 else res.text[:57] + "..."
+        print(f"[{i}] {res.adapter}  ({margin})  {snippet!r}")
+        if res.token_share is not None:
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in res.token_share.items())
+            print(f"    per-token wins: {shares}")
+        if generate:
+            print(f"    -> {res.generated!r}")
+
+
+def _fail(args: argparse.Namespace, exc: Exception, refused: bool) -> int:
+    if args.json:
+        doc = {"ok": False, "refused": refused, "error_type": type(exc).__name__, "error": str(exc)}
+        print(json.dumps(doc))
+    else:
+        what = "REFUSED: the registry failed its audit" if refused else "ROUTING FAILED"
+        print(f"{what} ({type(exc).__name__}): {exc}", file=sys.stderr)
+        if refused and args.trusted_state is not None:
+            print(f"trusted state {args.trusted_state} left unchanged", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str]) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.generate < 0:
+        parser.error(f"--generate {args.generate} must be >= 0")
+    texts = _inputs(args, parser)
+    from seqr.consumer.router import RegistryRouter, RouterConfig
+    from seqr.core.errors import ConfigError, SeqrError
+    from seqr.registry import AuditConfig, audit_registry
+
+    try:
+        config = RouterConfig(mode="per_token" if args.per_token else "per_sequence",
+                              batch_size=args.batch_size, device=args.device,
+                              first_pass_dtype=args.first_pass_dtype,
+                              calibration=args.calibration, reference=args.reference)  # fmt: skip
+        audit = AuditConfig(expected_root_sha256=args.expect_root_sha256)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    try:
+        report = audit_registry(args.registry, args.trusted_state, config=audit)
+    except SeqrError as exc:
+        return _fail(args, exc, refused=True)
+    try:
+        router = RegistryRouter.from_report(
+            args.registry, report, base_model=args.base_model, cache_dir=args.cache_dir,
+            config=config, audit_config=audit,
+        )  # fmt: skip
+        if args.generate:
+            results = router.route_and_generate(texts, args.generate)
+        else:
+            results = router.route(texts)
+    except SeqrError as exc:
+        return _fail(args, exc, refused=False)
+    if args.json:
+        doc = {
+            "ok": True,
+            "registry": {
+                "path": report.path,
+                "version": report.version,
+                "first_use": report.first_use,
+            },  # fmt: skip
+            "mode": config.mode,
+            "adapters": list(router.names),
+            "results": [r.to_json() for r in results],
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        _print_results(router, results, bool(args.generate))
+    return 0

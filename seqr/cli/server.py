@@ -1,0 +1,159 @@
+"""``seqr server init / enrol / revoke``: the operator's registry commands.
+
+init creates a registry signed by the server key(s) (optionally pinned to a federation);
+enrol and revoke change the client allow-list and publish a new version at once, so the
+running ServerApp (which admits the keys of the newest published version) sees the change.
+Passphrases never appear on the command line (seqr.cli.keys.read_passphrase).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from seqr.cli.keys import read_passphrase
+from seqr.core.errors import ConfigError, KeyFileError, SeqrError
+from seqr.core.signing import fingerprint, load_public_key_hex
+from seqr.operator.registry_ops import init_registry, load_server_keys, open_publisher
+
+__all__ = ["init_main", "enrol_main", "revoke_main"]
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--registry", required=True, type=Path, help="the registry folder")
+    parser.add_argument(
+        "--key",
+        required=True,
+        action="append",
+        type=Path,
+        metavar="KEYDIR",
+        help="server key folder holding signing_key.pem (repeat for k-of-n; "
+        "create with `seqr keys generate --out KEYDIR`)",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--passphrase-env", metavar="VAR", help="server keys' passphrase in VAR")
+    source.add_argument("--passphrase-file", metavar="FILE", type=Path, help="... or in FILE")
+    return parser
+
+
+def _keys(args: argparse.Namespace) -> list:  # type: ignore[type-arg]
+    return load_server_keys(args.key, read_passphrase(args.passphrase_env, args.passphrase_file))
+
+
+def _run(prog: str, body: Callable[[], None]) -> int:
+    try:
+        body()
+    except SeqrError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def init_main(argv: list[str]) -> int:
+    """``seqr server init``: create a registry; prints the root hash clients should pin."""
+    parser = _parser(
+        "seqr server init",
+        "Create a new adapter registry (root 1 + an empty signed version 1) in --registry.",
+    )
+    parser.add_argument("--threshold", type=int, default=1, help="signatures needed (k of n)")
+    parser.add_argument(
+        "--federation",
+        type=Path,
+        help="federation TOML: pin its base model, shared A and tensor layout into the registry "
+        "(loads the base model to hash it)",
+    )
+    parser.add_argument("--adapter-dtype", default="F32", help="dtype of every adapter tensor")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        keys = _keys(args)
+        setup = None
+        if args.federation is not None:
+            setup = _load_setup(args.federation, args.adapter_dtype)
+        root = init_registry(args.registry, keys, threshold=args.threshold, setup=setup)
+        print(f"registry: {args.registry} (version 1, {len(keys)} key(s), threshold "
+              f"{args.threshold})")  # fmt: skip
+        print(f"root sha256: {root}  (clients pin this: seqr registry audit --expect-root-sha256)")
+        if setup is not None:
+            print(f"federation pinned: base model {setup.federation.base_model_sha256}, "
+                  f"shared A {setup.federation.a_sha256}")  # fmt: skip
+
+    return _run("seqr server init", body)
+
+
+def enrol_main(argv: list[str]) -> int:
+    """``seqr server enrol``: allow-list client keys and publish."""
+    parser = _parser("seqr server enrol", "Allow-list client signing keys, then publish.")
+    parser.add_argument(
+        "--client",
+        required=True,
+        action="append",
+        metavar="PUB",
+        help="client public key: 64 hex digits or a signing_key.pub file (repeatable)",
+    )
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        with open_publisher(args.registry, _keys(args), None) as publisher:
+            ids = [publisher.enrol_client(_public_key(c)) for c in args.client]
+            version = publisher.publish()
+        print(f"enrolled {', '.join(ids)}; published version {version.version}")
+
+    return _run("seqr server enrol", body)
+
+
+def revoke_main(argv: list[str]) -> int:
+    """``seqr server revoke``: revoke a client key for good (its adapters leave) and publish."""
+    parser = _parser("seqr server revoke", "Revoke client keys for good, then publish.")
+    parser.add_argument(
+        "--client",
+        required=True,
+        action="append",
+        metavar="KEY",
+        help="fingerprint (ed25519:...), 64 hex digits or a signing_key.pub file (repeatable)",
+    )
+    parser.add_argument("--reason", required=True, help="why (recorded in the registry)")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        with open_publisher(args.registry, _keys(args), None) as publisher:
+            ids = [_keyid(c) for c in args.client]
+            for keyid in ids:
+                publisher.revoke_client(keyid, args.reason)
+            version = publisher.publish()
+        print(f"revoked {', '.join(ids)}; published version {version.version}")
+
+    return _run("seqr server revoke", body)
+
+
+def _public_key(text: str) -> bytes:
+    path = Path(text)
+    if len(text) != 64 and path.is_file():
+        text = path.read_text(encoding="utf-8")
+    try:
+        return load_public_key_hex(text)
+    except KeyFileError as exc:
+        raise KeyFileError(f"client key {text.strip()[:70]!r}: {exc}") from None
+
+
+def _keyid(text: str) -> str:
+    return text if text.startswith("ed25519:") else fingerprint(_public_key(text))
+
+
+def _load_setup(path: Path, adapter_dtype: str):  # type: ignore[no-untyped-def]
+    from seqr.core.base_model import load_base_model
+    from seqr.core.federation import FederationConfig
+    from seqr.operator.federation_setup import setup_federation
+
+    fed = FederationConfig.from_toml(path)
+    try:
+        base = load_base_model(fed.base_model, expected_sha256=fed.base_model_sha256)
+    except SeqrError as exc:
+        raise ConfigError(f"federation {path}: {exc}") from None
+    return setup_federation(fed, base.model, base.sha256, adapter_dtype=adapter_dtype)

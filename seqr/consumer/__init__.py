@@ -1,0 +1,1 @@
+"""Whoever routes: audit the registry, route every input with SEQR, generate with the choice."""

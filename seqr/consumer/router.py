@@ -1,0 +1,354 @@
+"""Route text through an audited adapter registry: what a client does with the published library.
+
+``RegistryRouter.open(path)`` takes these steps, each failing with a SeqrError that names why:
+
+1. ``audit_registry`` (server signatures, rollback / freeze / fork, the RFC 9162 log, every
+   adapter's files and client signature); the trusted state is updated only on success.
+2. Every listed adapter folder is read ONCE into memory with the registry's own bounded reads,
+   and those bytes are checked again against the audit (client signature over manifest.json,
+   each payload file's signed hash, weights hash = the entry's content address, signer = the
+   entry's client key): the folder may change between the audit and the load (TOCTOU).
+3. The base model is loaded and its hash checked against the hash every manifest signed.
+4. One peft model is built from the SIGNED manifest fields (rank, alpha, target modules) and
+   the safetensors bytes; adapter_config.json's free-form peft options (DoRA, modules_to_save,
+   ...) are never applied, since they would change what runs.
+5. A RoutedModel scores every adapter with SEQR z-scores: by default against each adapter's own
+   signed statistics; with ``calibration="reference"`` against statistics this router measures
+   on public text it trusts (``reference``: a folder of text files), so no adapter author
+   supplies the numbers; ``"blend"`` averages both z-scores (model_routing.reference);
+   ``"queries"`` z-scores with sequence-level statistics over ``reference`` holding unlabeled
+   examples of the inputs this router serves (e.g. its recent queries), covering its domains.
+
+Per-sequence routing (default) picks one adapter per input from a first pass on the base model
+and generates the batch with mixed adapters (peft ``adapter_names``); per-token routing mixes
+adapters inside every LoRA module (seqr.core.model_routing). Prompts are left-padded (and
+left-truncated) so that every row's last prompt token sits at the end of the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seqr.consumer.calibration import calibrated_statistics
+from seqr.consumer.config import RouterConfig
+from seqr.core.base_model import load_base_model
+from seqr.core.errors import ConfigError, DataError, ModelError, RegistryError, SeqrError
+from seqr.core.federation import DEFAULT_BASE_MODEL
+from seqr.core.manifest import Manifest, parse_manifest, verify_export_files
+from seqr.core.model_routing import RoutedModel, RoutingDecision
+from seqr.core.model_routing.per_token import ModuleRecord, per_token_routing
+from seqr.core.stats import NormStatistics
+from seqr.registry import AuditConfig, AuditReport, EntryReport, audit_registry, store
+from seqr.registry.metadata import ADAPTER_FILE, MANIFEST_FILE, MANIFEST_SIG_FILE, STATS_FILE
+
+__all__ = ["AuditedAdapter", "RegistryRouter", "RouteResult", "RouterConfig", "read_adapters"]
+
+
+@dataclass(frozen=True)
+class AuditedAdapter:
+    """One registry adapter whose in-memory bytes were checked against the audit."""
+
+    name: str  # manifest name (unique here: a repeated name gets its client key id appended)
+    entry: EntryReport
+    manifest: Manifest
+    weights: bytes  # adapter_model.safetensors
+    stats: NormStatistics
+
+
+@dataclass(frozen=True)
+class RouteResult:
+    """Where one input went, and why."""
+
+    text: str
+    adapter: str  # the chosen adapter's name (per-sequence SEQR decision on the input)
+    adapter_sha256: str
+    margin: float  # mean z-score of the chosen adapter minus the runner-up's (inf: one adapter)
+    runner_up: str | None
+    scores: dict[str, float]  # mean z-score over the input's tokens and LoRA modules
+    tokens: int  # input tokens routed (after truncation)
+    token_share: dict[str, float] | None = None  # per_token: share of (token, module) wins
+    generated: str | None = None  # greedy continuation, when asked for
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "adapter": self.adapter,
+            "adapter_sha256": self.adapter_sha256,
+            "margin": self.margin if math.isfinite(self.margin) else None,
+            "runner_up": self.runner_up,
+            "scores": self.scores,
+            "tokens": self.tokens,
+            "token_share": self.token_share,
+            "generated": self.generated,
+        }
+
+
+def read_adapters(
+    path: Path | str, report: AuditReport, config: AuditConfig | None = None
+) -> list[AuditedAdapter]:
+    """Read each audited adapter folder once and bind its bytes to the audit (step 2 above)."""
+    path, config = Path(path), config or AuditConfig()
+    adapters: list[AuditedAdapter] = []
+    names: set[str] = set()
+    for entry in report.entries:
+        what = f"adapter {entry.adapter_sha256[:16]} ({entry.name})"
+
+        def read(name: str, entry: EntryReport = entry, what: str = what) -> bytes:
+            rel = store.adapter_path(entry.adapter_sha256, name)
+            return store.read_capped(path / rel, config.file_cap(name), what)
+
+        # The signed manifest names the payload files (a future kind may add one).
+        files = {n: read(n) for n in (MANIFEST_FILE, MANIFEST_SIG_FILE)}
+        try:
+            listed = parse_manifest(files[MANIFEST_FILE]).files
+            files.update({n: read(n) for n in listed})
+            manifest = verify_export_files(files)
+        except SeqrError as exc:
+            raise RegistryError(f"{what} changed after the audit: {exc}") from None
+        if not {ADAPTER_FILE, STATS_FILE} <= files.keys():
+            raise RegistryError(f"{what} changed after the audit: its manifest lists {listed}")
+        digest = hashlib.sha256(files[ADAPTER_FILE]).hexdigest()
+        if digest != entry.adapter_sha256 or manifest.fingerprint != entry.client:
+            raise RegistryError(
+                f"{what} changed after the audit: weights {digest[:16]} signed by "
+                f"{manifest.fingerprint}, audited {entry.adapter_sha256[:16]} by {entry.client}"
+            )
+        name = entry.name if entry.name not in names else f"{entry.name}-{entry.client[8:16]}"
+        while name in names:  # the same client reused a name: number the later ones
+            name = f"{name}-{len(names)}"
+        names.add(name)
+        stats = NormStatistics.from_json_bytes(files[STATS_FILE])
+        adapters.append(AuditedAdapter(name, entry, manifest, files[ADAPTER_FILE], stats))
+    return adapters
+
+
+def build_peft_model(base_model: Any, adapters: Sequence[AuditedAdapter]) -> Any:
+    """One PeftModel holding every adapter under an internal name ``a<i>`` (step 4 above).
+
+    Internal names, not manifest names: peft keeps adapters in ModuleDicts, whose keys may
+    not contain dots, which manifest names may.
+    """
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load as load_safetensors
+
+    peft_model: Any = None
+    for i, adapter in enumerate(adapters):
+        m, internal = adapter.manifest, f"a{i}"
+        alpha: Any = int(m.alpha) if m.alpha.is_integer() else m.alpha  # as the client exported
+        lora = LoraConfig(r=m.rank, lora_alpha=alpha, target_modules=list(m.target_modules),
+                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")  # fmt: skip
+        if peft_model is None:
+            peft_model = get_peft_model(base_model, lora, adapter_name=internal)
+        else:
+            peft_model.add_adapter(internal, lora)
+        tensors = load_safetensors(adapter.weights)
+        expected = get_peft_model_state_dict(
+            peft_model, adapter_name=internal, save_embedding_layers=False
+        )
+        if set(tensors) != set(expected):
+            missing, extra = (
+                sorted(set(expected) - set(tensors)),
+                sorted(set(tensors) - set(expected)),
+            )
+            raise RegistryError(
+                f"adapter {adapter.name}: weights do not fit its signed LoRA shape on this base "
+                f"model: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+        try:
+            set_peft_model_state_dict(peft_model, tensors, adapter_name=internal)
+        except RuntimeError as exc:  # size mismatch
+            raise RegistryError(f"adapter {adapter.name}: {exc}") from None
+    if peft_model is None:
+        raise RegistryError("the registry holds no adapters; there is nothing to route to")
+    return peft_model.eval()
+
+
+class RegistryRouter:
+    """Route and generate with every adapter of an audited registry (see module docstring)."""
+
+    def __init__(self, base: Any, adapters: Sequence[AuditedAdapter], report: AuditReport,
+                 config: RouterConfig | None = None) -> None:  # fmt: skip
+        self.config = config or RouterConfig()
+        self.report = report
+        self.adapters = tuple(adapters)
+        self.names = tuple(a.name for a in adapters)
+        self.tokenizer = base.tokenizer
+        self.tokenizer.padding_side = "left"  # generation appends at the end of every row
+        self.tokenizer.truncation_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        peft_model = build_peft_model(base.model, adapters).to(self.config.device)
+        internal = [f"a{i}" for i in range(len(adapters))]
+        stats = {f"a{i}": a.stats for i, a in enumerate(adapters)}
+        stats = calibrated_statistics(peft_model, stats, self.config, self.tokenizer)
+        self.routed = RoutedModel(peft_model, self.config.routing(), adapters=internal, stats=stats)
+
+    @classmethod
+    def open(
+        cls,
+        path: Path | str,
+        *,
+        trusted_state: Path | str | None = None,
+        base_model: str | None = None,
+        cache_dir: Path | str | None = None,
+        config: RouterConfig | None = None,
+        audit_config: AuditConfig | None = None,
+        now: datetime | None = None,
+    ) -> RegistryRouter:
+        """Audit the registry, load its adapters and the base model their manifests name."""
+        report = audit_registry(path, trusted_state, now, config=audit_config)
+        return cls.from_report(
+            path, report, base_model=base_model, cache_dir=cache_dir, config=config,
+            audit_config=audit_config,
+        )  # fmt: skip
+
+    @classmethod
+    def from_report(
+        cls,
+        path: Path | str,
+        report: AuditReport,
+        *,
+        base_model: str | None = None,
+        cache_dir: Path | str | None = None,
+        config: RouterConfig | None = None,
+        audit_config: AuditConfig | None = None,
+    ) -> RegistryRouter:
+        """Steps 2-5 for a registry that ``audit_registry`` just passed (``report``)."""
+        if not report.entries:
+            raise RegistryError(
+                f"registry {path} (version {report.version}) passed the audit but holds no "
+                "adapters yet; run a federation round first"
+            )
+        adapters = read_adapters(path, report, audit_config)
+        wanted = {a.manifest.base_model_sha256 for a in adapters}
+        if len(wanted) != 1:
+            raise RegistryError(f"the adapters were trained on {len(wanted)} base models")
+        model = base_model or DEFAULT_BASE_MODEL
+        try:
+            base = load_base_model(model, cache_dir=cache_dir, expected_sha256=wanted.pop())
+        except ModelError as exc:
+            raise ModelError(f"{exc} (choose it with --base-model / base_model=)") from None
+        return cls(base, adapters, report, config)
+
+    # ----- public API -------------------------------------------------------------------
+    def route(self, texts: Sequence[str]) -> list[RouteResult]:
+        """The adapter SEQR picks for each text, its z-score margin and every adapter's score."""
+        return [r for batch in self._batches(texts) for r in self._route_batch(*batch)]
+
+    def generate(self, texts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of ``max_new_tokens`` tokens, each with its routed adapter(s)."""
+        return [r.generated or "" for r in self.route_and_generate(texts, max_new_tokens)]
+
+    def route_and_generate(self, texts: Sequence[str], max_new_tokens: int) -> list[RouteResult]:
+        """route() and generate() together; per_sequence routes each batch once."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ConfigError(f"max_new_tokens = {max_new_tokens!r} must be an integer >= 1")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens = {max_new_tokens} must be >= 1")
+        out: list[RouteResult] = []
+        for batch_texts, ids, mask in self._batches(texts):
+            if self.config.mode == "per_token":
+                routes = self._route_batch(batch_texts, ids, mask)
+            generated = self._generate_batch(ids, mask, max_new_tokens)
+            if self.config.mode == "per_sequence":  # the routing pass generate just made
+                decision = self.routed.last_decision
+                if decision is None:
+                    raise ModelError("generation ran without a routing decision")
+                routes = self._results(batch_texts, mask, decision, None)
+            out += [_with_text(r, g) for r, g in zip(routes, generated, strict=True)]
+        return out
+
+    # ----- internals --------------------------------------------------------------------
+    def _batches(
+        self, texts: Sequence[str]
+    ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+        from tqdm.auto import tqdm
+
+        texts = list(texts)
+        if not texts:
+            raise DataError("no input text given")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text:
+                raise DataError(f"input {i} is {text!r:.40}; every input must be non-empty text")
+        size = self.config.batch_size
+        starts = range(0, len(texts), size)
+        for start in tqdm(starts, desc="route", unit="batch", disable=not self.config.progress):
+            chunk = texts[start : start + size]
+            enc = self.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
+                                 max_length=self.config.max_input_tokens)  # fmt: skip
+            device = self.config.device
+            yield chunk, enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    @torch.no_grad()
+    def _route_batch(
+        self, texts: list[str], ids: torch.Tensor, mask: torch.Tensor
+    ) -> list[RouteResult]:
+        decision = self.routed.route_sequences(ids, mask)
+        shares = None
+        if self.config.mode == "per_token":
+            records: dict[str, ModuleRecord] = {}
+            with per_token_routing(self.routed.modules, self.routed.config, records):
+                self.routed.peft_model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+            shares = _token_shares(records, mask, len(self.names))
+        return self._results(texts, mask, decision, shares)
+
+    @torch.no_grad()
+    def _generate_batch(self, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> list[str]:
+        out = self.routed.generate(
+            ids, mask, max_new_tokens=new_tokens, do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )  # fmt: skip
+        return list(self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True))
+
+    def _results(
+        self,
+        texts: list[str],
+        mask: torch.Tensor,
+        decision: RoutingDecision,
+        shares: torch.Tensor | None,
+    ) -> list[RouteResult]:
+        scores = decision.scores.double().cpu()
+        results = []
+        for row, text in enumerate(texts):
+            best = int(decision.indices[row])
+            order = torch.argsort(scores[row], descending=True).tolist()
+            runner = next((i for i in order if i != best), None)
+            share = (
+                None if shares is None else dict(zip(self.names, shares[row].tolist(), strict=True))
+            )
+            results.append(
+                RouteResult(
+                    text=text,
+                    adapter=self.names[best],
+                    adapter_sha256=self.adapters[best].entry.adapter_sha256,
+                    margin=float(decision.margin[row]),
+                    runner_up=None if runner is None else self.names[runner],
+                    scores=dict(zip(self.names, scores[row].tolist(), strict=True)),
+                    tokens=int(mask[row].sum()),
+                    token_share=share,
+                )
+            )
+        return results
+
+
+def _token_shares(records: dict[str, ModuleRecord], mask: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, N): share of (valid token, module) pairs whose top choice was each adapter."""
+    counts = torch.zeros(mask.shape[0], n, dtype=torch.float64)
+    valid = mask.to(torch.float64).cpu().unsqueeze(-1)  # (B, T, 1)
+    for record in records.values():
+        top = torch.nn.functional.one_hot(record.indices[..., 0].cpu(), n).to(torch.float64)
+        counts += (top * valid).sum(dim=1)
+    return counts / counts.sum(dim=1, keepdim=True)
+
+
+def _with_text(result: RouteResult, generated: str) -> RouteResult:
+    return replace(result, generated=generated)

@@ -1,0 +1,77 @@
+"""Per-sequence routing: module scores aggregated over layers and tokens into one adapter.
+
+SEQR.md ("Routing granularity"): serving users want one adapter per request. The mean of
+z-scores over (unpadded) tokens and modules is the default (92% in the project's measurement);
+a vote of every (token, module) argmax is the alternative. The batch then runs with mixed
+adapters through peft's ``adapter_names`` (one LoRA per row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from seqr.core.errors import DataError, ShapeError
+from seqr.core.model_routing.collect import ScoreSums
+from seqr.core.model_routing.config import ModelRoutingConfig
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """One adapter per sequence, with the evidence for it."""
+
+    adapters: tuple[str, ...]  # the N routed adapters; indices below point into this
+    indices: torch.Tensor  # (B,) int64: the chosen adapter of each sequence
+    scores: torch.Tensor  # (B, N): mean score (or vote share) over valid tokens and modules
+    margin: torch.Tensor  # (B,): best minus second-best score; inf when N == 1
+
+    @property
+    def names(self) -> list[str]:
+        """The chosen adapter's name per sequence (what peft's adapter_names takes)."""
+        return [self.adapters[i] for i in self.indices.tolist()]
+
+
+def check_batch(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) as (B, T) tensors; every row needs a valid token."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else None
+        raise ShapeError(f"input_ids must be a (batch, tokens) tensor, got shape {shape}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else None
+        raise ShapeError(
+            f"attention_mask must match input_ids {tuple(input_ids.shape)}, got shape {shape}"
+        )
+    if not ((attention_mask == 0) | (attention_mask == 1)).all():
+        raise DataError("attention_mask must hold only 0 (padding) and 1 (token)")
+    empty = torch.nonzero(attention_mask.sum(dim=1) == 0).flatten().tolist()
+    if empty:
+        raise DataError(f"sequences {empty} are all padding; each needs at least one token")
+    return input_ids, attention_mask
+
+
+def decide(
+    sums: ScoreSums,
+    attention_mask: torch.Tensor,
+    config: ModelRoutingConfig,
+    adapters: tuple[str, ...],
+) -> RoutingDecision:
+    """Aggregate per-sequence sums (collect.py) into one adapter per sequence."""
+    total = sums.score_sum if config.aggregation == "mean" else sums.vote_sum
+    if total is None or not sums.modules_seen:
+        raise ShapeError("no routed module ran in the first pass; nothing to aggregate")
+    # Every module sees every token once, so dividing by tokens x modules gives the mean over
+    # all (token, module) pairs of the sequence.
+    count = attention_mask.sum(dim=1).to(total) * len(sums.modules_seen)  # (B,)
+    scores = total / count.unsqueeze(-1)  # (B, N)
+    if scores.shape[-1] == 1:
+        indices = torch.zeros(scores.shape[0], dtype=torch.int64, device=scores.device)
+        margin = torch.full((scores.shape[0],), float("inf"), device=scores.device)
+    else:
+        top = torch.topk(scores, 2, dim=-1)
+        indices, margin = top.indices[:, 0], top.values[:, 0] - top.values[:, 1]
+    return RoutingDecision(adapters=adapters, indices=indices, scores=scores, margin=margin)

@@ -1,0 +1,122 @@
+"""Statistics against a shared public reference corpus, measured by whoever routes.
+
+SEQR z-scores each adapter with the mean and std of its norms on its own training data (arXiv
+2509.18093). Two weaknesses show up in practice: an input domain that excites every adapter's
+norms (or one adapter's, on its own data, less) shifts the z-scores of all foreign inputs, and
+the statistics are claimed by the adapter's author (a routing-hijack surface, SECURITY.md).
+Measuring every adapter's norms on the SAME public reference text removes both: the z-score
+then says how much more this input excites adapter i than generic text does, and no one but
+the router supplies the numbers. The norm convention is calibration's (unscaled ||B A x|| on
+the base model's module inputs), so the result plugs into RoutedModel(stats=...).
+
+The two calibrations fail differently (own statistics: an adapter with narrow statistics takes
+foreign inputs; reference ones: domains near the reference text look alike), so
+``blend_statistics`` averages both z-scores, which is again a z-score with its own mean and std.
+
+Query statistics (``per_sequence=True``) are the moments of each SEQUENCE's token-mean score
+over a pool of unlabeled inputs like the ones the router serves (its own recent queries, kept
+locally: no one else's data). A per-sequence decision averages token scores, and
+(mean_t g_t - m) / s = mean_t (g_t - m) / s, so z-scoring every token with sequence-level
+moments is exactly standardising each adapter's sequence score across the traffic: the spread
+that matters for a per-sequence choice, not the token-level spread, which over- or
+understates it by how correlated a module's token scores are within a sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from seqr.core.errors import DataError, ShapeError
+from seqr.core.model_routing.modules import RoutedModule, build_routed_modules
+from seqr.core.stats import NormStatistics, RunningMoments
+
+
+@torch.no_grad()
+def reference_statistics(
+    peft_model: Any,
+    adapters: Sequence[str],
+    batches: Iterable[torch.Tensor],
+    *,
+    score: str = "gain",
+    per_sequence: bool = False,
+) -> dict[str, NormStatistics]:
+    """Per-module statistics of every adapter's ``score`` ("gain" or "norm", as the
+    federation's calib_score) on batches of token ids (no padding): of token scores, or with
+    ``per_sequence`` of each sequence's token-mean score (query statistics, module docstring)."""
+    modules = build_routed_modules(peft_model, adapters, score=score)  # no statistics: raw
+    moments = {m.name: RunningMoments(len(adapters)) for m in modules}
+
+    def hook_for(module: RoutedModule) -> Any:
+        def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            x = args[0] if args else kwargs["x"]
+            flat = x.reshape(-1, x.shape[-1]).to(module.A.dtype)
+            scores = module.scores(flat, module.project(flat))  # (B * T, N)
+            if per_sequence:
+                scores = scores.reshape(*x.shape[:-1], -1).mean(dim=1)  # (B, N)
+            moments[module.name].update(scores)
+
+        return hook
+
+    handles = [m.layer.register_forward_hook(hook_for(m), with_kwargs=True) for m in modules]
+    seen = 0
+    try:
+        for input_ids in batches:
+            peft_model(
+                input_ids=input_ids,
+                adapter_names=["__base__"] * int(input_ids.shape[0]),
+                logits_to_keep=1,
+            )
+            seen += int(input_ids.shape[0] if per_sequence else input_ids.numel())
+    finally:
+        for handle in handles:
+            handle.remove()
+    if seen < 2:
+        unit = "sequences" if per_sequence else "tokens"
+        raise DataError(f"the corpus gave fewer than 2 {unit}; give more text")
+    return {
+        adapter: NormStatistics(
+            {
+                name: RunningMoments(1, m.count, m.mean[i : i + 1].copy(), m.m2[i : i + 1].copy())
+                for name, m in moments.items()
+            },
+            score=score,
+        )
+        for i, adapter in enumerate(adapters)
+    }
+
+
+def blend_statistics(
+    own: Mapping[str, NormStatistics], reference: Mapping[str, NormStatistics]
+) -> dict[str, NormStatistics]:
+    """Statistics whose z-score is the mean of the own and the reference z-scores.
+
+    (g - mu_o) / s_o + (g - mu_r) / s_r = (g - mu) * (1 / s_o + 1 / s_r), so the average is
+    (g - mu) / s with s = 2 / (1 / s_o + 1 / s_r) (harmonic mean of the stds) and
+    mu = s (mu_o / s_o + mu_r / s_r) / 2: an ordinary z-score any router can apply.
+    """
+    if set(own) != set(reference):
+        raise ShapeError(
+            f"own statistics cover adapters {sorted(own)} but reference ones {sorted(reference)}"
+        )
+    return {name: _blend(own[name], reference[name], name) for name in own}
+
+
+def _blend(own: NormStatistics, ref: NormStatistics, adapter: str) -> NormStatistics:
+    if own.score != ref.score or set(own.modules) != set(ref.modules):
+        raise ShapeError(
+            f"adapter {adapter!r}: own and reference statistics measure different scores or "
+            "modules; compute the reference with the same score and LoRA modules"
+        )
+    modules = {}
+    for module, o in own.modules.items():
+        r = ref.modules[module]
+        std_o, std_r = np.maximum(o.std, 1e-12), np.maximum(r.std, 1e-12)
+        std = 2.0 / (1.0 / std_o + 1.0 / std_r)
+        mean = std * (o.mean / std_o + r.mean / std_r) / 2.0
+        count = min(o.count, r.count)
+        modules[module] = RunningMoments(o.n, count, mean, std**2 * count)
+    return NormStatistics(modules, score=own.score)

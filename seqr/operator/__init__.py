@@ -1,0 +1,1 @@
+"""The federation's operator: admission, plausibility probe, task groups, publishing (ServerApp)."""

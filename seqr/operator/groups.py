@@ -1,0 +1,233 @@
+"""Task groups: clients whose private data belong to one task federate one adapter.
+
+Declared in the run config (flat kebab-case keys, ``GroupSettings``)::
+
+    task-groups = "wiki:wiki_part0,wiki_part1,wiki_part2;code:code_a,code_b"
+
+Each group is ``name:member,member,...``, groups separated by ``;``. A member is a client's
+adapter name: its ``adapter-name`` node setting, or in simulation its data subfolder (the
+partition-id-th subfolder of ``data-dir``, seqr/node/client_app.py). The group's adapter is
+published under the group's name. Clients not in any group keep the registry flow.
+
+Because every adapter shares the frozen A (FFA-LoRA, Sun et al. ICLR 2024), the server
+averages only B: mean_i(B_i A) = (mean_i B_i) A exactly, and only B travels (A is regenerated
+from the public seed by everyone). The averaging is Flower's own: FedAvg weighted by the
+clients' example counts (McMahan et al. 2017), or, against poisoning, FedTrimmedAvg (Yin et
+al. 2018, beta trimmed from each tail), FedMedian or Krum (Blanchard et al. 2017); called
+from the ServerApp's custom loop through ``Strategy.configure_train`` / ``aggregate_train``.
+Client-level DP wraps FedAvg in Flower's DifferentialPrivacy{Server,Client}SideFixedClipping
+(Andrew et al. 2021 / McMahan et al. 2018: clip each client's update of B to an L2 norm C,
+add Gaussian noise of std z C / n to the mean), with a privacy accountant.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from seqr.core.errors import ConfigError
+
+__all__ = [
+    "GroupSettings",
+    "parse_task_groups",
+    "NodeSubset",
+    "make_strategy",
+    "WEIGHT_KEY",
+    "UNIT_WEIGHT_KEY",
+]
+
+WEIGHT_KEY = "num-examples"  # FedAvg weight: the client's training chunks
+UNIT_WEIGHT_KEY = "unit-weight"  # always 1: DP accounting needs equal weights (Flower 1.42)
+AGGREGATIONS = ("fedavg", "fedtrimmedavg", "fedmedian", "krum")
+DP_MODES = ("none", "server", "client")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # manifest.py's rule for `name`
+
+
+def parse_task_groups(spec: str) -> dict[str, tuple[str, ...]]:
+    """``"g:a,b;h:c,d"`` -> {"g": ("a", "b"), "h": ("c", "d")}; ConfigError names the fault."""
+    groups: dict[str, tuple[str, ...]] = {}
+    owner: dict[str, str] = {}
+    for part in (p.strip() for p in spec.split(";")):
+        if not part:
+            continue
+        name, sep, members_text = part.partition(":")
+        name = name.strip()
+        members = tuple(m.strip() for m in members_text.split(",") if m.strip())
+        if not sep or not _NAME.match(name):
+            raise ConfigError(
+                f"task-groups entry {part!r} must be NAME:member,member,... with NAME of "
+                "A-Z a-z 0-9 . _ - (e.g. wiki:wiki_part0,wiki_part1)"
+            )
+        if name in groups:
+            raise ConfigError(f"task-groups names group {name!r} twice")
+        if len(members) < 2:
+            raise ConfigError(f"task group {name!r} has {len(members)} member(s); it needs >= 2")
+        for member in members:
+            if not _NAME.match(member):
+                raise ConfigError(f"task group {name!r}: member {member!r} is not an adapter name")
+            if member in owner:
+                raise ConfigError(
+                    f"adapter {member!r} is in task groups {owner[member]!r} and {name!r}; "
+                    "a client federates one task"
+                )
+            owner[member] = name
+        groups[name] = members
+    return groups
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """Run-config keys of the group flow (kebab-case of the field names)."""
+
+    task_groups: str = ""  # see the module docstring; "" = no groups
+    num_group_rounds: int = 3  # FedAvg rounds per group
+    group_local_steps: int = 10  # optimizer steps each client takes per round
+    group_aggregation: str = "fedavg"  # fedavg | fedtrimmedavg | fedmedian | krum
+    group_trim_beta: float = 0.2  # FedTrimmedAvg: share cut from each tail, in [0, 0.5)
+    group_krum_malicious: int = 0  # Krum: assumed number of malicious clients
+    group_dp: str = "none"  # none | server (server clips) | client (clients clip)
+    group_dp_noise_multiplier: float = 1.0  # z: noise std = z * clip / n on the mean of B
+    group_dp_clip: float = 0.05  # C: L2 bound on each client's update of B (all modules)
+    group_dp_delta: float = 1e-5  # delta at which the spent epsilon is reported
+    group_dp_max_epsilon: float = 0.0  # refuse rounds past this epsilon; 0 = no limit
+    group_timeout_s: float = 3600.0  # seconds to wait for one group round's replies
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = str(f.type)
+            ok = (
+                isinstance(value, str)
+                if kind == "str"
+                else (isinstance(value, int) and not isinstance(value, bool))
+                if kind == "int"
+                else isinstance(value, int | float) and not isinstance(value, bool)
+            )
+            if not ok:
+                _bad(f.name, value, f"must be of type {kind}")
+            if kind == "float":
+                object.__setattr__(self, f.name, float(value))
+        self.groups  # noqa: B018 - parse now: a bad spec fails before any training
+        checks = (
+            ("num_group_rounds", 1 <= self.num_group_rounds <= 10_000, "must be in [1, 10000]"),
+            ("group_local_steps", 1 <= self.group_local_steps <= 10**6, "must be in [1, 1e6]"),
+            ("group_aggregation", self.group_aggregation in AGGREGATIONS, f"not in {AGGREGATIONS}"),
+            ("group_trim_beta", 0 <= self.group_trim_beta < 0.5, "must be in [0, 0.5)"),
+            ("group_krum_malicious", self.group_krum_malicious >= 0, "must be >= 0"),
+            ("group_dp", self.group_dp in DP_MODES, f"must be one of {DP_MODES}"),
+            ("group_dp_noise_multiplier", self.group_dp_noise_multiplier > 0, "must be > 0"),
+            ("group_dp_clip", 0 < self.group_dp_clip < float("inf"), "must be finite and > 0"),
+            ("group_dp_delta", 0 < self.group_dp_delta < 0.1, "must be in (0, 0.1)"),
+            ("group_dp_max_epsilon", self.group_dp_max_epsilon >= 0, "must be >= 0"),
+            ("group_timeout_s", self.group_timeout_s > 0, "must be > 0"),
+        )
+        for name, ok, why in checks:
+            if not ok:
+                _bad(name, getattr(self, name), why)
+        if self.group_dp != "none" and self.group_aggregation != "fedavg":
+            _bad(
+                "group_aggregation",
+                self.group_aggregation,
+                "must be fedavg with group-dp (Flower's DP accounting assumes a plain mean)",
+            )
+
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        return parse_task_groups(self.task_groups)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.groups)
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name.replace("_", "-") for f in fields(cls))
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> GroupSettings:
+        """This class's keys of a run config; other keys are left alone."""
+        known = {f.name.replace("_", "-"): f.name for f in fields(cls)}
+        return cls(**{known[k]: v for k, v in config.items() if k in known})
+
+    def describe_aggregation(self) -> str:
+        agg = self.group_aggregation
+        if agg == "fedavg":
+            how = "unweighted (DP)" if self.group_dp != "none" else f"weighted by {WEIGHT_KEY}"
+            return f"fedavg {how}"
+        if agg == "fedtrimmedavg":
+            return f"fedtrimmedavg beta={self.group_trim_beta}"
+        if agg == "krum":
+            return f"krum malicious={self.group_krum_malicious}"
+        return agg
+
+
+class NodeSubset:
+    """The Grid as a strategy sees it, restricted to one group's nodes: Flower's strategies
+    sample from ``grid.get_node_ids()``, and a group trains only its own members."""
+
+    def __init__(self, grid: Any, node_ids: Sequence[int]) -> None:
+        self._grid = grid
+        self._nodes = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def make_strategy(settings: GroupSettings, n_nodes: int) -> Any:
+    """Flower strategy for one group of ``n_nodes`` (every member trains every round)."""
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyClientSideFixedClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+        FedAvg,
+        FedMedian,
+        FedTrimmedAvg,
+        Krum,
+    )
+
+    common: dict[str, Any] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": n_nodes,
+        "min_evaluate_nodes": 0,
+        "min_available_nodes": n_nodes,
+        "weighted_by_key": UNIT_WEIGHT_KEY if settings.group_dp != "none" else WEIGHT_KEY,
+    }
+    agg = settings.group_aggregation
+    if agg == "fedtrimmedavg":
+        strategy: Any = FedTrimmedAvg(**common, beta=settings.group_trim_beta)
+    elif agg == "fedmedian":
+        strategy = FedMedian(**common)
+    elif agg == "krum":
+        strategy = Krum(**common, num_malicious_nodes=settings.group_krum_malicious)
+    else:
+        strategy = FedAvg(**common)
+    if settings.group_dp == "none":
+        return strategy
+    from seqr.operator.group_privacy import make_accountant
+
+    wrapper = (
+        DifferentialPrivacyServerSideFixedClipping
+        if settings.group_dp == "server"
+        else DifferentialPrivacyClientSideFixedClipping
+    )
+    accountant = make_accountant(
+        delta=settings.group_dp_delta,
+        population=n_nodes,
+        max_epsilon=settings.group_dp_max_epsilon or None,
+    )
+    return wrapper(
+        strategy,
+        noise_multiplier=settings.group_dp_noise_multiplier,
+        clipping_norm=settings.group_dp_clip,
+        num_sampled_clients=n_nodes,
+        accountant=accountant,
+    )
+
+
+def _bad(name: str, value: object, why: str) -> None:
+    raise ConfigError(f"group setting {name.replace('_', '-')} = {value!r:.80} {why}")

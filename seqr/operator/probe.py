@@ -1,0 +1,180 @@
+"""The server's plausibility probe: each adapter's own norms on PUBLIC probe text.
+
+SEQR routes by z = (||B A x|| - mu) / sigma (arXiv 2509.18093); mu and sigma come from the
+client's private data, so a liar can claim a small mu and a tiny sigma and win inputs that are
+not its own (routing hijack, SECURITY.md). A is shared and B is submitted, so the server can
+recompute the adapter's norms on public text and bound what it may claim
+(seqr.core.stats_plausibility.check_stats_plausible).
+
+Convention (as seqr/node/calibrate.py and seqr.core.model_routing): for every LoRA module, x is
+that module's input while the BASE model runs (adapters off), and the norm is
+||lora_B.weight @ lora_A.weight @ x||_2 per token, without peft's alpha / r scaling.
+
+Cost: the base model runs ONCE over the probe text when the probe is built; hooks keep only
+h = A x per module and token (SEQR's projection, r numbers instead of d_in), so checking an
+adapter is one (T, r) x (r, d_out) product per module. Admission has already checked that
+the adapter's lora_A equals the shared A bit for bit (``AdmissionPolicy.expected_a``), which
+makes ||B h|| exactly its ||B A x||.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sysconfig
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+
+from seqr.core.admission import AdmittedAdapter, check_stats_plausible
+from seqr.core.errors import AdmissionError, DataError, ShapeError, ValueCheckError
+from seqr.core.routing.gain import score_values
+from seqr.core.textdata import TextFile, read_text_folder, tokenize_chunks
+from seqr.operator.federation_setup import FederationSetup
+
+__all__ = ["Probe", "load_probe_texts", "probe_chunks", "BUILTIN_PROBE_FILES"]
+
+log = logging.getLogger("seqr.server.probe")
+
+# Default public probe text: CPython standard-library sources (code, docstrings, comments in
+# English prose), present on every Python install. Pass probe-text for a corpus closer to
+# the federation's domains.
+BUILTIN_PROBE_FILES = (
+    "argparse.py", "calendar.py", "difflib.py", "fractions.py", "gettext.py", "shlex.py",
+    "statistics.py", "textwrap.py", "this.py", "turtle.py", "wave.py", "zipfile.py",
+)  # fmt: skip
+
+
+def load_probe_texts(spec: str) -> list[TextFile]:
+    """The probe text: ``""`` for the built-in sources, else a text file or a folder."""
+    if not spec:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        paths = [stdlib / name for name in BUILTIN_PROBE_FILES if (stdlib / name).is_file()]
+        if not paths:
+            raise DataError(f"no built-in probe file found in {stdlib}; set probe-text")
+        return [TextFile(Path(p.name), p.read_text(encoding="utf-8")) for p in paths]
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return read_text_folder(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read probe text {path}: {exc}; give a UTF-8 file") from None
+    return [TextFile(Path(path.name), text)]
+
+
+def probe_chunks(
+    texts: Sequence[TextFile], tokenizer: Any, seq_len: int, max_tokens: int
+) -> np.ndarray:
+    """(N, seq_len) token chunks, evenly spaced over the text so every file contributes."""
+    chunks = tokenize_chunks(texts, tokenizer, seq_len)
+    n = max(1, min(len(chunks), max_tokens // seq_len))
+    picked = chunks[np.unique(np.linspace(0, len(chunks) - 1, n).round().astype(np.int64))]
+    if picked.size < 2:
+        raise DataError(f"the probe text gives {picked.size} token(s); it needs at least 2")
+    return picked
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Cached projections h = A x of the probe tokens, per LoRA module."""
+
+    projections: Mapping[str, torch.Tensor]  # module -> (T, r) float64
+    b_tensors: Mapping[str, str]  # module -> its lora_B tensor name in adapter_model
+    tokens: int  # T, per module
+    text_sha256: str  # names the exact probe token chunks (report it to clients)
+
+    @classmethod
+    def build(
+        cls,
+        model: Any,
+        tokenizer: Any,
+        texts: Sequence[TextFile],
+        setup: FederationSetup,
+        *,
+        max_tokens: int = 4096,
+        batch_size: int = 8,
+    ) -> Probe:
+        """Run the base model once over the probe text and keep h = A x for every module."""
+        picked = probe_chunks(texts, tokenizer, setup.federation.train_seq_len, max_tokens)
+        return cls.from_chunks(model, picked, setup, batch_size=batch_size)
+
+    @classmethod
+    def from_chunks(
+        cls, model: Any, picked: np.ndarray, setup: FederationSetup, *, batch_size: int = 8
+    ) -> Probe:
+        """The same over given (N, L) token chunks; norms come back in row-major token order."""
+        digest = hashlib.sha256(picked.astype("<i8").tobytes()).hexdigest()
+        layers = dict(model.named_modules())
+        parts: dict[str, list[torch.Tensor]] = {m.name: [] for m in setup.modules}
+        a = {m.name: torch.from_numpy(setup.shared_a[m.name]).double() for m in setup.modules}
+
+        def hook_for(name: str) -> Any:
+            def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                parts[name].append(x @ a[name].T)  # (B*T, r)
+
+            return hook
+
+        handles = [layers[m.name].register_forward_hook(hook_for(m.name)) for m in setup.modules]
+        # Only module inputs matter: run the decoder stack, not the LM head (as calibrate.py).
+        runner = model.get_decoder() if hasattr(model, "get_decoder") else model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for i in range(0, len(picked), batch_size):
+                    batch = torch.from_numpy(picked[i : i + batch_size])
+                    runner(input_ids=batch, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        projections = {name: torch.cat(p) for name, p in parts.items()}
+        log.info("probe: %d tokens x %d modules (text %s)", picked.size, len(parts), digest[:16])
+        return cls(
+            projections=MappingProxyType(projections),
+            b_tensors=MappingProxyType({m.name: m.b_tensor for m in setup.modules}),
+            tokens=int(picked.size),
+            text_sha256=digest,
+        )
+
+    def norms(
+        self, tensors: Mapping[str, np.ndarray], score: str = "norm"
+    ) -> dict[str, np.ndarray]:
+        """module -> (T,) float64 values of one adapter on the probe tokens: norms ||B A x||,
+        or gains (divided by ||A x||) when ``score`` is "gain", what its statistics claim."""
+        out = {}
+        for module, h in self.projections.items():
+            name = self.b_tensors[module]
+            if name not in tensors:
+                raise ShapeError(f"adapter has no tensor {name!r} (module {module})")
+            b = torch.from_numpy(np.asarray(tensors[name], dtype=np.float64))  # (d_out, r)
+            if b.ndim != 2 or b.shape[1] != h.shape[1]:
+                raise ShapeError(
+                    f"{name} has shape {tuple(b.shape)}; expected (d_out, {h.shape[1]})"
+                )
+            norms = (h @ b.T).norm(dim=-1, keepdim=True)
+            out[module] = score_values(norms, h, score).reshape(-1).numpy()
+        return out
+
+    def check(self, adapter: AdmittedAdapter, *, max_sigma_ratio: float, max_mean_z: float) -> None:
+        """AdmissionError("implausible_stats", ...) when the claimed statistics would hijack
+        routing (see check_stats_plausible for the two bounds)."""
+        norms = self.norms(adapter.tensors, adapter.stats.score)
+        try:
+            check_stats_plausible(
+                adapter.stats, norms, max_sigma_ratio=max_sigma_ratio, max_mean_z=max_mean_z
+            )
+        except ValueCheckError as exc:
+            # The probe text varies, so norms that do not vary mean B is (nearly) zero on a
+            # module: then no positive mean the client claims can be its own.
+            raise AdmissionError(
+                "implausible_stats",
+                f"the adapter's probe norms cannot support its statistics: {exc}",
+            ) from None

@@ -1,0 +1,1 @@
+"""Simulations, evaluation, benchmarks and reports: the whole federation on one machine."""

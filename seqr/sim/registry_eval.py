@@ -1,0 +1,94 @@
+"""The client side of `seqr simulate`: audit the published registry, then evaluate routing.
+
+A client refuses a registry that fails its audit, so the audit (pinned to the root the
+operator printed) comes first; the adapters evaluated are exactly the audited entries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seqr.sim.federation_run import FederationResult
+
+
+def heldout_chunks(domains: list[Path], tokenizer: Any, fed: Any) -> dict[str, np.ndarray]:
+    """Each domain's held-out chunks, split exactly as its client split them."""
+    from seqr.core.textdata import load_text_data
+
+    return {
+        d.name: load_text_data(
+            d,
+            tokenizer,
+            seq_len=fed.train_seq_len,
+            heldout_fraction=fed.train_heldout_fraction,
+            seed=fed.data_seed,
+        ).heldout  # fmt: skip
+        for d in domains
+    }
+
+
+def reference_chunks(
+    data: Path, clients: list[Path], tokenizer: Any, fed: Any, per_domain: int = 16
+) -> np.ndarray | None:
+    """Public reference text: chunks of every domain folder in --data that no client holds."""
+    from seqr.core.textdata import load_text_data
+
+    held = {c.resolve() for c in clients}
+    others = sorted(p for p in data.iterdir() if p.is_dir() and p.resolve() not in held
+                    and not p.name.startswith("."))  # fmt: skip
+    parts = [
+        load_text_data(
+            p, tokenizer, seq_len=fed.train_seq_len, heldout_fraction=0.0, seed=fed.data_seed
+        ).train[:per_domain]  # fmt: skip
+        for p in others
+    ]
+    return np.concatenate(parts) if parts else None
+
+
+def routing_timing(ns: tuple[int, ...], d_in: int, r: int) -> list[dict[str, Any]]:
+    """Routing time against N at the real model's module shape (one LoRA module)."""
+    from seqr.sim.bench_routing import RoutingBenchConfig, bench_point
+
+    cfg = RoutingBenchConfig(ns=ns, d_ins=(d_in,), ranks=(r,), tokens=256, repeats=2)
+    return [row for n in ns for row in bench_point(n, d_in, r, cfg)]
+
+
+def evaluate_registry(cfg: Any, result: FederationResult, domains: list[Path]) -> dict[str, Any]:
+    from seqr.core.base_model import load_base_model
+    from seqr.registry.audit import AuditConfig, audit_registry
+    from seqr.sim.evaluate import EvalConfig, evaluate
+    from seqr.sim.library import exports_from_audit, load_library, lora_shape
+
+    fed = result.federation
+    report = audit_registry(
+        result.registry,
+        result.work / "trusted_state.json",
+        config=AuditConfig(expected_root_sha256=result.root_sha256),
+    )
+    exports = exports_from_audit(result.registry, report.entries)  # named after the domains
+    base = load_base_model(fed.base_model, expected_sha256=fed.base_model_sha256)
+    heldout = heldout_chunks([d for d in domains if d.name in exports], base.tokenizer, fed)
+    library = load_library(base.model, exports)
+    evaluation = evaluate(
+        library,
+        heldout,
+        EvalConfig(max_sequences_per_domain=cfg.eval_sequences_per_domain),
+        make_base=lambda: load_base_model(fed.base_model).model,
+        export_paths=[str(p) for p in exports.values()],
+        reference=reference_chunks(cfg.data, domains, base.tokenizer, fed),
+    )
+    r, d_in = lora_shape(library)
+    return {
+        "evaluation": evaluation,
+        "audit": {
+            "version": report.version,
+            "entries": len(report.entries),
+            "tree_size": report.tree_size,
+            "seconds": report.seconds,
+        },  # fmt: skip
+        "not_admitted": sorted({d.name for d in domains} - set(exports)),
+        "timing_rows": routing_timing(cfg.timing_ns, d_in, r),
+    }

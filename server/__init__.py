@@ -1,1 +1,0 @@
-"""seqr server: admission checks and the signed adapter registry (ServerApp)."""

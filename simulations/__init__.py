@@ -1,1 +1,0 @@
-"""Federations, benchmarks and reports built on seqr_core, client and server."""
