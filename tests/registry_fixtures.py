@@ -1,11 +1,11 @@
 """Builds real signed client exports and registries fast, and mounts attacks on them.
 
 Exports are built in memory (tiny safetensors: one layer, q_proj and v_proj, r = 2, d = 4;
-real NormStatistics; a real Ed25519 manifest signature). ``forge_version`` plays a malicious
-or buggy server (python-tuf RepositorySimulator style): it takes the newest version's
-payload, lets a test change it, signs it with whatever keys it is given and commits it
-like the publisher would (metadata, a correct RFC 9162 tree head, latest.json), so that
-only the check under test can catch the change.
+real NormStatistics; a real signature). ``forge`` plays a malicious or buggy server
+(python-tuf RepositorySimulator style): it takes the newest targets metadata, lets a test
+change it, signs it with whatever keys it is given and commits it like the publisher would
+(targets, a snapshot with a correct RFC 9162 tree head, timestamp), so that only the check
+under test can catch the change.
 """
 
 from __future__ import annotations
@@ -18,21 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import save
+from tuf.api.metadata import Metadata, Snapshot, TargetFile, Targets, Timestamp
 
 from seqr.core import signing
 from seqr.core.manifest import Manifest
 from seqr.core.stats import NormStatistics
-from seqr.registry import merkle, store
-from seqr.registry.codec import dumps, format_time
+from seqr.registry import layout, log, repository, roles
 from seqr.registry.config import PublisherConfig
-from seqr.registry.envelope import REGISTRY_TYPE, TREE_HEAD_TYPE, parse_envelope, sign_envelope
-from seqr.registry.metadata import EXPORT_FILES, FederationPin, pointer_bytes
+from seqr.registry.metadata import AdapterRecord, FederationPin
 from seqr.registry.publish import Publisher
-from seqr.registry.tree_head import TreeHead
 
-T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
+# Registry clients check expiry against the real clock (python-tuf ngclient), so the tests'
+# registries are made now.
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
 RANK, DIM = 2, 4
 TARGETS = ("q_proj", "v_proj")
 BASE_SHA = hashlib.sha256(b"tiny base model").hexdigest()
@@ -74,7 +73,7 @@ def make_stats(mean: float = 5.0, std: float = 1.0) -> bytes:
 
 
 def sign_manifest(
-    key: Ed25519PrivateKey, payload: Mapping[str, bytes], *, name: str = "adapter", **over: Any
+    key: Any, payload: Mapping[str, bytes], *, name: str = "adapter", **over: Any
 ) -> tuple[bytes, bytes]:
     """manifest.json bytes listing ``payload``'s hashes, and its raw signature by ``key``."""
     fields: dict[str, Any] = {
@@ -96,7 +95,7 @@ def sign_manifest(
 
 
 def make_export(
-    key: Ed25519PrivateKey,
+    key: Any,
     seed: int = 0,
     *,
     tensors: Mapping[str, np.ndarray] | None = None,
@@ -117,14 +116,14 @@ def make_export(
     return {**payload, "manifest.json": data, "manifest.sig": sig}
 
 
-def new_key() -> Ed25519PrivateKey:
+def new_key() -> Any:
     return signing.generate_private_key()
 
 
 def build_registry(
     path: Path,
-    server_keys: Sequence[Ed25519PrivateKey],
-    clients: Sequence[Ed25519PrivateKey],
+    server_keys: Sequence[Any],
+    clients: Sequence[Any],
     *,
     threshold: int = 1,
     root_keys: Sequence[bytes] | None = None,
@@ -143,98 +142,114 @@ def build_registry(
     return pub
 
 
-def read_payload(path: Path, version: int) -> dict[str, Any]:
-    data = (path / store.metadata_path(version)).read_bytes()
-    return json.loads(parse_envelope(data, REGISTRY_TYPE, "test").payload)
-
-
-def latest_version(path: Path) -> int:
-    return int(json.loads((path / store.POINTER).read_bytes())["version"])
-
-
-def forge_version(
+def forge(
     path: Path,
-    keys: Sequence[Ed25519PrivateKey],
-    mutate: Callable[[dict[str, Any]], None] | None = None,
+    keys: Sequence[Any],
+    mutate: Callable[[Targets], None] | None = None,
     *,
-    now: datetime = T0 + timedelta(hours=1),
-    payload_bytes: Callable[[dict[str, Any]], bytes] | None = None,
-    head_keys: Sequence[Ed25519PrivateKey] | None = None,
+    now: datetime | None = None,
+    expires: timedelta = timedelta(days=7),
+    snapshot_keys: Sequence[Any] | None = None,
+    tree_head: log.TreeHead | None = None,
 ) -> int:
-    """Commit version N+1 = newest payload changed by ``mutate``, signed by ``keys``."""
-    n = latest_version(path)
-    prev = (path / store.metadata_path(n)).read_bytes()
-    payload = read_payload(path, n)
-    payload.update(
-        version=n + 1,
-        previous={"version": n, "sha256": hashlib.sha256(prev).hexdigest()},
-        issued=format_time(now),
-        expires=format_time(now + timedelta(days=7)),
+    """Commit targets version N+1 = the newest targets changed by ``mutate``, signed by
+    ``keys``, with a snapshot (correct tree head unless given) and a timestamp; returns N+1."""
+    now = now or datetime.now(UTC).replace(microsecond=0)
+    meta = path / "metadata"
+    timestamp_md = Metadata[Timestamp].from_bytes((meta / "timestamp.json").read_bytes())
+    snap_version = timestamp_md.signed.snapshot_meta.version
+    snapshot_md = Metadata[Snapshot].from_bytes(
+        (meta / f"{snap_version}.snapshot.json").read_bytes()
     )
+    targets_version = snapshot_md.signed.meta["targets.json"].version
+    current = Metadata[Targets].from_bytes((meta / f"{targets_version}.targets.json").read_bytes())
+    targets = Targets.from_dict(current.signed.to_dict())
+    targets.version += 1
+    targets.expires = now + expires
     if mutate is not None:
-        mutate(payload)
-    body = payload_bytes(payload) if payload_bytes is not None else dumps(payload)
-    data = sign_envelope(REGISTRY_TYPE, body, keys)
-    (path / store.metadata_path(n + 1)).write_bytes(data)
-    write_tree_head(path, n + 1, head_keys or keys, payload["root_version"], now)
-    (path / store.POINTER).write_bytes(pointer_bytes(n + 1))
-    return n + 1
-
-
-def write_tree_head(
-    path: Path, size: int, keys: Sequence[Ed25519PrivateKey], root_version: int, now: datetime
-) -> None:
-    """A correct, signed RFC 9162 head over metadata/1..size as they are on disk now."""
-    leaves = [
-        merkle.leaf_hash((path / store.metadata_path(v)).read_bytes()) for v in range(1, size + 1)
-    ]
-    head = TreeHead(
-        tree_size=size,
-        root_hash=merkle.root_hash(leaves),
-        timestamp=now,
-        root_version=root_version,
-        inclusion=tuple(merkle.inclusion_proof(leaves, size - 1)),
-        consistency=tuple(merkle.consistency_proof(leaves, size - 1)) if size > 1 else (),
-    )
-    data = sign_envelope(TREE_HEAD_TYPE, head.to_payload(), keys)
-    (path / store.tree_head_path(size)).write_bytes(data)
-
-
-def entry_json(files: Mapping[str, bytes], client: Ed25519PrivateKey) -> dict[str, Any]:
-    """The registry entry a (malicious) server would write for these files."""
-    public = signing.public_key_bytes(client)
-    return {
-        "adapter_sha256": hashlib.sha256(files["adapter_model.safetensors"]).hexdigest(),
-        "client": signing.fingerprint(public),
-        "client_key": public.hex(),
-        "client_signature": files["manifest.sig"].hex(),
-        "admitted": format_time(T0),
-        "files": {
-            n: {"sha256": hashlib.sha256(files[n]).hexdigest(), "length": len(files[n])}
-            for n in EXPORT_FILES
+        mutate(targets)
+    signers = [roles.signer_for(k) for k in keys]
+    data = roles.sign(Metadata(targets), signers)
+    (path / "metadata" / f"{targets.version}.targets.json").write_bytes(data)
+    leaves = [*repository.read_leaves(path, targets.version - 1), log.leaf_of(data)]
+    snapshot = Snapshot(
+        version=snapshot_md.signed.version + 1,
+        expires=now + expires,
+        meta={"targets.json": roles.meta_file(targets.version, data)},
+        unrecognized_fields={
+            layout.LOG_FIELD: (tree_head or log.TreeHead.of(leaves, now)).to_field()
         },
+    )
+    snap_signers = [roles.signer_for(k) for k in snapshot_keys] if snapshot_keys else signers
+    snap_data = roles.sign(Metadata(snapshot), snap_signers)
+    (path / "metadata" / f"{snapshot.version}.snapshot.json").write_bytes(snap_data)
+    timestamp = Timestamp(
+        version=timestamp_md.signed.version + 1,
+        expires=now + expires,
+        snapshot_meta=roles.meta_file(snapshot.version, snap_data),
+    )
+    (path / "metadata" / "timestamp.json").write_bytes(
+        roles.sign(Metadata(timestamp), snap_signers)
+    )
+    return targets.version
+
+
+def add_target_files(
+    path: Path, adapter_id: str, files: Mapping[str, bytes]
+) -> dict[str, TargetFile]:
+    """Store files under targets/ as a publisher would; their TUF target infos."""
+    out = {}
+    for name, data in files.items():
+        target_path = layout.adapter_target(adapter_id, name)
+        sha = hashlib.sha256(data).hexdigest()
+        stored = path / "targets" / layout.stored_target_name(target_path, sha)
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_bytes(data)
+        out[target_path] = TargetFile(len(data), {"sha256": sha}, target_path)
+    return out
+
+
+def record_for(files: Mapping[str, bytes], signer: Any, **over: Any) -> AdapterRecord:
+    """The seqr record a (malicious) server would sign for these files."""
+    fields: dict[str, Any] = {
+        "adapter_id": hashlib.sha256(files["adapter_model.safetensors"]).hexdigest(),
+        "name": json.loads(files["manifest.json"])["name"],
+        "client": signing.fingerprint(signing.public_key_bytes(signer)),
+        "admitted": T0,
+        "manifest_sha256": hashlib.sha256(files["manifest.json"]).hexdigest(),
+        "stats_sha256": hashlib.sha256(files["norm_stats.json"]).hexdigest(),
+        "files": tuple(sorted(files)),
     }
+    fields.update(over)
+    return AdapterRecord(**fields)
 
 
 def inject_adapter(
     path: Path,
-    server_keys: Sequence[Ed25519PrivateKey],
-    client: Ed25519PrivateKey,
+    server_keys: Sequence[Any],
+    client: Any,
     files: Mapping[str, bytes],
+    record: AdapterRecord | None = None,
 ) -> int:
     """A server that skips its own checks: store ``files`` and list them in a new version."""
-    entry = entry_json(files, client)
-    folder = path / "adapters" / entry["adapter_sha256"]
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    return forge_version(path, server_keys, lambda p: p["entries"].append(entry))
+    record = record or record_for(files, client)
+    infos = add_target_files(path, record.adapter_id, files)
+    weights = layout.adapter_target(record.adapter_id, "adapter_model.safetensors")
+    infos[weights].unrecognized_fields["custom"] = {layout.SEQR_CUSTOM: record.to_custom()}
+    return forge(path, server_keys, lambda t: t.targets.update(infos))
 
 
-def adapter_dir(path: Path, index: int = 0) -> Path:
-    """The folder of the ``index``-th entry of the newest version."""
-    entry = read_payload(path, latest_version(path))["entries"][index]
-    return path / "adapters" / entry["adapter_sha256"]
+def stored_files(path: Path, index: int = 0) -> dict[str, Path]:
+    """File name -> stored path of the ``index``-th adapter of the newest version."""
+    targets = repository.load(path).targets.signed.targets
+    ids = sorted({p.split("/")[1] for p in targets if p.startswith("adapters/")})
+    out = {}
+    for target_path, info in targets.items():
+        parsed = layout.parse_adapter_target(target_path)
+        if parsed is not None and parsed[0] == ids[index]:
+            rel = layout.stored_target_name(target_path, info.hashes["sha256"])
+            out[parsed[1]] = path / "targets" / rel
+    return out
 
 
 # Key rotation table (python-tuf test_updater_key_rotations style): old root (keys, threshold)
@@ -249,16 +264,8 @@ ROTATIONS = [
     ("2-of-3 to disjoint-ish, new threshold unmet", ("ABC", 2), ("CDE", 2), "ABD", False),
     ("2-of-3 to disjoint-ish, both met via C", ("ABC", 2), ("CDE", 2), "ACD", True),
     ("2-of-3 to 1-of-1, old threshold unmet", ("ABC", 2), ("D", 1), "AD", False),
-    ("2-of-3 to 1-of-1, duplicate signature counts once", ("ABC", 2), ("D", 1), "AAD", False),
     ("1-of-2 raised to 2-of-2, one signs", ("AB", 1), ("AB", 2), "A", False),
     ("1-of-2 raised to 2-of-2, both sign", ("AB", 1), ("AB", 2), "AB", True),
     ("3-of-3 with an unknown third signer", ("ABC", 3), ("ABC", 3), "ABE", False),
     ("threshold lowered 3-of-3 to 1-of-3 by all", ("ABC", 3), ("ABC", 1), "ABC", True),
 ]
-
-
-def duplicate_first_signature(envelope: bytes) -> bytes:
-    """An envelope whose first signature appears twice (one key "signing twice")."""
-    obj = json.loads(envelope)
-    obj["signatures"].append(dict(obj["signatures"][0]))
-    return json.dumps(obj).encode()

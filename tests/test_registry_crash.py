@@ -7,20 +7,18 @@ the stored state, and no adapter it had durably staged or published may be lost.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from registry_fixtures import FEDERATION, make_export
 
 from seqr.core import signing
-from seqr.registry import store
+from seqr.registry import repository
 from seqr.registry.audit import audit_registry
 from seqr.registry.config import PublisherConfig
 from seqr.registry.publish import Publisher
@@ -29,7 +27,7 @@ TESTS = Path(__file__).resolve().parent
 RANDOM_KILLS = 2
 ADAPTERS_PER_VERSION = 3
 # Where the worker SIGKILLs itself during its first publish (see WORKER).
-KILL_POINTS = ("after-metadata", "after-tree-head", "mid-pointer-write", "after-pointer")
+KILL_POINTS = ("after-targets", "after-snapshot", "mid-timestamp-write", "after-timestamp")
 
 # Stages ADAPTERS_PER_VERSION fresh adapters, publishes, repeats; reports each durable step.
 WORKER = """
@@ -53,14 +51,16 @@ real_new_file, real_write_file = store.write_new_file, store.write_file
 
 def write_new_file(path, data):
     real_new_file(path, data)
-    if (point, path.parent.name) in (("after-metadata", "metadata"), ("after-tree-head", "log")):
+    if point == "after-targets" and path.name.endswith(".targets.json"):
+        die()
+    if point == "after-snapshot" and path.name.endswith(".snapshot.json"):
         die()
 
 def write_file(path, data):
-    if path.name == store.POINTER and point == "mid-pointer-write" and armed:
+    if path.name == "timestamp.json" and point == "mid-timestamp-write" and armed:
         os.replace = lambda *a: die()  # the temp file is written and fsynced, never renamed
     real_write_file(path, data)
-    if path.name == store.POINTER and point == "after-pointer":
+    if path.name == "timestamp.json" and point == "after-timestamp":
         die()  # committed, staging records not yet dropped
 
 store.write_new_file, store.write_file = write_new_file, write_file
@@ -106,11 +106,12 @@ def _run_worker(
 
 
 def _pointer(reg: Path) -> int:
-    return int(json.loads((reg / store.POINTER).read_bytes())["version"])
+    """The committed targets version (timestamp.json -> snapshot -> targets)."""
+    return repository.load(reg).targets.signed.version
 
 
 def test_kill_9_mid_publish_loses_nothing(tmp_path: Path) -> None:
-    reg, keys, state = tmp_path / "registry", tmp_path / "keys", tmp_path / "trusted.json"
+    reg, keys, state = tmp_path / "registry", tmp_path / "keys", tmp_path / "state"
     signing.write_keypair(keys / "server")
     signing.write_keypair(keys / "client")
     server = signing.load_private_key(keys / "server" / signing.PRIVATE_KEY_NAME)
@@ -119,7 +120,6 @@ def test_kill_9_mid_publish_loses_nothing(tmp_path: Path) -> None:
     with Publisher.create(reg, [server], config=config) as pub:
         pub.enrol_client(signing.public_key_bytes(client))
         pub.publish()
-    now = datetime.now(UTC) + timedelta(minutes=1)
     rng = random.Random(9162)
     staged: set[str] = set()
     published, seed, last = 0, 0, _pointer(reg)
@@ -134,23 +134,24 @@ def test_kill_9_mid_publish_loses_nothing(tmp_path: Path) -> None:
         # A restarted publisher rolled forward any version fully written before the last kill.
         assert found >= last, f"the publisher lost committed version {last} (found {found})"
         pointer = _pointer(reg)
-        if point in ("after-metadata", "after-tree-head", "mid-pointer-write"):
-            assert pointer == found, f"{point}: the pointer moved before the commit point"
-            assert (reg / store.metadata_path(found + 1)).exists(), f"{point}: window not hit"
-        if point == "after-pointer":
-            assert pointer == found + 1 and any((reg / store.STAGING).glob("*.json"))
+        if point in ("after-targets", "after-snapshot", "mid-timestamp-write"):
+            assert pointer == found, f"{point}: the commit point moved too early"
+            written = reg / "metadata" / f"{found + 1}.targets.json"
+            assert written.exists(), f"{point}: window not hit"
+        if point == "after-timestamp":
+            assert pointer == found + 1 and any((reg / "staging").glob("*.json"))
         # The last complete version audits cleanly, before any restart.
-        report = audit_registry(reg, state, now)
+        report = audit_registry(reg, state).report
         assert report.version == pointer >= published
         last = pointer
     # A new publisher continues from the stored state: everything staged gets published.
     with Publisher(reg, [server], config) as pub:
         pub.stage_adapter(make_export(client, seed=seed))
         final = pub.publish()
-    report = audit_registry(reg, state, now)
+    report = audit_registry(reg, state).report
     assert report.version == final.version > last
     assert staged, "the worker never staged anything before being killed"
     missing = staged - {e.adapter_sha256 for e in report.entries}
     assert not missing, f"{len(missing)} durably staged adapter(s) were lost: {sorted(missing)[:3]}"
-    assert not any((reg / store.STAGING).glob("*.json"))
+    assert not any((reg / "staging").glob("*.json"))
     assert not list(reg.rglob(".*.tmp")), "temp files of interrupted writes were left behind"

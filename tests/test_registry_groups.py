@@ -18,12 +18,18 @@ from seqr.core import signing
 from seqr.core.base_model import load_base_model
 from seqr.core.errors import AdmissionError, RegistryError, SeqrError
 from seqr.core.federation import FederationConfig
-from seqr.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, parse_manifest
+from seqr.core.manifest import (
+    ADAPTER_WEIGHTS_NAME,
+    MANIFEST_NAME,
+    NORM_STATS_NAME,
+    SIGNATURE_NAME,
+    Manifest,
+    parse_manifest,
+)
 from seqr.core.stats import NormStatistics
 from seqr.operator.federation_setup import FederationSetup, setup_federation
 from seqr.operator.group_export import build_group_export
 from seqr.operator.registry_ops import init_registry, open_publisher
-from seqr.registry import store
 from seqr.registry.audit import audit_registry
 from seqr.registry.contributions import (
     Contribution,
@@ -34,9 +40,9 @@ from seqr.registry.contributions import (
     sign_contribution,
     verify_contributions,
 )
-from seqr.registry.metadata import ADAPTER_FILE, CONTRIBUTIONS_FILE, STATS_FILE
+from seqr.registry.metadata import CONTRIBUTIONS_FILE
 
-NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+NOW = datetime.now(UTC).replace(microsecond=0)
 SESSION = "5e" * 16
 ROUNDS = 2
 
@@ -101,7 +107,7 @@ def world(tmp_path: Path, setup: FederationSetup) -> dict:
     doc, final, total = _contributions(setup, clients)
     stats = merge_partial_statistics(doc.statistics).to_json_bytes()
     files = build_group_export(setup, final, stats, doc, server, example_count=total, created=NOW)
-    state = tmp_path / "trusted.json"
+    state = tmp_path / "state"
     return {"registry": registry, "server": server, "clients": clients, "files": files,
             "doc": doc, "setup": setup, "total": total, "state": state}  # fmt: skip
 
@@ -128,14 +134,14 @@ def _publish(world: dict, files: dict[str, bytes]) -> str:
 def _verify(world: dict, files: dict[str, bytes]):
     manifest = parse_manifest(files[MANIFEST_NAME])
     return verify_contributions(files[CONTRIBUTIONS_FILE], group=manifest.name,
-                                adapter_weights=files[ADAPTER_FILE],
-                                stats_bytes=files[STATS_FILE],
+                                adapter_weights=files[ADAPTER_WEIGHTS_NAME],
+                                stats_bytes=files[NORM_STATS_NAME],
                                 example_count=manifest.example_count)  # fmt: skip
 
 
 def test_group_adapter_audit_lists_every_signed_contributor(world: dict) -> None:
     sha = _publish(world, world["files"])
-    report = audit_registry(world["registry"], world["state"], now=NOW)
+    report = audit_registry(world["registry"], world["state"]).report
     entry = {e.adapter_sha256: e for e in report.entries}[sha]
     ids = sorted(signing.fingerprint(signing.public_key_bytes(k)) for k in world["clients"])
     assert entry.name == "wiki" and entry.group_rounds == ROUNDS
@@ -155,10 +161,10 @@ def test_forged_contribution_signature_rejected(world: dict) -> None:
     files = _resign(world["files"], world["server"], **{CONTRIBUTIONS_FILE: forged.to_bytes()})
     with pytest.raises(RegistryError, match="forged or altered contribution"):
         _verify(world, files)
-    before = (world["registry"] / store.POINTER).read_bytes()
+    before = _files(world["registry"])
     with pytest.raises(SeqrError, match="forged or altered contribution"):
         _publish(world, files)
-    assert (world["registry"] / store.POINTER).read_bytes() == before
+    assert _files(world["registry"]) == before
     # A record whose example count was inflated after signing is a forgery too.
     record = json.loads(first.payload)
     inflated = json.dumps({**record, "example_count": 10**6}, sort_keys=True,
@@ -194,13 +200,18 @@ def test_contribution_list_tampered_rejected(world: dict) -> None:
     # contributions.json changed on the mirror after publication: the audit refuses the
     # registry and the trusted state is unchanged.
     sha = _publish(world, world["files"])
-    audit_registry(world["registry"], world["state"], now=NOW)
-    trusted = world["state"].read_bytes()
-    path = world["registry"] / store.adapter_path(sha, CONTRIBUTIONS_FILE)
+    audit_registry(world["registry"], world["state"])
+    trusted = _files(world["state"])
+    folder = world["registry"] / "targets" / "adapters" / sha
+    path = next(folder.glob(f"*.{CONTRIBUTIONS_FILE}"))
     path.write_bytes(fewer.to_bytes())
     with pytest.raises(RegistryError, match="contributions.json"):
-        audit_registry(world["registry"], world["state"], now=NOW)
-    assert world["state"].read_bytes() == trusted
+        audit_registry(world["registry"], world["state"])
+    assert _files(world["state"]) == trusted
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def _key_hex(keyid: str, world: dict) -> str:
@@ -243,10 +254,10 @@ def test_statistics_of_another_model_rejected_as_split_view(world: dict) -> None
 def test_group_adapter_signed_by_a_client_key_rejected(world: dict) -> None:
     client = world["clients"][0]
     files = _resign(world["files"], client)
-    before = (world["registry"] / store.POINTER).read_bytes()
+    before = _files(world["registry"])
     with pytest.raises(AdmissionError, match="must be signed by a server key"):
         _publish(world, files)
-    assert (world["registry"] / store.POINTER).read_bytes() == before
+    assert _files(world["registry"]) == before
 
 
 def test_revoking_a_contributor_removes_the_group_adapter(world: dict) -> None:
@@ -256,5 +267,5 @@ def test_revoking_a_contributor_removes_the_group_adapter(world: dict) -> None:
         pub.revoke_client(keyid, "poisoned its updates", now=NOW)
         published = pub.publish(now=NOW)
     assert published.removed == (sha,)
-    report = audit_registry(world["registry"], world["state"], now=NOW)
+    report = audit_registry(world["registry"], world["state"]).report
     assert report.entries == () and report.revoked == 1

@@ -77,7 +77,7 @@ def test_round_admits_honest_skips_failures_and_publishes_next_version(
     assert result.published.version == 3 and result.published.entries == 2
     assert {v.registry_version for v in result.verdicts} == {3}
     assert set(result.published.added) == {verdicts[11].adapter_sha256, verdicts[13].adapter_sha256}
-    report = audit_registry(registry)
+    report = audit_registry(registry).report
     assert report.version == 3
     assert {e.adapter_sha256 for e in report.entries} == set(result.published.added)
     assert {e.name for e in report.entries} == {"client-0", "client-1"}
@@ -112,7 +112,8 @@ def test_rejections_carry_their_reason_and_leave_replay_state_unchanged(
     assert "probe" in result.by_node()[2].message
     assert result.by_node()[2].client == signing.fingerprint(clients[1].public)
     assert not ReplayStore(state_dir_for(registry)).path.exists()  # nothing was accepted
-    assert result.published.version == 3 and result.published.entries == 0
+    # Nothing admitted: no new targets version, only a fresh timestamp (TUF).
+    assert result.published.version == 2 and result.published.entries == 0
 
 
 def test_malformed_submission_cannot_stop_the_round(
@@ -170,7 +171,7 @@ def test_restarted_server_continues_and_refuses_replays(
         ("rejected", "duplicate_adapter"),  # the registry already lists these weights
     ]
     assert two.published.version == 4 and two.published.entries == 2
-    assert audit_registry(registry).version == 4
+    assert audit_registry(registry).report.version == 4
 
 
 def test_staged_adapter_is_published_after_a_crash_before_publish(
@@ -184,7 +185,7 @@ def test_staged_adapter_is_published_after_a_crash_before_publish(
     result = restarted.run([], now=now())
     restarted.publisher.close()
     assert result.published.added == (sha,)
-    assert [e.adapter_sha256 for e in audit_registry(registry).entries] == [sha]
+    assert [e.adapter_sha256 for e in audit_registry(registry).report.entries] == [sha]
 
 
 def test_auto_enrol_admits_a_new_key_but_never_a_revoked_one(
@@ -204,7 +205,7 @@ def test_auto_enrol_admits_a_new_key_but_never_a_revoked_one(
         ("rejected", "revoked_key"),
         ("admitted", ""),
     ]
-    report = audit_registry(registry)
+    report = audit_registry(registry).report
     assert (report.clients, report.revoked, len(report.entries)) == (1, 1, 1)
 
 

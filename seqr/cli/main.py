@@ -28,7 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "server init": ("seqr.cli.server:init_main", "create a registry signed by server keys"),
     "server revoke": ("seqr.cli.server:revoke_main", "revoke client keys for good, publish"),
     "bench audit": ("seqr.sim.bench_audit:main", "time registry audit on 1,000 adapters"),
-    "registry audit": ("seqr.cli.registry:main", "verify a downloaded adapter registry"),
+    "registry audit": ("seqr.cli.registry:audit_main", "verify a registry (folder or URL)"),
+    "registry pull": ("seqr.cli.registry:pull_main", "fetch a registry into a verified mirror"),
+    "registry serve": ("seqr.cli.registry:serve_main", "serve a registry folder over HTTP"),
+    "server refresh": ("seqr.cli.server:refresh_main", "re-sign what is close to expiry"),
     "route": ("seqr.cli.route:main", "audit a registry, route (and generate) with its adapters"),
     "bench generation": ("seqr.sim.bench_generation:main", "routed vs fixed-adapter generate"),
     "deploy certs": (

@@ -1,8 +1,10 @@
-"""``seqr registry audit``: verify a downloaded adapter registry offline before routing with it.
+"""``seqr registry audit | pull | serve``: what a client (or a reviewer) does with a registry.
 
-Exit status 0 when every signature, hash, threshold, version, expiry, log proof and adapter
-file checks out (the trusted state file is then updated); 1 with the reason on any failure
-(the trusted state is left untouched); 2 for bad arguments.
+audit: refresh a trusted state from a registry folder or URL and verify everything (TUF's
+checks, the transparency log, every adapter); exit 0 when it passed, 1 with the reason when
+not (the trusted state is then left untouched), 2 for bad arguments.
+pull: the same from a URL, keeping a verified mirror in a folder that every consumer can use.
+serve: serve a registry folder read-only over HTTP.
 """
 
 from __future__ import annotations
@@ -10,106 +12,153 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
 from pathlib import Path
 
 from seqr.core.errors import ConfigError, SeqrError
-from seqr.registry.audit import AuditReport, audit_registry
+from seqr.registry.audit import AuditReport, audit_registry, pull_registry
 from seqr.registry.codec import format_time
 from seqr.registry.config import AuditConfig
 
-__all__ = ["main"]
+__all__ = ["audit_main", "pull_main", "serve_main"]
 
 
-def _parse_now(text: str) -> datetime:
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--now {text!r} is not an ISO-8601 time like 2025-06-01T12:00:00Z"
-        ) from None
-    if when.tzinfo is None:
-        raise argparse.ArgumentTypeError(
-            f"--now {text!r} has no time zone; add Z (UTC) or an offset like +02:00"
-        )
-    return when
+def _printable(text: str) -> str:
+    """Text from another party, safe to print (no control characters or ANSI escapes)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="seqr registry audit",
-        description="Verify a seqr adapter registry offline: server signatures and thresholds, "
-        "root rotations, versions against the trusted state (rollback, fork), expiry (freeze), "
-        "the RFC 9162 log, and every adapter's files and client signature.",
-    )
-    parser.add_argument("path", type=Path, help="registry folder (a copy or a mirror)")
-    parser.add_argument(
-        "--trusted-state",
-        type=Path,
-        default=None,
-        help="file remembering the last version this client trusted; created on first use, "
-        "updated only after a successful audit",
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument(
-        "--now", type=_parse_now, default=None, help="check expiry at this time (default: now)"
-    )
+def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--expect-root-sha256",
         default=None,
-        help="first use only: SHA-256 of root/1.root.json, obtained from the server operator "
-        "(default: trust on first use)",
+        metavar="HEX",
+        help="first use only: SHA-256 of metadata/1.root.json, obtained from the operator "
+        "(default: trust on first use, as the report says)",
     )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--workers", type=int, default=2, help="threads checking adapters")
-    return parser
+
+
+def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> AuditConfig:
+    try:
+        return AuditConfig(workers=args.workers, expected_root_sha256=args.expect_root_sha256)
+    except ConfigError as exc:
+        parser.error(str(exc))
 
 
 def _print_report(report: AuditReport) -> None:
     print(
-        f"registry {report.path}: version {report.version}, root {report.root_version} "
-        f"({report.threshold}-of-{len(report.server_keys)}, signed by "
-        f"{', '.join(report.signed_by)}), expires {format_time(report.expires)}"
+        f"registry {_printable(report.source)}: version {report.version}, root "
+        f"{report.root_version} ({report.threshold}-of-{len(report.server_keys)}), "
+        f"refresh before {format_time(report.expires)}"
     )
+    print(f"root 1 sha256: {report.root_sha256}")
     print(f"log: {report.tree_size} versions, RFC 9162 root {report.tree_root}")
     if report.first_use:
         print("trust: first use (no trusted state before this audit)")
     else:
-        print(f"trust: consistent with trusted version {report.trusted_version_before}")
+        print(f"trust: extends the trusted version {report.trusted_version_before}")
     for e in report.entries:
         print(
-            f"  OK  {e.adapter_sha256[:16]}  {e.client}  {e.name:<24}  "
+            f"  OK  {e.adapter_sha256[:16]}  {_printable(e.name):<24}  {e.client}  "
             f"admitted {format_time(e.admitted)}  {e.size_bytes / 1024:.1f} KiB"
         )
         if e.contributors:  # a group adapter: the server signed it, these clients produced it
             examples = e.examples_by_client or {}
-            who = ", ".join(f"{k} ({examples.get(k, 0)} training chunks)" for k in e.contributors)
-            print(f"      group of {len(e.contributors)}, {e.group_rounds} round(s): {who}")
+            for k in e.contributors:
+                print(f"      contributor {k} ({examples.get(k, 0)} training chunks)")
     state = "trusted state updated" if report.trusted_state_updated else "no trusted state kept"
+    fetched = f"; downloaded {report.downloaded_files} file(s)" if report.downloaded_files else ""
     print(
         f"AUDIT PASSED: {len(report.entries)} adapter(s), {report.clients} client key(s), "
-        f"{report.revoked} revoked; {state} ({report.seconds:.2f} s)"
+        f"{report.revoked} revoked; {state}{fetched} ({report.seconds:.2f} s)"
     )
 
 
-def main(argv: list[str]) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+def _run(args: argparse.Namespace, verify, state: str | None) -> int:  # type: ignore[no-untyped-def]
     try:
-        config = AuditConfig(workers=args.workers, expected_root_sha256=args.expect_root_sha256)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    try:
-        report = audit_registry(args.path, args.trusted_state, args.now, config=config)
+        verified = verify()
     except SeqrError as exc:
+        message = _printable(str(exc)).replace("\\n", "\n")
         if args.json:
-            print(json.dumps({"ok": False, "error_type": type(exc).__name__, "error": str(exc)}))
+            print(json.dumps({"ok": False, "error": str(exc)}))
         else:
-            print(f"AUDIT FAILED ({type(exc).__name__}): {exc}", file=sys.stderr)
-            if args.trusted_state is not None:
-                print(f"trusted state {args.trusted_state} left unchanged", file=sys.stderr)
+            print(f"AUDIT FAILED: {message}", file=sys.stderr)
+            if state is not None:
+                print(f"trusted state {state} left unchanged", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        print(json.dumps(verified.report.to_json(), indent=2))
     else:
-        _print_report(report)
+        _print_report(verified.report)
+    return 0
+
+
+def audit_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="seqr registry audit",
+        description="Verify a seqr adapter registry: TUF metadata (signatures, thresholds, "
+        "root rotations, rollback, freeze, mix-and-match), the RFC 9162 log against the "
+        "trusted state (fork), and every adapter's files, signature and statistics.",
+    )
+    parser.add_argument("source", help="registry folder (or a mirror) or its http(s) URL")
+    parser.add_argument(
+        "--trusted-state",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder remembering what this client trusted; created on first use, updated "
+        "only after a successful audit (default: remember nothing)",
+    )
+    _common(parser)
+    args = parser.parse_args(argv)
+    config = _config(parser, args)
+    state = None if args.trusted_state is None else str(args.trusted_state)
+    return _run(args, lambda: audit_registry(args.source, args.trusted_state, config=config), state)
+
+
+def pull_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="seqr registry pull",
+        description="Fetch a registry over HTTP(S) into DIR with python-tuf's client: only "
+        "files DIR lacks are downloaded, nothing is written before it verifies, and DIR "
+        "becomes a verified mirror (its trusted state in DIR/.seqr) that `seqr route "
+        "--registry DIR` and `seqr serve --registry DIR` use.",
+    )
+    parser.add_argument("url", help="registry base URL (holding metadata/ and targets/)")
+    parser.add_argument("dir", type=Path, help="local mirror folder (created if missing)")
+    _common(parser)
+    args = parser.parse_args(argv)
+    config = _config(parser, args)
+    state = str(args.dir / ".seqr")
+    return _run(args, lambda: pull_registry(args.url, args.dir, config=config), state)
+
+
+def serve_main(argv: list[str]) -> int:
+    from seqr.registry.serve import RegistryServer
+
+    parser = argparse.ArgumentParser(
+        prog="seqr registry serve",
+        description="Serve a registry folder read-only over HTTP (metadata/ and targets/ only).",
+    )
+    parser.add_argument("dir", type=Path, help="registry folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no request log")
+    args = parser.parse_args(argv)
+    if not (args.dir / "metadata" / "1.root.json").is_file():
+        parser.error(f"{args.dir} holds no registry (metadata/1.root.json is missing)")
+    try:
+        server = RegistryServer(args.dir, args.host, args.port, quiet=args.quiet)
+    except OSError as exc:
+        print(f"seqr registry serve: cannot listen on {args.host}:{args.port}: {exc.strerror}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"serving {args.dir} at {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0

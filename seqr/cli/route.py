@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         "each input with SEQR z-scores: prints the chosen adapter and its z-score margin over "
         "the runner-up; with --generate N also the greedy continuation (batched, mixed adapters).",
     )
-    p.add_argument("--registry", type=Path, required=True, help="registry folder (or a mirror)")
+    p.add_argument(
+        "--registry", required=True, help="registry folder (a mirror too) or its http(s) URL"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="one input text")
     src.add_argument("--file", type=Path, help="UTF-8 file: one input per non-empty line")
@@ -41,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         "--trusted-state",
         type=Path,
         default=None,
-        help="file remembering the last trusted registry version (rollback, fork)",
+        help="folder remembering what this client trusted (rollback, fork); default: the "
+        "mirror's own state for a folder made by `seqr registry pull`, else none",
     )
     p.add_argument(
         "--expect-root-sha256",
@@ -96,7 +99,9 @@ def _inputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[s
 def _print_results(router: RegistryRouter, results: list[RouteResult], generate: bool) -> None:
     r = router.report
     trust = "first use" if r.first_use else f"consistent with trusted v{r.trusted_version_before}"
-    print(f"registry {r.path}: version {r.version}, {len(r.entries)} adapter(s) audited ({trust})")
+    print(
+        f"registry {r.source}: version {r.version}, {len(r.entries)} adapter(s) audited ({trust})"
+    )
     print(f"adapters: {', '.join(router.names)}; routing {router.config.mode}")
     for i, res in enumerate(results, 1):
         if res.runner_up is None:
@@ -132,7 +137,7 @@ def main(argv: list[str]) -> int:
     texts = _inputs(args, parser)
     from seqr.consumer.router import RegistryRouter, RouterConfig
     from seqr.core.errors import ConfigError, SeqrError
-    from seqr.registry import AuditConfig, audit_registry
+    from seqr.registry import AuditConfig, audit_registry, trusted_state_for
 
     try:
         config = RouterConfig(mode="per_token" if args.per_token else "per_sequence",
@@ -143,14 +148,16 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     try:
-        report = audit_registry(args.registry, args.trusted_state, config=audit)
+        verified = audit_registry(
+            args.registry, trusted_state_for(args.registry, args.trusted_state), config=audit
+        )
     except SeqrError as exc:
         return _fail(args, exc, refused=True)
+    report = verified.report
     try:
-        router = RegistryRouter.from_report(
-            args.registry, report, base_model=args.base_model, cache_dir=args.cache_dir,
-            config=config, audit_config=audit,
-        )  # fmt: skip
+        router = RegistryRouter.from_verified(
+            verified, base_model=args.base_model, cache_dir=args.cache_dir, config=config
+        )
         if args.generate:
             results = router.route_and_generate(texts, args.generate)
         else:
@@ -161,7 +168,7 @@ def main(argv: list[str]) -> int:
         doc = {
             "ok": True,
             "registry": {
-                "path": report.path,
+                "source": report.source,
                 "version": report.version,
                 "first_use": report.first_use,
             },  # fmt: skip

@@ -1,9 +1,12 @@
-"""``seqr server init / enrol / revoke``: the operator's registry commands.
+"""``seqr server init / enrol / revoke / refresh``: the operator's registry commands.
 
 init creates a registry signed by the server key(s) (optionally pinned to a federation);
 enrol and revoke change the client allow-list and publish a new version at once, so the
-running ServerApp (which admits the keys of the newest published version) sees the change.
-Passphrases never appear on the command line (seqr.cli.keys.read_passphrase).
+running ServerApp (which admits the keys of the newest published version) sees the change;
+refresh re-signs what is close to expiry (run it from cron between rounds). Every command
+checks its keys against the registry's root before it changes anything, so a refused command
+leaves nothing behind. Passphrases never appear on the command line
+(seqr.cli.keys.read_passphrase), and no message repeats the contents of a key file.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from seqr.cli.keys import read_passphrase
+from seqr.core.admission_policy import WEIGHT_DTYPES
 from seqr.core.errors import ConfigError, KeyFileError, SeqrError
-from seqr.core.signing import fingerprint, load_public_key_hex
+from seqr.core.signing import MAX_KEY_FILE_BYTES, fingerprint, load_public_key_hex
 from seqr.operator.registry_ops import init_registry, load_server_keys, open_publisher
 
-__all__ = ["init_main", "enrol_main", "revoke_main"]
+__all__ = ["init_main", "enrol_main", "revoke_main", "refresh_main"]
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -48,10 +52,11 @@ def _run(prog: str, body: Callable[[], None]) -> int:
         body()
     except SeqrError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     except OSError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -68,8 +73,15 @@ def init_main(argv: list[str]) -> int:
         help="federation TOML: pin its base model, shared A and tensor layout into the registry "
         "(loads the base model to hash it)",
     )
-    parser.add_argument("--adapter-dtype", default="F32", help="dtype of every adapter tensor")
+    parser.add_argument(
+        "--adapter-dtype",
+        default="F32",
+        choices=WEIGHT_DTYPES,
+        help="dtype of every adapter tensor (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    if args.adapter_dtype != "F32" and args.federation is None:
+        parser.error("--adapter-dtype is pinned only with --federation; add --federation FILE")
 
     def body() -> None:
         keys = _keys(args)
@@ -79,7 +91,7 @@ def init_main(argv: list[str]) -> int:
         root = init_registry(args.registry, keys, threshold=args.threshold, setup=setup)
         print(f"registry: {args.registry} (version 1, {len(keys)} key(s), threshold "
               f"{args.threshold})")  # fmt: skip
-        print(f"root sha256: {root}  (clients pin this: seqr registry audit --expect-root-sha256)")
+        print(f"root sha256: {root}  (clients pin it: --expect-root-sha256 {root})")
         if setup is not None:
             print(f"federation pinned: base model {setup.federation.base_model_sha256}, "
                   f"shared A {setup.federation.a_sha256}")  # fmt: skip
@@ -95,15 +107,21 @@ def enrol_main(argv: list[str]) -> int:
         required=True,
         action="append",
         metavar="PUB",
-        help="client public key: 64 hex digits or a signing_key.pub file (repeatable)",
+        help="the client's signing_key.pub file (repeatable)",
     )
     args = parser.parse_args(argv)
 
     def body() -> None:
+        publics = [_public_key(c) for c in args.client]  # every key checked before any change
         with open_publisher(args.registry, _keys(args), None) as publisher:
-            ids = [publisher.enrol_client(_public_key(c)) for c in args.client]
+            enrolled = set(publisher.document.clients)
+            ids = [publisher.enrol_client(p) for p in publics]
+            new = [i for i in ids if i not in enrolled]
+            if not publisher.pending:
+                print(f"already enrolled: {', '.join(ids)}; nothing published")
+                return
             version = publisher.publish()
-        print(f"enrolled {', '.join(ids)}; published version {version.version}")
+        print(f"enrolled {', '.join(new)}; published version {version.version}")
 
     return _run("seqr server enrol", body)
 
@@ -116,7 +134,7 @@ def revoke_main(argv: list[str]) -> int:
         required=True,
         action="append",
         metavar="KEY",
-        help="fingerprint (ed25519:...), 64 hex digits or a signing_key.pub file (repeatable)",
+        help="fingerprint (sha256:...) or a signing_key.pub file (repeatable)",
     )
     parser.add_argument("--reason", required=True, help="why (recorded in the registry)")
     args = parser.parse_args(argv)
@@ -132,18 +150,45 @@ def revoke_main(argv: list[str]) -> int:
     return _run("seqr server revoke", body)
 
 
+def refresh_main(argv: list[str]) -> int:
+    """``seqr server refresh``: re-sign the timestamp (and whatever would expire first)."""
+    parser = _parser(
+        "seqr server refresh",
+        "Re-sign the registry's timestamp, and its snapshot, targets or root when they would "
+        "expire first, so clients keep accepting it between rounds (run it from cron).",
+    )
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        with open_publisher(args.registry, _keys(args), None) as publisher:
+            version = publisher.publish()
+        print(f"registry version {version.version} refreshed")
+
+    return _run("seqr server refresh", body)
+
+
 def _public_key(text: str) -> bytes:
+    """A client public key from its file (never echoing the file: it may hold a secret)."""
     path = Path(text)
-    if len(text) != 64 and path.is_file():
-        text = path.read_text(encoding="utf-8")
+    if not path.is_file():
+        raise KeyFileError(f"client key {path} is not a file; give the client's signing_key.pub")
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_KEY_FILE_BYTES + 1)
+    if b"PRIVATE KEY" in data:
+        raise KeyFileError(
+            f"{path} is a PRIVATE key; enrol the client's public key (signing_key.pub), and "
+            "treat this private key as exposed if it left the client's machine"
+        )
     try:
-        return load_public_key_hex(text)
-    except KeyFileError as exc:
-        raise KeyFileError(f"client key {text.strip()[:70]!r}: {exc}") from None
+        return load_public_key_hex(data.decode("utf-8", "replace"))
+    except KeyFileError:
+        raise KeyFileError(
+            f"{path} is not a seqr public key; give the client's signing_key.pub"
+        ) from None
 
 
 def _keyid(text: str) -> str:
-    return text if text.startswith("ed25519:") else fingerprint(_public_key(text))
+    return text if text.startswith("sha256:") else fingerprint(_public_key(text))
 
 
 def _load_setup(path: Path, adapter_dtype: str):  # type: ignore[no-untyped-def]

@@ -1,13 +1,12 @@
 """Route text through an audited adapter registry: what a client does with the published library.
 
-``RegistryRouter.open(path)`` takes these steps, each failing with a SeqrError that names why:
+``RegistryRouter.open(source)`` takes these steps, each failing with a SeqrError that names why:
 
-1. ``audit_registry`` (server signatures, rollback / freeze / fork, the RFC 9162 log, every
-   adapter's files and client signature); the trusted state is updated only on success.
-2. Every listed adapter folder is read ONCE into memory with the registry's own bounded reads,
-   and those bytes are checked again against the audit (client signature over manifest.json,
-   each payload file's signed hash, weights hash = the entry's content address, signer = the
-   entry's client key): the folder may change between the audit and the load (TOCTOU).
+1. ``audit_registry`` (python-tuf's client workflow: server signatures, thresholds, rollback,
+   freeze, mix-and-match; the RFC 9162 log; every adapter's files, signature and statistics);
+   the trusted state changes only on success. ``source`` is a folder or an http(s) URL.
+2. The adapters are the exact bytes the audit verified (``VerifiedRegistry.adapters``): nothing
+   is read from disk again, so nothing can change between the audit and the load.
 3. The base model is loaded and its hash checked against the hash every manifest signed.
 4. One peft model is built from the SIGNED manifest fields (rank, alpha, target modules) and
    the safetensors bytes; adapter_config.json's free-form peft options (DoRA, modules_to_save,
@@ -27,11 +26,9 @@ left-truncated) so that every row's last prompt token sits at the end of the bat
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +37,26 @@ import torch
 from seqr.consumer.calibration import calibrated_statistics
 from seqr.consumer.config import RouterConfig
 from seqr.core.base_model import load_base_model
-from seqr.core.errors import ConfigError, DataError, ModelError, RegistryError, SeqrError
+from seqr.core.errors import ConfigError, DataError, ModelError, RegistryError
 from seqr.core.federation import DEFAULT_BASE_MODEL
-from seqr.core.manifest import Manifest, parse_manifest, verify_export_files
+from seqr.core.manifest import ADAPTER_WEIGHTS_NAME, NORM_STATS_NAME, Manifest
 from seqr.core.model_routing import RoutedModel, RoutingDecision
 from seqr.core.model_routing.per_token import ModuleRecord, per_token_routing
 from seqr.core.stats import NormStatistics
-from seqr.registry import AuditConfig, AuditReport, EntryReport, audit_registry, store
-from seqr.registry.metadata import ADAPTER_FILE, MANIFEST_FILE, MANIFEST_SIG_FILE, STATS_FILE
+from seqr.registry import (
+    AuditConfig,
+    AuditReport,
+    EntryReport,
+    VerifiedRegistry,
+    audit_registry,
+)
 
-__all__ = ["AuditedAdapter", "RegistryRouter", "RouteResult", "RouterConfig", "read_adapters"]
+__all__ = ["AuditedAdapter", "RegistryRouter", "RouteResult", "RouterConfig", "audited_adapters"]
 
 
 @dataclass(frozen=True)
 class AuditedAdapter:
-    """One registry adapter whose in-memory bytes were checked against the audit."""
+    """One registry adapter, from the bytes the audit verified."""
 
     name: str  # manifest name (unique here: a repeated name gets its client key id appended)
     entry: EntryReport
@@ -91,42 +93,19 @@ class RouteResult:
         }
 
 
-def read_adapters(
-    path: Path | str, report: AuditReport, config: AuditConfig | None = None
-) -> list[AuditedAdapter]:
-    """Read each audited adapter folder once and bind its bytes to the audit (step 2 above)."""
-    path, config = Path(path), config or AuditConfig()
+def audited_adapters(verified: VerifiedRegistry) -> list[AuditedAdapter]:
+    """The audit's verified adapters, each under a unique name (step 2 above)."""
     adapters: list[AuditedAdapter] = []
     names: set[str] = set()
-    for entry in report.entries:
-        what = f"adapter {entry.adapter_sha256[:16]} ({entry.name})"
-
-        def read(name: str, entry: EntryReport = entry, what: str = what) -> bytes:
-            rel = store.adapter_path(entry.adapter_sha256, name)
-            return store.read_capped(path / rel, config.file_cap(name), what)
-
-        # The signed manifest names the payload files (a future kind may add one).
-        files = {n: read(n) for n in (MANIFEST_FILE, MANIFEST_SIG_FILE)}
-        try:
-            listed = parse_manifest(files[MANIFEST_FILE]).files
-            files.update({n: read(n) for n in listed})
-            manifest = verify_export_files(files)
-        except SeqrError as exc:
-            raise RegistryError(f"{what} changed after the audit: {exc}") from None
-        if not {ADAPTER_FILE, STATS_FILE} <= files.keys():
-            raise RegistryError(f"{what} changed after the audit: its manifest lists {listed}")
-        digest = hashlib.sha256(files[ADAPTER_FILE]).hexdigest()
-        if digest != entry.adapter_sha256 or manifest.fingerprint != entry.client:
-            raise RegistryError(
-                f"{what} changed after the audit: weights {digest[:16]} signed by "
-                f"{manifest.fingerprint}, audited {entry.adapter_sha256[:16]} by {entry.client}"
-            )
-        name = entry.name if entry.name not in names else f"{entry.name}-{entry.client[8:16]}"
+    for adapter in verified.adapters:
+        entry = adapter.entry
+        name = entry.name if entry.name not in names else f"{entry.name}-{entry.client[7:15]}"
         while name in names:  # the same client reused a name: number the later ones
             name = f"{name}-{len(names)}"
         names.add(name)
-        stats = NormStatistics.from_json_bytes(files[STATS_FILE])
-        adapters.append(AuditedAdapter(name, entry, manifest, files[ADAPTER_FILE], stats))
+        stats = NormStatistics.from_json_bytes(adapter.files[NORM_STATS_NAME])
+        weights = adapter.files[ADAPTER_WEIGHTS_NAME]
+        adapters.append(AuditedAdapter(name, entry, adapter.manifest, weights, stats))
     return adapters
 
 
@@ -195,40 +174,38 @@ class RegistryRouter:
     @classmethod
     def open(
         cls,
-        path: Path | str,
+        source: Path | str,
         *,
         trusted_state: Path | str | None = None,
         base_model: str | None = None,
         cache_dir: Path | str | None = None,
         config: RouterConfig | None = None,
         audit_config: AuditConfig | None = None,
-        now: datetime | None = None,
     ) -> RegistryRouter:
-        """Audit the registry, load its adapters and the base model their manifests name."""
-        report = audit_registry(path, trusted_state, now, config=audit_config)
-        return cls.from_report(
-            path, report, base_model=base_model, cache_dir=cache_dir, config=config,
-            audit_config=audit_config,
-        )  # fmt: skip
+        """Audit the registry at ``source`` (a folder or URL; ``trusted_state``: the folder
+        remembering what was trusted), then load its adapters and the base model."""
+        verified = audit_registry(source, trusted_state, config=audit_config)
+        return cls.from_verified(
+            verified, base_model=base_model, cache_dir=cache_dir, config=config
+        )
 
     @classmethod
-    def from_report(
+    def from_verified(
         cls,
-        path: Path | str,
-        report: AuditReport,
+        verified: VerifiedRegistry,
         *,
         base_model: str | None = None,
         cache_dir: Path | str | None = None,
         config: RouterConfig | None = None,
-        audit_config: AuditConfig | None = None,
     ) -> RegistryRouter:
-        """Steps 2-5 for a registry that ``audit_registry`` just passed (``report``)."""
-        if not report.entries:
+        """Steps 2-5 for a registry that ``audit_registry`` just verified."""
+        report = verified.report
+        if not verified.adapters:
             raise RegistryError(
-                f"registry {path} (version {report.version}) passed the audit but holds no "
-                "adapters yet; run a federation round first"
+                f"registry {report.source} (version {report.version}) passed the audit but "
+                "holds no adapters yet; run a federation round first"
             )
-        adapters = read_adapters(path, report, audit_config)
+        adapters = audited_adapters(verified)
         wanted = {a.manifest.base_model_sha256 for a in adapters}
         if len(wanted) != 1:
             raise RegistryError(f"the adapters were trained on {len(wanted)} base models")

@@ -137,8 +137,8 @@ def run_groups(
     server_key: Any,
 ) -> set[int]:
     """Every group of the run config; returns the node ids that took part in one."""
-    meta = runner.publisher.metadata
-    allowed = None if runner.publisher.config.auto_enrol else set(meta.clients)
+    document = runner.publisher.document
+    allowed = None if runner.publisher.config.auto_enrol else set(document.clients)
     members = discover_members(grid, nodes, groups.groups, allowed, settings.verdict_timeout_s)
     taken: set[int] = set()
     for group, group_members in members.items():

@@ -12,14 +12,13 @@ import hashlib
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typing import Any
 
 from seqr.core.errors import KeyFileError
 from seqr.core.signing import PRIVATE_KEY_NAME, load_private_key
 from seqr.operator.federation_setup import FederationSetup
 from seqr.operator.settings import state_dir_for
-from seqr.registry import store
+from seqr.registry import layout, store
 from seqr.registry.config import PublisherConfig
 from seqr.registry.publish import Publisher
 
@@ -32,9 +31,7 @@ __all__ = [
 ]
 
 
-def load_server_keys(
-    folders: Sequence[Path], passphrase: bytes | None = None
-) -> list[Ed25519PrivateKey]:
+def load_server_keys(folders: Sequence[Path], passphrase: bytes | None = None) -> list[Any]:
     """The private keys in ``<folder>/signing_key.pem``, one per folder."""
     if not folders:
         raise KeyFileError("no server key folder given; create one with `seqr keys generate`")
@@ -61,14 +58,14 @@ def publisher_config(setup: FederationSetup | None, *, auto_enrol: bool = False)
 
 def init_registry(
     registry: Path,
-    keys: Sequence[Ed25519PrivateKey],
+    keys: Sequence[Any],
     *,
     threshold: int = 1,
     setup: FederationSetup | None = None,
     now: datetime | None = None,
 ) -> str:
     """Create the registry (root 1 + signed empty version 1) and the server's state folder;
-    return the SHA-256 of root/1.root.json, which clients pin (AuditConfig
+    return the SHA-256 of metadata/1.root.json, which clients pin (AuditConfig
     expected_root_sha256) instead of trusting the first root they download."""
     publisher = Publisher.create(
         Path(registry), keys, threshold=threshold, config=publisher_config(setup), now=now
@@ -80,7 +77,7 @@ def init_registry(
 
 def open_publisher(
     registry: Path,
-    keys: Sequence[Ed25519PrivateKey],
+    keys: Sequence[Any],
     setup: FederationSetup | None,
     *,
     auto_enrol: bool = False,
@@ -90,5 +87,7 @@ def open_publisher(
 
 
 def root_sha256(registry: Path) -> str:
-    data = (Path(registry) / store.root_path(1)).read_bytes()
+    data = store.read_capped(
+        Path(registry), f"{layout.METADATA}/{layout.root_name(1)}", 1 << 20, "root 1"
+    )
     return hashlib.sha256(data).hexdigest()

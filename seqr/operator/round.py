@@ -206,9 +206,9 @@ class RoundRunner:
     def _policy(self, claimed_key: str) -> AdmissionPolicy:
         """Allow-list = enrolled clients of the published registry (plus, with auto-enrol, the
         key this submission claims: admit still checks its signature); revoked keys never."""
-        meta = self.publisher.metadata
-        allowed = {c.public_key.hex() for c in meta.clients.values()}
-        revoked = {r.public_key.hex() for r in meta.revoked.values()}
+        document = self.publisher.document
+        allowed = {c.public_key.hex() for c in document.clients.values()}
+        revoked = {r.public_key.hex() for r in document.revoked.values()}
         if self.publisher.config.auto_enrol and claimed_key:
             allowed.add(claimed_key)
         if not allowed:

@@ -20,7 +20,7 @@ from seqr.operator.probe import Probe, load_probe_texts
 from seqr.operator.registry_ops import load_server_keys, open_publisher
 from seqr.operator.round import ReplayStore, RoundRunner
 from seqr.operator.settings import ServerSettings
-from seqr.registry import store
+from seqr.registry import layout
 
 __all__ = ["start_server"]
 
@@ -30,7 +30,7 @@ log = logging.getLogger("seqr.server")
 def start_server(settings: ServerSettings, fed: FederationConfig) -> RoundRunner:
     """The round runner for this registry; close ``runner.publisher`` when done."""
     registry = settings.registry_path
-    if not (registry / store.POINTER).is_file():
+    if not (registry / layout.METADATA / layout.root_name(1)).is_file():
         raise ConfigError(
             f"registry-dir {registry} is not a registry; create it first with "
             f"`seqr server init --registry {registry} --key KEYDIR`"
@@ -50,7 +50,7 @@ def start_server(settings: ServerSettings, fed: FederationConfig) -> RoundRunner
         "registry %s at version %d, %d enrolled client(s); base model %s",
         registry,
         publisher.version,
-        len(publisher.metadata.clients),
+        len(publisher.document.clients),
         base.sha256[:16],
     )
     return RoundRunner(

@@ -1,26 +1,34 @@
-"""The signed, versioned, append-only adapter registry and its RFC 9162 transparency log.
+"""The adapter registry: a TUF repository (python-tuf) with an RFC 9162 transparency log.
 
-Server side (the Flower ServerApp calls these; no Flower here)::
+Server side (the Flower ServerApp and `seqr server` call these; no Flower here)::
 
     pub = Publisher.create(path, [server_key], config=PublisherConfig(...))  # once
-    pub = Publisher(path, [server_key], config)                              # on restart
+    pub = Publisher(path, [server_key], config)                              # afterwards
     pub.enrol_client(client_public_key)        # allow-list (or PublisherConfig.auto_enrol)
     pub.stage_adapter(files)                   # an admitted export: name -> bytes
     pub.publish()                              # sign and commit the next version
 
-Client side, before routing::
+Client side, before routing (a folder or an http(s) URL)::
 
-    report = audit_registry(path, trusted_state_path)   # raises on any failure
+    verified = audit_registry(source, trusted_state_folder)   # raises on any failure
+    verified = pull_registry(url, mirror_folder)              # the same, keeping a mirror
 
-The on-disk layout is described in store.py; the checks in verify.py and entries.py.
+layout.py describes the files; client.py the checks a client runs; entries.py seqr's checks
+of each adapter.
 """
 
-from seqr.registry.audit import AuditReport, audit_registry
+from seqr.registry.audit import (
+    AuditReport,
+    VerifiedAdapter,
+    VerifiedRegistry,
+    audit_registry,
+    pull_registry,
+    trusted_state_for,
+)
 from seqr.registry.config import AuditConfig, PublisherConfig
 from seqr.registry.entries import EntryReport
-from seqr.registry.metadata import FederationPin, TensorSpec
+from seqr.registry.metadata import FederationPin, RegistryDocument, TensorSpec
 from seqr.registry.publish import PublishedVersion, Publisher
-from seqr.registry.trusted_state import TrustedState
 
 __all__ = [
     "AuditConfig",
@@ -30,7 +38,11 @@ __all__ = [
     "PublishedVersion",
     "Publisher",
     "PublisherConfig",
+    "RegistryDocument",
     "TensorSpec",
-    "TrustedState",
+    "VerifiedAdapter",
+    "VerifiedRegistry",
     "audit_registry",
+    "pull_registry",
+    "trusted_state_for",
 ]

@@ -1,52 +1,54 @@
-"""Verify what a registry version lists: the allow-list, and each adapter's files (pure).
+"""Verify one adapter of a registry version from its bytes (pure: no I/O).
 
-``check_listing`` runs on metadata alone (every audited version); ``verify_entry`` runs on the
-bytes of one adapter folder (the newest version; the publisher runs it before signing). An
-entry is good only if ALL of these hold (each check names its attack, SECURITY.md):
+TUF has already bound every file to the signed targets metadata (length and SHA-256, checked
+as it was downloaded or read). What seqr adds, each check naming its attack (SECURITY.md):
 
-- every export file is present (a missing manifest.sig is a missing client signature) and
-  exactly as long as the entry says (endless data) with the hash the entry says;
-- manifest.sig is the entry's client signature and verifies over the exact manifest.json
-  bytes with the entry's client key, and the manifest's file hashes are the entry's
-  (seqr.core.manifest.verify_export_files re-hashes the payload files);
-- the client key is allow-listed in this version and not revoked (unknown / revoked key);
-- the manifest agrees with the registry's federation pin (wrong software), the statistics
-  parse, and the weights are real safetensors with finite floats and the agreed shapes.
-
-A group adapter (``Entry.contributors``) is signed by a server key (verify.py checks it
-against the root) instead of an allow-listed client, and must also carry contributions.json:
-every contributor allow-listed and unrevoked, every contribution signature valid, and the
-statistics the exact merge of the signed partial ones (contributions.py).
+- the export carries exactly the files its signed record lists, and the record's manifest and
+  statistics hashes are those files' (mix-and-match inside an adapter);
+- the model-signing bundle verifies over every file with the key the manifest names
+  (seqr.core.manifest.verify_export_files), and that key is the record's client: an
+  allow-listed, unrevoked client key, or for a group adapter one of the root's server keys,
+  with every contributor allow-listed (unknown / revoked key, arbitrary installation);
+- the manifest agrees with the registry's federation pin (wrong software);
+- the statistics parse and are usable; the weights are real safetensors with finite floats in
+  the registry's tensor layout; a group adapter's contributions verify (contributions.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
+
 from seqr.core.errors import FormatError, RegistryError, SeqrError
-from seqr.core.manifest import Manifest, verify_export_files
+from seqr.core.manifest import (
+    ADAPTER_WEIGHTS_NAME,
+    EXPORT_PAYLOAD_NAMES,
+    MANIFEST_NAME,
+    NORM_STATS_NAME,
+    SIGNATURE_NAME,
+    Manifest,
+    verify_export_files,
+)
 from seqr.core.stats import NormStatistics
 from seqr.registry.adapter_check import check_adapter_weights
-from seqr.registry.contributions import verify_contributions
+from seqr.registry.contributions import ContributionsReport, verify_contributions
 from seqr.registry.metadata import (
-    ADAPTER_FILE,
     CONTRIBUTIONS_FILE,
-    EXPORT_FILES,
-    MANIFEST_FILE,
-    MANIFEST_SIG_FILE,
-    STATS_FILE,
-    Entry,
+    AdapterRecord,
     FederationPin,
-    RegistryMetadata,
+    RegistryDocument,
     TensorSpec,
 )
 
-__all__ = ["EntryReport", "check_listing", "verify_entry", "check_entry_files"]
+__all__ = ["EntryReport", "EXPORT_FILES", "GROUP_FILES", "verify_adapter"]
 
-PAYLOAD_FILES = frozenset(EXPORT_FILES) - {MANIFEST_FILE, MANIFEST_SIG_FILE}
+# Every file of a client's signed export; a group adapter adds its contributions.
+EXPORT_FILES = tuple(sorted(EXPORT_PAYLOAD_NAMES | {MANIFEST_NAME, SIGNATURE_NAME}))
+GROUP_FILES = tuple(sorted((*EXPORT_FILES, CONTRIBUTIONS_FILE)))
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class EntryReport:
 
     adapter_sha256: str
     manifest_sha256: str  # the exact manifest.json bytes the client signed
-    client: str
+    client: str  # full fingerprint of the key that signed the export
     name: str  # the manifest's adapter/domain label
     admitted: datetime
     size_bytes: int
@@ -65,157 +67,123 @@ class EntryReport:
     examples_by_client: Mapping[str, int] | None = None  # signed example counts (groups)
 
 
-def check_listing(metadata: RegistryMetadata, what: str) -> None:
-    """Allow-list and uniqueness checks that need no file (run on every audited version)."""
-    both = metadata.clients.keys() & metadata.revoked.keys()
-    if both:
-        raise RegistryError(f"{what}: client key(s) {sorted(both)} are both allowed and revoked")
-    seen: set[str] = set()
-    for entry in metadata.entries:
-        label = f"{what}: adapter {entry.adapter_sha256[:16]}"
-        if entry.adapter_sha256 in seen:
-            raise RegistryError(f"{label} is listed twice; each adapter may appear once")
-        seen.add(entry.adapter_sha256)
-        if entry.files[ADAPTER_FILE].sha256 != entry.adapter_sha256:
-            raise RegistryError(
-                f"{label} is stored under a name that is not the SHA-256 of its weights "
-                f"({entry.files[ADAPTER_FILE].sha256[:16]}...)"
-            )
-        if entry.contributors is not None:
-            _check_contributors(entry, metadata, label)
-            continue  # signed by a server key: verify.py checks it against the root
-        if entry.client in metadata.revoked:
-            raise RegistryError(
-                f"{label} is signed by revoked client key {entry.client} "
-                f"(revoked {metadata.revoked[entry.client].revoked:%Y-%m-%d}: "
-                f"{metadata.revoked[entry.client].reason}); its adapters must leave the registry"
-            )
-        client = metadata.clients.get(entry.client)
-        if client is None or client.public_key != entry.client_key:
-            raise RegistryError(
-                f"{label} is signed by client key {entry.client}, which is not on this "
-                "registry's allow-list (metadata 'clients'): unknown client key"
-            )
-
-
-def _check_contributors(entry: Entry, metadata: RegistryMetadata, label: str) -> None:
-    for keyid in entry.contributors or ():
-        if keyid in metadata.revoked:
-            raise RegistryError(
-                f"{label} is a group adapter with a contribution by revoked client key {keyid}; "
-                "it must leave the registry with that key"
-            )
-        if keyid not in metadata.clients:
-            raise RegistryError(
-                f"{label} is a group adapter with a contribution by client key {keyid}, which "
-                "is not on this registry's allow-list: unknown client key"
-            )
-
-
-def check_entry_files(entry: Entry, files: Mapping[str, bytes]) -> None:
-    """Presence, lengths and the hashes of manifest.json / manifest.sig (cheap, before parsing)."""
-    for name in entry.files:
-        if name not in files:
-            if name == MANIFEST_SIG_FILE:
-                raise RegistryError(
-                    f"{MANIFEST_SIG_FILE} is missing: the client signature over the manifest "
-                    "is required for every adapter"
-                )
-            raise RegistryError(f"{name} is missing from {entry.directory}/")
-        declared, actual = entry.files[name].length, len(files[name])
-        if actual != declared:
-            raise RegistryError(
-                f"{name} is {'more than ' if actual > declared else ''}{actual} bytes but the "
-                f"signed entry says {declared} (endless data or truncation)"
-            )
-    for name in (MANIFEST_FILE, MANIFEST_SIG_FILE):
-        digest = hashlib.sha256(files[name]).hexdigest()
-        if digest != entry.files[name].sha256:
-            raise RegistryError(
-                f"{name} has SHA-256 {digest[:16]}... but the signed entry says "
-                f"{entry.files[name].sha256[:16]}...: the file was changed"
-            )
-    if files[MANIFEST_SIG_FILE] != entry.client_signature:
-        raise RegistryError(f"{MANIFEST_SIG_FILE} is not the client signature the entry records")
-
-
-def _check_manifest(entry: Entry, manifest: Manifest, pin: FederationPin | None) -> None:
-    if manifest.public_key_bytes != entry.client_key:
-        raise RegistryError(
-            f"manifest is signed by {manifest.fingerprint}, but the entry says {entry.client}"
-        )
-    payload = PAYLOAD_FILES | ({CONTRIBUTIONS_FILE} if entry.contributors is not None else set())
-    if set(manifest.files) != payload:
-        raise RegistryError(
-            f"manifest lists {sorted(manifest.files)}; this registry adapter has exactly "
-            f"{sorted(payload)}"
-        )
-    for name in payload:
-        if manifest.files[name] != entry.files[name].sha256:
-            raise RegistryError(
-                f"{name}: the client signed SHA-256 {manifest.files[name][:16]}... but the "
-                f"registry entry says {entry.files[name].sha256[:16]}..."
-            )
-    if pin is not None:
-        mine = (manifest.base_model_sha256, manifest.a_sha256, manifest.a_seed, manifest.rank)
-        pinned = (pin.base_model_sha256, pin.a_sha256, pin.a_seed, pin.rank)
-        if mine != pinned or manifest.target_modules != tuple(sorted(pin.target_modules)):
-            raise RegistryError(
-                f"manifest (base model {manifest.base_model_sha256[:12]}, "
-                f"A {manifest.a_sha256[:12]}, seed {manifest.a_seed}, rank {manifest.rank}, "
-                f"{list(manifest.target_modules)}) "
-                "does not match the registry's federation pin: adapter for another model"
-            )
-
-
-def verify_entry(
-    entry: Entry,
+def verify_adapter(
+    record: AdapterRecord,
     files: Mapping[str, bytes],
+    document: RegistryDocument,
     *,
-    tensor_spec: Mapping[str, TensorSpec] | None,
-    federation: FederationPin | None,
-) -> EntryReport:
-    """Verify one adapter folder's bytes against its signed entry; RegistryError names it.
-
-    ``tensor_spec`` and ``federation`` come from the registry version that lists the entry.
-    """
+    is_server_key: Callable[[bytes], bool],
+) -> tuple[EntryReport, Manifest]:
+    """Verify one adapter's files against its signed record; RegistryError names it."""
+    label = f"adapter {record.name!r} ({record.adapter_id[:16]}, key {record.client})"
     try:
-        check_entry_files(entry, files)
-        # Signature over the exact manifest bytes, then every payload file against it.
-        manifest = verify_export_files({n: files[n] for n in entry.files})
-        _check_manifest(entry, manifest, federation)
-        NormStatistics.from_json_bytes(files[STATS_FILE])
-        layout = check_adapter_weights(files[ADAPTER_FILE], rank=manifest.rank, spec=tensor_spec)
-        group = None
-        if entry.contributors is not None:
-            group = verify_contributions(
-                files[CONTRIBUTIONS_FILE],
-                group=manifest.name,
-                adapter_weights=files[ADAPTER_FILE],
-                stats_bytes=files[STATS_FILE],
-                example_count=manifest.example_count,
-            )
-            if group.contributors != entry.contributors:
-                raise RegistryError(
-                    f"the entry lists contributors {list(entry.contributors)} but "
-                    f"{CONTRIBUTIONS_FILE} is signed by {list(group.contributors)}"
-                )
+        manifest, group, layout = _verify(record, files, document, is_server_key)
     except RegistryError as exc:
-        raise RegistryError(f"adapter {entry.adapter_sha256[:16]} ({entry.client}): {exc}") from exc
+        raise RegistryError(f"{label}: {exc}") from None
     except (SeqrError, ValueError) as exc:  # FormatError, SignatureError, ShapeError, ...
-        kind = "malformed" if isinstance(exc, FormatError) else type(exc).__name__
-        raise RegistryError(
-            f"adapter {entry.adapter_sha256[:16]} ({entry.client}): {kind}: {exc}"
-        ) from exc
-    return EntryReport(
-        adapter_sha256=entry.adapter_sha256,
-        manifest_sha256=entry.files[MANIFEST_FILE].sha256,
-        client=entry.client,
-        name=manifest.name,
-        admitted=entry.admitted,
+        raise RegistryError(f"{label}: {exc}") from None
+    report = EntryReport(
+        adapter_sha256=record.adapter_id,
+        manifest_sha256=record.manifest_sha256,
+        client=record.client,
+        name=record.name,
+        admitted=record.admitted,
         size_bytes=sum(len(b) for b in files.values()),
         layout=layout,
         contributors=() if group is None else group.contributors,
         group_rounds=0 if group is None else group.rounds,
         examples_by_client=None if group is None else group.examples_by_client(),
     )
+    return report, manifest
+
+
+def _verify(
+    record: AdapterRecord,
+    files: Mapping[str, bytes],
+    document: RegistryDocument,
+    is_server_key: Callable[[bytes], bool],
+) -> tuple[Manifest, ContributionsReport | None, dict[str, TensorSpec]]:
+    expected = GROUP_FILES if record.is_group else EXPORT_FILES
+    if record.files != expected or set(files) != set(expected):
+        raise RegistryError(
+            f"holds files {sorted(files)}, its signed record lists {list(record.files)}; "
+            f"an adapter has exactly {list(expected)}"
+        )
+    if hashlib.sha256(files[ADAPTER_WEIGHTS_NAME]).hexdigest() != record.adapter_id:
+        raise RegistryError("its weights are not the ones its id names (content address)")
+    for name, digest in ((MANIFEST_NAME, record.manifest_sha256),
+                         (NORM_STATS_NAME, record.stats_sha256)):  # fmt: skip
+        if hashlib.sha256(files[name]).hexdigest() != digest:
+            raise RegistryError(f"{name} is not the file its signed record names")
+    manifest = verify_export_files(files)  # the model-signing bundle over every file
+    if manifest.fingerprint != record.client:
+        raise RegistryError(f"its export is signed by {manifest.fingerprint}, not {record.client}")
+    if manifest.name != record.name:
+        raise RegistryError(f"its manifest names it {manifest.name!r}, the record {record.name!r}")
+    group = None
+    if record.is_group:
+        if not is_server_key(manifest.public_key_bytes):
+            raise RegistryError("a group adapter must be signed by a server key of the root")
+        for keyid in record.contributors or ():
+            _check_client(keyid, document, "a contributor")
+        group = verify_contributions(
+            files[CONTRIBUTIONS_FILE],
+            group=manifest.name,
+            adapter_weights=files[ADAPTER_WEIGHTS_NAME],
+            stats_bytes=files[NORM_STATS_NAME],
+            example_count=manifest.example_count,
+        )
+        if group.contributors != record.contributors:
+            raise RegistryError(
+                f"its record lists contributors {list(record.contributors or ())} but "
+                f"{CONTRIBUTIONS_FILE} is signed by {list(group.contributors)}"
+            )
+    else:
+        client = _check_client(record.client, document, "its signer")
+        if client != manifest.public_key_bytes:
+            raise RegistryError("its signer's key differs from the allow-listed key")
+    _check_pin(manifest, document.federation)
+    _check_stats(NormStatistics.from_json_bytes(files[NORM_STATS_NAME]))
+    layout = check_adapter_weights(
+        files[ADAPTER_WEIGHTS_NAME], rank=manifest.rank, spec=document.tensor_spec
+    )
+    return manifest, group, layout
+
+
+def _check_stats(stats: NormStatistics) -> None:
+    """Statistics a router can z-score with in float32 (a server may list degenerate ones)."""
+    for module, moments in stats.modules.items():
+        mean, std = moments.mean.astype(np.float32), moments.std.astype(np.float32)
+        if moments.count < 1 or not (np.isfinite(mean).all() and (std > 0).all()):
+            raise FormatError(
+                f"statistics of {module!r} are degenerate (count {moments.count}, mean "
+                f"{moments.mean.tolist()}, std {moments.std.tolist()}): no router can use them"
+            )
+        if (mean <= 0).any() or (std <= 0).any():
+            raise FormatError(f"statistics of {module!r} need a positive mean and std")
+
+
+def _check_client(keyid: str, document: RegistryDocument, who: str) -> bytes:
+    if keyid in document.revoked:
+        revocation = document.revoked[keyid]
+        raise RegistryError(
+            f"{who} {keyid} was revoked on {revocation.revoked:%Y-%m-%d} "
+            f"({revocation.reason!r}); its adapters must leave the registry"
+        )
+    client = document.clients.get(keyid)
+    if client is None:
+        raise RegistryError(f"{who} {keyid} is not on the registry's allow-list: unknown key")
+    return client.public_key
+
+
+def _check_pin(manifest: Manifest, pin: FederationPin | None) -> None:
+    if pin is None:
+        return
+    mine = (manifest.base_model_sha256, manifest.a_sha256, manifest.a_seed, manifest.rank)
+    pinned = (pin.base_model_sha256, pin.a_sha256, pin.a_seed, pin.rank)
+    if mine != pinned or manifest.target_modules != tuple(sorted(pin.target_modules)):
+        raise FormatError(
+            f"manifest (base model {manifest.base_model_sha256[:12]}, A {manifest.a_sha256[:12]}, "
+            f"seed {manifest.a_seed}, rank {manifest.rank}, {list(manifest.target_modules)}) "
+            "does not match the registry's federation pin: an adapter for another model"
+        )

@@ -1,23 +1,23 @@
-"""Typed registry metadata and its exact JSON payloads: root, registry version, tree head.
+"""What seqr signs inside the TUF repository, beside TUF's own fields (pure; no I/O).
 
-Three signed payload types (each inside a DSSE envelope, see envelope.py):
+- ``RegistryDocument`` is the target file ``seqr/registry.json``: the federation pin (base
+  model, shared A, LoRA shape), the tensor layout every adapter must have, the client
+  allow-list and the revocations. Its hash and length are in the signed targets metadata, so
+  it is as trusted as the targets role (TUF spec 1.0 section 4.5).
+- ``AdapterRecord`` rides in the ``custom`` field of an adapter's weights target: its name,
+  the full fingerprint of the key that signed its export, when it was admitted, the SHA-256 of
+  its manifest and statistics, the files that make up the export and, for a group adapter,
+  its contributors. Custom fields are signed with the targets metadata; they carry strings and
+  integers only (OLPC canonical JSON, which TUF signs, has no floats).
 
-- Root (TUF "root" role): the server keys (keyid -> Ed25519 public key) and the k-of-n
-  threshold for everything else. Root N+1 must be signed by a threshold of root N's keys
-  AND of its own (TUF spec 1.0.x, client workflow step 5.3.4).
-- RegistryMetadata: one version of the adapter registry: strictly increasing ``version``,
-  ``expires`` (freeze), ``previous`` (version and SHA-256 of the previous metadata file),
-  the client allow-list and revocations, and one Entry per adapter.
-- TreeHead (tree_head.py): RFC 9162 signed tree head over all registry versions.
-
-Parsing here is structural (types, formats, exact key sets); the semantic checks (versions,
-thresholds, allow-list, files) live in verify.py so each attack has one place.
+Parsing is structural and strict (codec.Fields: exact key sets, typed values); the checks that
+need several pieces at once (key allowed? files match?) live in entries.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -26,59 +26,24 @@ from seqr.core.errors import FormatError, KeyFileError
 from seqr.registry.codec import Fields, check_hex, dumps, format_time, loads
 
 __all__ = [
-    "SPEC_VERSION",
-    "ADAPTER_FILE",
-    "CONFIG_FILE",
-    "STATS_FILE",
-    "MANIFEST_FILE",
-    "MANIFEST_SIG_FILE",
-    "EXPORT_FILES",
     "CONTRIBUTIONS_FILE",
-    "GROUP_FILES",
-    "FileInfo",
     "TensorSpec",
     "FederationPin",
-    "Root",
     "ClientKey",
     "Revocation",
-    "Entry",
-    "RegistryMetadata",
-    "parse_pointer",
-    "pointer_bytes",
+    "RegistryDocument",
+    "AdapterRecord",
 ]
 
-SPEC_VERSION = "1"
-ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
-STATS_FILE = "norm_stats.json"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_SIG_FILE = "manifest.sig"
-# Every file of a client's signed export, stored under adapters/<sha256 of ADAPTER_FILE>/.
-EXPORT_FILES = (CONFIG_FILE, ADAPTER_FILE, STATS_FILE, MANIFEST_FILE, MANIFEST_SIG_FILE)
 # A group adapter (clients of one task federated it, contributions.py) adds the list of the
-# clients' signed contributions; its manifest is signed by a server key.
+# clients' signed contributions to the export files; its export is signed by a server key.
 CONTRIBUTIONS_FILE = "contributions.json"
-GROUP_FILES = (*EXPORT_FILES, CONTRIBUTIONS_FILE)
+DOCUMENT_FORMAT = 1
+MAX_CLIENTS = 1_000_000
 MAX_CONTRIBUTORS = 10_000
-MAX_ENTRIES = 1_000_000
-MAX_KEYS = 64
-_SHA = 32  # bytes of a SHA-256 digest
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    """Hash and length of one stored file (TUF "targets" style; length bounds endless data)."""
-
-    sha256: str
-    length: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"length": self.length, "sha256": self.sha256}
-
-    @classmethod
-    def from_json(cls, value: object, what: str) -> FileInfo:
-        f = Fields(value, what, ("length", "sha256"))
-        return cls(sha256=f.hex("sha256", _SHA), length=f.integer("length"))
+MAX_FILES = 16
+_SHA = 32
+_MAX_PUBLIC_KEY_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -137,73 +102,34 @@ class FederationPin:
         )
 
 
-def _public_key(hex_text: object, what: str) -> bytes:
+def parse_public_key_hex(value: object, what: str) -> bytes:
+    """Public key bytes from their hex form, validated as a key seqr can verify with."""
+    if not isinstance(value, str) or not 2 <= len(value) <= 2 * _MAX_PUBLIC_KEY_BYTES:
+        raise FormatError(f"{what} must be a hex public key, got {value!r:.40}")
+    check_hex(value, len(value) // 2, what)
+    public = bytes.fromhex(value)
     try:
-        return signing.load_public_key_hex(check_hex(hex_text, 32, what))
+        signing.fingerprint(public)
     except KeyFileError as exc:
         raise FormatError(f"{what}: {exc}") from None
+    return public
 
 
-def _keyid(keyid: str, public: bytes, what: str) -> None:
-    if signing.fingerprint(public) != keyid:
+def _checked_fingerprint(keyid: str, public: bytes, what: str) -> str:
+    # Compare full fingerprints, never short ids: a colliding short id is not the same key.
+    if keyid != signing.fingerprint(public):
         raise FormatError(
             f"{what}: key id {keyid!r} is not the fingerprint of its key "
             f"({signing.fingerprint(public)!r})"
         )
-
-
-@dataclass(frozen=True)
-class Root:
-    """Server keys and threshold (TUF root role); versions start at 1."""
-
-    version: int
-    issued: datetime
-    expires: datetime
-    keys: Mapping[str, bytes]  # keyid (signing.fingerprint) -> 32-byte Ed25519 public key
-    threshold: int
-
-    def to_payload(self) -> bytes:
-        return dumps(
-            {
-                "_type": "root",
-                "spec_version": SPEC_VERSION,
-                "version": self.version,
-                "issued": format_time(self.issued),
-                "expires": format_time(self.expires),
-                "keys": {k: v.hex() for k, v in self.keys.items()},
-                "threshold": self.threshold,
-            }
-        )
-
-    @classmethod
-    def from_payload(cls, payload: bytes, what: str = "root") -> Root:
-        f = Fields(
-            loads(payload, what),
-            what,
-            ("_type", "spec_version", "version", "issued", "expires", "keys", "threshold"),
-        )
-        f.const("_type", "root")
-        f.const("spec_version", SPEC_VERSION)
-        raw_keys = f.mapping("keys")
-        if not 1 <= len(raw_keys) <= MAX_KEYS:
-            raise FormatError(f"{what}.keys must list 1 to {MAX_KEYS} keys, got {len(raw_keys)}")
-        keys = {}
-        for keyid, hex_key in raw_keys.items():
-            public = _public_key(hex_key, f"{what}.keys[{keyid}]")
-            _keyid(keyid, public, f"{what}.keys")
-            keys[keyid] = public
-        # TUF: 1 <= threshold <= number of keys, or the root can never be satisfied.
-        threshold = f.integer("threshold", low=1, high=len(keys))
-        return cls(
-            f.integer("version", low=1), f.time("issued"), f.time("expires"), keys, threshold
-        )
+    return keyid
 
 
 @dataclass(frozen=True)
 class ClientKey:
     """An allow-listed client key (the registry's admission list)."""
 
-    keyid: str
+    keyid: str  # signing.fingerprint(public_key): the FULL SHA-256 fingerprint
     public_key: bytes
     enrolled: datetime
 
@@ -219,115 +145,22 @@ class Revocation:
 
 
 @dataclass(frozen=True)
-class Entry:
-    """One published adapter: its files, its client and the client's signature.
+class RegistryDocument:
+    """``seqr/registry.json``: federation pin, tensor layout, allow-list and revocations."""
 
-    A group adapter (``contributors`` set) is signed by a server key instead of a client's,
-    and lists the key ids of the clients whose signed contributions produced it.
-    """
+    federation: FederationPin | None = None
+    tensor_spec: Mapping[str, TensorSpec] | None = None
+    clients: Mapping[str, ClientKey] = field(default_factory=dict)
+    revoked: Mapping[str, Revocation] = field(default_factory=dict)
 
-    adapter_sha256: str  # SHA-256 of adapter_model.safetensors: the content address
-    client: str  # keyid of the key that signed the manifest (a server key for a group)
-    client_key: bytes
-    client_signature: bytes  # the 64 raw bytes of manifest.sig
-    admitted: datetime
-    files: Mapping[str, FileInfo]  # every name in EXPORT_FILES (GROUP_FILES for a group)
-    contributors: tuple[str, ...] | None = None  # sorted client key ids; None: not a group
-
-    @property
-    def directory(self) -> str:
-        return f"adapters/{self.adapter_sha256}"
-
-    @property
-    def statistics(self) -> FileInfo:
-        return self.files[STATS_FILE]
-
-    @property
-    def is_group(self) -> bool:
-        return self.contributors is not None
-
-    def depends_on(self, keyid: str) -> bool:
-        """Whether revoking ``keyid`` must remove this adapter (its signer or a contributor)."""
-        return self.client == keyid or keyid in (self.contributors or ())
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "adapter_sha256": self.adapter_sha256,
-            "client": self.client,
-            "client_key": self.client_key.hex(),
-            "client_signature": self.client_signature.hex(),
-            "admitted": format_time(self.admitted),
-            "files": {name: info.to_json() for name, info in self.files.items()},
-        }
-        if self.contributors is not None:
-            out["contributors"] = list(self.contributors)
-        return out
-
-    @classmethod
-    def from_json(cls, value: object, what: str) -> Entry:
-        f = Fields(
-            value,
-            what,
-            ("adapter_sha256", "client", "client_key", "client_signature", "admitted", "files"),
-            optional=("contributors",),
-        )
-        contributors = None
-        if f.has("contributors"):
-            raw = f.array("contributors", max_len=MAX_CONTRIBUTORS)
-            if not raw or not all(isinstance(c, str) and 0 < len(c) <= 128 for c in raw):
-                raise FormatError(f"{what}.contributors must be a non-empty list of key ids")
-            if raw != sorted(set(raw)):
-                raise FormatError(f"{what}.contributors must be sorted and without duplicates")
-            contributors = tuple(raw)
-        names = GROUP_FILES if contributors is not None else EXPORT_FILES
-        files_obj = f.mapping("files")
-        if set(files_obj) != set(names):
-            raise FormatError(
-                f"{what}.files must list exactly {', '.join(names)}; "
-                f"got {', '.join(sorted(files_obj))}"
-            )
-        files = {n: FileInfo.from_json(files_obj[n], f"{what}.files.{n}") for n in names}
-        client_key = _public_key(f.raw("client_key"), f.path("client_key"))
-        client = f.text("client", max_len=128)
-        _keyid(client, client_key, what)
-        return cls(
-            adapter_sha256=f.hex("adapter_sha256", _SHA),
-            client=client,
-            client_key=client_key,
-            client_signature=bytes.fromhex(f.hex("client_signature", signing.SIGNATURE_BYTES)),
-            admitted=f.time("admitted"),
-            files=files,
-            contributors=contributors,
-        )
-
-
-@dataclass(frozen=True)
-class RegistryMetadata:
-    """One version of the registry (what the server signs and the log records)."""
-
-    version: int
-    root_version: int
-    issued: datetime
-    expires: datetime
-    previous: tuple[int, str] | None  # (version, SHA-256 of that metadata file), None for 1
-    clients: Mapping[str, ClientKey]
-    revoked: Mapping[str, Revocation]
-    tensor_spec: Mapping[str, TensorSpec] | None
-    federation: FederationPin | None
-    entries: tuple[Entry, ...]
-
-    def to_payload(self) -> bytes:
+    def to_bytes(self) -> bytes:
         return dumps(
             {
-                "_type": "registry",
-                "spec_version": SPEC_VERSION,
-                "version": self.version,
-                "root_version": self.root_version,
-                "issued": format_time(self.issued),
-                "expires": format_time(self.expires),
-                "previous": None
-                if self.previous is None
-                else {"version": self.previous[0], "sha256": self.previous[1]},
+                "format": DOCUMENT_FORMAT,
+                "federation": None if self.federation is None else self.federation.to_json(),
+                "tensor_spec": None
+                if self.tensor_spec is None
+                else {name: spec.to_json() for name, spec in self.tensor_spec.items()},
                 "clients": {
                     c.keyid: {"public_key": c.public_key.hex(), "enrolled": format_time(c.enrolled)}
                     for c in self.clients.values()
@@ -340,99 +173,111 @@ class RegistryMetadata:
                     }
                     for r in self.revoked.values()
                 },
-                "tensor_spec": None
-                if self.tensor_spec is None
-                else {name: spec.to_json() for name, spec in self.tensor_spec.items()},
-                "federation": None if self.federation is None else self.federation.to_json(),
-                "entries": [e.to_json() for e in self.entries],
             }
         )
 
     @classmethod
-    def from_payload(
-        cls,
-        payload: bytes,
-        what: str = "registry",
-        entry_cache: dict[str, Entry] | None = None,
-    ) -> RegistryMetadata:
-        """Parse strictly. ``entry_cache`` (exact entry JSON -> Entry) lets an audit that
-        parses every version validate each of the entries that repeat across versions once.
-        The key is repr() of the parsed JSON value: injective for JSON types (str, int, list,
-        dict, None, bool), so equal keys mean equal entries."""
+    def from_bytes(cls, data: bytes, what: str = "seqr/registry.json") -> RegistryDocument:
         f = Fields(
-            loads(payload, what),
-            what,
-            (
-                "_type",
-                "spec_version",
-                "version",
-                "root_version",
-                "issued",
-                "expires",
-                "previous",
-                "clients",
-                "revoked",
-                "tensor_spec",
-                "federation",
-                "entries",
-            ),
+            loads(data, what), what, ("format", "federation", "tensor_spec", "clients", "revoked")
         )
-        f.const("_type", "registry")
-        f.const("spec_version", SPEC_VERSION)
-        previous = None
-        if f.raw("previous") is not None:
-            p = Fields(f.raw("previous"), f.path("previous"), ("version", "sha256"))
-            previous = (p.integer("version", low=1), p.hex("sha256", _SHA))
-        clients = {}
-        for keyid, item in f.mapping("clients").items():
-            c = Fields(item, f"{what}.clients[{keyid}]", ("public_key", "enrolled"))
-            public = _public_key(c.raw("public_key"), c.path("public_key"))
-            _keyid(keyid, public, c.what)
-            clients[keyid] = ClientKey(keyid, public, c.time("enrolled"))
-        revoked = {}
-        for keyid, item in f.mapping("revoked").items():
-            r = Fields(item, f"{what}.revoked[{keyid}]", ("public_key", "revoked", "reason"))
-            public = _public_key(r.raw("public_key"), r.path("public_key"))
-            _keyid(keyid, public, r.what)
-            revoked[keyid] = Revocation(keyid, public, r.time("revoked"), r.text("reason"))
+        f.integer("format", low=DOCUMENT_FORMAT, high=DOCUMENT_FORMAT)
+        federation = None
+        if f.raw("federation") is not None:
+            federation = FederationPin.from_json(f.raw("federation"), f.path("federation"))
         spec = None
         if f.raw("tensor_spec") is not None:
             spec = {
                 name: TensorSpec.from_json(v, f"{what}.tensor_spec[{name}]")
                 for name, v in f.mapping("tensor_spec").items()
             }
-        federation = None
-        if f.raw("federation") is not None:
-            federation = FederationPin.from_json(f.raw("federation"), f.path("federation"))
-        entries = []
-        for i, item in enumerate(f.array("entries", max_len=MAX_ENTRIES)):
-            key = repr(item) if entry_cache is not None else ""
-            entry = entry_cache.get(key) if entry_cache is not None else None
-            if entry is None:
-                entry = Entry.from_json(item, f"{what}.entries[{i}]")
-                if entry_cache is not None:
-                    entry_cache[key] = entry
-            entries.append(entry)
-        return cls(
-            version=f.integer("version", low=1),
-            root_version=f.integer("root_version", low=1),
-            issued=f.time("issued"),
-            expires=f.time("expires"),
-            previous=previous,
-            clients=clients,
-            revoked=revoked,
-            tensor_spec=spec,
-            federation=federation,
-            entries=tuple(entries),
+        clients, revoked = f.mapping("clients"), f.mapping("revoked")
+        if len(clients) + len(revoked) > MAX_CLIENTS:
+            raise FormatError(f"{what} lists more than {MAX_CLIENTS} client keys")
+        allowed = {}
+        for keyid, item in clients.items():
+            c = Fields(item, f"{what}.clients[{keyid}]", ("public_key", "enrolled"))
+            public = parse_public_key_hex(c.raw("public_key"), c.path("public_key"))
+            allowed[keyid] = ClientKey(
+                _checked_fingerprint(keyid, public, c.what), public, c.time("enrolled")
+            )
+        gone = {}
+        for keyid, item in revoked.items():
+            r = Fields(item, f"{what}.revoked[{keyid}]", ("public_key", "revoked", "reason"))
+            public = parse_public_key_hex(r.raw("public_key"), r.path("public_key"))
+            gone[keyid] = Revocation(
+                _checked_fingerprint(keyid, public, r.what),
+                public,
+                r.time("revoked"),
+                r.text("reason", max_len=1000),
+            )
+        both = allowed.keys() & gone.keys()
+        if both:
+            raise FormatError(f"{what}: key(s) {sorted(both)[:3]} are both allowed and revoked")
+        return cls(federation, spec, allowed, gone)
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """seqr's signed fields of one adapter (the ``custom`` object of its weights target)."""
+
+    adapter_id: str  # SHA-256 of adapter_model.safetensors (its content address)
+    name: str  # the manifest's adapter/domain label
+    client: str  # full fingerprint of the key that signed the export (a server key: group)
+    admitted: datetime
+    manifest_sha256: str  # the exact manifest.json bytes the client signed
+    stats_sha256: str  # the exact norm_stats.json bytes routers z-score with
+    files: tuple[str, ...]  # every file of the export, sorted
+    contributors: tuple[str, ...] | None = None  # group adapters: sorted client fingerprints
+
+    @property
+    def is_group(self) -> bool:
+        return self.contributors is not None
+
+    def depends_on(self, keyid: str) -> bool:
+        """Whether revoking ``keyid`` must remove this adapter (its signer or a contributor)."""
+        return self.client == keyid or keyid in (self.contributors or ())
+
+    def to_custom(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "adapter": self.adapter_id,
+            "name": self.name,
+            "client": self.client,
+            "admitted": format_time(self.admitted),
+            "manifest_sha256": self.manifest_sha256,
+            "stats_sha256": self.stats_sha256,
+            "files": list(self.files),
+        }
+        if self.contributors is not None:
+            out["contributors"] = list(self.contributors)
+        return out
+
+    @classmethod
+    def from_custom(cls, value: object, what: str) -> AdapterRecord:
+        f = Fields(
+            value,
+            what,
+            ("adapter", "name", "client", "admitted", "manifest_sha256", "stats_sha256", "files"),
+            optional=("contributors",),
         )
-
-
-def pointer_bytes(version: int) -> bytes:
-    """``latest.json``: which complete version to read. Unsigned: only a hint, since the
-    metadata it names is signed, versioned and checked against the trusted state."""
-    return dumps({"version": version}) + b"\n"
-
-
-def parse_pointer(data: bytes) -> int:
-    f = Fields(loads(data, "latest.json"), "latest.json", ("version",))
-    return f.integer("version", low=1)
+        files = f.array("files", max_len=MAX_FILES)
+        if not all(isinstance(n, str) for n in files) or files != sorted(set(files)):
+            raise FormatError(f"{what}.files must be a sorted list of distinct file names")
+        contributors = None
+        if f.has("contributors"):
+            raw = f.array("contributors", max_len=MAX_CONTRIBUTORS)
+            if not raw or not all(isinstance(c, str) and 0 < len(c) <= 128 for c in raw):
+                raise FormatError(f"{what}.contributors must be a non-empty list of key ids")
+            if raw != sorted(set(raw)):
+                raise FormatError(f"{what}.contributors must be sorted and without duplicates")
+            contributors = tuple(raw)
+        return cls(
+            adapter_id=f.hex("adapter", _SHA),
+            name=f.text("name", max_len=128),
+            client=f.text("client", max_len=128),
+            admitted=f.time("admitted"),
+            manifest_sha256=f.hex("manifest_sha256", _SHA),
+            stats_sha256=f.hex("stats_sha256", _SHA),
+            files=tuple(files),
+            contributors=contributors,
+        )

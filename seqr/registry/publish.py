@@ -1,19 +1,14 @@
 """The publisher: stages admitted adapters durably and publishes signed registry versions.
 
-Crash safety (a real ``kill -9`` test exercises it): every file is written atomically
-(store.py), in an order where latest.json is the commit point:
+A registry is a TUF repository (layout.py) written with python-tuf's Metadata API. One
+publisher at a time holds an flock on the registry folder itself (released by the kernel when
+the process dies, even by SIGKILL; unlike a lock file, it cannot be deleted from under it).
+Every operation re-reads the committed state from disk, so a publish that failed half-way
+(a full disk, a crash) is simply rolled forward by the next one (``_recover``): nothing
+admitted is lost and nothing signed is signed twice with different content.
 
-    stage:   adapters/<sha>/<files>  ->  staging/<seq>.json          (durable queue)
-    publish: metadata/<v+1>  ->  log/<v+1>  ->  latest.json  ->  drop consumed staging records
-
-A crash before latest.json leaves version v complete; a restarted Publisher rolls forward a
-fully written metadata/<v+1> (it is signed and immutable, so it is completed rather than
-re-signed: two different signed files for one version would look like a fork) and then
-publishes whatever is still staged, so nothing admitted is lost. One publisher at a time:
-an flock on staging/.lock (released by the kernel when a process dies, even by SIGKILL).
-
-Every version is verified with the auditor's own checks before it is written (verify
-before use), so a publisher bug cannot sign a registry that clients would reject.
+Before anything is staged the publisher checks that its keys are keys of the newest root and
+meet its threshold, so a command given the wrong key fails before it changes anything.
 """
 
 from __future__ import annotations
@@ -21,71 +16,57 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tuf.api.metadata import (
+    TOP_LEVEL_ROLE_NAMES,
+    Metadata,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
 
 from seqr.core import signing
-from seqr.core.errors import (
-    AdmissionError,
-    ConfigError,
-    FormatError,
-    KeyFileError,
-    RegistryError,
+from seqr.core.errors import AdmissionError, ConfigError, FormatError, KeyFileError, RegistryError
+from seqr.core.manifest import (
+    ADAPTER_WEIGHTS_NAME,
+    MANIFEST_NAME,
+    NORM_STATS_NAME,
+    verify_export_files,
 )
-from seqr.core.manifest import verify_export_files
-from seqr.registry import merkle, store
+from seqr.registry import layout, log, repository, roles, staging, store
 from seqr.registry.adapter_check import check_adapter_weights
-from seqr.registry.codec import format_time
 from seqr.registry.config import PublisherConfig
-from seqr.registry.contributions import ContributionsFile, verify_contribution
-from seqr.registry.create import write_new_registry
-from seqr.registry.entries import verify_entry
-from seqr.registry.envelope import (
-    REGISTRY_TYPE,
-    parse_envelope,
-    sign_envelope,
-)
-from seqr.registry.metadata import (
-    ADAPTER_FILE,
-    CONTRIBUTIONS_FILE,
-    EXPORT_FILES,
-    GROUP_FILES,
-    MANIFEST_SIG_FILE,
-    Entry,
-    FileInfo,
-    RegistryMetadata,
-    Root,
-    TensorSpec,
-    parse_pointer,
-    pointer_bytes,
-)
-from seqr.registry.roots import make_root, sign_root, verify_root_chain, verify_root_update
-from seqr.registry.staging import StagingQueue
-from seqr.registry.tree_head import sign_tree_head, verify_tree_head
-from seqr.registry.verify import verify_version
+from seqr.registry.contributions import verify_contributions
+from seqr.registry.entries import EXPORT_FILES, GROUP_FILES, verify_adapter
+from seqr.registry.metadata import CONTRIBUTIONS_FILE, AdapterRecord, RegistryDocument
+from seqr.registry.staging import RegistryState, StagedAdapter, StagingQueue
 
 __all__ = ["Publisher", "PublishedVersion"]
 
-_CAP = 1 << 40  # the publisher reads only files it wrote itself; the auditor has real caps
+MAX_REASON_CHARS = 1000
 
 
 @dataclass(frozen=True)
 class PublishedVersion:
     """What one publish produced (for logs and the ServerApp's reply)."""
 
-    version: int
+    version: int  # targets version (= size of the transparency log)
     root_version: int
-    metadata_sha256: str
+    targets_sha256: str
     tree_size: int
     tree_root: str
     entries: int
-    added: tuple[str, ...]  # adapter SHA-256s new in this version
-    removed: tuple[str, ...]  # adapter SHA-256s dropped with a revoked client
+    added: tuple[str, ...]  # adapter ids new in this version
+    removed: tuple[str, ...]  # adapter ids dropped with a revoked client
 
 
 def _now(now: datetime | None) -> datetime:
@@ -96,25 +77,17 @@ class Publisher:
     """Single writer of one registry folder. Use ``Publisher.create`` for a new registry."""
 
     def __init__(
-        self,
-        path: Path,
-        signing_keys: Sequence[Ed25519PrivateKey],
-        config: PublisherConfig | None = None,
+        self, path: Path, signing_keys: Sequence[Any], config: PublisherConfig | None = None
     ) -> None:
         self.path = Path(path)
         self.config = config or PublisherConfig()
-        if not signing_keys:
-            raise ConfigError("Publisher needs at least one signing key")
-        self._keys = list(signing_keys)
-        if not (self.path / store.POINTER).exists():
-            raise RegistryError(
-                f"{self.path} has no {store.POINTER}: not a registry (create one with "
-                "Publisher.create), or its creation crashed before version 1 (delete it)"
-            )
-        self._lock_fd: int | None = self._lock()
+        self._lock_fd: int | None = _lock(self.path)
         try:
-            self._load()
-            self._recover()
+            self._signers = [roles.signer_for(k) for k in signing_keys]
+            self._queue = StagingQueue(self.path / layout.STAGING)
+            store.remove_stale_temp_files(self.path)
+            self._check_signers(repository.load_roots(self.path)[-1].signed)
+            self._recover(_now(None))
             self._check_config()
         except BaseException:
             self.close()
@@ -125,26 +98,52 @@ class Publisher:
     def create(
         cls,
         path: Path,
-        signing_keys: Sequence[Ed25519PrivateKey],
+        signing_keys: Sequence[Any],
         *,
         root_keys: Sequence[bytes] | None = None,
         threshold: int = 1,
         config: PublisherConfig | None = None,
         now: datetime | None = None,
     ) -> Publisher:
-        """Create a registry: root 1 (``root_keys``, default the signing keys' public keys,
-        k-of-n ``threshold``) and an empty, signed version 1 (create.py); then open it."""
-        config = config or PublisherConfig()
-        write_new_registry(
-            Path(path), signing_keys, root_keys=root_keys, threshold=threshold, config=config,
-            when=_now(now),
-        )  # fmt: skip
+        """Create a registry (root 1 with ``root_keys``, default the signing keys' public keys,
+        k-of-n ``threshold``, and an empty signed version 1), then open it.
+
+        The registry is built in a temporary folder next to ``path`` and renamed into place,
+        so a failed create leaves nothing behind; ``path`` must not exist or be empty."""
+        path, config, when = Path(path), config or PublisherConfig(), _now(now)
+        if path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir()))):
+            raise RegistryError(
+                f"{path} already exists and is not an empty folder; a registry is created in "
+                "a new folder (choose another --registry)"
+            )
+        signers = [roles.signer_for(k) for k in signing_keys]
+        keys = (
+            [roles.tuf_key(k) for k in root_keys] if root_keys else [s.public_key for s in signers]
+        )
+        root = roles.new_root(keys, threshold, when + config.root_expires)
+        store.ensure_dir(path.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            data = roles.sign(root, signers)
+            roles.check_signed(root.signed, Root.type, roles.parse(data, Root, "root"), "root 1")
+            store.write_new_file(tmp / layout.METADATA / layout.root_name(1), data)
+            state = RegistryState(RegistryDocument(config.federation, config.tensor_spec), {})
+            targets = repository.build_targets(tmp, state, 1, when + config.targets_expires)
+            targets_data = repository.write_role(tmp, root.signed, signers, targets)
+            _finish(tmp, root.signed, signers, config, when, targets_data, [], None)
+            store.ensure_dir(tmp / layout.STAGING)
+            if path.exists():
+                path.rmdir()  # the empty folder we checked above
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return cls(path, signing_keys, config)
 
     def close(self) -> None:
         """Release the single-writer lock (the object is unusable afterwards)."""
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
+            os.close(self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> Publisher:
@@ -153,279 +152,359 @@ class Publisher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def version(self) -> int:
-        return self._meta.version
+    # ----------------------------------------------------------------- reading
+    def committed(self) -> repository.Committed:
+        return repository.load(self.path)
 
     @property
-    def metadata(self) -> RegistryMetadata:
-        return self._meta
+    def version(self) -> int:
+        return self.committed().targets.signed.version
+
+    @property
+    def document(self) -> RegistryDocument:
+        """The registry document of the newest published version."""
+        return self.committed().state.document
 
     @property
     def root(self) -> Root:
-        return self._roots[-1]
+        return repository.load_roots(self.path)[-1].signed
+
+    @property
+    def pending(self) -> int:
+        """Staged operations the next publish will apply."""
+        return len(self._queue)
+
+    def _staged_state(self) -> RegistryState:
+        return self._pinned(staging.apply(self.committed().state, self._queue.records()))
+
+    def _pinned(self, state: RegistryState) -> RegistryState:
+        """Without a tensor spec from the federation, the first adapter's layout becomes the
+        registry's, so every later adapter must match it."""
+        if state.document.tensor_spec is not None or not state.adapters:
+            return state
+        first = state.adapters[min(state.adapters)]
+        length, sha = first.files[ADAPTER_WEIGHTS_NAME]
+        info = TargetFile(
+            length,
+            {"sha256": sha},
+            layout.adapter_target(first.record.adapter_id, ADAPTER_WEIGHTS_NAME),
+        )
+        spec = check_adapter_weights(repository.read_target(self.path, info, length))
+        return replace(state, document=replace(state.document, tensor_spec=spec))
 
     # ----------------------------------------------------------------- staging
     def enrol_client(self, public_key: bytes, *, now: datetime | None = None) -> str:
-        """Allow-list a client key (takes effect at the next publish); returns its key id."""
+        """Allow-list a client key (takes effect at the next publish); its fingerprint.
+        Enrolling a key already enrolled stages nothing."""
         try:
-            keyid = signing.fingerprint(signing.load_public_key_hex(bytes(public_key).hex()))
+            keyid = signing.fingerprint(bytes(public_key))
         except KeyFileError as exc:
             raise AdmissionError("bad_client_key", str(exc)) from None
-        clients, revoked, _ = self._queue.apply(self._meta)
-        if keyid in revoked:
+        document = self._staged_state().document
+        if keyid in document.revoked:
             raise AdmissionError("revoked_client", f"client key {keyid} was revoked for good")
-        if keyid not in clients:
-            self._queue.append(
-                {
-                    "kind": "enrol",
-                    "public_key": bytes(public_key).hex(),
-                    "time": format_time(_now(now)),
-                }
-            )
+        if keyid not in document.clients:
+            self._queue.append(staging.enrol_record(bytes(public_key), _now(now)))
         return keyid
 
     def revoke_client(self, keyid: str, reason: str, *, now: datetime | None = None) -> None:
         """Revoke a client key for good; its adapters leave the registry at the next publish."""
-        clients, revoked, _ = self._queue.apply(self._meta)
-        if keyid in revoked:
+        if not isinstance(reason, str) or not 0 < len(reason) <= MAX_REASON_CHARS:
+            raise ConfigError(f"a revocation needs a reason of 1-{MAX_REASON_CHARS} characters")
+        document = self._staged_state().document
+        if keyid in document.revoked:
             return
-        if keyid not in clients:
+        if keyid not in document.clients:
             raise RegistryError(f"client key {keyid} is not enrolled; nothing to revoke")
-        if not reason or len(reason) > 1000:
-            raise ConfigError("revoke_client needs a reason of 1-1000 characters")
-        self._queue.append(
-            {"kind": "revoke", "keyid": keyid, "reason": reason, "time": format_time(_now(now))}
-        )
+        self._queue.append(staging.revoke_record(keyid, reason, _now(now)))
 
     def stage_adapter(self, files: Mapping[str, bytes], *, admitted: datetime | None = None) -> str:
         """Durably queue an admitted adapter (its signed export files) for the next publish.
 
-        Re-verifies the client's signature and every auditor check on the files first.
-        Returns the adapter's SHA-256 (its content address). Raises AdmissionError for an
-        unknown (when auto_enrol is off), revoked or duplicate adapter.
-        """
+        Runs every check a client's audit runs on the files first (verify before use) and
+        returns the adapter's id (SHA-256 of its weights). AdmissionError for an unknown (when
+        auto_enrol is off), revoked or duplicate adapter."""
         group = set(files) == set(GROUP_FILES)
         if set(files) != set(EXPORT_FILES) and not group:
             raise FormatError(
-                f"an adapter export must hold exactly {', '.join(EXPORT_FILES)} (a group "
-                f"adapter also {CONTRIBUTIONS_FILE}); got {', '.join(sorted(files))}"
+                f"an adapter export holds exactly {', '.join(EXPORT_FILES)} (a group adapter "
+                f"also {CONTRIBUTIONS_FILE}); got {', '.join(sorted(map(str, files)))[:300]}"
             )
+        when = _now(admitted)
         manifest = verify_export_files(files)
-        keyid, when = manifest.fingerprint, _now(admitted)
-        contributors = self._group_contributors(files, keyid) if group else None
-        clients, revoked, entries = self._queue.apply(self._meta)
-        # A client's export needs its own key enrolled; a group's, every contributor's.
-        keys = contributors if contributors is not None else {keyid: manifest.public_key_bytes}
-        for key, public in keys.items():
-            if key in revoked:
-                raise AdmissionError("revoked_client", f"client key {key} was revoked")
-            if key not in clients:
+        root = self.root
+        keys: dict[str, bytes] = {manifest.fingerprint: manifest.public_key_bytes}
+        contributors = None
+        if group:
+            if not _is_server_key(root, manifest.public_key_bytes):
+                raise AdmissionError(
+                    "not_server_key",
+                    f"a group adapter must be signed by a server key; {manifest.fingerprint} "
+                    f"is not one of root {root.version}'s keys",
+                )
+            report = verify_contributions(
+                files[CONTRIBUTIONS_FILE],
+                group=manifest.name,
+                adapter_weights=files[ADAPTER_WEIGHTS_NAME],
+                stats_bytes=files[NORM_STATS_NAME],
+                example_count=manifest.example_count,
+            )
+            keys = {r.client: r.client_key for r in report.records}
+            contributors = tuple(sorted(keys))
+        state = self._staged_state()
+        for keyid, public in keys.items():
+            if keyid in state.document.revoked:
+                raise AdmissionError("revoked_client", f"client key {keyid} was revoked")
+            if keyid not in state.document.clients:
                 if not self.config.auto_enrol:
                     raise AdmissionError(
                         "unknown_client",
-                        f"client key {key} is not enrolled; enrol it first "
-                        "(Publisher.enrol_client)",
+                        f"client key {keyid} is not enrolled; the operator enrols it with "
+                        "`seqr server enrol`",
                     )
                 self.enrol_client(public, now=when)
-        sha = hashlib.sha256(files[ADAPTER_FILE]).hexdigest()
-        entry = Entry(
-            adapter_sha256=sha,
-            client=keyid,
-            client_key=manifest.public_key_bytes,
-            client_signature=bytes(files[MANIFEST_SIG_FILE]),
+        adapter_id = hashlib.sha256(files[ADAPTER_WEIGHTS_NAME]).hexdigest()
+        info = {n: (len(b), hashlib.sha256(b).hexdigest()) for n, b in files.items()}
+        existing = state.adapters.get(adapter_id)
+        if existing is not None:
+            if existing.files == info:
+                return adapter_id  # the same export again (e.g. a retried round)
+            raise AdmissionError("duplicate_adapter", f"weights {adapter_id[:16]} are listed")
+        record = AdapterRecord(
+            adapter_id=adapter_id,
+            name=manifest.name,
+            client=manifest.fingerprint,
             admitted=when,
-            files={n: FileInfo(hashlib.sha256(files[n]).hexdigest(), len(files[n])) for n in files},
-            contributors=None if contributors is None else tuple(sorted(contributors)),
+            manifest_sha256=info[MANIFEST_NAME][1],
+            stats_sha256=info[NORM_STATS_NAME][1],
+            files=tuple(sorted(files)),
+            contributors=contributors,
         )
-        if sha in entries:
-            if entries[sha].files == entry.files:
-                return sha  # the same export again (e.g. a retried round): nothing to do
-            raise AdmissionError(
-                "duplicate_adapter", f"adapter weights {sha[:16]} are already listed"
-            )
-        verify_entry(
-            entry, files, tensor_spec=self._spec(entries), federation=self._meta.federation
+        verify_adapter(
+            record,
+            files,
+            self._staged_state().document,
+            is_server_key=lambda public: _is_server_key(root, public),
         )
-        for name in entry.files:
-            target = self.path / store.adapter_path(sha, name)
-            if store.read_optional(target, _CAP, name) != files[name]:
-                store.write_file(target, bytes(files[name]))
-        self._queue.append({"kind": "adapter", "entry": entry.to_json()})
-        return sha
-
-    def _group_contributors(self, files: Mapping[str, bytes], keyid: str) -> dict[str, bytes]:
-        """Key id -> public key of every contributor of a group export signed by ``keyid``,
-        which must be a server key of the current root (only the server aggregates)."""
-        if keyid not in self.root.keys:
-            raise AdmissionError(
-                "not_server_key",
-                f"a group adapter must be signed by a server key; {keyid} is not one of root "
-                f"{self.root.version}",
-            )
-        doc = ContributionsFile.from_bytes(files[CONTRIBUTIONS_FILE])
-        records = [verify_contribution(c, CONTRIBUTIONS_FILE) for c in doc.contributions]
-        return {r.client: r.client_key for r in records}
+        for name, data in files.items():
+            repository.write_target(self.path, layout.adapter_target(adapter_id, name), data)
+        self._queue.append(staging.adapter_record(StagedAdapter(record, info)))
+        return adapter_id
 
     # ----------------------------------------------------------------- publishing
-    def publish(self, *, now: datetime | None = None) -> PublishedVersion:
-        """Sign and commit version N+1 with everything staged (also refreshes the expiry)."""
-        when = max(_now(now), self._meta.issued)  # issue times never go back
-        clients, revoked, entries = self._queue.apply(self._meta)
-        old = {e.adapter_sha256 for e in self._meta.entries}
-        meta = RegistryMetadata(
-            version=self._meta.version + 1,
-            root_version=self._roots[-1].version,
-            issued=when,
-            expires=when + self.config.expires_after,
-            previous=(self._meta.version, hashlib.sha256(self._meta_bytes).hexdigest()),
-            clients=clients,
-            revoked=revoked,
-            tensor_spec=self._spec(entries),
-            federation=self._meta.federation,
-            entries=tuple(entries.values()),
-        )
-        data = sign_envelope(REGISTRY_TYPE, meta.to_payload(), self._keys)
-        # Verify before use: the auditor's checks (threshold, chain, append-only, allow-list).
-        verify_version(meta.version, data, self._meta_bytes, self._meta, self._roots)
-        for entry in meta.entries:
-            if entry.adapter_sha256 not in old:
-                self._check_stored(entry)
-        store.write_new_file(self.path / store.metadata_path(meta.version), data)
-        self._commit(meta, data, when)
-        new = {e.adapter_sha256 for e in meta.entries}
-        return PublishedVersion(
-            version=meta.version,
-            root_version=meta.root_version,
-            metadata_sha256=hashlib.sha256(data).hexdigest(),
-            tree_size=len(self._leaves),
-            tree_root=merkle.root_hash(self._leaves).hex(),
-            entries=len(meta.entries),
-            added=tuple(sorted(new - old)),
-            removed=tuple(sorted(old - new)),
-        )
+    def publish(self, *, now: datetime | None = None, force: bool = False) -> PublishedVersion:
+        """Commit what is staged as the next version and refresh what is close to expiry
+        (timestamp always; snapshot, targets and root when they would expire first)."""
+        when = _now(now)
+        self._recover(when)
+        before = self.committed()
+        records = self._queue.records()
+        state = self._pinned(staging.apply(before.state, records))
+        root = self._renew_root(before, when)
+        targets_due = before.targets.signed.expires < when + self.config.snapshot_expires
+        rotated = root.version != before.root.version
+        targets_data = None
+        if force or rotated or targets_due or state != before.state:
+            version = before.targets.signed.version + 1
+            targets = repository.build_targets(
+                self.path, state, version, when + self.config.targets_expires
+            )
+            targets_data = repository.write_role(self.path, root, self._signers, targets)
+        leaves = repository.read_leaves(self.path, before.targets.signed.version)
+        _finish(self.path, root, self._signers, self.config, when, targets_data, leaves, before)
+        if records:
+            self._queue.clear(records[-1][0])
+        return self._published(before)
 
     def rotate_root(
         self,
         new_keys: Sequence[bytes],
         threshold: int,
-        new_signers: Sequence[Ed25519PrivateKey],
+        new_signers: Sequence[Any],
         *,
         now: datetime | None = None,
     ) -> PublishedVersion:
-        """Rotate server keys (TUF): root N+1 signed by the current signers AND ``new_signers``,
-        then publish a version signed by ``new_signers`` under it."""
+        """Rotate server keys: root N+1 signed by a threshold of root N AND of itself (spec
+        5.3.4), then every other role re-signed by ``new_signers`` under it."""
         when = _now(now)
-        current = self._roots[-1]
-        new = make_root(
-            current.version + 1, new_keys, threshold, when, when + self.config.root_expires_after
-        )
-        data = sign_root(new, [*self._keys, *new_signers])
-        verify_root_update(current, data, store.root_path(new.version))
-        store.write_new_file(self.path / store.root_path(new.version), data)
-        self._roots.append(new)
-        self._keys = list(new_signers)
-        return self.publish(now=when)
+        current = self.root
+        signers = [roles.signer_for(k) for k in new_signers]
+        keys = [roles.tuf_key(k) for k in new_keys]
+        new = roles.new_root(keys, threshold, when + self.config.root_expires)
+        new.signed.version = current.version + 1
+        self._write_root(new, current, [*self._signers, *signers])
+        self._signers = signers
+        self._check_signers(new.signed)
+        return self.publish(now=when, force=True)
 
     # ----------------------------------------------------------------- internals
-    def _lock(self) -> int:
-        store.ensure_dir(self.path / store.STAGING)
-        fd = os.open(self.path / store.STAGING / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RegistryError(
-                f"another publisher is writing {self.path}; one at a time"
-            ) from None
-        return fd
+    def _renew_root(self, before: repository.Committed, when: datetime) -> Root:
+        """Re-sign the root (same keys, next version) once it would expire before the next
+        snapshot; clients walk the chain of roots, so it is an ordinary rotation."""
+        root = before.root
+        if root.expires >= when + self.config.snapshot_expires:
+            return root
+        renewed = Metadata(Root.from_dict(root.to_dict()))
+        renewed.signed.version = root.version + 1
+        renewed.signed.expires = when + self.config.root_expires
+        self._write_root(renewed, root, self._signers)
+        return renewed.signed
 
-    def _read(self, rel: str) -> bytes | None:
-        return store.read_optional(self.path / rel, _CAP, rel)
-
-    def _load(self) -> None:
-        n = parse_pointer(store.read_capped(self.path / store.POINTER, 1024, store.POINTER))
-        metas = [
-            store.read_capped(self.path / store.metadata_path(v), _CAP, f"version {v}")
-            for v in range(1, n + 1)
-        ]
-        self._leaves = [merkle.leaf_hash(d) for d in metas]
-        self._meta_bytes = metas[-1]
-        self._meta = RegistryMetadata.from_payload(
-            _envelope_payload(metas[-1]), store.metadata_path(n)
+    def _write_root(self, new: Metadata[Root], current: Root, signers: Sequence[Any]) -> None:
+        unique = {s.public_key.keyid: s for s in signers}
+        data = roles.sign(new, list(unique.values()))
+        parsed = roles.parse(data, Root, layout.root_name(new.signed.version))
+        roles.check_root_keys(parsed.signed, layout.root_name(new.signed.version))
+        if not parsed.signed.get_root_verification_result(
+            current, parsed.signed_bytes, parsed.signatures
+        ):
+            raise ConfigError(
+                f"root {new.signed.version} needs {current.roles[Root.type].threshold} "
+                f"signature(s) of root {current.version}'s keys and "
+                f"{new.signed.roles[Root.type].threshold} of its own; give those keys"
+            )
+        store.write_new_file(
+            self.path / layout.METADATA / layout.root_name(new.signed.version), data
         )
-        root_files: list[bytes] = []
-        while (data := self._read(store.root_path(len(root_files) + 1))) is not None:
-            root_files.append(data)
-        # Roots above the newest version's are a rotation that crashed before its publish.
-        self._roots = verify_root_chain(root_files, trusted_version=None, trusted_sha256=None)
-        if len(self._roots) > self._meta.root_version + 1:
-            raise RegistryError(f"{self.path} has roots beyond the one pending rotation")
-        self._queue = StagingQueue(self.path / store.STAGING)
 
-    def _recover(self) -> None:
-        """Roll forward a version whose metadata was written before a crash; drop temp files
-        of interrupted writes."""
-        store.remove_stale_temp_files(self.path)
-        v = self._meta.version + 1
-        data = self._read(store.metadata_path(v))
-        if data is None:
-            if self._read(store.tree_head_path(v)) is not None:
-                raise RegistryError(f"{store.tree_head_path(v)} exists without its metadata")
+    def _recover(self, when: datetime) -> None:
+        """Roll forward a publish that stopped after writing targets or a snapshot but before
+        the commit point (timestamp.json): complete it rather than re-sign, since two signed
+        files for one version would look like a fork."""
+        before = self.committed()
+        root = before.root
+        name = layout.versioned_name("targets", before.targets.signed.version + 1)
+        data = repository.read_metadata(self.path, name)
+        snap = layout.versioned_name("snapshot", before.snapshot.signed.version + 1)
+        if data is None and repository.read_metadata(self.path, snap) is None:
             return
-        meta, _ = verify_version(v, data, self._meta_bytes, self._meta, self._roots)
-        self._commit(meta, data, meta.issued)
+        if data is not None:
+            roles.check_signed(root, Targets.type, roles.parse(data, Targets, name), name)
+        leaves = repository.read_leaves(self.path, before.targets.signed.version)
+        _finish(self.path, root, self._signers, self.config, when, data, leaves, before)
 
-    def _commit(self, meta: RegistryMetadata, data: bytes, when: datetime) -> None:
-        leaves = [*self._leaves, merkle.leaf_hash(data)]
-        root = self._roots[meta.root_version - 1]
-        head_path = self.path / store.tree_head_path(meta.version)
-        head = self._read(store.tree_head_path(meta.version))
-        if head is None:
-            head = sign_tree_head(leaves, root, when, self._keys)
-            verify_tree_head(head, root, leaves, None)  # verify before use
-            store.write_new_file(head_path, head)
-        else:
-            verify_tree_head(head, root, leaves, None)
-        store.write_file(self.path / store.POINTER, pointer_bytes(meta.version))  # commit point
-        self._leaves, self._meta, self._meta_bytes = leaves, meta, data
-        self._queue.clear()
-
-    def _check_stored(self, entry: Entry) -> None:
-        """The staged files are still on disk with their lengths (they were verified and
-        fsynced at staging; a full re-hash here would double the cost of a publish)."""
-        for name, info in entry.files.items():
-            path = self.path / store.adapter_path(entry.adapter_sha256, name)
-            if not path.is_file() or path.stat().st_size != info.length:
-                raise RegistryError(
-                    f"staged adapter {entry.adapter_sha256[:16]}: {name} is missing or changed on "
-                    "disk; stage the export again"
+    def _check_signers(self, root: Root) -> None:
+        """Every given key is a key of ``root`` and together they meet each role's
+        threshold (checked before anything is staged or written)."""
+        for signer in self._signers:
+            if signer.public_key.keyid not in root.keys:
+                raise ConfigError(
+                    f"server key {signer.public_key.keyid} is not one of the keys of root "
+                    f"{root.version} of this registry; give the registry's own server key"
                 )
-
-    def _spec(self, entries: Mapping[str, Entry]) -> Mapping[str, TensorSpec] | None:
-        """The tensor spec to sign: the registry's, else the config's, else (once there is an
-        adapter) the layout of the first one, so every later adapter must match it."""
-        if self._meta.tensor_spec is not None:
-            return self._meta.tensor_spec
-        if self.config.tensor_spec is not None or not entries:
-            return self.config.tensor_spec
-        first = next(iter(entries.values()))
-        weights = self._read(store.adapter_path(first.adapter_sha256, ADAPTER_FILE)) or b""
-        return check_adapter_weights(weights)
+        mine = {s.public_key.keyid for s in self._signers}
+        for role in TOP_LEVEL_ROLE_NAMES:
+            have = len(mine & set(root.roles[role].keyids))
+            if have < root.roles[role].threshold:
+                raise ConfigError(
+                    f"the registry's {role} role needs {root.roles[role].threshold} of its "
+                    f"keys; {have} given (repeat --key for k-of-n)"
+                )
 
     def _check_config(self) -> None:
+        document = self.document
         for name in ("tensor_spec", "federation"):
-            mine, signed = getattr(self.config, name), getattr(self._meta, name)
+            mine, signed = getattr(self.config, name), getattr(document, name)
             if mine is not None and signed is not None and _plain(mine) != _plain(signed):
                 raise ConfigError(
-                    f"PublisherConfig.{name} differs from the one this registry already signed; "
-                    "a registry keeps one; start a new registry for another model"
+                    f"this federation's {name.replace('_', ' ')} differs from the one the "
+                    "registry already signed; a registry keeps one (start a new registry)"
                 )
+
+    def _published(self, before: repository.Committed) -> PublishedVersion:
+        after = self.committed()
+        old, new = set(before.state.adapters), set(after.state.adapters)
+        targets_data = repository.read_metadata(
+            self.path, layout.versioned_name("targets", after.targets.signed.version)
+        )
+        return PublishedVersion(
+            version=after.targets.signed.version,
+            root_version=after.root.version,
+            targets_sha256=hashlib.sha256(targets_data or b"").hexdigest(),
+            tree_size=after.head.tree_size,
+            tree_root=after.head.root_hash.hex(),
+            entries=len(new),
+            added=tuple(sorted(new - old)),
+            removed=tuple(sorted(old - new)),
+        )
+
+
+def _finish(
+    path: Path,
+    root: Root,
+    signers: Sequence[Any],
+    config: PublisherConfig,
+    when: datetime,
+    targets_data: bytes | None,
+    leaves: list[bytes],
+    before: repository.Committed | None,
+) -> None:
+    """Write the snapshot (when targets changed or it would expire before the new timestamp)
+    and then the timestamp, the commit point. ``targets_data``: a targets version already
+    written but not yet committed; ``leaves``: the log's leaves before it."""
+    version = 1 if before is None else before.snapshot.signed.version + 1
+    name = layout.versioned_name("snapshot", version)
+    snapshot_data = None if before is None else repository.read_metadata(path, name)
+    if targets_data is not None:
+        targets = roles.parse(targets_data, Targets, "targets").signed
+        meta = roles.meta_file(targets.version, targets_data)
+        head = log.TreeHead.of([*leaves, log.leaf_of(targets_data)], when)
+    elif before is not None:
+        meta, head = before.snapshot.signed.meta["targets.json"], before.head
+    else:
+        raise RegistryError("a new registry needs its first targets version")
+    if snapshot_data is not None:  # written before a crash: complete it, never re-sign it
+        snapshot = roles.parse(snapshot_data, Snapshot, name)
+        roles.check_signed(root, Snapshot.type, snapshot, name)
+        if snapshot.signed.meta["targets.json"].version != meta.version:
+            raise RegistryError(f"{name} was written for another targets version")
+    elif (
+        before is None
+        or targets_data is not None
+        or (before.snapshot.signed.expires < when + config.timestamp_expires)
+    ):
+        snapshot_data = repository.write_role(path, root, signers, Snapshot(
+            version=version,
+            expires=when + config.snapshot_expires,
+            meta={"targets.json": meta},
+            unrecognized_fields={layout.LOG_FIELD: head.to_field()},
+        ))  # fmt: skip
+    else:
+        version -= 1
+        snapshot_data = repository.read_metadata(path, layout.versioned_name("snapshot", version))
+        if snapshot_data is None:
+            raise RegistryError(f"snapshot version {version} is missing")
+    timestamp = Timestamp(
+        version=1 if before is None else before.timestamp.signed.version + 1,
+        expires=when + config.timestamp_expires,
+        snapshot_meta=roles.meta_file(version, snapshot_data),
+    )
+    repository.write_role(path, root, signers, timestamp)
+
+
+def _is_server_key(root: Root, public: bytes) -> bool:
+    try:
+        key = roles.tuf_key(public)
+    except KeyFileError:
+        return False
+    return any(k.keyval == key.keyval and k.keytype == key.keytype for k in root.keys.values())
+
+
+def _lock(path: Path) -> int:
+    """An exclusive flock on the registry folder itself (the folder must exist)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise RegistryError(
+            f"{path} is not a registry folder ({exc.strerror}); create one with `seqr server init`"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RegistryError(f"another publisher is writing {path}; one at a time") from None
+    return fd
 
 
 def _plain(value: Any) -> Any:
     return dict(value) if isinstance(value, Mapping) else value
-
-
-def _envelope_payload(data: bytes) -> bytes:
-    return parse_envelope(data, REGISTRY_TYPE, "registry metadata").payload

@@ -1,26 +1,16 @@
-"""On-disk layout of a registry folder, and the only file I/O of the registry package.
+"""The registry package's only file I/O: bounded reads that follow nothing, atomic writes.
 
-A registry is a folder anyone can copy or serve as static files::
-
-    latest.json                      {"version": N}: the newest COMPLETE version (written last)
-    root/<r>.root.json               root metadata r (server keys + threshold), immutable
-    metadata/<v>.registry.json       registry version v (DSSE envelope), immutable
-    log/<v>.tree_head.json           RFC 9162 signed tree head of size v, immutable
-    adapters/<sha256>/               one adapter, named by the SHA-256 of its weights:
-        adapter_config.json  adapter_model.safetensors  norm_stats.json
-        manifest.json  manifest.sig
-    staging/                         publisher's durable queue (need not be served)
-
-Consistent snapshots (TUF): every signed file carries its version in its name and is never
-rewritten, so a reader that follows latest.json never mixes two versions, even while the
-publisher writes the next one. Every write is atomic (temp file in the same folder, fsync,
-rename, fsync of the folder: seqr.core.atomic_write); latest.json is replaced last, so a
-crash at any point leaves the previous version complete and readable.
+Reads walk a relative path one component at a time from an open directory (openat with
+O_NOFOLLOW), so no symlink anywhere in the path is followed, and open the file with O_NONBLOCK
+so a FIFO planted in a registry can neither hang the reader nor be read; only regular files
+are read, never more than their cap + 1 bytes (endless data, TUF). Writes are atomic (temp
+file in the same folder, fsync, rename, fsync of the folder: seqr.core.atomic_write).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -30,12 +20,8 @@ from seqr.core.atomic_write import create_new_file, fsync_dir, write_atomic
 from seqr.core.errors import FormatError
 
 __all__ = [
-    "POINTER",
-    "STAGING",
-    "root_path",
-    "metadata_path",
-    "tree_head_path",
-    "adapter_path",
+    "open_regular",
+    "read_at_most",
     "read_capped",
     "read_optional",
     "write_file",
@@ -44,62 +30,96 @@ __all__ = [
     "remove_stale_temp_files",
 ]
 
-POINTER = "latest.json"
-STAGING = "staging"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _TEMP_NAME = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
+_CHUNK = 1 << 20
 
 
-def root_path(version: int) -> str:
-    return f"root/{version}.root.json"
+def open_regular(base: Path, rel: str, what: str) -> int | None:
+    """An fd for the regular file ``base/rel``, or None if it does not exist.
 
-
-def metadata_path(version: int) -> str:
-    return f"metadata/{version}.registry.json"
-
-
-def tree_head_path(version: int) -> str:
-    return f"log/{version}.tree_head.json"
-
-
-def adapter_path(adapter_sha256: str, name: str) -> str:
-    return f"adapters/{adapter_sha256}/{name}"
-
-
-def read_optional(path: Path, cap: int, what: str) -> bytes | None:
-    """Read at most ``cap`` bytes of a regular file; None if it does not exist.
-
-    Never reads more than cap + 1 bytes (endless data, TUF): a longer file is a FormatError
-    whatever its size. Symlinks and non-regular files are refused: a static registry has none,
-    and following one could read outside the registry.
+    ``rel`` is a relative path with "/" separators and no "." or ".." components; a symlink
+    at any component, a FIFO, a device or a folder is refused with a FormatError naming
+    ``what``. The caller closes the fd.
     """
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise FormatError(f"{what}: {rel!r} is not a plain relative path")
     try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+        fd = os.open(base, os.O_RDONLY | _DIRECTORY)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise FormatError(f"cannot open {what} ({path}): {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise FormatError(f"{what} ({path}) is not a regular file")
-        # Never allocate more than the file holds (+1 byte to notice growth or the cap).
-        data = handle.read(min(cap, info.st_size) + 1)
-    if len(data) > info.st_size and len(data) <= cap:
-        raise FormatError(f"{what} ({path}) grew while it was read; read it again")
+        raise FormatError(f"cannot open {base} for {what}: {exc.strerror}") from None
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        flags = os.O_RDONLY | _NOFOLLOW | (os.O_NONBLOCK if last else _DIRECTORY)
+        parent = fd
+        try:
+            fd = _open_in(parent, part, flags, what, rel)
+        finally:
+            os.close(parent)
+        if fd < 0:
+            return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FormatError(f"{what} ({rel}) is not a regular file; refusing to read it")
+    return fd
+
+
+def read_optional(base: Path, rel: str, cap: int, what: str) -> bytes | None:
+    """Read ``base/rel`` (a regular file of at most ``cap`` bytes, see open_regular); None
+    if it does not exist. A longer file is refused before any of it is read."""
+    fd = open_regular(base, rel, what)
+    if fd is None:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size > cap:
+            raise FormatError(
+                f"{what} ({rel}) is {size} bytes, over its limit of {cap} bytes "
+                "(endless data); refusing to read it"
+            )
+        data = read_at_most(fd, cap + 1)
+    finally:
+        os.close(fd)
     if len(data) > cap:
-        raise FormatError(
-            f"{what} ({path}) is larger than its limit of {cap} bytes (endless data); "
-            "refusing to read further"
-        )
+        raise FormatError(f"{what} ({rel}) grew past its limit of {cap} bytes while it was read")
     return data
 
 
-def read_capped(path: Path, cap: int, what: str) -> bytes:
+def _open_in(dir_fd: int, name: str, flags: int, what: str, rel: str) -> int:
+    """Open ``name`` inside ``dir_fd``; -1 if it does not exist."""
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return -1
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise FormatError(
+                f"{what} ({rel}): {name!r} is a symlink or not a folder; a registry holds "
+                "plain files and folders only"
+            ) from None
+        raise FormatError(f"cannot open {what} ({rel}): {exc.strerror}") from None
+
+
+def read_at_most(fd: int, limit: int) -> bytes:
+    chunks, total = [], 0
+    while total < limit:
+        chunk = os.read(fd, min(_CHUNK, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def read_capped(base: Path, rel: str, cap: int, what: str) -> bytes:
     """Like read_optional, but a missing file is a FormatError naming ``what``."""
-    data = read_optional(path, cap, what)
+    data = read_optional(base, rel, cap, what)
     if data is None:
-        raise FormatError(f"{what} is missing ({path}); is this a complete seqr registry?")
+        raise FormatError(f"{what} is missing ({rel} in {base})")
     return data
 
 
@@ -115,22 +135,29 @@ def ensure_dir(path: Path) -> None:
 
 
 def write_file(path: Path, data: bytes) -> None:
-    """Atomically create or replace ``path`` (for latest.json, staging and adapter files)."""
+    """Atomically create or replace ``path``."""
     ensure_dir(Path(path).parent)
     write_atomic(Path(path), data)
 
 
 def write_new_file(path: Path, data: bytes) -> None:
-    """Atomically create ``path``; FileExistsError if it exists (signed files are immutable)."""
+    """Atomically create ``path``; if it exists it must hold exactly ``data`` (a retried
+    write after a crash or a full disk), else FileExistsError: signed files are immutable."""
     ensure_dir(Path(path).parent)
-    create_new_file(Path(path), data)
+    try:
+        create_new_file(Path(path), data)
+    except FileExistsError:
+        with open(path, "rb") as handle:
+            if handle.read(len(data) + 1) != data:
+                raise
+    return None
 
 
-def remove_stale_temp_files(registry: Path) -> int:
+def remove_stale_temp_files(folder: Path) -> int:
     """Delete temp files left by writes a crash interrupted (seqr.core.atomic_write names them
-    ``.<name>.<pid>.<8 hex>.tmp``). Only the publisher calls this, holding its lock."""
+    ``.<name>.<pid>.<8 hex>.tmp``). Only a lock holder calls this."""
     removed = 0
-    for path in Path(registry).rglob(".*.tmp"):
+    for path in Path(folder).rglob(".*.tmp"):
         if _TEMP_NAME.fullmatch(path.name) and path.is_file() and not path.is_symlink():
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

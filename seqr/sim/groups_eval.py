@@ -247,20 +247,20 @@ def run(cfg: GroupsEvalConfig) -> dict[str, Any]:
     fed = FederationConfig(base_model=cfg.base_model, train_steps=cfg.steps,
                            train_seq_len=cfg.seq_len, train_batch_size=cfg.batch_size,
                            calib_max_sequences=cfg.calib_sequences)  # fmt: skip
-    if cfg.resume and (cfg.out / "registry" / "latest.json").is_file():
+    if cfg.resume and (cfg.out / "registry" / "metadata" / "1.root.json").is_file():
         flower = resume_federation(cfg, fed)
     else:
         flower = run_group_federation(cfg, fed, work)
     fed = flower["federation"]
-    audit = audit_registry(
+    verified = audit_registry(
         flower["registry"],
-        work / "trusted_state.json",
+        work / "trusted_state",
         config=AuditConfig(expected_root_sha256=flower["root_sha256"]),
     )
     summary = json.loads(
         (state_dir_for(flower["registry"]) / "groups" / f"{cfg.domain}.json").read_text()
     )
-    exports = exports_from_audit(flower["registry"], audit.entries)
+    exports = exports_from_audit(verified, work / "adapters")
     if cfg.domain not in exports:
         raise SeqrError(
             f"the group adapter was not published: {summary['status']} {summary['reason']}"
@@ -280,7 +280,7 @@ def run(cfg: GroupsEvalConfig) -> dict[str, Any]:
     routing = evaluate(
         library, heldout, EvalConfig(max_sequences_per_domain=cfg.eval_sequences, peft_arrow=False)
     )
-    return _report(cfg, flower, audit, summary, losses, routing, len(held_chunks))
+    return _report(cfg, flower, verified.report, summary, losses, routing, len(held_chunks))
 
 
 def _report(cfg, flower, audit, summary, losses, routing, n_held) -> dict[str, Any]:

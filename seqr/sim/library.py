@@ -80,13 +80,21 @@ def lora_shape(library: AdapterLibrary) -> tuple[int, int]:
     raise ConfigError("the library holds no LoRA module")
 
 
-def exports_from_audit(registry: Path, entries: Any) -> dict[str, Path]:
-    """Adapter folders of an AUDITED registry by manifest name (call audit_registry first).
+def exports_from_audit(verified: Any, folder: Path) -> dict[str, Path]:
+    """The verified adapters of an audit (registry.audit_registry) written as plain peft
+    export folders under ``folder``, by manifest name (peft's loaders take folders).
 
     Two clients may pick the same name; the later ones get their key id appended.
     """
+    from seqr.core.atomic_write import write_atomic
+
     folders: dict[str, Path] = {}
-    for entry in entries:
-        name = entry.name if entry.name not in folders else f"{entry.name}-{entry.client[:8]}"
-        folders[name] = Path(registry) / "adapters" / entry.adapter_sha256
+    for adapter in verified.adapters:
+        entry = adapter.entry
+        name = entry.name if entry.name not in folders else f"{entry.name}-{entry.client[7:15]}"
+        target = Path(folder) / name
+        target.mkdir(parents=True, exist_ok=True)
+        for file_name, data in adapter.files.items():
+            write_atomic(target / file_name, data)
+        folders[name] = target
     return folders

@@ -63,12 +63,13 @@ def evaluate_registry(cfg: Any, result: FederationResult, domains: list[Path]) -
     from seqr.sim.library import exports_from_audit, load_library, lora_shape
 
     fed = result.federation
-    report = audit_registry(
+    verified = audit_registry(
         result.registry,
-        result.work / "trusted_state.json",
+        result.work / "trusted_state",
         config=AuditConfig(expected_root_sha256=result.root_sha256),
     )
-    exports = exports_from_audit(result.registry, report.entries)  # named after the domains
+    report = verified.report
+    exports = exports_from_audit(verified, result.work / "adapters")  # named after the domains
     base = load_base_model(fed.base_model, expected_sha256=fed.base_model_sha256)
     heldout = heldout_chunks([d for d in domains if d.name in exports], base.tokenizer, fed)
     library = load_library(base.model, exports)
