@@ -9,13 +9,14 @@ Passphrases never appear on the command line (seqr.cli.keys.read_passphrase).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from seqr.cli.keys import read_passphrase
-from seqr.core.errors import ConfigError, KeyFileError, SeqrError
-from seqr.core.signing import fingerprint, load_public_key_hex
+from seqr.core.errors import ConfigError, SeqrError
+from seqr.core.signing import FINGERPRINT_PREFIX, fingerprint, load_public_key, parse_public_key
 from seqr.operator.registry_ops import init_registry, load_server_keys, open_publisher
 
 __all__ = ["init_main", "enrol_main", "revoke_main"]
@@ -95,7 +96,7 @@ def enrol_main(argv: list[str]) -> int:
         required=True,
         action="append",
         metavar="PUB",
-        help="client public key: 64 hex digits or a signing_key.pub file (repeatable)",
+        help="client public key: its signing_key.pub file, or the hex of its DER (repeatable)",
     )
     args = parser.parse_args(argv)
 
@@ -116,7 +117,7 @@ def revoke_main(argv: list[str]) -> int:
         required=True,
         action="append",
         metavar="KEY",
-        help="fingerprint (ed25519:...), 64 hex digits or a signing_key.pub file (repeatable)",
+        help="fingerprint (sha256:...), a signing_key.pub file or the hex of its DER (repeatable)",
     )
     parser.add_argument("--reason", required=True, help="why (recorded in the registry)")
     args = parser.parse_args(argv)
@@ -133,17 +134,15 @@ def revoke_main(argv: list[str]) -> int:
 
 
 def _public_key(text: str) -> bytes:
-    path = Path(text)
-    if len(text) != 64 and path.is_file():
-        text = path.read_text(encoding="utf-8")
-    try:
-        return load_public_key_hex(text)
-    except KeyFileError as exc:
-        raise KeyFileError(f"client key {text.strip()[:70]!r}: {exc}") from None
+    # A path or the key's hex; errors name the file or the mistake, never the text (a private
+    # key given by mistake must not end up in a terminal or a log).
+    if os.path.lexists(text):  # False (not an error) for a name too long to be a path
+        return load_public_key(text)
+    return parse_public_key(text, what="--client value")
 
 
 def _keyid(text: str) -> str:
-    return text if text.startswith("ed25519:") else fingerprint(_public_key(text))
+    return text if text.startswith(FINGERPRINT_PREFIX) else fingerprint(_public_key(text))
 
 
 def _load_setup(path: Path, adapter_dtype: str):  # type: ignore[no-untyped-def]

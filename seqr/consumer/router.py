@@ -45,6 +45,7 @@ from seqr.core.federation import DEFAULT_BASE_MODEL
 from seqr.core.manifest import Manifest, parse_manifest, verify_export_files
 from seqr.core.model_routing import RoutedModel, RoutingDecision
 from seqr.core.model_routing.per_token import ModuleRecord, per_token_routing
+from seqr.core.model_signature import verify_bundle
 from seqr.core.stats import NormStatistics
 from seqr.registry import AuditConfig, AuditReport, EntryReport, audit_registry, store
 from seqr.registry.metadata import ADAPTER_FILE, MANIFEST_FILE, MANIFEST_SIG_FILE, STATS_FILE
@@ -105,11 +106,12 @@ def read_adapters(
             rel = store.adapter_path(entry.adapter_sha256, name)
             return store.read_capped(path / rel, config.file_cap(name), what)
 
-        # The signed manifest names the payload files (a future kind may add one).
+        # The model-signing bundle names the signed files (a future kind may add one).
         files = {n: read(n) for n in (MANIFEST_FILE, MANIFEST_SIG_FILE)}
         try:
-            listed = parse_manifest(files[MANIFEST_FILE]).files
-            files.update({n: read(n) for n in listed})
+            key = parse_manifest(files[MANIFEST_FILE]).public_key_bytes
+            listed = sorted(verify_bundle(files[MANIFEST_SIG_FILE], key))
+            files.update({n: read(n) for n in listed if n not in files})
             manifest = verify_export_files(files)
         except SeqrError as exc:
             raise RegistryError(f"{what} changed after the audit: {exc}") from None

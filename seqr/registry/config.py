@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from datetime import timedelta
 
 from seqr.core.errors import ConfigError
+from seqr.core.model_signature import MAX_BUNDLE_BYTES
 from seqr.registry.metadata import (
     ADAPTER_FILE,
     MANIFEST_FILE,
@@ -64,7 +65,7 @@ class AuditConfig:
         if name == MANIFEST_FILE:
             return self.max_manifest_bytes
         if name == MANIFEST_SIG_FILE:
-            return 64  # an Ed25519 signature, raw
+            return MAX_BUNDLE_BYTES  # the client's model-signing bundle
         return self.max_small_file_bytes
 
 

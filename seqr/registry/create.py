@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from seqr.core import signing
 from seqr.core.errors import RegistryError
@@ -28,7 +28,7 @@ __all__ = ["write_new_registry"]
 
 def write_new_registry(
     path: Path,
-    signing_keys: Sequence[Ed25519PrivateKey],
+    signing_keys: Sequence[EllipticCurvePrivateKey],
     *,
     root_keys: Sequence[bytes] | None,
     threshold: int,

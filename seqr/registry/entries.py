@@ -4,11 +4,10 @@
 bytes of one adapter folder (the newest version; the publisher runs it before signing). An
 entry is good only if ALL of these hold (each check names its attack, SECURITY.md):
 
-- every export file is present (a missing manifest.sig is a missing client signature) and
+- every export file is present (a missing model.sig is a missing client signature) and
   exactly as long as the entry says (endless data) with the hash the entry says;
-- manifest.sig is the entry's client signature and verifies over the exact manifest.json
-  bytes with the entry's client key, and the manifest's file hashes are the entry's
-  (seqr.core.manifest.verify_export_files re-hashes the payload files);
+- model.sig is a model-signing bundle by the entry's client key (the key manifest.json names)
+  over exactly the other files, with their hashes (seqr.core.manifest.verify_export_files);
 - the client key is allow-listed in this version and not revoked (unknown / revoked key);
 - the manifest agrees with the registry's federation pin (wrong software), the statistics
   parse, and the weights are real safetensors with finite floats and the agreed shapes.
@@ -113,13 +112,13 @@ def _check_contributors(entry: Entry, metadata: RegistryMetadata, label: str) ->
 
 
 def check_entry_files(entry: Entry, files: Mapping[str, bytes]) -> None:
-    """Presence, lengths and the hashes of manifest.json / manifest.sig (cheap, before parsing)."""
+    """Presence, lengths and the hashes of manifest.json / model.sig (cheap, before parsing)."""
     for name in entry.files:
         if name not in files:
             if name == MANIFEST_SIG_FILE:
                 raise RegistryError(
-                    f"{MANIFEST_SIG_FILE} is missing: the client signature over the manifest "
-                    "is required for every adapter"
+                    f"{MANIFEST_SIG_FILE} is missing: the client's model-signing bundle over "
+                    "the export is required for every adapter"
                 )
             raise RegistryError(f"{name} is missing from {entry.directory}/")
         declared, actual = entry.files[name].length, len(files[name])
@@ -128,15 +127,13 @@ def check_entry_files(entry: Entry, files: Mapping[str, bytes]) -> None:
                 f"{name} is {'more than ' if actual > declared else ''}{actual} bytes but the "
                 f"signed entry says {declared} (endless data or truncation)"
             )
-    for name in (MANIFEST_FILE, MANIFEST_SIG_FILE):
+    for name in entry.files:
         digest = hashlib.sha256(files[name]).hexdigest()
         if digest != entry.files[name].sha256:
             raise RegistryError(
                 f"{name} has SHA-256 {digest[:16]}... but the signed entry says "
                 f"{entry.files[name].sha256[:16]}...: the file was changed"
             )
-    if files[MANIFEST_SIG_FILE] != entry.client_signature:
-        raise RegistryError(f"{MANIFEST_SIG_FILE} is not the client signature the entry records")
 
 
 def _check_manifest(entry: Entry, manifest: Manifest, pin: FederationPin | None) -> None:
@@ -144,18 +141,6 @@ def _check_manifest(entry: Entry, manifest: Manifest, pin: FederationPin | None)
         raise RegistryError(
             f"manifest is signed by {manifest.fingerprint}, but the entry says {entry.client}"
         )
-    payload = PAYLOAD_FILES | ({CONTRIBUTIONS_FILE} if entry.contributors is not None else set())
-    if set(manifest.files) != payload:
-        raise RegistryError(
-            f"manifest lists {sorted(manifest.files)}; this registry adapter has exactly "
-            f"{sorted(payload)}"
-        )
-    for name in payload:
-        if manifest.files[name] != entry.files[name].sha256:
-            raise RegistryError(
-                f"{name}: the client signed SHA-256 {manifest.files[name][:16]}... but the "
-                f"registry entry says {entry.files[name].sha256[:16]}..."
-            )
     if pin is not None:
         mine = (manifest.base_model_sha256, manifest.a_sha256, manifest.a_seed, manifest.rank)
         pinned = (pin.base_model_sha256, pin.a_sha256, pin.a_seed, pin.rank)

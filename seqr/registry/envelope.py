@@ -1,15 +1,15 @@
-"""DSSE envelopes with a k-of-n Ed25519 threshold: signatures over exact payload bytes.
+"""DSSE envelopes with a k-of-n ECDSA P-256 threshold: signatures over exact payload bytes.
 
 Every signed registry file (root, registry version, tree head) is a DSSE v1 envelope
 (github.com/secure-systems-lab/dsse, protocol.md)::
 
     {"payload": base64(payload bytes), "payloadType": TYPE,
-     "signatures": [{"keyid": "ed25519:...", "sig": base64(64 bytes)}, ...]}
+     "signatures": [{"keyid": "sha256:...", "sig": base64(64 bytes)}, ...]}
 
-Each signature is Ed25519 over PAE(TYPE, payload) = "DSSEv1" SP LEN(TYPE) SP TYPE SP
-LEN(payload) SP payload, so the signed bytes are exactly the payload the verifier parses
-(no canonicalisation) and a root can never be replayed as a registry version (the type is
-signed too). Threshold counting follows TUF (spec 1.0.x, "verify signatures"): only
+Each signature is ECDSA P-256 (seqr.core.signing) over PAE(TYPE, payload) = "DSSEv1" SP
+LEN(TYPE) SP TYPE SP LEN(payload) SP payload, so the signed bytes are exactly the payload the
+verifier parses (no canonicalisation) and a root can never be replayed as a registry version
+(the type is signed too). Threshold counting follows TUF (spec 1.0.x, "verify signatures"): only
 signatures by keys the trusted root lists count, a key counts once however many
 signatures it made, and invalid signatures are ignored rather than fatal.
 """
@@ -21,7 +21,7 @@ import binascii
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from seqr.core import signing
 from seqr.core.errors import FormatError, SignatureError
@@ -75,7 +75,9 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %b %d %b" % (len(t), t, len(payload), payload)
 
 
-def sign_envelope(payload_type: str, payload: bytes, keys: Sequence[Ed25519PrivateKey]) -> bytes:
+def sign_envelope(
+    payload_type: str, payload: bytes, keys: Sequence[EllipticCurvePrivateKey]
+) -> bytes:
     """The envelope file bytes: ``payload`` signed by every key in ``keys`` (each once)."""
     message = pae(payload_type, payload)
     seen: set[str] = set()

@@ -2,7 +2,7 @@
 
 Three signed payload types (each inside a DSSE envelope, see envelope.py):
 
-- Root (TUF "root" role): the server keys (keyid -> Ed25519 public key) and the k-of-n
+- Root (TUF "root" role): the server keys (keyid -> ECDSA P-256 public key) and the k-of-n
   threshold for everything else. Root N+1 must be signed by a threshold of root N's keys
   AND of its own (TUF spec 1.0.x, client workflow step 5.3.4).
 - RegistryMetadata: one version of the adapter registry: strictly increasing ``version``,
@@ -52,7 +52,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 STATS_FILE = "norm_stats.json"
 MANIFEST_FILE = "manifest.json"
-MANIFEST_SIG_FILE = "manifest.sig"
+MANIFEST_SIG_FILE = "model.sig"  # the client's OpenSSF model-signing bundle
 # Every file of a client's signed export, stored under adapters/<sha256 of ADAPTER_FILE>/.
 EXPORT_FILES = (CONFIG_FILE, ADAPTER_FILE, STATS_FILE, MANIFEST_FILE, MANIFEST_SIG_FILE)
 # A group adapter (clients of one task federated it, contributions.py) adds the list of the
@@ -139,7 +139,7 @@ class FederationPin:
 
 def _public_key(hex_text: object, what: str) -> bytes:
     try:
-        return signing.load_public_key_hex(check_hex(hex_text, 32, what))
+        return signing.parse_public_key(check_hex(hex_text, signing.PUBLIC_KEY_BYTES, what))
     except KeyFileError as exc:
         raise FormatError(f"{what}: {exc}") from None
 
@@ -159,7 +159,7 @@ class Root:
     version: int
     issued: datetime
     expires: datetime
-    keys: Mapping[str, bytes]  # keyid (signing.fingerprint) -> 32-byte Ed25519 public key
+    keys: Mapping[str, bytes]  # keyid (signing.fingerprint) -> DER public key (seqr.core.signing)
     threshold: int
 
     def to_payload(self) -> bytes:
@@ -228,8 +228,7 @@ class Entry:
 
     adapter_sha256: str  # SHA-256 of adapter_model.safetensors: the content address
     client: str  # keyid of the key that signed the manifest (a server key for a group)
-    client_key: bytes
-    client_signature: bytes  # the 64 raw bytes of manifest.sig
+    client_key: bytes  # DER public key (seqr.core.signing)
     admitted: datetime
     files: Mapping[str, FileInfo]  # every name in EXPORT_FILES (GROUP_FILES for a group)
     contributors: tuple[str, ...] | None = None  # sorted client key ids; None: not a group
@@ -255,7 +254,6 @@ class Entry:
             "adapter_sha256": self.adapter_sha256,
             "client": self.client,
             "client_key": self.client_key.hex(),
-            "client_signature": self.client_signature.hex(),
             "admitted": format_time(self.admitted),
             "files": {name: info.to_json() for name, info in self.files.items()},
         }
@@ -268,7 +266,7 @@ class Entry:
         f = Fields(
             value,
             what,
-            ("adapter_sha256", "client", "client_key", "client_signature", "admitted", "files"),
+            ("adapter_sha256", "client", "client_key", "admitted", "files"),
             optional=("contributors",),
         )
         contributors = None
@@ -294,7 +292,6 @@ class Entry:
             adapter_sha256=f.hex("adapter_sha256", _SHA),
             client=client,
             client_key=client_key,
-            client_signature=bytes.fromhex(f.hex("client_signature", signing.SIGNATURE_BYTES)),
             admitted=f.time("admitted"),
             files=files,
             contributors=contributors,

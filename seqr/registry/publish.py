@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from seqr.core import signing
 from seqr.core.errors import (
@@ -55,7 +55,6 @@ from seqr.registry.metadata import (
     CONTRIBUTIONS_FILE,
     EXPORT_FILES,
     GROUP_FILES,
-    MANIFEST_SIG_FILE,
     Entry,
     FileInfo,
     RegistryMetadata,
@@ -98,7 +97,7 @@ class Publisher:
     def __init__(
         self,
         path: Path,
-        signing_keys: Sequence[Ed25519PrivateKey],
+        signing_keys: Sequence[EllipticCurvePrivateKey],
         config: PublisherConfig | None = None,
     ) -> None:
         self.path = Path(path)
@@ -125,7 +124,7 @@ class Publisher:
     def create(
         cls,
         path: Path,
-        signing_keys: Sequence[Ed25519PrivateKey],
+        signing_keys: Sequence[EllipticCurvePrivateKey],
         *,
         root_keys: Sequence[bytes] | None = None,
         threshold: int = 1,
@@ -169,7 +168,7 @@ class Publisher:
     def enrol_client(self, public_key: bytes, *, now: datetime | None = None) -> str:
         """Allow-list a client key (takes effect at the next publish); returns its key id."""
         try:
-            keyid = signing.fingerprint(signing.load_public_key_hex(bytes(public_key).hex()))
+            keyid = signing.fingerprint(signing.parse_public_key(bytes(public_key).hex()))
         except KeyFileError as exc:
             raise AdmissionError("bad_client_key", str(exc)) from None
         clients, revoked, _ = self._queue.apply(self._meta)
@@ -233,7 +232,6 @@ class Publisher:
             adapter_sha256=sha,
             client=keyid,
             client_key=manifest.public_key_bytes,
-            client_signature=bytes(files[MANIFEST_SIG_FILE]),
             admitted=when,
             files={n: FileInfo(hashlib.sha256(files[n]).hexdigest(), len(files[n])) for n in files},
             contributors=None if contributors is None else tuple(sorted(contributors)),
@@ -309,7 +307,7 @@ class Publisher:
         self,
         new_keys: Sequence[bytes],
         threshold: int,
-        new_signers: Sequence[Ed25519PrivateKey],
+        new_signers: Sequence[EllipticCurvePrivateKey],
         *,
         now: datetime | None = None,
     ) -> PublishedVersion:

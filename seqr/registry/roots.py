@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Sequence
 from datetime import datetime
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from seqr.core import signing
 from seqr.core.errors import ConfigError, RegistryError, RollbackError
@@ -47,7 +47,7 @@ def make_root(
     return Root(version, issued, expires, keys, threshold)
 
 
-def sign_root(root: Root, signers: Sequence[Ed25519PrivateKey]) -> bytes:
+def sign_root(root: Root, signers: Sequence[EllipticCurvePrivateKey]) -> bytes:
     """The envelope bytes of ``root`` signed by ``signers`` (old and new keys on rotation)."""
     return sign_envelope(ROOT_TYPE, root.to_payload(), signers)
 

@@ -52,7 +52,7 @@ class StagingQueue:
             what = f"staging/{seq:012d}.json"
             if kind == "enrol":
                 f = Fields(rec, what, ("kind", "public_key", "time"))
-                public = bytes.fromhex(f.hex("public_key", 32))
+                public = bytes.fromhex(f.hex("public_key", signing.PUBLIC_KEY_BYTES))
                 keyid = signing.fingerprint(public)
                 if keyid not in revoked:
                     clients.setdefault(keyid, ClientKey(keyid, public, f.time("time")))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from seqr.core.errors import RegistryError, RollbackError
 from seqr.registry import merkle
@@ -92,7 +92,7 @@ class TreeHead:
 
 
 def sign_tree_head(
-    leaves: list[bytes], root: Root, when: datetime, keys: Sequence[Ed25519PrivateKey]
+    leaves: list[bytes], root: Root, when: datetime, keys: Sequence[EllipticCurvePrivateKey]
 ) -> bytes:
     """The signed RFC 9162 head (section 4.10) over ``leaves``, with the inclusion proof of
     the newest leaf and the consistency proof from the previous size."""
