@@ -43,7 +43,7 @@ def test_group_of_three_federates_one_audited_adapter_over_two_rounds(tmp_path: 
     init_registry(registry, server_keys, setup=setup)
     with open_publisher(registry, server_keys, None) as publisher:
         for name in PARTS:
-            publisher.enrol_client(bytes.fromhex((keys / name / PUBLIC_KEY_NAME).read_text()))
+            publisher.enrol_client(signing.load_public_key(keys / name / PUBLIC_KEY_NAME))
         publisher.publish()
     run_config = {**FEDERATION, "base-model": str(model), "registry-dir": str(registry),
                   "server-keys": str(tmp_path / "server-key"), "data-dir": str(data),
