@@ -184,8 +184,8 @@ def check_signed_names(signed: Mapping[str, str], files: Mapping[str, bytes]) ->
     missing, unsigned = set(signed) - present, present - set(signed)
     if missing or unsigned:
         raise SignatureError(
-            f"files differ from the signed statement: missing {sorted(missing)}, "
-            f"not signed {sorted(str(n)[:64] for n in unsigned)}"
+            f"files differ from the signed statement: missing {_names(missing)}, "
+            f"not signed {_names(unsigned)}"
         )
 
 
@@ -241,6 +241,11 @@ def _statement_files(payload: bytes) -> Mapping[str, str]:
     if root_hasher.hexdigest() != root:  # the subject digest commits to every resource
         _bad("subject digest is not the SHA-256 of the listed digests")
     return MappingProxyType(out)
+
+
+def _names(names: set[str]) -> list[str]:
+    # Names from another party, shown escaped (repr) and bounded in length and number.
+    return [str(n)[:64] for n in sorted(names)[:8]]
 
 
 def _pae(payload: bytes) -> bytes:

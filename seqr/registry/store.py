@@ -8,7 +8,7 @@ A registry is a folder anyone can copy or serve as static files::
     log/<v>.tree_head.json           RFC 9162 signed tree head of size v, immutable
     adapters/<sha256>/               one adapter, named by the SHA-256 of its weights:
         adapter_config.json  adapter_model.safetensors  norm_stats.json
-        manifest.json  manifest.sig
+        manifest.json  model.sig
     staging/                         publisher's durable queue (need not be served)
 
 Consistent snapshots (TUF): every signed file carries its version in its name and is never
