@@ -121,7 +121,7 @@ def build_exports(root: Path) -> dict[str, Path]:
         stats = calibrate(peft_model, chunks[domain], fed, progress=False).stats
         key_dir = root / "keys" / domain
         signing.write_keypair(key_dir)
-        key = signing.load_private_key(key_dir / signing.PRIVATE_KEY_NAME)
+        key = signing.SigningKeyFile.open(key_dir / signing.PRIVATE_KEY_NAME)
         exports[domain] = root / "exports" / domain
         export_adapter(peft_model, stats, exports[domain], key, fed=fed, a_sha256=a_sha256,
                        base_model_sha256=base.sha256, name=domain,

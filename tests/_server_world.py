@@ -116,7 +116,7 @@ def resign(
         (dest / NORM_STATS_NAME).write_bytes(stats.to_json_bytes())
     sign_export(
         dest,
-        client.key,
+        signing.SigningKeyFile.open(client.key_dir / signing.PRIVATE_KEY_NAME),
         name=manifest.name,
         base_model_sha256=manifest.base_model_sha256,
         a_seed=manifest.a_seed,

@@ -1,7 +1,8 @@
 """Builds real, tiny signed adapter exports for the manifest and admission tests.
 
 One layer, q_proj and v_proj, r = 2, d = 4: peft tensor names, real safetensors bytes, real
-NormStatistics, a real Ed25519 signature. Tests change one thing and expect one rejection.
+NormStatistics, a real OpenSSF model-signing bundle made by model-signing with a real ECDSA
+P-256 key file. Tests change one thing and expect one rejection.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import save
 
+from seqr.core import signing
 from seqr.core.manifest import Manifest, sign_export
 from seqr.core.stats import NormStatistics
 
@@ -27,6 +28,12 @@ BASE_SHA = hashlib.sha256(b"tiny base model").hexdigest()
 A_SEED = 1234
 CREATED = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 STATS_MODULES = tuple(f"model.layers.0.self_attn.{m}" for m in TARGETS)
+
+
+def make_key(folder: Path, passphrase: bytes | None = None) -> signing.SigningKeyFile:
+    """A new key pair in ``folder`` (as `seqr keys generate` writes it), opened for signing."""
+    signing.write_keypair(folder, passphrase)
+    return signing.SigningKeyFile.open(folder / signing.PRIVATE_KEY_NAME, passphrase)
 
 
 def tensor_name(module: str, which: str) -> str:
@@ -102,7 +109,7 @@ def write_payload(
 
 def make_export(
     folder: Path,
-    key: Ed25519PrivateKey,
+    key: signing.SigningKeyFile,
     *,
     tensors: Mapping[str, np.ndarray] | None = None,
     weights: bytes | None = None,

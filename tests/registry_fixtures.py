@@ -1,28 +1,35 @@
 """Builds real signed client exports and registries fast, and mounts attacks on them.
 
 Exports are built in memory (tiny safetensors: one layer, q_proj and v_proj, r = 2, d = 4;
-real NormStatistics; a real signature). ``forge`` plays a malicious or buggy server
-(python-tuf RepositorySimulator style): it takes the newest targets metadata, lets a test
-change it, signs it with whatever keys it is given and commits it like the publisher would
-(targets, a snapshot with a correct RFC 9162 tree head, timestamp), so that only the check
-under test can catch the change.
+real NormStatistics; a real OpenSSF model-signing bundle made by model-signing with the
+client's ECDSA P-256 key). ``forge`` plays a malicious or buggy server (python-tuf
+RepositorySimulator style): it takes the newest targets metadata, lets a test change it, signs
+it with whatever keys it is given and commits it like the publisher would (targets, a snapshot
+with a correct RFC 9162 tree head, timestamp), so that only the check under test can catch
+the change.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 from safetensors.numpy import save
 from tuf.api.metadata import Metadata, Snapshot, TargetFile, Targets, Timestamp
 
 from seqr.core import signing
 from seqr.core.manifest import Manifest
+from seqr.core.model_signature import sign_files
 from seqr.core.stats import NormStatistics
 from seqr.registry import layout, log, repository, roles
 from seqr.registry.config import PublisherConfig
@@ -72,12 +79,28 @@ def make_stats(mean: float = 5.0, std: float = 1.0) -> bytes:
     return stats.to_json_bytes()
 
 
-def sign_manifest(
-    key: Any, payload: Mapping[str, bytes], *, name: str = "adapter", **over: Any
-) -> tuple[bytes, bytes]:
-    """manifest.json bytes listing ``payload``'s hashes, and its raw signature by ``key``."""
+_KEY_FILES = Path(tempfile.mkdtemp(prefix="seqr-test-keys-"))
+atexit.register(shutil.rmtree, _KEY_FILES, True)
+
+
+def key_file(key: EllipticCurvePrivateKey) -> signing.SigningKeyFile:
+    """``key`` as a key file: model-signing signs from a file (test keys only, 0600, removed
+    at exit)."""
+    path = _KEY_FILES / (signing.fingerprint(signing.public_key_bytes(key))[7:23] + ".pem")
+    if not path.exists():
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        path.touch(mode=0o600)
+        path.write_bytes(pem)
+    return signing.SigningKeyFile.open(path)
+
+
+def manifest_bytes(key: EllipticCurvePrivateKey, *, name: str = "adapter", **over: Any) -> bytes:
+    """manifest.json bytes naming ``key``."""
     fields: dict[str, Any] = {
-        "files": {n: hashlib.sha256(b).hexdigest() for n, b in payload.items()},
         "base_model_sha256": BASE_SHA,
         "a_seed": A_SEED,
         "a_sha256": A_SHA,
@@ -90,12 +113,18 @@ def sign_manifest(
         "example_count": 100,
     }
     fields.update(over)
-    data = Manifest(**fields).to_bytes()
-    return data, signing.sign(key, data)
+    return Manifest(**fields).to_bytes()
+
+
+def sign_export_files(
+    key: EllipticCurvePrivateKey, files: Mapping[str, bytes], *, name: str = "adapter"
+) -> dict[str, bytes]:
+    """``files`` plus model.sig, the model-signing bundle over all of them made with ``key``."""
+    return {**files, "model.sig": sign_files(files, key_file(key), name=name)}
 
 
 def make_export(
-    key: Any,
+    key: EllipticCurvePrivateKey,
     seed: int = 0,
     *,
     tensors: Mapping[str, np.ndarray] | None = None,
@@ -112,18 +141,19 @@ def make_export(
         "adapter_model.safetensors": weights,
         "norm_stats.json": stats if stats is not None else make_stats(5.0 + seed),
     }
-    data, sig = sign_manifest(key, payload, name=name or f"domain-{seed}", **manifest)
-    return {**payload, "manifest.json": data, "manifest.sig": sig}
+    name = name or f"domain-{seed}"
+    data = manifest_bytes(key, name=name, **manifest)
+    return sign_export_files(key, {**payload, "manifest.json": data}, name=name)
 
 
-def new_key() -> Any:
+def new_key() -> EllipticCurvePrivateKey:
     return signing.generate_private_key()
 
 
 def build_registry(
     path: Path,
-    server_keys: Sequence[Any],
-    clients: Sequence[Any],
+    server_keys: Sequence[EllipticCurvePrivateKey],
+    clients: Sequence[EllipticCurvePrivateKey],
     *,
     threshold: int = 1,
     root_keys: Sequence[bytes] | None = None,
@@ -226,8 +256,8 @@ def record_for(files: Mapping[str, bytes], signer: Any, **over: Any) -> AdapterR
 
 def inject_adapter(
     path: Path,
-    server_keys: Sequence[Any],
-    client: Any,
+    server_keys: Sequence[EllipticCurvePrivateKey],
+    client: EllipticCurvePrivateKey,
     files: Mapping[str, bytes],
     record: AdapterRecord | None = None,
 ) -> int:

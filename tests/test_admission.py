@@ -26,11 +26,14 @@ from _signed_export import (
     expected_tensors,
     make_config,
     make_export,
+    make_key,
     make_stats,
     make_tensors,
     shared_a,
     tensor_name,
 )
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from safetensors.numpy import save
 
 from seqr.core import signing
@@ -44,16 +47,17 @@ from seqr.core.admission import (
 )
 from seqr.core.errors import AdmissionError, ConfigError, FormatError, ValueCheckError
 from seqr.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, read_export
+from seqr.core.model_signature import MAX_BUNDLE_BYTES, sign_files
 from seqr.core.safetensors_check import load_float_tensors, parse_safetensors_header
 from seqr.core.stats import NormStatistics, RunningMoments
 
 NOW = CREATED + timedelta(minutes=1)
-Key = Any
+Key = signing.SigningKeyFile
 
 
 @pytest.fixture
-def key() -> Key:
-    return signing.generate_private_key()
+def key(tmp_path: Path) -> Key:
+    return make_key(tmp_path / "client-key")
 
 
 @pytest.fixture
@@ -71,7 +75,7 @@ def make_policy(key: Key, **overrides: Any) -> AdmissionPolicy:
         "expected_tensors": expected_tensors(),
         "stats_modules": STATS_MODULES,
         "stats_score": "norm",  # make_export's statistics measure norms
-        "allowed_keys": frozenset({signing.public_key_bytes(key).hex()}),
+        "allowed_keys": frozenset({key.public.hex()}),
     }
     fields.update(overrides)
     return AdmissionPolicy(**fields)
@@ -142,8 +146,8 @@ def test_honest_submission_admitted(tmp_path: Path, key: Key, policy: AdmissionP
     seen = SeenSubmissions()
     admitted = admit(files, policy, seen=seen, now=NOW)
     assert isinstance(admitted, AdmittedAdapter)
-    assert admitted.public_key == signing.public_key_bytes(key).hex()
-    assert admitted.fingerprint == signing.fingerprint(signing.public_key_bytes(key))
+    assert admitted.public_key == key.public.hex()
+    assert admitted.fingerprint == signing.fingerprint(key.public)
     assert admitted.manifest.name == "python-stdlib"
     assert dict(admitted.files) == files
     for name, array in make_tensors().items():
@@ -213,7 +217,7 @@ def test_oversized_stats_rejected(tmp_path: Path, key: Key) -> None:
 
 def test_malformed_manifest_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
     files = submission(tmp_path, key)
-    files[MANIFEST_NAME] = b'{"format_version": 1}'
+    files[MANIFEST_NAME] = b'{"format_version": 2}'
     assert_rejected(files, policy, "bad_manifest", match="missing")
 
 
@@ -228,15 +232,22 @@ def test_manifest_listing_other_files_rejected(
     make_export(folder, key, sign_only=True)  # re-sign without the statistics
     files = read_export(folder)
     files["norm_stats.json"] = stats
-    assert_rejected(files, policy, "bad_manifest", match="must list exactly")
+    assert_rejected(files, policy, "bad_manifest", match="not signed \\['norm_stats.json'\\]")
+
+
+def _flip_signature(bundle: bytes) -> bytes:
+    obj = json.loads(bundle)
+    sig = obj["dsseEnvelope"]["signatures"][0]["sig"]
+    obj["dsseEnvelope"]["signatures"][0]["sig"] = (
+        sig[:10] + ("B" if sig[10] != "B" else "C") + sig[11:]
+    )
+    return json.dumps(obj).encode()
 
 
 def test_forged_signature_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
     files = submission(tmp_path, key)
-    sig = bytearray(files[SIGNATURE_NAME])
-    sig[0] ^= 0x80
-    files[SIGNATURE_NAME] = bytes(sig)
-    assert_rejected(files, policy, "bad_signature")
+    files[SIGNATURE_NAME] = _flip_signature(files[SIGNATURE_NAME])
+    assert_rejected(files, policy, "bad_signature", match="does not verify")
 
 
 def test_manifest_edited_after_signing_rejected(
@@ -244,17 +255,35 @@ def test_manifest_edited_after_signing_rejected(
 ) -> None:
     files = submission(tmp_path, key)
     files[MANIFEST_NAME] = files[MANIFEST_NAME].replace(b"python-stdlib", b"python-stdlic")
-    assert_rejected(files, policy, "bad_signature")
+    assert_rejected(files, policy, "hash_mismatch", match="manifest.json has sha256")
 
 
 def test_impersonation_with_attackers_signature_rejected(
     tmp_path: Path, key: Key, policy: AdmissionPolicy
 ) -> None:
-    # The attacker keeps the victim's public key in the manifest but can only sign with their own.
-    attacker = signing.generate_private_key()
+    # The attacker keeps the victim's manifest (her enrolled key) and signs every file himself.
+    attacker = make_key(tmp_path / "attacker")
     files = submission(tmp_path, key)
-    files[SIGNATURE_NAME] = signing.sign(attacker, files[MANIFEST_NAME])
-    assert_rejected(files, policy, "bad_signature")
+    signed = {n: b for n, b in files.items() if n != SIGNATURE_NAME}
+    files[SIGNATURE_NAME] = sign_files(signed, attacker, name="export")
+    assert_rejected(files, policy, "bad_signature", match="another key")
+
+
+def test_swapped_bundle_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    """The bundle of another submission by the same enrolled key, over this one's files."""
+    files = submission(tmp_path, key, "mine")
+    other = submission(tmp_path, key, "other", stats=make_stats(mean=9.0).to_json_bytes())
+    files[SIGNATURE_NAME] = other[SIGNATURE_NAME]
+    assert_rejected(files, policy, "hash_mismatch", match="has sha256")
+
+
+def test_bundle_that_leaves_the_manifest_unsigned_rejected(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy
+) -> None:
+    files = submission(tmp_path, key)
+    payload = {n: b for n, b in files.items() if n not in (SIGNATURE_NAME, MANIFEST_NAME)}
+    files[SIGNATURE_NAME] = sign_files(payload, key, name="export")
+    assert_rejected(files, policy, "bad_signature", match="does not sign manifest.json")
 
 
 def test_missing_signature_bytes_rejected(
@@ -262,17 +291,37 @@ def test_missing_signature_bytes_rejected(
 ) -> None:
     files = submission(tmp_path, key)
     files[SIGNATURE_NAME] = b""
-    assert_rejected(files, policy, "bad_signature", match="64 bytes")
+    assert_rejected(files, policy, "bad_signature", match="model.sig is not valid JSON")
+
+
+def test_oversized_bundle_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+    files = submission(tmp_path, key)
+    files[SIGNATURE_NAME] = b" " * (MAX_BUNDLE_BYTES + 1)
+    assert_rejected(files, policy, "too_large", match="model.sig is")
+
+
+def test_manifest_naming_a_small_order_ed25519_key_rejected(
+    tmp_path: Path, key: Key, policy: AdmissionPolicy
+) -> None:
+    identity = ed25519.Ed25519PublicKey.from_public_bytes(bytes([1]) + bytes(31))
+    der = identity.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    files = submission(tmp_path, key)
+    obj = json.loads(files[MANIFEST_NAME])
+    obj["public_key"] = der.hex()
+    files[MANIFEST_NAME] = json.dumps(obj, sort_keys=True).encode()
+    assert_rejected(files, policy, "bad_manifest", match="Ed25519 key")
 
 
 def test_unknown_key_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    stranger = signing.generate_private_key()
+    stranger = make_key(tmp_path / "stranger")
     files = submission(tmp_path, stranger)
     assert_rejected(files, policy, "unknown_key", match="not enrolled")
 
 
 def test_revoked_key_rejected(tmp_path: Path, key: Key) -> None:
-    hex_key = signing.public_key_bytes(key).hex()
+    hex_key = key.public.hex()
     policy = make_policy(key, revoked_keys=frozenset({hex_key}))  # still on the allow-list
     assert_rejected(submission(tmp_path, key), policy, "revoked_key", match="revoked")
 
@@ -704,7 +753,7 @@ def test_invalid_policy_rejected(key: Key, changes: dict, match: str) -> None:
 
 
 def test_policy_normalises_key_case_and_order(key: Key) -> None:
-    upper = signing.public_key_bytes(key).hex().upper()
+    upper = key.public.hex().upper()
     policy = make_policy(key, allowed_keys=frozenset({upper}), target_modules=("v_proj", "q_proj"))
     assert policy.allowed_keys == frozenset({upper.lower()})
     assert policy.target_modules == ("q_proj", "v_proj")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,32 @@ def test_missing_key_exits_2_with_the_fix(setup, capsys) -> None:  # type: ignor
     assert seqr(_argv(setup)) == 2
     assert "seqr keys generate" in capsys.readouterr().err
     assert not setup["out"].exists()
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("case", ["folder", "fifo", "symlink"])
+def test_key_that_is_not_a_key_file_exits_2_without_traceback_or_leftovers(
+    setup, capsys, case: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Issue 14 item 16: `client train --key DIR` (and a FIFO or a symlink) gave a traceback."""
+    keys = setup["key"].parent
+    if case == "folder":
+        setup["key"] = keys  # the key folder instead of KEYDIR/signing_key.pem
+    elif case == "fifo":
+        setup["key"] = keys / "fifo.pem"
+        os.mkfifo(setup["key"], 0o600)  # nobody writes: opening it must not hang
+    else:
+        setup["key"] = keys / "link.pem"
+        setup["key"].symlink_to(keys / PRIVATE_KEY_NAME)
+    root = setup["out"].parent
+    before = _tree(root)
+    assert seqr(_argv(setup)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seqr client train: error: ") and err.count("\n") == 1
+    what = {"folder": "is a folder", "fifo": "not a regular file", "symlink": "symlink"}[case]
+    assert "signing key" in err and what in err
+    assert "Traceback" not in err and "Errno" not in err and PRIVATE_KEY_NAME in err
+    assert _tree(root) == before  # no export, no checkpoints, nothing else

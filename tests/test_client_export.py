@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from peft import PeftModel
 from safetensors.torch import load_file
 from tiny import copy_texts, tiny_model_dir
@@ -18,7 +20,13 @@ from seqr.core.export_folder import read_export
 from seqr.core.federation import FederationConfig
 from seqr.core.manifest import verify_export_files
 from seqr.core.shared_a import generate_shared_a
-from seqr.core.signing import PRIVATE_KEY_NAME, public_key_bytes, write_keypair
+from seqr.core.signing import (
+    PRIVATE_KEY_NAME,
+    PUBLIC_KEY_NAME,
+    fingerprint,
+    public_key_bytes,
+    write_keypair,
+)
 from seqr.core.stats import NormStatistics
 from seqr.node import export as node_export
 from seqr.node.task import checkpoint_dir_for, run_client
@@ -27,7 +35,7 @@ FILES = [
     "adapter_config.json",
     "adapter_model.safetensors",
     "manifest.json",
-    "manifest.sig",
+    "model.sig",
     "norm_stats.json",
 ]
 
@@ -101,10 +109,28 @@ def _no_leftovers(parent: Path, allowed: set[str]) -> None:
     assert {p.name for p in parent.iterdir()} <= allowed
 
 
-@pytest.mark.parametrize("case", ["missing", "malformed", "too open", "encrypted"])
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "malformed", "too open", "encrypted", "folder", "fifo", "symlink", "ed25519"],
+)
 def test_bad_key_file_fails_fast_leaving_nothing(tmp_path: Path, data: Path, case: str) -> None:
     key = tmp_path / "signing_key.pem"
-    if case == "malformed":
+    if case == "folder":
+        write_keypair(tmp_path / "keys")
+        key = tmp_path / "keys"  # --key KEYDIR instead of KEYDIR/signing_key.pem
+    elif case == "fifo":
+        os.mkfifo(key, 0o600)
+    elif case == "symlink":
+        write_keypair(tmp_path / "keys")
+        key.symlink_to(tmp_path / "keys" / PRIVATE_KEY_NAME)
+    elif case == "ed25519":
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )  # fmt: skip
+        key.write_bytes(pem)
+        key.chmod(0o600)
+    elif case == "malformed":
         key.write_text("-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
         key.chmod(0o600)
     elif case == "too open":
@@ -164,6 +190,18 @@ def test_failure_while_signing_leaves_no_export(
 
 
 def test_manifest_is_signed_by_the_given_key(run, key: Path) -> None:  # type: ignore[no-untyped-def]
-    from seqr.core.signing import load_private_key
+    from seqr.core.signing import load_private_key, load_public_key
 
     assert run.manifest.public_key_bytes == public_key_bytes(load_private_key(key))
+    assert run.manifest.public_key_bytes == load_public_key(key.parent / PUBLIC_KEY_NAME)
+    assert run.manifest.fingerprint == fingerprint(load_public_key(key.parent / PUBLIC_KEY_NAME))
+
+
+def test_encrypted_key_signs_with_its_passphrase(tmp_path: Path, data: Path) -> None:
+    write_keypair(tmp_path / "keys", passphrase=b"secret")
+    out = tmp_path / "out"
+    run = run_client(
+        data, tmp_path / "keys" / PRIVATE_KEY_NAME, out, fed_for_tiny(), passphrase=b"secret",
+        progress=False,
+    )  # fmt: skip
+    assert verify_export_files(read_export(out)) == run.manifest

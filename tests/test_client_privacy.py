@@ -14,7 +14,7 @@ from tiny import copy_texts, tiny_model_dir
 
 from seqr.core.federation import FederationConfig
 from seqr.core.manifest import verify_export_files
-from seqr.core.signing import PRIVATE_KEY_NAME, write_keypair
+from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_BYTES, write_keypair
 from seqr.core.stats import NormStatistics
 from seqr.node.client_app import app
 
@@ -68,12 +68,12 @@ def test_reply_holds_only_the_export_and_the_public_key(
     export = dict(content["export"])
     assert sorted(export) == sorted(
         ["adapter_config.json", "adapter_model.safetensors", "norm_stats.json",
-         "manifest.json", "manifest.sig"]
+         "manifest.json", "model.sig"]
     )  # fmt: skip
     assert all(isinstance(v, bytes) for v in export.values())
-    assert dict(content["public-key"]).keys() == {"ed25519"}
-    public = content["public-key"]["ed25519"]
-    assert isinstance(public, bytes) and len(public) == 32
+    assert dict(content["public-key"]).keys() == {"spki-der"}
+    public = content["public-key"]["spki-der"]
+    assert isinstance(public, bytes) and len(public) == PUBLIC_KEY_BYTES
 
     manifest = verify_export_files(export)  # signature and every file hash
     assert manifest.public_key_bytes == public and manifest.name == "diary"  # partition 1

@@ -14,7 +14,13 @@ from tiny import copy_texts, tiny_model_dir
 from seqr.core.base_model import load_base_model
 from seqr.core.errors import AdmissionError
 from seqr.core.federation import FederationConfig
-from seqr.core.signing import PRIVATE_KEY_NAME, load_private_key, public_key_bytes, write_keypair
+from seqr.core.signing import (
+    PRIVATE_KEY_NAME,
+    generate_private_key,
+    load_private_key,
+    public_key_bytes,
+    write_keypair,
+)
 from seqr.core.textdata import read_text_folder, tokenize_chunks
 from seqr.node.calibrate import calibrate
 from seqr.node.client_app import app
@@ -94,7 +100,7 @@ def test_group_replies_carry_only_b_signed_as_the_server_checks(node: Path) -> N
     who = app(_message(RecordDict(), "query.group"), _context(node))
     assert dict(who.content.config_records["group-member"]) == {
         "adapter-name": "g_part0",
-        "ed25519": member.public_key,
+        "spki-der": member.public_key,
     }
     # Train one round from B = 0.
     reply = app(_message(_group_content(zeros, 1), "train.group"), _context(node))
@@ -120,6 +126,6 @@ def test_group_replies_carry_only_b_signed_as_the_server_checks(node: Path) -> N
     final = Expected("g", "ab" * 16, 2, arrays_sha256(b), shapes)
     _, data, count = check_statistics(stats.content, member, final)
     assert count > 0 and b'"modules"' in data
-    other = Member(7, "g_part0", b"\x01" * 32)
+    other = Member(7, "g_part0", public_key_bytes(generate_private_key()))  # another key
     with pytest.raises(AdmissionError, match="key_mismatch|declared"):
         check_statistics(stats.content, other, final)

@@ -43,7 +43,7 @@ def test_group_of_three_federates_one_audited_adapter_over_two_rounds(tmp_path: 
     init_registry(registry, server_keys, setup=setup)
     with open_publisher(registry, server_keys, None) as publisher:
         for name in PARTS:
-            publisher.enrol_client(bytes.fromhex((keys / name / PUBLIC_KEY_NAME).read_text()))
+            publisher.enrol_client(signing.load_public_key(keys / name / PUBLIC_KEY_NAME))
         publisher.publish()
     run_config = {**FEDERATION, "base-model": str(model), "registry-dir": str(registry),
                   "server-keys": str(tmp_path / "server-key"), "data-dir": str(data),
@@ -62,7 +62,7 @@ def test_group_of_three_federates_one_audited_adapter_over_two_rounds(tmp_path: 
     report = audit_registry(registry)
     by_name = {e.name: e for e in report.entries}
     assert sorted(by_name) == ["g", "solo"]
-    members = {signing.fingerprint(bytes.fromhex((keys / n / PUBLIC_KEY_NAME).read_text()))
+    members = {signing.fingerprint(signing.load_public_key(keys / n / PUBLIC_KEY_NAME))
                for n in ("g_part0", "g_part1", "g_part2")}  # fmt: skip
     assert set(by_name["g"].contributors) == members and by_name["g"].group_rounds == 2
     assert by_name["g"].client == report.server_keys[0]  # signed by the server

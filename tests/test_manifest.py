@@ -1,18 +1,29 @@
-"""The signed manifest of an adapter export: what tampering with an export looks like."""
+"""An export's manifest and its model-signing bundle: what tampering with an export looks like.
+
+Attacks on the bundle itself (swapped, re-signed, hiding files, other formats) are in
+tests/test_model_signature.py; the real `model_signing` CLI against exports in
+tests/test_model_signing_cli.py.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _signed_export import A_SHA, BASE_SHA, CREATED, TARGETS, make_export
+from _signed_export import A_SHA, BASE_SHA, CREATED, TARGETS, make_export, make_key
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from seqr.core import signing
 from seqr.core.errors import FormatError, SignatureError
 from seqr.core.manifest import (
+    EXPORT_FILE_NAMES,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     SIGNATURE_NAME,
@@ -23,15 +34,16 @@ from seqr.core.manifest import (
     sign_export,
     verify_export_files,
 )
+from seqr.core.model_signature import MAX_BUNDLE_BYTES
 
 
 @pytest.fixture
-def key() -> Any:
-    return signing.generate_private_key()
+def key(tmp_path: Path) -> signing.SigningKeyFile:
+    return make_key(tmp_path / "key")
 
 
 @pytest.fixture
-def export(tmp_path: Path, key: Any) -> Path:
+def export(tmp_path: Path, key: signing.SigningKeyFile) -> Path:
     make_export(tmp_path / "export", key)
     return tmp_path / "export"
 
@@ -40,34 +52,57 @@ def _manifest_dict(folder: Path) -> dict[str, Any]:
     return json.loads((folder / MANIFEST_NAME).read_bytes())
 
 
-def _resign(folder: Path, key: Any, data: bytes) -> None:
-    (folder / MANIFEST_NAME).write_bytes(data)
-    (folder / SIGNATURE_NAME).write_bytes(signing.sign(key, data))
-
-
 # --- happy path ---------------------------------------------------------------------------
 
 
-def test_signed_export_verifies(export: Path, key: Any) -> None:
+def test_signed_export_verifies(export: Path, key: signing.SigningKeyFile) -> None:
     manifest = verify_export_files(read_export(export))
-    assert manifest.public_key == signing.public_key_bytes(key).hex()
-    assert manifest.fingerprint == signing.fingerprint(signing.public_key_bytes(key))
-    assert set(manifest.files) == {
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "norm_stats.json",
-    }
+    assert manifest.public_key == key.public.hex()
+    assert manifest.fingerprint == signing.fingerprint(key.public)
     assert manifest.created == CREATED
     assert manifest.target_modules == tuple(sorted(TARGETS))
-    assert len((export / SIGNATURE_NAME).read_bytes()) == 64
+    assert (
+        set(read_export(export))
+        == EXPORT_FILE_NAMES
+        == {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "norm_stats.json",
+            "manifest.json",
+            "model.sig",
+        }
+    )
 
 
-def test_sign_export_returns_what_it_wrote(tmp_path: Path, key: Any) -> None:
-    written = make_export(tmp_path, key)
-    data = (tmp_path / MANIFEST_NAME).read_bytes()
+def test_bundle_signs_every_file_including_the_manifest(export: Path) -> None:
+    files = read_export(export)
+    bundle = json.loads(files[SIGNATURE_NAME])
+    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    listed = {r["name"]: r["digest"] for r in statement["predicate"]["resources"]}
+    assert listed == {
+        n: hashlib.sha256(b).hexdigest() for n, b in files.items() if n != SIGNATURE_NAME
+    }
+    assert statement["predicateType"] == "https://model_signing/signature/v1.0"
+
+
+def test_sign_export_returns_what_it_wrote(tmp_path: Path, key: signing.SigningKeyFile) -> None:
+    written = make_export(tmp_path / "export", key)
+    data = (tmp_path / "export" / MANIFEST_NAME).read_bytes()
     assert data == written.to_bytes()
     assert parse_manifest(data) == written
-    signing.verify(written.public_key_bytes, data, (tmp_path / SIGNATURE_NAME).read_bytes())
+    assert verify_export_files(read_export(tmp_path / "export")) == written
+
+
+def test_verify_export_files_does_no_file_io(export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = read_export(export)
+
+    def no_io(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"verification touched the file system: {args[:1]}")
+
+    for name in ("open", "mkdir", "unlink", "rename", "replace", "scandir", "listdir"):
+        monkeypatch.setattr(os, name, no_io)
+    monkeypatch.setattr("builtins.open", no_io)
+    assert verify_export_files(files).name == "python-stdlib"
 
 
 def test_manifest_bytes_are_deterministic_sorted_compact(export: Path) -> None:
@@ -78,15 +113,19 @@ def test_manifest_bytes_are_deterministic_sorted_compact(export: Path) -> None:
     assert parse_manifest(data).to_bytes() == data
 
 
-def test_alpha_is_the_only_float_and_int_alpha_accepted(tmp_path: Path, key: Any) -> None:
-    manifest = make_export(tmp_path, key, alpha=16)
+def test_alpha_is_the_only_float_and_int_alpha_accepted(
+    tmp_path: Path, key: signing.SigningKeyFile
+) -> None:
+    manifest = make_export(tmp_path / "export", key, alpha=16)
     assert manifest.alpha == 16.0 and isinstance(manifest.alpha, float)
     obj = json.loads(manifest.to_bytes())
     floats = [k for k, v in obj.items() if isinstance(v, float)]
     assert floats == ["alpha"]
 
 
-def test_resigning_replaces_manifest_without_leftovers(export: Path, key: Any) -> None:
+def test_resigning_replaces_manifest_without_leftovers(
+    export: Path, key: signing.SigningKeyFile
+) -> None:
     later = CREATED + timedelta(seconds=1)
     make_export(export, key, created=later)
     assert verify_export_files(read_export(export)).created == later
@@ -102,9 +141,9 @@ def test_manifest_hash_names_exact_bytes(export: Path) -> None:
     assert len(manifest_sha256(data)) == 64
 
 
-def test_non_utc_aware_time_is_stored_as_utc(tmp_path: Path, key: Any) -> None:
+def test_non_utc_aware_time_is_stored_as_utc(tmp_path: Path, key: signing.SigningKeyFile) -> None:
     plus_two = datetime(2025, 6, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
-    manifest = make_export(tmp_path, key, created=plus_two)
+    manifest = make_export(tmp_path / "export", key, created=plus_two)
     assert manifest.created_iso == "2025-06-01T12:00:00.000000Z"
 
 
@@ -129,7 +168,7 @@ def test_forged_manifest_rejected(export: Path) -> None:
     obj = _manifest_dict(export)
     obj["name"] = "someone-else"
     (export / MANIFEST_NAME).write_bytes(json.dumps(obj, sort_keys=True).encode())
-    with pytest.raises(SignatureError, match="does not verify"):
+    with pytest.raises(SignatureError, match="manifest.json has sha256"):
         verify_export_files(read_export(export))
 
 
@@ -138,7 +177,7 @@ def test_swapped_public_key_rejected(export: Path) -> None:
     other = signing.public_key_bytes(signing.generate_private_key()).hex()
     obj["public_key"] = other
     (export / MANIFEST_NAME).write_bytes(json.dumps(obj, sort_keys=True).encode())
-    with pytest.raises(SignatureError, match="does not verify"):
+    with pytest.raises(SignatureError, match="made by another key"):
         verify_export_files(read_export(export))
 
 
@@ -169,10 +208,17 @@ def test_missing_manifest_or_signature_rejected(export: Path, name: str) -> None
         verify_export_files(read_export(export))
 
 
-def test_truncated_signature_rejected(export: Path) -> None:
-    (export / SIGNATURE_NAME).write_bytes((export / SIGNATURE_NAME).read_bytes()[:63])
-    with pytest.raises(SignatureError, match="64 bytes"):
+def test_truncated_bundle_rejected(export: Path) -> None:
+    (export / SIGNATURE_NAME).write_bytes((export / SIGNATURE_NAME).read_bytes()[:-10])
+    with pytest.raises(FormatError, match="model.sig is not valid JSON"):
         verify_export_files(read_export(export))
+
+
+def test_oversized_bundle_rejected_before_parsing(export: Path) -> None:
+    files = read_export(export)
+    files[SIGNATURE_NAME] = b"[" * (MAX_BUNDLE_BYTES + 1)
+    with pytest.raises(FormatError, match="model.sig is .* bytes, over"):
+        verify_export_files(files)
 
 
 def test_oversized_export_rejected_before_hashing(export: Path) -> None:
@@ -189,6 +235,13 @@ def test_path_traversal_name_rejected(export: Path) -> None:
 
 
 # --- strict parsing -----------------------------------------------------------------------
+
+
+def _ed25519_identity_hex() -> str:
+    point = ed25519.Ed25519PublicKey.from_public_bytes(bytes([1]) + bytes(31))
+    return point.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).hex()
 
 
 def _good(export: Path) -> dict[str, Any]:
@@ -211,7 +264,9 @@ def _parse(obj: Any) -> Manifest:
         (lambda d: d.update(alpha=0), "alpha = 0 must be finite and > 0"),
         (lambda d: d.update(a_seed=-1), "a_seed = -1"),
         (lambda d: d.update(example_count=0), "example_count = 0"),
-        (lambda d: d.update(format_version=2), "format_version 2 is not 1"),
+        (lambda d: d.update(format_version=3), "format_version 3 is not 2"),
+        (lambda d: d.update(format_version=1), "format 1 was signed by manifest.sig; re-export"),
+        (lambda d: d.update(files={}), "unknown \\['files'\\]"),
         (lambda d: d.update(target_modules=["v_proj", "q_proj"]), "sorted"),
         (lambda d: d.update(target_modules=["q_proj", "q_proj"]), "duplicates"),
         (lambda d: d.update(target_modules=[]), "at least one"),
@@ -219,17 +274,15 @@ def _parse(obj: Any) -> Manifest:
         (lambda d: d.update(base_model_sha256="AB" * 32), "base_model_sha256"),
         (lambda d: d.update(a_sha256="00" * 31), "a_sha256"),
         (lambda d: d.update(public_key="00" * 33), "public_key"),
+        (lambda d: d.update(public_key="00" * 91), "public_key is not a valid public key"),
         (lambda d: d.update(public_key=d["public_key"].upper()), "lowercase"),
+        (lambda d: d.update(public_key=d["public_key"][:-2]), "public_key"),
+        (lambda d: d.update(public_key=_ed25519_identity_hex()), "Ed25519 key"),
         (lambda d: d.update(created="2025-06-01 12:00:00"), "ISO-8601 UTC"),
         (lambda d: d.update(created="2025-06-01T12:00:00+02:00"), "ISO-8601 UTC"),
         (lambda d: d.update(created="2025-13-01T12:00:00Z"), "created"),
         (lambda d: d.update(name=""), "name"),
         (lambda d: d.update(name="../etc"), "name"),
-        (lambda d: d.update(files={}), "at least one file"),
-        (lambda d: d.update(files={"x": "00"}), "sha256"),
-        (lambda d: d.update(files={"manifest.json": "00" * 32}), "cannot list the manifest"),
-        (lambda d: d.update(files={".hidden": "00" * 32}), "not allowed"),
-        (lambda d: d.update(files=["adapter_model.safetensors"]), "files must be dict"),
     ],
 )
 def test_malformed_manifest_rejected(export: Path, change: Any, match: str) -> None:
@@ -271,15 +324,15 @@ def test_garbage_manifest_rejected(data: bytes, match: str) -> None:
         parse_manifest(data)
 
 
-def test_naive_created_time_rejected(tmp_path: Path, key: Any) -> None:
+def test_naive_created_time_rejected(tmp_path: Path, key: signing.SigningKeyFile) -> None:
     with pytest.raises(FormatError, match="timezone-aware"):
-        make_export(tmp_path, key, created=datetime(2025, 1, 1))
-    assert not (tmp_path / MANIFEST_NAME).exists()
+        make_export(tmp_path / "export", key, created=datetime(2025, 1, 1))
+    assert not (tmp_path / "export" / MANIFEST_NAME).exists()
 
 
-def test_sign_export_rejects_bad_hash_argument(tmp_path: Path, key: Any) -> None:
+def test_sign_export_rejects_bad_hash_argument(tmp_path: Path, key: signing.SigningKeyFile) -> None:
     with pytest.raises(FormatError, match="base_model_sha256"):
-        make_export(tmp_path, key, base_model_sha256="not-a-hash")
+        make_export(tmp_path / "export", key, base_model_sha256="not-a-hash")
 
 
 # --- reading export folders ---------------------------------------------------------------
@@ -322,7 +375,7 @@ def test_missing_export_folder_rejected(tmp_path: Path) -> None:
         read_export(tmp_path / "nope")
 
 
-def test_sign_export_refuses_symlinked_payload(tmp_path: Path, key: Any) -> None:
+def test_sign_export_refuses_symlinked_payload(tmp_path: Path, key: signing.SigningKeyFile) -> None:
     folder = tmp_path / "export"
     folder.mkdir()
     (tmp_path / "real.json").write_text("{}")
@@ -341,4 +394,4 @@ def test_sign_export_refuses_symlinked_payload(tmp_path: Path, key: Any) -> None
             example_count=1,
             created=datetime.now(UTC),
         )
-    assert not (folder / MANIFEST_NAME).exists()
+    assert not (folder / MANIFEST_NAME).exists() and not (folder / SIGNATURE_NAME).exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from registry_fixtures import key_file, sign_export_files
 from tiny import tiny_model_dir
 
 from seqr.core import signing
@@ -106,22 +107,22 @@ def world(tmp_path: Path, setup: FederationSetup) -> dict:
         pub.publish(now=NOW)
     doc, final, total = _contributions(setup, clients)
     stats = merge_partial_statistics(doc.statistics).to_json_bytes()
-    files = build_group_export(setup, final, stats, doc, server, example_count=total, created=NOW)
+    files = build_group_export(
+        setup, final, stats, doc, key_file(server), example_count=total, created=NOW
+    )
     state = tmp_path / "state"
     return {"registry": registry, "server": server, "clients": clients, "files": files,
             "doc": doc, "setup": setup, "total": total, "state": state}  # fmt: skip
 
 
 def _resign(files: dict[str, bytes], key, **changes: bytes) -> dict[str, bytes]:
-    """A malicious (or buggy) server re-signs the manifest over changed files."""
+    """A malicious (or buggy) server re-signs changed files (model-signing bundle by ``key``)."""
     files = {**files, **changes}
     old = parse_manifest(files[MANIFEST_NAME])
-    hashes = {n: hashlib.sha256(files[n]).hexdigest() for n in old.files}
-    manifest = dataclasses.replace(
-        old, files=hashes, public_key=signing.public_key_bytes(key).hex()
-    )
-    data = Manifest.to_bytes(manifest)
-    return {**files, MANIFEST_NAME: data, SIGNATURE_NAME: signing.sign(key, data)}
+    manifest = dataclasses.replace(old, public_key=signing.public_key_bytes(key).hex())
+    signed = {n: b for n, b in files.items() if n != SIGNATURE_NAME}
+    signed[MANIFEST_NAME] = Manifest.to_bytes(manifest)
+    return sign_export_files(key, signed, name=old.name)
 
 
 def _publish(world: dict, files: dict[str, bytes]) -> str:

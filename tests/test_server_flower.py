@@ -50,7 +50,7 @@ def test_flower_run_admits_enrolled_clients_and_publishes_an_auditable_registry(
     init_registry(registry, server_keys, setup=setup_federation(fed, base.model, base.sha256))
     with open_publisher(registry, server_keys, None) as publisher:
         for i in (0, 1):  # p2 is not enrolled: its adapter must be refused
-            publisher.enrol_client(bytes.fromhex((keys / f"p{i}" / PUBLIC_KEY_NAME).read_text()))
+            publisher.enrol_client(signing.load_public_key(keys / f"p{i}" / PUBLIC_KEY_NAME))
         publisher.publish()
     run_config = {
         **FEDERATION,

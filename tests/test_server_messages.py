@@ -45,11 +45,11 @@ def test_train_content_parses_strictly_as_the_client_does() -> None:
 
 
 def test_replies_become_submissions_and_missing_ones_time_out() -> None:
-    files = {"manifest.json": b"{}", "manifest.sig": b"\0" * 64}
+    files = {"manifest.json": b"{}", "model.sig": b"{}"}
     ok = RecordDict(
         {
             "export": ConfigRecord(files),
-            "public-key": ConfigRecord({"ed25519": b"\1" * 32}),
+            "public-key": ConfigRecord({"spki-der": b"\1" * 91}),
         }
     )
     odd = RecordDict({"export": ConfigRecord({"manifest.json": "text, not bytes"})})
@@ -60,7 +60,7 @@ def test_replies_become_submissions_and_missing_ones_time_out() -> None:
         _reply(4, odd),
     ]
     subs = {s.node_id: s for s in messages.submissions_from_replies([1, 2, 3, 4, 5], replies)}
-    assert subs[1].files == files and subs[1].public_key == b"\1" * 32
+    assert subs[1].files == files and subs[1].public_key == b"\1" * 91
     assert subs[2].files is None and "private data is unusable" in subs[2].error
     assert subs[3].files is None and "no 'export' record" in subs[3].error
     assert subs[4].files is None and "not bytes" in subs[4].error

@@ -1,4 +1,8 @@
-"""``seqr keys generate``: create a client's adapter-signing key pair.
+"""``seqr keys generate``: create an ECDSA P-256 signing key pair (seqr.core.signing).
+
+``signing_key.pem`` (PKCS8, mode 0600) signs; ``signing_key.pub`` (PEM SubjectPublicKeyInfo) is
+what the operator enrols and what ``model_signing verify key --public_key`` takes. The printed
+fingerprint (``sha256:`` + 64 hex) is the key's name everywhere in seqr.
 
 The passphrase never appears on the command line (it would show in ``ps`` and shell
 history): it comes from an environment variable or from a file.
@@ -21,11 +25,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seqr keys generate",
         description=(
-            f"Create {PRIVATE_KEY_NAME} (mode 0600) and {PUBLIC_KEY_NAME} in --out and print "
-            "the key's fingerprint. Refuses to overwrite an existing key."
+            f"Create an ECDSA P-256 key pair: {PRIVATE_KEY_NAME} (PKCS8, mode 0600) and "
+            f"{PUBLIC_KEY_NAME} (PEM; give it to the operator, and to `model_signing verify key "
+            "--public_key`) in the folder --out, and print the key's full fingerprint. Refuses "
+            "to overwrite an existing key."
         ),
     )
-    parser.add_argument("--out", required=True, type=Path, help="directory for the key pair")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="folder for the key pair (created if missing)"
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--passphrase-env",
@@ -81,7 +89,10 @@ def main(argv: list[str]) -> int:
         print(f"seqr keys generate: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"seqr keys generate: error: cannot write to {args.out}: {exc}", file=sys.stderr)
+        print(
+            f"seqr keys generate: error: cannot write to {args.out}: {exc.strerror}",
+            file=sys.stderr,
+        )
         return 2
     print(fp)
     return 0

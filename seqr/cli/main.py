@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("seqr.sim.simulate:main", "run the whole federation here, then the report"),
     "simulate scale": ("seqr.sim.scale:main", "100+ clients on a tiny model: time and memory"),
     "simulate groups": ("seqr.sim.groups_eval:main", "a task group federates one adapter"),
-    "keys generate": ("seqr.cli.keys:main", "create an Ed25519 adapter-signing key pair"),
+    "keys generate": ("seqr.cli.keys:main", "create an ECDSA P-256 signing key pair"),
     "server enrol": ("seqr.cli.server:enrol_main", "allow-list client keys and publish"),
     "server init": ("seqr.cli.server:init_main", "create a registry signed by server keys"),
     "server revoke": ("seqr.cli.server:revoke_main", "revoke client keys for good, publish"),

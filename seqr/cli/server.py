@@ -12,14 +12,15 @@ leaves nothing behind. Passphrases never appear on the command line
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from seqr.cli.keys import read_passphrase
 from seqr.core.admission_policy import WEIGHT_DTYPES
-from seqr.core.errors import ConfigError, KeyFileError, SeqrError
-from seqr.core.signing import MAX_KEY_FILE_BYTES, fingerprint, load_public_key_hex
+from seqr.core.errors import ConfigError, SeqrError
+from seqr.core.signing import FINGERPRINT_PREFIX, fingerprint, load_public_key, parse_public_key
 from seqr.operator.registry_ops import init_registry, load_server_keys, open_publisher
 
 __all__ = ["init_main", "enrol_main", "revoke_main", "refresh_main"]
@@ -107,7 +108,7 @@ def enrol_main(argv: list[str]) -> int:
         required=True,
         action="append",
         metavar="PUB",
-        help="the client's signing_key.pub file (repeatable)",
+        help="client public key: its signing_key.pub file, or the hex of its DER (repeatable)",
     )
     args = parser.parse_args(argv)
 
@@ -168,27 +169,15 @@ def refresh_main(argv: list[str]) -> int:
 
 
 def _public_key(text: str) -> bytes:
-    """A client public key from its file (never echoing the file: it may hold a secret)."""
-    path = Path(text)
-    if not path.is_file():
-        raise KeyFileError(f"client key {path} is not a file; give the client's signing_key.pub")
-    with open(path, "rb") as handle:
-        data = handle.read(MAX_KEY_FILE_BYTES + 1)
-    if b"PRIVATE KEY" in data:
-        raise KeyFileError(
-            f"{path} is a PRIVATE key; enrol the client's public key (signing_key.pub), and "
-            "treat this private key as exposed if it left the client's machine"
-        )
-    try:
-        return load_public_key_hex(data.decode("utf-8", "replace"))
-    except KeyFileError:
-        raise KeyFileError(
-            f"{path} is not a seqr public key; give the client's signing_key.pub"
-        ) from None
+    # A path or the key's hex; errors name the file or the mistake, never the text (a private
+    # key given by mistake must not end up in a terminal or a log).
+    if os.path.lexists(text):  # False (not an error) for a name too long to be a path
+        return load_public_key(text)
+    return parse_public_key(text, what="--client value")
 
 
 def _keyid(text: str) -> str:
-    return text if text.startswith("sha256:") else fingerprint(_public_key(text))
+    return text if text.startswith(FINGERPRINT_PREFIX) else fingerprint(_public_key(text))
 
 
 def _load_setup(path: Path, adapter_dtype: str):  # type: ignore[no-untyped-def]

@@ -4,7 +4,8 @@
 either returns the typed ``AdmittedAdapter`` or raises ``AdmissionError(reason, message)``,
 ``reason`` being one stable slug of ``REASONS``. Checks run cheapest first, and nothing is
 parsed before the bytes are known to be signed by an allowed key, except the manifest itself
-(which must be parsed to find the key) and size caps (which bound all the work).
+(which must be parsed to find the key), the model-signing bundle (which holds the signature) and
+size caps (which bound all the work).
 
 ``check_stats_plausible`` (stats_plausibility.py, re-exported here) is the separate check
 against lying statistics, run once the server has recomputed the adapter's probe norms.
@@ -25,15 +26,20 @@ from seqr.core.errors import AdmissionError, FormatError, SignatureError, ValueC
 from seqr.core.manifest import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
-    EXPORT_PAYLOAD_NAMES,
+    EXPORT_FILE_NAMES,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     NORM_STATS_NAME,
     SIGNATURE_NAME,
     Manifest,
-    check_export_files,
     manifest_sha256,
     parse_manifest,
+)
+from seqr.core.model_signature import (
+    MAX_BUNDLE_BYTES,
+    check_signed_digests,
+    check_signed_names,
+    verify_bundle,
 )
 from seqr.core.safetensors_check import (
     SafetensorsHeader,
@@ -41,7 +47,6 @@ from seqr.core.safetensors_check import (
     looks_like_pickle,
     parse_safetensors_header,
 )
-from seqr.core.signing import SIGNATURE_BYTES, verify
 from seqr.core.stats import NormStatistics
 from seqr.core.stats_plausibility import check_stats_plausible
 from seqr.core.strict_json import loads_strict
@@ -59,15 +64,15 @@ __all__ = [
 REASONS = (
     "wrong_files",  # the submission is not exactly the five export files
     "too_large",  # a file over its byte cap
-    "bad_manifest",  # manifest.json malformed, or it lists other files than the export's
-    "bad_signature",  # manifest.sig does not verify over manifest.json's exact bytes
+    "bad_manifest",  # manifest.json malformed, or the bundle signs other files than the export's
+    "bad_signature",  # model.sig malformed, or it does not verify with manifest.json's key
     "revoked_key",  # signed by a key on the revocation list
     "unknown_key",  # signed by a key not on the allow-list
     "duplicate",  # this exact manifest was admitted before
     "replay",  # not newer than the newest submission admitted from this key
     "future",  # created further in the future than the allowed clock skew
     "stale",  # created longer ago than the allowed age
-    "hash_mismatch",  # a file's bytes differ from the hash the manifest signed
+    "hash_mismatch",  # a file's bytes differ from the SHA-256 the bundle signed
     "wrong_base_model",  # trained on another base model
     "wrong_a",  # another shared A (seed, hash, or tensors that differ from it)
     "bad_config",  # adapter_config.json malformed
@@ -126,22 +131,27 @@ def admit(
         manifest = parse_manifest(manifest_bytes)
     except FormatError as exc:
         _reject("bad_manifest", str(exc))
-    # Signature over the exact received bytes (DSSE: no re-serialisation), then the key.
+    # The model-signing bundle, verified with the key manifest.json names; manifest.json is
+    # one of the files it signs, so its fields count only once its own digest matches.
     try:
-        verify(manifest.public_key_bytes, manifest_bytes, files[SIGNATURE_NAME])
-    except SignatureError as exc:
+        signed = verify_bundle(files[SIGNATURE_NAME], manifest.public_key_bytes)
+    except (FormatError, SignatureError) as exc:
         _reject("bad_signature", str(exc))
+    if MANIFEST_NAME not in signed:
+        _reject("bad_signature", f"{SIGNATURE_NAME} does not sign {MANIFEST_NAME}")
+    try:
+        check_signed_digests({MANIFEST_NAME: signed[MANIFEST_NAME]}, files)
+    except SignatureError as exc:
+        _reject("hash_mismatch", str(exc))
     _check_key(manifest, policy)
     digest = manifest_sha256(manifest_bytes)
     _check_freshness(manifest, digest, seen, now, policy)
-    if set(manifest.files) != EXPORT_PAYLOAD_NAMES:
-        _reject(
-            "bad_manifest",
-            f"manifest lists {sorted(manifest.files)}; it must list exactly "
-            f"{sorted(EXPORT_PAYLOAD_NAMES)}",
-        )
     try:
-        check_export_files(manifest, files)
+        check_signed_names(signed, files)
+    except SignatureError as exc:
+        _reject("bad_manifest", str(exc))
+    try:
+        check_signed_digests(signed, files)
     except SignatureError as exc:
         _reject("hash_mismatch", str(exc))
     _check_federation(manifest, policy)
@@ -162,7 +172,7 @@ def admit(
 
 
 def _check_file_set(files: Mapping[str, bytes]) -> None:
-    expected = EXPORT_PAYLOAD_NAMES | {MANIFEST_NAME, SIGNATURE_NAME}
+    expected = EXPORT_FILE_NAMES
     missing, extra = expected - set(files), set(files) - expected
     if missing or extra:
         _reject(
@@ -178,7 +188,7 @@ def _check_sizes(files: Mapping[str, bytes], policy: AdmissionPolicy) -> None:
         NORM_STATS_NAME: policy.max_stats_bytes,
         ADAPTER_CONFIG_NAME: policy.max_config_bytes,
         MANIFEST_NAME: MAX_MANIFEST_BYTES,
-        SIGNATURE_NAME: SIGNATURE_BYTES,
+        SIGNATURE_NAME: MAX_BUNDLE_BYTES,
     }
     for name, cap in caps.items():
         if len(files[name]) > cap:

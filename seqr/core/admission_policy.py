@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from seqr.core.errors import ConfigError, FormatError, KeyFileError
-from seqr.core.signing import load_public_key_hex
+from seqr.core.signing import parse_public_key
 from seqr.core.stats import SCORE_KINDS
 from seqr.core.strict_json import loads_strict
 
@@ -182,7 +182,7 @@ def _keys(key: str, values: Any) -> frozenset[str]:
     out = set()
     for value in values:
         try:
-            out.add(load_public_key_hex(str(value)).hex())
+            out.add(parse_public_key(str(value), what=f"a key in {key}").hex())
         except KeyFileError as exc:
             raise ConfigError(f"admission policy {key}: {exc}") from None
     return frozenset(out)

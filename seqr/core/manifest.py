@@ -1,16 +1,22 @@
-"""The signed manifest of a client's adapter export.
+"""The seqr manifest of an adapter export, one of the files its model-signing bundle signs.
 
 An export folder holds the peft adapter (``adapter_config.json``, ``adapter_model.safetensors``),
-its calibration statistics (``norm_stats.json``), ``manifest.json`` and ``manifest.sig``: the raw
-64-byte Ed25519 signature over the EXACT bytes of manifest.json. The manifest lists the SHA-256
-of every other file, so one signature covers the whole folder (TUF targets metadata: hashes and
-lengths of files, TUF spec 1.0 section 4.5). Verification never re-serialises anything: it
-checks the signature over the bytes as received, then each file's bytes against its hash.
+its calibration statistics (``norm_stats.json``), ``manifest.json`` (what seqr needs to know
+about the adapter: base model, shared A, LoRA shape, the signer's public key, creation time,
+name, example count) and ``model.sig``: an OpenSSF model-signing bundle over ALL the other files
+(seqr.core.model_signature), made with the key manifest.json names. So
+
+    model_signing verify key EXPORT --signature EXPORT/model.sig --public_key signing_key.pub
+
+checks a whole export with the standard tool, and ``verify_export_files`` checks the same bytes
+in memory. Verification never re-serialises anything: the bundle's signature covers the SHA-256
+of each file's exact bytes.
 
 manifest.json is written with sorted keys and no whitespace. ``alpha`` is its only float: a
 JSON number (written with Python's shortest round-trip repr, e.g. ``16.0``); because signatures
 cover exact bytes, no canonical float form is needed (DSSE's approach, SECURITY.md).
 ``created`` is ISO-8601 UTC with a ``Z`` suffix, e.g. ``2025-01-02T03:04:05.000006Z``.
+``public_key`` is the hex of the signer's DER public key (seqr.core.signing).
 """
 
 from __future__ import annotations
@@ -23,19 +29,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, NoReturn
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from seqr.core import signing
 from seqr.core.atomic_write import write_atomic
-from seqr.core.errors import FormatError, KeyFileError, SignatureError
+from seqr.core.errors import FormatError, KeyFileError
 from seqr.core.export_folder import (
     DEFAULT_MAX_EXPORT_BYTES,
     MAX_EXPORT_FILES,
     check_file_name,
     read_export,
+)
+from seqr.core.model_signature import (
+    BUNDLE_NAME,
+    MAX_BUNDLE_BYTES,
+    check_signed_digests,
+    check_signed_names,
+    sign_folder,
+    verify_bundle,
 )
 from seqr.core.strict_json import loads_strict
 
@@ -47,24 +58,26 @@ __all__ = [
     "ADAPTER_WEIGHTS_NAME",
     "NORM_STATS_NAME",
     "EXPORT_PAYLOAD_NAMES",
+    "EXPORT_FILE_NAMES",
     "Manifest",
     "parse_manifest",
     "manifest_sha256",
     "sign_export",
-    "verify_manifest_signature",
-    "check_export_files",
     "verify_export_files",
     "read_export",
 ]
 
-MANIFEST_FORMAT_VERSION = 1
+# 2: the files are signed by a model-signing bundle (model.sig), not listed in the manifest.
+MANIFEST_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-SIGNATURE_NAME = "manifest.sig"
+SIGNATURE_NAME = BUNDLE_NAME
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 NORM_STATS_NAME = "norm_stats.json"
 # The files a complete adapter export holds besides the manifest and its signature.
 EXPORT_PAYLOAD_NAMES = frozenset({ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, NORM_STATS_NAME})
+# Every file of a client's export: the payload, the manifest and the bundle that signs them all.
+EXPORT_FILE_NAMES = EXPORT_PAYLOAD_NAMES | {MANIFEST_NAME, SIGNATURE_NAME}
 
 MAX_MANIFEST_BYTES = 64 * 1024  # bytes; a manifest is ~1 KB
 MAX_NAME_CHARS = 128
@@ -74,10 +87,11 @@ MAX_INT64 = 2**63 - 1
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,255}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"^(?:[0-9a-f]{2})+$")
+_KEY_HEX_CHARS = 2 * signing.PUBLIC_KEY_BYTES
 _CREATED = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
 _FIELDS = {
     "format_version": int,
-    "files": dict,
     "base_model_sha256": str,
     "a_seed": int,
     "a_sha256": str,
@@ -93,16 +107,15 @@ _FIELDS = {
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a client signs about one adapter export; validates every field on construction."""
+    """What a client states about one adapter export; validates every field on construction."""
 
-    files: Mapping[str, str]  # file name -> sha256 hex of its exact bytes
     base_model_sha256: str
     a_seed: int  # public seed of the shared frozen A
     a_sha256: str  # hash of the shared A matrices
     rank: int
     alpha: float
     target_modules: tuple[str, ...]  # sorted, unique
-    public_key: str  # 64 hex chars: the 32 raw Ed25519 bytes that sign this manifest
+    public_key: str  # hex of the DER public key (ECDSA P-256) whose bundle signs the export
     created: datetime  # timezone-aware, UTC
     name: str  # adapter / domain label
     example_count: int  # training examples the adapter saw
@@ -111,16 +124,6 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.format_version != MANIFEST_FORMAT_VERSION:
             _bad("format_version", self.format_version, f"must be {MANIFEST_FORMAT_VERSION}")
-        files = dict(self.files)
-        if not files:
-            _bad("files", files, "must list at least one file")
-        for name, digest in files.items():
-            check_file_name(name)
-            if name in (MANIFEST_NAME, SIGNATURE_NAME):
-                _bad("files", name, "cannot list the manifest or its signature")
-            if not isinstance(digest, str) or not _SHA256.match(digest):
-                _bad(f"files[{name!r}]", digest, "must be 64 lowercase hex digits (sha256)")
-        object.__setattr__(self, "files", MappingProxyType(dict(sorted(files.items()))))
         for key in ("base_model_sha256", "a_sha256"):
             value = getattr(self, key)
             if not isinstance(value, str) or not _SHA256.match(value):
@@ -143,12 +146,13 @@ class Manifest:
         if list(modules) != sorted(set(modules)):
             _bad("target_modules", list(modules), "must be sorted and without duplicates")
         object.__setattr__(self, "target_modules", modules)
-        if not isinstance(self.public_key, str) or self.public_key != self.public_key.lower():
-            _bad("public_key", self.public_key, "must be lowercase hex")
+        key = self.public_key
+        if not isinstance(key, str) or not _HEX.match(key) or len(key) > 4 * _KEY_HEX_CHARS:
+            _bad("public_key", "...", f"must be {_KEY_HEX_CHARS} lowercase hex digits (DER key)")
         try:
-            signing.load_public_key_hex(self.public_key)
+            signing.check_public_key(bytes.fromhex(key), what="manifest field public_key")
         except KeyFileError as exc:
-            raise FormatError(f"manifest field public_key: {exc}") from None
+            raise FormatError(str(exc)) from None
         if not isinstance(self.created, datetime) or self.created.utcoffset() is None:
             _bad("created", self.created, "must be a timezone-aware datetime (e.g. tz=UTC)")
         object.__setattr__(self, "created", self.created.astimezone(UTC))
@@ -157,11 +161,12 @@ class Manifest:
 
     @property
     def public_key_bytes(self) -> bytes:
-        """The 32 raw Ed25519 public-key bytes."""
+        """The signer's public key: DER SubjectPublicKeyInfo bytes (seqr.core.signing)."""
         return bytes.fromhex(self.public_key)
 
     @property
     def fingerprint(self) -> str:
+        """The signer's full key fingerprint, ``sha256:`` + 64 hex."""
         return signing.fingerprint(self.public_key_bytes)
 
     @property
@@ -172,7 +177,6 @@ class Manifest:
         """JSON-safe dict, exactly the fields of manifest.json."""
         return {
             "format_version": self.format_version,
-            "files": dict(self.files),
             "base_model_sha256": self.base_model_sha256,
             "a_seed": self.a_seed,
             "a_sha256": self.a_sha256,
@@ -197,15 +201,18 @@ def parse_manifest(data: bytes) -> Manifest:
     obj = loads_strict(data, what=MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES)
     if not isinstance(obj, dict):
         raise FormatError(f"{MANIFEST_NAME} must be a JSON object, got {type(obj).__name__}")
+    version = obj.get("format_version")
+    if version != MANIFEST_FORMAT_VERSION:
+        raise FormatError(
+            f"{MANIFEST_NAME} format_version {version!r:.20} is not {MANIFEST_FORMAT_VERSION}"
+            + (" (format 1 was signed by manifest.sig; re-export)" if version == 1 else "")
+            + "; export again with this version of seqr"
+        )
     missing, unknown = set(_FIELDS) - set(obj), set(obj) - set(_FIELDS)
     if missing or unknown:
         raise FormatError(
-            f"{MANIFEST_NAME} keys are wrong: missing {sorted(missing)}, unknown {sorted(unknown)}"
-        )
-    if obj["format_version"] != MANIFEST_FORMAT_VERSION:
-        raise FormatError(
-            f"{MANIFEST_NAME} format_version {obj['format_version']!r} is not "
-            f"{MANIFEST_FORMAT_VERSION}; upgrade seqr or re-export with this version"
+            f"{MANIFEST_NAME} keys are wrong: missing {sorted(missing)}, "
+            f"unknown {sorted(k[:40] for k in unknown)[:5]}"
         )
     for key, kind in _FIELDS.items():
         value = obj[key]
@@ -228,7 +235,6 @@ def parse_manifest(data: bytes) -> Manifest:
     except ValueError as exc:
         raise FormatError(f"{MANIFEST_NAME} field created {created!r}: {exc}") from None
     return Manifest(
-        files=obj["files"],
         base_model_sha256=obj["base_model_sha256"],
         a_seed=obj["a_seed"],
         a_sha256=obj["a_sha256"],
@@ -248,58 +254,30 @@ def manifest_sha256(manifest_bytes: bytes) -> str:
     return hashlib.sha256(manifest_bytes).hexdigest()
 
 
-def verify_manifest_signature(manifest_bytes: bytes, signature: bytes) -> Manifest:
-    """Parse the manifest and check its signature by the key it names.
-
-    FormatError for a malformed manifest; SignatureError when the signature does not verify
-    over these exact bytes. Whether that key is trusted is the caller's decision.
-    """
-    manifest = parse_manifest(manifest_bytes)
-    signing.verify(manifest.public_key_bytes, manifest_bytes, signature)
-    return manifest
-
-
-def check_export_files(manifest: Manifest, files: Mapping[str, bytes]) -> None:
-    """Every listed file is present with its signed sha256, and nothing else is there.
-
-    SignatureError on any difference: the bytes are not the ones the signature covers.
-    """
-    payload = {n for n in files if n not in (MANIFEST_NAME, SIGNATURE_NAME)}
-    missing, extra = set(manifest.files) - payload, payload - set(manifest.files)
-    if missing or extra:
-        raise SignatureError(
-            f"export files differ from the signed manifest: missing {sorted(missing)}, "
-            f"not signed {sorted(extra)}"
-        )
-    for name, expected in manifest.files.items():
-        actual = hashlib.sha256(files[name]).hexdigest()
-        if actual != expected:
-            raise SignatureError(
-                f"{name} has sha256 {actual[:16]}... but the manifest signed {expected[:16]}...; "
-                "the file was changed after signing"
-            )
-
-
 def verify_export_files(
     files: Mapping[str, bytes], *, max_total_bytes: int = DEFAULT_MAX_EXPORT_BYTES
 ) -> Manifest:
-    """Verify an export given as bytes (no I/O): sizes, signature, then every file's hash.
+    """Verify an export given as bytes (no I/O); return its manifest.
 
-    Returns the manifest; raises FormatError (too big, malformed, missing manifest or
-    signature) or SignatureError (bad signature, changed/missing/unsigned file).
+    Sizes first, then manifest.json (strict parser) for the signer's key, then model.sig with
+    that key, then that the bundle signs exactly the other files, each with its SHA-256.
+    FormatError: too big, malformed manifest or bundle, a file missing; SignatureError: the
+    signature does not verify with the manifest's key, or a file was changed, added or removed.
     """
     _check_sizes(files, max_total_bytes)
     for required in (MANIFEST_NAME, SIGNATURE_NAME):
         if required not in files:
-            raise FormatError(f"export has no {required}; sign it with sign_export first")
-    manifest = verify_manifest_signature(files[MANIFEST_NAME], files[SIGNATURE_NAME])
-    check_export_files(manifest, files)
+            raise FormatError(f"export has no {required}; export it with `seqr client train`")
+    manifest = parse_manifest(files[MANIFEST_NAME])
+    signed = verify_bundle(files[SIGNATURE_NAME], manifest.public_key_bytes)
+    check_signed_names(signed, files)
+    check_signed_digests(signed, files)
     return manifest
 
 
 def sign_export(
     folder: Path,
-    private_key: Ed25519PrivateKey,
+    key: signing.SigningKeyFile,
     *,
     name: str,
     base_model_sha256: str,
@@ -311,33 +289,28 @@ def sign_export(
     example_count: int,
     created: datetime | None = None,
 ) -> Manifest:
-    """Hash every file in ``folder``, write manifest.json and manifest.sig (each atomically).
+    """Write manifest.json into ``folder``, then sign every file into model.sig (model-signing).
 
-    An existing manifest and signature are replaced. A crash between the two writes leaves
-    a folder that fails verification (fails closed), never one that verifies wrongly.
+    An existing manifest and bundle are replaced. A crash between the two writes leaves a
+    folder that fails verification (fails closed), never one that verifies wrongly.
     ``created`` defaults to now (UTC); it must increase between submissions by one key.
     """
     folder = Path(folder)
-    files = read_export(folder)
-    payload = {n: b for n, b in files.items() if n not in (MANIFEST_NAME, SIGNATURE_NAME)}
+    read_export(folder)  # refuse symlinks, subfolders, odd names before anything is written
     manifest = Manifest(
-        files={n: hashlib.sha256(b).hexdigest() for n, b in payload.items()},
         base_model_sha256=base_model_sha256,
         a_seed=a_seed,
         a_sha256=a_sha256,
         rank=rank,
         alpha=alpha,
         target_modules=tuple(sorted(set(target_modules))),
-        public_key=signing.public_key_bytes(private_key).hex(),
+        public_key=key.public.hex(),
         created=datetime.now(UTC) if created is None else created,
         name=name,
         example_count=example_count,
     )
-    data = manifest.to_bytes()
-    signature = signing.sign(private_key, data)
-    signing.verify(manifest.public_key_bytes, data, signature)  # verify before use
-    write_atomic(folder / MANIFEST_NAME, data)
-    write_atomic(folder / SIGNATURE_NAME, signature)
+    write_atomic(folder / MANIFEST_NAME, manifest.to_bytes())
+    sign_folder(folder, key)  # verifies the bundle it wrote against the folder and the key
     return manifest
 
 
@@ -349,10 +322,9 @@ def _check_sizes(files: Mapping[str, bytes], max_total_bytes: int) -> None:
         raise FormatError(f"export is {total} bytes, over the limit of {max_total_bytes} bytes")
     for name in files:
         check_file_name(name)
-    if MANIFEST_NAME in files and len(files[MANIFEST_NAME]) > MAX_MANIFEST_BYTES:
-        raise FormatError(
-            f"{MANIFEST_NAME} is {len(files[MANIFEST_NAME])} bytes, over {MAX_MANIFEST_BYTES}"
-        )
+    for name, cap in ((MANIFEST_NAME, MAX_MANIFEST_BYTES), (SIGNATURE_NAME, MAX_BUNDLE_BYTES)):
+        if name in files and len(files[name]) > cap:
+            raise FormatError(f"{name} is {len(files[name])} bytes, over {cap}")
 
 
 def _check_int(key: str, value: object, low: int, high: int) -> None:

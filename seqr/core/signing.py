@@ -1,28 +1,47 @@
-"""Ed25519 signing keys for adapter submissions and registry metadata (RFC 8032).
+"""ECDSA P-256 signing keys: adapter exports, group records and registry metadata.
 
-Keys are the `cryptography` package's Ed25519; public keys travel as the 32 raw bytes
-(hex in text formats). Private keys live in a PKCS8 PEM file created with mode 0600 from the
-first byte written (never world-readable, not even between create and chmod), optionally
-encrypted with a passphrase. Signatures are the raw 64 bytes over the EXACT bytes given:
-no re-serialisation, no canonical form (DSSE's approach; see SECURITY.md).
+Why P-256: OpenSSF model signing (model-signing 1.x, which signs adapter exports) signs with
+elliptic-curve keys only, and one key type everywhere means one parser and one set of checks.
+Every key seqr makes or accepts is NIST P-256 (FIPS 186-5; SEC 2 secp256r1); every other key
+type, Ed25519 included, is refused by type, so small-order Ed25519 points (issue 14) cannot
+appear at all, and the curve library (OpenSSL via ``cryptography``) checks that each point is
+on the curve.
 
-These keys are not Flower's transport keys: SuperNode authentication leaves no signature
-that anyone can check later, so adapters carry their own.
+Public keys travel as bytes: DER SubjectPublicKeyInfo with an uncompressed point (RFC 5480),
+always ``PUBLIC_KEY_BYTES`` long; files hold the same as PEM (``signing_key.pub``, the file
+``model_signing verify key --public_key`` takes). Encodings are canonical (parsed, re-encoded and
+compared), so one key has exactly one byte string and keys are compared as whole bytes, never by
+a short id. A key's name is its full fingerprint, ``sha256:`` + 64 hex of SHA-256(DER).
+
+``sign`` makes ECDSA-SHA256 signatures as r || s (32 bytes each, IEEE P1363; JWS ES256, RFC 7518
+section 3.4) with low s (s <= n/2): a fixed length, and nobody can turn a signature into a
+second valid one by replacing s with n - s. ``verify`` accepts only that form. Signatures cover
+the EXACT bytes given (DSSE's approach, SECURITY.md).
+
+Private keys live in a PKCS8 PEM file created with mode 0600 from the first byte written,
+optionally encrypted with a passphrase. No error message ever contains key material: messages
+name the file and the mistake, never its content.
+
+These keys are not Flower's transport keys: SuperNode authentication leaves no signature that
+anyone can check later, so adapters carry their own.
 """
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import hashlib
 import os
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
 )
 
 from seqr.core.atomic_write import create_new_file
@@ -33,11 +52,17 @@ __all__ = [
     "PUBLIC_KEY_NAME",
     "PUBLIC_KEY_BYTES",
     "SIGNATURE_BYTES",
+    "FINGERPRINT_PREFIX",
+    "KEY_TYPE",
+    "SigningKeyFile",
     "generate_private_key",
     "write_keypair",
     "load_private_key",
     "public_key_bytes",
-    "load_public_key_hex",
+    "public_key_pem",
+    "check_public_key",
+    "parse_public_key",
+    "load_public_key",
     "fingerprint",
     "sign",
     "verify",
@@ -45,108 +70,215 @@ __all__ = [
 
 PRIVATE_KEY_NAME = "signing_key.pem"
 PUBLIC_KEY_NAME = "signing_key.pub"
-PUBLIC_KEY_BYTES = 32  # RFC 8032 section 5.1.5
-SIGNATURE_BYTES = 64  # RFC 8032 section 5.1.6
-MAX_KEY_FILE_BYTES = 16 * 1024  # bytes; an Ed25519 PKCS8 PEM is ~120 (encrypted ~300)
-_FINGERPRINT_HEX_CHARS = 16
+KEY_TYPE = "ECDSA P-256"
+CURVE = ec.SECP256R1()
+PUBLIC_KEY_BYTES = 91  # DER SubjectPublicKeyInfo of a P-256 key, uncompressed point (RFC 5480)
+SIGNATURE_BYTES = 64  # r || s, 32 bytes each (IEEE P1363)
+FINGERPRINT_PREFIX = "sha256:"
+MAX_KEY_FILE_BYTES = 16 * 1024  # bytes; a P-256 PKCS8 PEM is ~240 (encrypted ~400)
+# The group order n of P-256 (FIPS 186-5 / SEC 2 section 2.4.2): low s means s <= n // 2.
+_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_HALF_BYTES = SIGNATURE_BYTES // 2
 
 
-def generate_private_key() -> Ed25519PrivateKey:
-    """A fresh Ed25519 key from the OS CSPRNG."""
-    return Ed25519PrivateKey.generate()
+@dataclass(frozen=True)
+class SigningKeyFile:
+    """A private key file that passed ``load_private_key``, with its passphrase.
+
+    model-signing's signer reads its key from a path (``use_elliptic_key_signer``), so exports
+    are signed from this; ``key`` is the same key, loaded and checked here. Neither the key nor
+    the passphrase shows in ``repr``.
+    """
+
+    path: Path
+    key: ec.EllipticCurvePrivateKey = field(repr=False)
+    passphrase: bytes | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path, passphrase: bytes | None = None) -> SigningKeyFile:
+        """Load and check the key at ``path`` (KeyFileError as ``load_private_key``)."""
+        path = Path(path)
+        return cls(path, load_private_key(path, passphrase), passphrase)
+
+    @property
+    def public(self) -> bytes:
+        """The DER public key of this key file."""
+        return public_key_bytes(self.key)
 
 
-def public_key_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
-    """The 32 raw public-key bytes of a private or public Ed25519 key."""
-    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
-    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+def generate_private_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh P-256 key from the OS CSPRNG (OpenSSL)."""
+    return ec.generate_private_key(CURVE)
+
+
+def public_key_bytes(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> bytes:
+    """The DER SubjectPublicKeyInfo bytes of a P-256 private or public key."""
+    public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
+    if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != CURVE.name:
+        raise KeyFileError(f"seqr uses only {KEY_TYPE} keys; got {_describe(public)}")
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def check_public_key(public: bytes, *, what: str = "public key") -> ec.EllipticCurvePublicKey:
+    """The key object of canonical DER bytes of a P-256 public key; KeyFileError otherwise.
+
+    Refuses other key types (Ed25519, RSA, ...), other curves, points not on the curve and
+    non-canonical encodings (a compressed point, trailing bytes), naming only what is wrong.
+    """
+    if not isinstance(public, bytes | bytearray | memoryview):
+        raise KeyFileError(f"{what} must be bytes (DER SubjectPublicKeyInfo)")
+    data = bytes(public)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{what} is {len(data)} bytes; a {KEY_TYPE} key is {PUBLIC_KEY_BYTES}")
+    try:
+        key = serialization.load_der_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        # OpenSSL also refuses a point that is not on its curve here.
+        raise KeyFileError(
+            f"{what} is not a valid public key (DER SubjectPublicKeyInfo of a point on its "
+            f"curve); seqr uses {KEY_TYPE} keys from `seqr keys generate`"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != CURVE.name:
+        raise KeyFileError(
+            f"{what} is {_describe(key)}; seqr accepts only {KEY_TYPE} keys "
+            "(make one with `seqr keys generate`)"
+        )
+    if public_key_bytes(key) != data:
+        raise KeyFileError(
+            f"{what} is not in canonical form (DER with an uncompressed point, "
+            f"{PUBLIC_KEY_BYTES} bytes); write it with `seqr keys generate`"
+        )
+    return key
+
+
+def public_key_pem(public: bytes) -> bytes:
+    """PEM text (``-----BEGIN PUBLIC KEY-----``) of DER public-key bytes, as in signing_key.pub."""
+    return check_public_key(public).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def parse_public_key(text: str | bytes, *, what: str = "public key") -> bytes:
+    """Parse a public key given as text: PEM (signing_key.pub) or hex of its DER bytes.
+
+    Returns the canonical DER bytes. A private key given by mistake, or anything else, is a
+    KeyFileError that names the mistake and never repeats the text.
+    """
+    data = text.encode("utf-8", "replace") if isinstance(text, str) else bytes(text)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{what} is over {MAX_KEY_FILE_BYTES} bytes; not a public key")
+    if b"PRIVATE KEY" in data:
+        raise KeyFileError(
+            f"{what} is a PRIVATE key ({PRIVATE_KEY_NAME}); give the public key "
+            f"{PUBLIC_KEY_NAME} instead, and keep the private key secret"
+        )
+    stripped = data.strip()
+    if stripped.startswith(b"-----BEGIN"):
+        try:
+            key = serialization.load_pem_public_key(stripped)
+        except (ValueError, UnsupportedAlgorithm):
+            raise KeyFileError(
+                f"{what} is not a valid PEM public key; expected the {PUBLIC_KEY_NAME} "
+                "written by `seqr keys generate`"
+            ) from None
+        der = _der(key)
+        check_public_key(der, what=what)
+        return der
+    try:
+        der = binascii.unhexlify(stripped)
+    except (binascii.Error, ValueError):
+        raise KeyFileError(
+            f"{what} is neither PEM (-----BEGIN PUBLIC KEY-----) nor hexadecimal DER; "
+            f"expected the {PUBLIC_KEY_NAME} written by `seqr keys generate`"
+        ) from None
+    check_public_key(der, what=what)
+    return der
+
+
+def load_public_key(path: str | Path) -> bytes:
+    """The DER bytes of the public key in a file (PEM, like signing_key.pub, or hex DER).
+
+    Reads at most a few KB of a regular file (no FIFO, folder or symlink); KeyFileError names
+    the file and the mistake (a private key given by mistake included), never its content.
+    """
+    path = Path(path)
+    data = _read_key_file(path, what="public key", private=False)
+    return parse_public_key(data, what=f"public key file {path}")
 
 
 def fingerprint(public: bytes) -> str:
-    """Short stable name of a public key: ``ed25519:`` + 16 hex chars of SHA-256(raw key)."""
-    _check_public_length(public)
-    return "ed25519:" + hashlib.sha256(public).hexdigest()[:_FINGERPRINT_HEX_CHARS]
+    """The full name of a public key: ``sha256:`` + 64 hex of SHA-256 of its DER bytes."""
+    check_public_key(public)
+    return FINGERPRINT_PREFIX + hashlib.sha256(bytes(public)).hexdigest()
 
 
-def load_public_key_hex(text: str) -> bytes:
-    """Parse a hex public key (as in ``signing_key.pub`` or a manifest) into 32 raw bytes.
-
-    Surrounding whitespace is ignored; anything else that is not 64 hex digits of a valid
-    Ed25519 point raises KeyFileError.
-    """
-    stripped = text.strip()
-    if len(stripped) != 2 * PUBLIC_KEY_BYTES:
-        raise KeyFileError(
-            f"public key must be {2 * PUBLIC_KEY_BYTES} hex characters "
-            f"({PUBLIC_KEY_BYTES} bytes), got {len(stripped)} characters"
-        )
-    try:
-        raw = bytes.fromhex(stripped)
-    except ValueError:
-        raise KeyFileError(
-            f"public key is not hexadecimal: {stripped[:16]!r}...; "
-            f"expected the contents of {PUBLIC_KEY_NAME}"
-        ) from None
-    try:
-        Ed25519PublicKey.from_public_bytes(raw)
-    except ValueError as exc:
-        raise KeyFileError(
-            f"public key {stripped[:16]}... is not a valid Ed25519 key: {exc}"
-        ) from None
-    return raw
-
-
-def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:
-    """The raw 64-byte Ed25519 signature over exactly ``data``."""
-    return key.sign(data)
+def sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    """ECDSA-SHA256 over exactly ``data``: r || s, 64 bytes, low s."""
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != CURVE.name:
+        raise KeyFileError(f"seqr signs only with {KEY_TYPE} keys; got {_describe(key)}")
+    r, s = decode_dss_signature(key.sign(bytes(data), ec.ECDSA(hashes.SHA256())))
+    s = min(s, _ORDER - s)  # (r, s) and (r, n - s) both verify; keep the low one
+    return r.to_bytes(_HALF_BYTES, "big") + s.to_bytes(_HALF_BYTES, "big")
 
 
 def verify(public: bytes, data: bytes, signature: bytes) -> None:
     """Raise SignatureError unless ``signature`` is ``public``'s signature over exactly ``data``.
 
-    A malformed key or a signature of the wrong length is a SignatureError too: the caller
-    treats every failure to verify the same way (reject the bytes).
+    A malformed key, a signature of the wrong length or with high s is a SignatureError too:
+    the caller treats every failure to verify the same way (reject the bytes).
     """
-    if len(public) != PUBLIC_KEY_BYTES:
-        raise SignatureError(
-            f"public key must be {PUBLIC_KEY_BYTES} raw bytes, got {len(public)}; "
-            "pass the bytes from load_public_key_hex, not the hex text"
-        )
+    try:
+        key = check_public_key(bytes(public))
+    except KeyFileError as exc:
+        raise SignatureError(f"cannot verify: {exc}") from None
     if len(signature) != SIGNATURE_BYTES:
         raise SignatureError(
-            f"signature must be {SIGNATURE_BYTES} bytes, got {len(signature)}; "
-            "is the signature file truncated or hex-encoded?"
+            f"signature must be {SIGNATURE_BYTES} bytes (r || s), got {len(signature)}; "
+            "is the signature truncated or hex-encoded?"
+        )
+    r = int.from_bytes(signature[:_HALF_BYTES], "big")
+    s = int.from_bytes(signature[_HALF_BYTES:], "big")
+    if not (0 < r < _ORDER and 0 < s <= _ORDER // 2):
+        raise SignatureError(
+            "signature is not in canonical form (0 < r < n, 0 < s <= n/2); "
+            "it was not made by seqr's sign or was altered"
         )
     try:
-        Ed25519PublicKey.from_public_bytes(bytes(public)).verify(bytes(signature), bytes(data))
+        key.verify(encode_dss_signature(r, s), bytes(data), ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise SignatureError(
             f"signature does not verify for key {fingerprint(bytes(public))} over "
             f"{len(data)} bytes: the data was changed or signed by another key"
         ) from None
-    except ValueError as exc:
-        raise SignatureError(f"public key is not a valid Ed25519 key: {exc}") from None
 
 
 def write_keypair(out_dir: Path, passphrase: bytes | None = None) -> str:
-    """Create ``signing_key.pem`` (0600, PKCS8) and ``signing_key.pub`` in ``out_dir``.
+    """Create ``signing_key.pem`` (0600, PKCS8) and ``signing_key.pub`` (PEM) in ``out_dir``.
 
     Refuses to overwrite an existing key (KeyFileError): losing a signing key would orphan
-    every adapter signed with it. With ``passphrase`` the PEM is encrypted with the best
-    available PKCS8 encryption. Returns the fingerprint of the new key.
+    every adapter signed with it. ``out_dir`` may exist (a folder) or is created (0700); any
+    other file there is refused before anything is written. With ``passphrase`` the PEM is
+    encrypted with the best available PKCS8 encryption. Returns the new key's fingerprint.
     """
     out_dir = Path(out_dir)
     if passphrase is not None and len(passphrase) == 0:
         raise KeyFileError("passphrase is empty; give a non-empty passphrase or none at all")
-    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new key folder: owner only
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise KeyFileError(
+            f"{out_dir} exists and is not a folder; --out names a folder for "
+            f"{PRIVATE_KEY_NAME} and {PUBLIC_KEY_NAME} (choose a new or existing folder)"
+        )
     private_path = out_dir / PRIVATE_KEY_NAME
     public_path = out_dir / PUBLIC_KEY_NAME
     for path in (private_path, public_path):
         if path.exists() or path.is_symlink():
             raise KeyFileError(
                 f"{path} already exists; refusing to overwrite a signing key. "
-                "Move it away first or choose another --out directory"
+                "Move it away first or choose another --out folder"
             )
+    created = _make_key_folder(out_dir)
     key = generate_private_key()
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase)
@@ -157,48 +289,32 @@ def write_keypair(out_dir: Path, passphrase: bytes | None = None) -> str:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
     public = public_key_bytes(key)
-    # Private key first: a public key without its private half would be useless.
-    _create_key_file(private_path, pem, mode=0o600)
     try:
-        _create_key_file(public_path, (public.hex() + "\n").encode("ascii"), mode=0o644)
+        # Private key first: a public key without its private half would be useless.
+        _create_key_file(private_path, pem, mode=0o600)
+        try:
+            _create_key_file(public_path, public_key_pem(public), mode=0o644)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                private_path.unlink()
+            raise
     except BaseException:
-        with contextlib.suppress(OSError):
-            private_path.unlink()
+        for folder in created:  # a failed command leaves nothing behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return fingerprint(public)
 
 
-def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519PrivateKey:
-    """Load an Ed25519 private key from a PKCS8 PEM file written by ``write_keypair``.
+def load_private_key(path: Path, passphrase: bytes | None = None) -> ec.EllipticCurvePrivateKey:
+    """Load a P-256 private key from a PKCS8 PEM file written by ``write_keypair``.
 
-    Refuses (KeyFileError) a missing file, a file readable or writable by group/others
-    (like ssh: a key others could read is no longer private), a malformed PEM, a key of
-    another algorithm, and a wrong or missing passphrase.
+    Refuses (KeyFileError) a missing file, a folder, FIFO or symlink, a file readable or
+    writable by group/others (like ssh: a key others could read is no longer private), a
+    malformed PEM, a key of another type or curve, and a wrong or missing passphrase.
     """
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        raise KeyFileError(
-            f"signing key {path} does not exist; create one with `seqr keys generate --out DIR`"
-        ) from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot open signing key {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise KeyFileError(f"signing key {path} is not a regular file")
-        mode = stat.S_IMODE(info.st_mode)
-        if mode & 0o077:
-            raise KeyFileError(
-                f"signing key {path} has permissions {mode:04o}, which lets other users read or "
-                f"change it; it must be 0600 or stricter: run `chmod 600 {path}`"
-            )
-        pem = handle.read(MAX_KEY_FILE_BYTES + 1)
-    if len(pem) > MAX_KEY_FILE_BYTES:
-        raise KeyFileError(
-            f"signing key {path} is larger than {MAX_KEY_FILE_BYTES} bytes; not an Ed25519 PEM key"
-        )
+    pem = _read_key_file(path, what="signing key", private=True)
     try:
         key = serialization.load_pem_private_key(pem, password=passphrase)
     except TypeError:
@@ -212,8 +328,11 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519Priv
             f"signing key {path} is not encrypted but a passphrase was given; "
             "drop the passphrase option"
         ) from None
-    except UnsupportedAlgorithm as exc:
-        raise KeyFileError(f"signing key {path} uses an unsupported algorithm: {exc}") from None
+    except UnsupportedAlgorithm:
+        raise KeyFileError(
+            f"signing key {path} uses an algorithm seqr does not support; seqr signs only "
+            f"with {KEY_TYPE} keys from `seqr keys generate`"
+        ) from None
     except ValueError:
         if passphrase is not None and b"ENCRYPTED" in pem:
             raise KeyFileError(
@@ -223,17 +342,69 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519Priv
             f"signing key {path} is not a valid PEM private key; expected the "
             f"{PRIVATE_KEY_NAME} written by `seqr keys generate`"
         ) from None
-    if not isinstance(key, Ed25519PrivateKey):
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != CURVE.name:
         raise KeyFileError(
-            f"signing key {path} is a {type(key).__name__.removeprefix('_')}, not Ed25519; "
-            "seqr signs only with Ed25519 keys from `seqr keys generate`"
+            f"signing key {path} is {_describe(key)}; seqr signs only with {KEY_TYPE} "
+            "keys: make one with `seqr keys generate`"
         )
     return key
 
 
-def _check_public_length(public: bytes) -> None:
-    if len(public) != PUBLIC_KEY_BYTES:
-        raise KeyFileError(f"public key must be {PUBLIC_KEY_BYTES} raw bytes, got {len(public)}")
+def _read_key_file(path: Path, *, what: str, private: bool) -> bytes:
+    name = PRIVATE_KEY_NAME if private else PUBLIC_KEY_NAME
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise KeyFileError(
+            f"{what} {path} does not exist; create one with `seqr keys generate --out DIR`"
+        ) from None
+    except OSError as exc:
+        why = "it is a symlink" if path.is_symlink() else exc.strerror
+        raise KeyFileError(
+            f"cannot open {what} {path}: {why}; give the {name} file itself"
+        ) from None
+    try:
+        # fstat before fdopen: io refuses a folder with a raw IsADirectoryError.
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise KeyFileError(
+                f"{what} {path} is {kind}; give the {name} file (e.g. KEYDIR/{name})"
+            )
+        mode = stat.S_IMODE(info.st_mode)
+        if private and mode & 0o077:
+            raise KeyFileError(
+                f"signing key {path} has permissions {mode:04o}, which lets other users read or "
+                f"change it; it must be 0600 or stricter: run `chmod 600 {path}`"
+            )
+        os.set_blocking(fd, True)
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            pem = handle.read(MAX_KEY_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(pem) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{what} {path} is larger than {MAX_KEY_FILE_BYTES} bytes; not a key")
+    return pem
+
+
+def _make_key_folder(out_dir: Path) -> list[Path]:
+    """Create ``out_dir`` and missing parents (0700: a new key folder is owner-only).
+
+    Returns the folders created, deepest first, so a failure can remove exactly those.
+    """
+    missing: list[Path] = []
+    probe = out_dir
+    while not probe.exists() and not probe.is_symlink():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    try:
+        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KeyFileError(f"cannot create key folder {out_dir}: {exc.strerror}") from None
+    return missing
 
 
 def _create_key_file(path: Path, data: bytes, *, mode: int) -> None:
@@ -242,3 +413,26 @@ def _create_key_file(path: Path, data: bytes, *, mode: int) -> None:
         create_new_file(path, data, mode=mode)
     except FileExistsError:
         raise KeyFileError(f"{path} already exists; refusing to overwrite a signing key") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _der(key: object) -> bytes:
+    public_bytes = getattr(key, "public_bytes", None)
+    if public_bytes is None:
+        raise KeyFileError("not a public key")
+    data: bytes = public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return data
+
+
+def _describe(key: object) -> str:
+    """What kind of key this is, in words (never its content)."""
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        return f"an elliptic-curve key on curve {key.curve.name}"
+    name = type(key).__name__.removeprefix("_")
+    for kind in ("Ed25519", "Ed448", "X25519", "X448", "RSA", "DSA", "DH"):
+        if name.startswith(kind):
+            return f"an {kind} key" if kind[0] in "AEIRX" else f"a {kind} key"
+    return "not a supported key"

@@ -7,7 +7,7 @@ node.pub CONNECTION``); the SuperNode proves it holds the private key
 ``load_ssh_private_key`` and the public key with ``load_ssh_public_key`` and wants a NIST curve.
 
 This key authenticates the node's transport only. It is NOT the adapter-signing key
-(``seqr keys generate``, Ed25519): that one signs what the node publishes and is checked by
+(``seqr keys generate``, ECDSA P-256): that one signs what the node publishes and is checked by
 everyone later (SECURITY.md, "Flower's own security"). Keep the two apart.
 """
 

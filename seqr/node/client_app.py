@@ -8,10 +8,11 @@ subfolder (sorted) of ``data-dir``; if ``signing-key`` is a folder, the key is
 ``<signing-key>/<subfolder>/signing_key.pem``.
 
 Reply: exactly two ConfigRecords. ``export``: the five export files as bytes, by file name.
-``public-key``: ``{"ed25519": 32 raw bytes}``. Nothing else: no text, token ids, gradients,
-optimizer state or local paths (tests/test_client_privacy.py). On failure the reply is an
-Error whose reason names only the error class and a fixed hint, because Flower would otherwise
-send ``str(exception)`` (which may name private files) to the server; details go to the node log.
+``public-key``: ``{"spki-der": the signing key's DER public key}``. Nothing else: no text,
+token ids, gradients, optimizer state or local paths (tests/test_client_privacy.py). On failure
+the reply is an Error whose reason names only the error class and a fixed hint, because Flower
+would otherwise send ``str(exception)`` (which may name private files) to the server; details go
+to the node log.
 Heavy imports (torch, transformers) happen inside the handler. Task-group handlers
 (``query.group``, ``train.group``, ``query.group_stats``): seqr/node/group_app.py.
 """
@@ -33,7 +34,7 @@ from seqr.core.signing import PRIVATE_KEY_NAME
 FEDERATION_RECORD = "federation"
 EXPORT_RECORD = "export"
 PUBLIC_KEY_RECORD = "public-key"
-PUBLIC_KEY_FIELD = "ed25519"
+PUBLIC_KEY_FIELD = "spki-der"  # seqr.core.signing.public_key_bytes
 VERDICT_RECORD = "verdict"
 CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
 _HINTS = {  # what a failed node may tell the server: the class of problem, nothing private

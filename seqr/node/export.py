@@ -1,8 +1,10 @@
 """Signed export of a trained adapter: exactly the five files the server admits.
 
 ``adapter_config.json`` + ``adapter_model.safetensors`` (peft ``save_pretrained``, loadable by
-``PeftModel.from_pretrained``), ``norm_stats.json`` (NormStatistics.to_json_bytes) and the
-signed ``manifest.json`` / ``manifest.sig`` (seqr.core.manifest.sign_export). The exported
+``PeftModel.from_pretrained``), ``norm_stats.json`` (NormStatistics.to_json_bytes),
+``manifest.json`` and ``model.sig``, the OpenSSF model-signing bundle over the other four made
+with the client's key (seqr.core.manifest.sign_export); ``model_signing verify key`` checks it
+with the client's ``signing_key.pub``. The exported
 lora_A tensors ARE the shared A (peft needs them to load); the server checks them against the
 regenerated A, and so does this module before signing.
 
@@ -16,8 +18,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from seqr.core.base_model import KNOWN_GGUF, atomic_folder
 from seqr.core.errors import ConfigError, ShapeError
 from seqr.core.export_folder import read_export
@@ -30,6 +30,7 @@ from seqr.core.manifest import (
     verify_export_files,
 )
 from seqr.core.shared_a import check_shared_a
+from seqr.core.signing import SigningKeyFile
 from seqr.core.stats import NormStatistics
 from seqr.node.train import ADAPTER
 
@@ -61,7 +62,7 @@ def export_adapter(
     peft_model: Any,
     stats: NormStatistics,
     out_dir: str | Path,
-    private_key: Ed25519PrivateKey,
+    key: SigningKeyFile,
     *,
     fed: FederationConfig,
     a_sha256: str,
@@ -95,7 +96,7 @@ def export_adapter(
             (tmp / NORM_STATS_NAME).write_bytes(stats.to_json_bytes())
             manifest = sign_export(
                 tmp,
-                private_key,
+                key,
                 name=name,
                 base_model_sha256=base_model_sha256,
                 a_seed=fed.a_seed,

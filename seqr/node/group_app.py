@@ -4,7 +4,7 @@ Message types (records as seqr/operator/group_loop.py builds them):
 
 - ``query.group``: the node tells its adapter name and public key, so the server can match it
   to the ``task-groups`` of the run config. Reply ConfigRecord ``group-member``
-  {``adapter-name``, ``ed25519``}. No data is read.
+  {``adapter-name``, ``spki-der``}. No data is read.
 - ``train.group``: ArrayRecord ``arrays`` (the global B, tensor name -> float32, nothing else)
   and ConfigRecord ``config`` (the federation keys plus ``group-name``, ``group-session``,
   ``group-round``, ``group-rounds``, ``group-local-steps``). The node trains

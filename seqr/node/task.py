@@ -18,7 +18,7 @@ from seqr.core.base_model import BaseModel, load_base_model
 from seqr.core.errors import ConfigError
 from seqr.core.federation import FederationConfig
 from seqr.core.manifest import ADAPTER_WEIGHTS_NAME, Manifest
-from seqr.core.signing import load_private_key
+from seqr.core.signing import SigningKeyFile
 from seqr.core.textdata import TextData, TextFile, load_text_data, read_text_folder
 from seqr.node.calibrate import CalibrationResult, calibrate
 from seqr.node.export import check_adapter_name, default_name, export_adapter
@@ -82,7 +82,7 @@ def run_client(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if out_dir.exists():
         raise ConfigError(f"output folder {out_dir} already exists; choose another or delete it")
-    private_key = load_private_key(Path(key_path), passphrase)
+    key = SigningKeyFile.open(key_path, passphrase)
     name = check_adapter_name(name if name is not None else default_name(data_dir))
     files = read_text_folder(data_dir)
     base, data = load_model_and_data(data_dir, fed, cache_dir=cache_dir, files=files)
@@ -108,7 +108,7 @@ def run_client(
         peft_model,
         calibration.stats,
         out_dir,
-        private_key,
+        key,
         fed=fed,
         a_sha256=a_sha256,
         base_model_sha256=base.sha256,

@@ -8,24 +8,24 @@ The same five files as a client's export (seqr.core.manifest) plus ``contributio
   (what seqr.node.train.make_lora_model builds), loadable by ``PeftModel.from_pretrained``;
 - ``norm_stats.json``: the exact merge of the members' signed partial statistics;
 - ``contributions.json``: the signed records (seqr.registry.contributions);
-- ``manifest.json`` / ``manifest.sig``: signed by a server key, ``name`` = the group's name,
-  ``example_count`` = the sum of the members' signed statistics counts.
+- ``manifest.json``: the server key's public key, ``name`` = the group's name,
+  ``example_count`` = the sum of the members' signed statistics counts;
+- ``model.sig``: the OpenSSF model-signing bundle over the other five, made with a server key
+  (seqr.core.model_signature), so ``model_signing verify key`` checks it with that key's
+  ``signing_key.pub``.
 
-It is verified (signature, file hashes, contributions) before it is returned.
+It is verified (bundle, file hashes, contributions) before it is returned.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from seqr.core import signing
 from seqr.core.base_model import KNOWN_GGUF
 from seqr.core.errors import ShapeError
 from seqr.core.manifest import (
@@ -37,6 +37,8 @@ from seqr.core.manifest import (
     Manifest,
     verify_export_files,
 )
+from seqr.core.model_signature import sign_files
+from seqr.core.signing import SigningKeyFile
 from seqr.operator.federation_setup import FederationSetup
 from seqr.registry.contributions import ContributionsFile, verify_contributions
 from seqr.registry.metadata import CONTRIBUTIONS_FILE
@@ -94,7 +96,7 @@ def build_group_export(
     b: Mapping[str, np.ndarray],
     stats_bytes: bytes,
     contributions: ContributionsFile,
-    server_key: Ed25519PrivateKey,
+    server_key: SigningKeyFile,
     *,
     example_count: int,
     created: datetime | None = None,
@@ -108,21 +110,20 @@ def build_group_export(
         CONTRIBUTIONS_FILE: contributions.to_bytes(),
     }
     manifest = Manifest(
-        files={n: hashlib.sha256(data).hexdigest() for n, data in payload.items()},
         base_model_sha256=fed.base_model_sha256,
         a_seed=fed.a_seed,
         a_sha256=fed.a_sha256,
         rank=fed.lora_rank,
         alpha=float(fed.lora_alpha),
         target_modules=tuple(sorted(set(fed.lora_target_modules))),
-        public_key=signing.public_key_bytes(server_key).hex(),
+        public_key=server_key.public.hex(),
         created=created or datetime.now(UTC),
         name=contributions.group,
         example_count=example_count,
     )
-    data = manifest.to_bytes()
-    files = {**payload, MANIFEST_NAME: data, SIGNATURE_NAME: signing.sign(server_key, data)}
-    verify_export_files(files)  # verify before use: signature and every file hash
+    signed = {**payload, MANIFEST_NAME: manifest.to_bytes()}
+    files = {**signed, SIGNATURE_NAME: sign_files(signed, server_key, name=manifest.name)}
+    verify_export_files(files)  # verify before use: bundle, key and every file hash
     verify_contributions(
         files[CONTRIBUTIONS_FILE],
         group=manifest.name,

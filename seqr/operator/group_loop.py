@@ -35,10 +35,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from seqr.core.admission import check_stats_plausible
 from seqr.core.atomic_write import write_atomic
-from seqr.core.errors import AdmissionError, SeqrError
+from seqr.core.errors import AdmissionError, KeyFileError, SeqrError
+from seqr.core.signing import PRIVATE_KEY_NAME, SigningKeyFile, check_public_key
 from seqr.operator.group_export import build_group_export
 from seqr.operator.group_replies import Expected, Member, check_statistics, check_update
 from seqr.operator.groups import GroupSettings, NodeSubset, make_strategy
+from seqr.operator.messages import PUBLIC_KEY_FIELD
 from seqr.operator.round import RoundRunner
 from seqr.operator.settings import ServerSettings
 from seqr.registry.contributions import (
@@ -86,12 +88,20 @@ class GroupOutcome:
         return asdict(self)
 
 
-def server_signing_key(settings: ServerSettings) -> Any:
+def server_signing_key(settings: ServerSettings) -> SigningKeyFile:
     """The first server key: it signs group adapters (a root key, as audit requires)."""
-    from seqr.operator.registry_ops import load_server_keys
     from seqr.operator.startup import _passphrase
 
-    return load_server_keys(settings.key_dirs, _passphrase(settings.server_key_passphrase_env))[0]
+    passphrase = _passphrase(settings.server_key_passphrase_env)
+    return SigningKeyFile.open(settings.key_dirs[0] / PRIVATE_KEY_NAME, passphrase)
+
+
+def _is_public_key(key: object) -> bool:
+    try:
+        check_public_key(key)  # type: ignore[arg-type]
+    except KeyFileError:
+        return False
+    return True
 
 
 def discover_members(
@@ -110,8 +120,8 @@ def discover_members(
         if reply.has_error():
             continue
         record = reply.content.config_records.get(MEMBER_RECORD, ConfigRecord())
-        name, key = record.get("adapter-name"), record.get("ed25519")
-        if isinstance(name, str) and name in owner and isinstance(key, bytes) and len(key) == 32:
+        name, key = record.get("adapter-name"), record.get(PUBLIC_KEY_FIELD)
+        if isinstance(name, str) and name in owner and _is_public_key(key):
             claims.setdefault(name, []).append(Member(reply.metadata.src_node_id, name, key))
     members: dict[str, list[Member]] = {g: [] for g in groups}
     for name, claimants in sorted(claims.items()):

@@ -4,7 +4,7 @@ Server -> node, message type ``train``: ConfigRecord ``federation`` (exactly
 FederationConfig.to_run_config(), hashes filled in: the client parses it strictly) and
 ConfigRecord ``round`` (server-round, registry-version, probe-sha256, probe-tokens; for logs).
 Node -> server, the reply: ConfigRecord ``export`` (file name -> bytes, the five export files)
-and ConfigRecord ``public-key`` (``ed25519``: 32 raw bytes), or an Error.
+and ConfigRecord ``public-key`` (``spki-der``: the DER public key), or an Error.
 Server -> node, message type ``query.verdict``: ConfigRecord ``verdict`` (status, reason,
 message, adapter-sha256, client, registry-version, server-round); the node replies empty.
 """
@@ -36,7 +36,7 @@ FEDERATION_RECORD = "federation"
 ROUND_RECORD = "round"
 EXPORT_RECORD = "export"
 PUBLIC_KEY_RECORD = "public-key"
-PUBLIC_KEY_FIELD = "ed25519"
+PUBLIC_KEY_FIELD = "spki-der"  # as client_app.py
 VERDICT_RECORD = "verdict"
 VERDICT_MESSAGE_TYPE = "query.verdict"  # the ClientApp's @app.query("verdict")
 

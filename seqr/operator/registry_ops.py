@@ -12,7 +12,8 @@ import hashlib
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from seqr.core.errors import KeyFileError
 from seqr.core.signing import PRIVATE_KEY_NAME, load_private_key
@@ -31,7 +32,9 @@ __all__ = [
 ]
 
 
-def load_server_keys(folders: Sequence[Path], passphrase: bytes | None = None) -> list[Any]:
+def load_server_keys(
+    folders: Sequence[Path], passphrase: bytes | None = None
+) -> list[EllipticCurvePrivateKey]:
     """The private keys in ``<folder>/signing_key.pem``, one per folder."""
     if not folders:
         raise KeyFileError("no server key folder given; create one with `seqr keys generate`")
@@ -58,7 +61,7 @@ def publisher_config(setup: FederationSetup | None, *, auto_enrol: bool = False)
 
 def init_registry(
     registry: Path,
-    keys: Sequence[Any],
+    keys: Sequence[EllipticCurvePrivateKey],
     *,
     threshold: int = 1,
     setup: FederationSetup | None = None,
@@ -77,7 +80,7 @@ def init_registry(
 
 def open_publisher(
     registry: Path,
-    keys: Sequence[Any],
+    keys: Sequence[EllipticCurvePrivateKey],
     setup: FederationSetup | None,
     *,
     auto_enrol: bool = False,

@@ -8,9 +8,10 @@ Each client signs, with its adapter key, one **contribution record** per message
 ``update`` (round r: the B it sent back, trained from the global B of round r - 1) and
 ``statistics`` (its partial norm statistics of the final group adapter, on its own data). A
 record is deterministic registry JSON (integers and strings only, codec.dumps) and the
-signature is Ed25519 over DSSE's PAE(CONTRIBUTION_TYPE, record) (envelope.pae), so a record
-can never be replayed as a manifest or a registry file. ``session`` is the server's random
-nonce for one group run: records of another run do not verify here.
+signature is ECDSA P-256 (seqr.core.signing) over DSSE's PAE(CONTRIBUTION_TYPE, record)
+(envelope.pae), so a record can never be replayed as a manifest or a registry file.
+``session`` is the server's random nonce for one group run: records of another run do not
+verify here.
 
 The server lists every record in ``contributions.json`` (a sixth file of the group export,
 hashed in the server-signed manifest), with the digest of the global B after every round
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from seqr.core import signing
 from seqr.core.errors import FormatError, KeyFileError, RegistryError, SignatureError
@@ -103,7 +104,7 @@ class Contribution:
     session: str  # 32 hex: the server's nonce for this group run
     kind: Kind
     round: int  # update: 1..rounds; statistics: rounds
-    client_key: bytes  # 32 raw Ed25519 bytes
+    client_key: bytes  # DER public key (seqr.core.signing)
     example_count: int  # training chunks (update) or calibration sequences (statistics)
     sha256: str  # arrays_sha256 of the B sent (update) / sha256 of the statistics bytes
     base_sha256: str  # arrays_sha256 of the global B received
@@ -152,7 +153,7 @@ class Contribution:
 
 def _client_key(value: object, what: str) -> bytes:
     try:
-        return signing.load_public_key_hex(check_hex(value, 32, what))
+        return signing.parse_public_key(check_hex(value, signing.PUBLIC_KEY_BYTES, what))
     except KeyFileError as exc:
         raise FormatError(f"{what}: {exc}") from None
 
@@ -177,7 +178,7 @@ class SignedContribution:
         return cls(record.encode("ascii"), signature)
 
 
-def sign_contribution(record: Contribution, key: Ed25519PrivateKey) -> SignedContribution:
+def sign_contribution(record: Contribution, key: EllipticCurvePrivateKey) -> SignedContribution:
     """Sign a record with the client's adapter key (verified before it is returned)."""
     if signing.public_key_bytes(key) != record.client_key:
         raise SignatureError("the record names another client key than the signing key")

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from cryptography.hazmat.primitives.serialization import load_der_public_key
 from securesystemslib.signer import CryptoSigner, Key, SSlibKey
 from tuf.api.metadata import TOP_LEVEL_ROLE_NAMES, Metadata, MetaFile, Root, Signed
 from tuf.api.serialization.json import JSONSerializer
 
+from seqr.core import signing
 from seqr.core.errors import FormatError, KeyFileError, RegistryError
 
 __all__ = [
@@ -46,14 +46,7 @@ def signer_for(private_key: Any) -> CryptoSigner:
 
 def tuf_key(public: bytes) -> Key:
     """The TUF key object of public key bytes (seqr.core.signing.public_key_bytes)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    try:
-        if len(public) == 32:  # a raw Ed25519 key (RFC 8032 section 5.1.5)
-            return SSlibKey.from_crypto(Ed25519PublicKey.from_public_bytes(public))
-        return SSlibKey.from_crypto(load_der_public_key(public))
-    except (ValueError, TypeError) as exc:
-        raise KeyFileError(f"not a public key TUF can verify with: {exc}") from None
+    return SSlibKey.from_crypto(signing.check_public_key(public))
 
 
 def new_root(keys: Sequence[Key], threshold: int, expires: datetime) -> Metadata[Root]:

@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,7 +31,8 @@ from tqdm import tqdm
 
 from seqr.core import signing
 from seqr.core.errors import ConfigError
-from seqr.core.manifest import Manifest
+from seqr.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
+from seqr.core.model_signature import sign_files
 from seqr.core.stats import NormStatistics
 from seqr.registry import audit_registry
 from seqr.registry.config import AuditConfig, PublisherConfig
@@ -88,7 +90,11 @@ def _shared_a(cfg: AuditBenchConfig) -> dict[str, np.ndarray]:
 
 
 def _export(
-    cfg: AuditBenchConfig, key: Any, index: int, shared: dict[str, np.ndarray], pin: FederationPin
+    cfg: AuditBenchConfig,
+    key: signing.SigningKeyFile,
+    index: int,
+    shared: dict[str, np.ndarray],
+    pin: FederationPin,
 ) -> dict[str, bytes]:
     """One client's signed export, as seqr client export writes it (name -> bytes)."""
     rng = np.random.default_rng(cfg.seed + 1 + index)
@@ -106,19 +112,19 @@ def _export(
         "norm_stats.json": stats.to_json_bytes(),
     }
     manifest = Manifest(
-        files={n: hashlib.sha256(b).hexdigest() for n, b in payload.items()},
         base_model_sha256=pin.base_model_sha256,
         a_seed=pin.a_seed,
         a_sha256=pin.a_sha256,
         rank=cfg.rank,
         alpha=float(2 * cfg.rank),
         target_modules=pin.target_modules,
-        public_key=signing.public_key_bytes(key).hex(),
+        public_key=key.public.hex(),
         created=T0,
         name=f"domain-{index:04d}",
         example_count=1000,
     ).to_bytes()
-    return {**payload, "manifest.json": manifest, "manifest.sig": signing.sign(key, manifest)}
+    signed = {**payload, MANIFEST_NAME: manifest}
+    return {**signed, SIGNATURE_NAME: sign_files(signed, key, name=f"domain-{index:04d}")}
 
 
 def build_registry(cfg: AuditBenchConfig, path: Path) -> dict[str, Any]:
@@ -131,13 +137,17 @@ def build_registry(cfg: AuditBenchConfig, path: Path) -> dict[str, Any]:
     )
     server = signing.generate_private_key()
     config = PublisherConfig(federation=pin, auto_enrol=True)
+    # Client keys live in files because model-signing signs from a key file; none is kept.
+    keys = Path(tempfile.mkdtemp(prefix="seqr-bench-keys-"))
     with Publisher.create(path, [server], config=config, now=T0) as pub:
         for i in tqdm(range(cfg.adapters), desc="build registry", unit="adapter"):
-            client = signing.generate_private_key()  # one client per adapter
+            signing.write_keypair(keys / f"{i:05d}")  # one client per adapter
+            client = signing.SigningKeyFile.open(keys / f"{i:05d}" / signing.PRIVATE_KEY_NAME)
             pub.stage_adapter(_export(cfg, client, i, shared, pin), admitted=T0)
             if (i + 1) % cfg.per_version == 0 or i + 1 == cfg.adapters:
                 pub.publish(now=T0 + timedelta(seconds=i + 1))
         version = pub.version
+    shutil.rmtree(keys, ignore_errors=True)
     return {"build_seconds": time.perf_counter() - started, "versions": version}
 
 

@@ -229,7 +229,7 @@ def run(cfg: HijackBenchConfig) -> dict[str, Any]:
     del base
     exports = train_exports(cfg, setup.federation, work)
     subs = {d: read_export(exports[d]) for d in cfg.honest}
-    key = signing.load_private_key(work / "keys" / cfg.liar / signing.PRIVATE_KEY_NAME)
+    key = signing.SigningKeyFile.open(work / "keys" / cfg.liar / signing.PRIVATE_KEY_NAME)
     own = NormStatistics.from_json_bytes(read_export(exports[cfg.liar])[NORM_STATS_NAME])
     lie = scaled_stats(own, cfg.mean_factor, cfg.std_factor)
     score = setup.federation.calib_score  # what statistics (and so the probe values) measure

@@ -15,7 +15,13 @@ from typing import Any
 
 from seqr.core.atomic_write import write_atomic
 from seqr.core.errors import ConfigError
-from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, load_private_key, write_keypair
+from seqr.core.signing import (
+    PRIVATE_KEY_NAME,
+    PUBLIC_KEY_NAME,
+    load_private_key,
+    load_public_key,
+    write_keypair,
+)
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ def run_federation(cfg: Any, fed: Any, domains: list[Path]) -> FederationResult:
     root_sha = init_registry(registry, [server_key], setup=setup)
     with open_publisher(registry, [server_key], None) as publisher:
         for part in sorted(parts.iterdir()):
-            publisher.enrol_client(bytes.fromhex((keys / part.name / PUBLIC_KEY_NAME).read_text()))
+            publisher.enrol_client(load_public_key(keys / part.name / PUBLIC_KEY_NAME))
         publisher.publish()
     run_config = {
         **setup.federation.to_run_config(),

@@ -107,7 +107,13 @@ def split_domain(domain: Path, dest: Path, k: int) -> tuple[list[Path], Path, Pa
 def run_group_federation(cfg: GroupsEvalConfig, fed: Any, work: Path) -> dict[str, Any]:
     """Operator set-up (keys, registry, enrolment) and one real Flower run."""
     from seqr.core.base_model import load_base_model
-    from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, load_private_key, write_keypair
+    from seqr.core.signing import (
+        PRIVATE_KEY_NAME,
+        PUBLIC_KEY_NAME,
+        load_private_key,
+        load_public_key,
+        write_keypair,
+    )
     from seqr.operator.federation_setup import setup_federation
     from seqr.operator.registry_ops import init_registry, open_publisher
     from seqr.sim.flower_local import SIMULATION_TIMEOUT_S, flwr_run, local_superlink
@@ -126,8 +132,8 @@ def run_group_federation(cfg: GroupsEvalConfig, fed: Any, work: Path) -> dict[st
     root_sha = init_registry(registry, [server_key], setup=setup)
     with open_publisher(registry, [server_key], None) as publisher:
         for part in parts:
-            public = (work / "client-keys" / part.name / PUBLIC_KEY_NAME).read_text()
-            publisher.enrol_client(bytes.fromhex(public))
+            public = load_public_key(work / "client-keys" / part.name / PUBLIC_KEY_NAME)
+            publisher.enrol_client(public)
         publisher.publish()
     members = ",".join(f"{cfg.domain}_part{i}" for i in range(cfg.clients))
     run_config = {
