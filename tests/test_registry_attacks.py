@@ -276,8 +276,8 @@ def test_key_rotation_table(
     (old_names, old_threshold), (new_names, new_threshold) = old, new
     server = [keys[n] for n in old_names]
     r = Repo(tmp_path / "registry", tmp_path / "state", server, [new_key()])
-    build_registry(r.path, r.server, r.clients, threshold=old_threshold,
-                   root_keys=[signing.public_key_bytes(keys[n]) for n in old_names]).close()  # fmt: skip
+    roots = [signing.public_key_bytes(keys[n]) for n in old_names]
+    build_registry(r.path, r.server, r.clients, threshold=old_threshold, root_keys=roots).close()
     assert r.audit().root_version == 1
     root2 = roles.new_root(
         [roles.tuf_key(signing.public_key_bytes(keys[n])) for n in new_names],

@@ -183,3 +183,13 @@ def test_cli_audit_exits_one_with_the_reason_and_keeps_the_state(
     assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == before
     assert cli.main(["registry", "audit", str(tmp_path / "missing")]) == 1
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_a_failed_first_pull_leaves_nothing_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mirror = tmp_path / "mirror"
+    assert cli.main(["registry", "pull", "http://127.0.0.1:9/", str(mirror)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot fetch it" in err and "Traceback" not in err and "HTTPConnection" not in err
+    assert not mirror.exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from _route_world import DOMAINS, RouteWorld, domain_text, make_world
-from safetensors.torch import load_file
+from safetensors.torch import load
 from tiny import build_tiny_llama
 
 from seqr.cli.route import main
@@ -63,9 +63,8 @@ def reference_scores(world: RouteWorld, text: str) -> dict[str, float]:
     """Mean over tokens and LoRA modules of (value - mean) / std, value = ||B A x|| or, for
     gain statistics, ||B A x|| / ||A x||: straight from the registry's files and a plain
     transformers model (no peft, no seqr routing code)."""
-    report = audit_registry(world.registry)
-    first = world.registry / "adapters" / report.entries[0].adapter_sha256
-    tensors = load_file(first / "adapter_model.safetensors")
+    verified = audit_registry(world.registry)
+    tensors = load(verified.adapters[0].files["adapter_model.safetensors"])
     lora = {k.split(".lora_A.")[0] for k in tensors if ".lora_A." in k}  # peft module names
     base = load_base_model(str(world.model_dir))
     ids = base.tokenizer(text, return_tensors="pt")["input_ids"]
@@ -80,10 +79,10 @@ def reference_scores(world: RouteWorld, text: str) -> dict[str, float]:
         handle.remove()
     assert len(inputs) == len(lora) > 0
     scores = {}
-    for entry in report.entries:
-        folder = world.registry / "adapters" / entry.adapter_sha256
-        tensors = load_file(folder / "adapter_model.safetensors")
-        stats = NormStatistics.from_json_bytes((folder / "norm_stats.json").read_bytes())
+    for adapter in verified.adapters:
+        entry = adapter.entry
+        tensors = load(adapter.files["adapter_model.safetensors"])
+        stats = NormStatistics.from_json_bytes(adapter.files["norm_stats.json"])
         z = []
         for name, x in inputs.items():
             a = tensors[f"base_model.model.{name}.lora_A.weight"]
@@ -184,35 +183,35 @@ def test_cli_routes_each_line_of_a_file_as_json(
 def test_cli_refuses_a_tampered_registry_and_keeps_the_trusted_state(
     world: RouteWorld, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    registry, state = tmp_path / "mirror", tmp_path / "trusted.json"
+    registry, state = tmp_path / "mirror", tmp_path / "state"
     shutil.copytree(world.registry, registry)
     args = ["--registry", str(registry), "--text", "12 34 56", "--trusted-state", str(state),
             "--base-model", str(world.model_dir)]  # fmt: skip
     assert main(args) == 0 and "digits" in capsys.readouterr().out
-    trusted = state.read_bytes()
+    trusted = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
     # A mirror lowers the digits adapter's claimed mean: the routing-hijack lie.
-    sha = next(e.adapter_sha256 for e in audit_registry(registry).entries if e.name == "digits")
-    stats_file = registry / "adapters" / sha / "norm_stats.json"
+    report = audit_registry(registry).report
+    sha = next(e.adapter_sha256 for e in report.entries if e.name == "digits")
+    stats_file = next((registry / "targets" / "adapters" / sha).glob("*.norm_stats.json"))
     stats_file.write_bytes(stats_file.read_bytes().replace(b'"mean":[', b'"mean":[-', 1))
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "REFUSED" in err and "norm_stats.json" in err and sha[:16] in err
-    assert state.read_bytes() == trusted
+    assert "REFUSED" in err and "norm_stats.json" in err and sha in err
+    assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == trusted
 
 
-def test_adapter_changed_between_audit_and_load_is_refused(
-    world: RouteWorld, tmp_path: Path
-) -> None:
+def test_the_router_loads_the_bytes_the_audit_verified(world: RouteWorld, tmp_path: Path) -> None:
+    # Files swapped on disk after the audit change nothing: the router never reads them again.
     registry = tmp_path / "mirror"
     shutil.copytree(world.registry, registry)
-    report = audit_registry(registry)
-    entries = {e.name: e for e in report.entries}
-    # After the audit, the code adapter's folder is swapped for the digits adapter's files.
-    code_dir = registry / "adapters" / entries["code"].adapter_sha256
-    shutil.rmtree(code_dir)
-    shutil.copytree(registry / "adapters" / entries["digits"].adapter_sha256, code_dir)
-    with pytest.raises(RegistryError, match="changed after the audit"):
-        RegistryRouter.from_report(registry, report, base_model=str(world.model_dir))
+    verified = audit_registry(registry)
+    for stored in (registry / "targets").rglob("*"):
+        if stored.is_file():
+            stored.write_bytes(b"swapped after the audit")
+    router = RegistryRouter.from_verified(verified, base_model=str(world.model_dir))
+    by_name = {a.name: a for a in router.adapters}
+    for adapter in verified.adapters:
+        assert by_name[adapter.entry.name].weights == adapter.files["adapter_model.safetensors"]
 
 
 def test_a_base_model_other_than_the_adapters_one_is_refused(

@@ -74,7 +74,7 @@ def test_flower_run_admits_enrolled_clients_and_publishes_an_auditable_registry(
     assert not Path(f"/proc/{superlink_pid}").exists()
     assert output.count("admitted  adapter") == 2 and "rejected unknown_key" in output
     assert "verdicts acknowledged by 3 of 3 node(s)" in output, output[-3000:]
-    report = audit_registry(registry)
+    report = audit_registry(registry).report
     assert (report.version, report.clients) == (3, 2)
     assert sorted(e.name for e in report.entries) == ["p0", "p1"]
     seen = ReplayStore(state_dir_for(registry)).load()

@@ -28,7 +28,9 @@ def test_quick_simulation_publishes_an_audited_registry_and_a_report(tmp_path):
     argv = ["--data", str(data), "--out", str(out), "--base-model", str(model), "--quick",
             "--steps", "3", "--seq-len", "32"]  # fmt: skip
     assert main(argv) == 0
-    assert sorted(e.name for e in audit_registry(out / "registry").entries) == sorted(DOMAINS)
+    assert sorted(e.name for e in audit_registry(out / "registry").report.entries) == sorted(
+        DOMAINS
+    )
     report = json.loads((out / "report.json").read_text())
     methods = report["evaluation"]["methods"]
     for name in ("seqr", "seqr_raw", "spectr", "brute_force", "arrow", "peft_arrow", "random"):

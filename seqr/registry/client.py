@@ -20,6 +20,8 @@ Steps, all inside one locked session on a copy of the trusted state (trust.py):
 from __future__ import annotations
 
 import hashlib
+import re
+import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -68,6 +70,24 @@ def refresh(
     started = time.perf_counter()
     source = source_for(location)
     kept = trusted_state is not None
+    # A failed first use leaves nothing behind: folders this call creates go if it fails.
+    created = [p for p in (mirror, trusted_state) if p is not None and not Path(p).exists()]
+    try:
+        return _refresh(source, trusted_state, config, mirror, kept, started)
+    except BaseException:
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _refresh(
+    source: Source,
+    trusted_state: str | Path | None,
+    config: AuditConfig,
+    mirror: Path | None,
+    kept: bool,
+    started: float,
+) -> VerifiedRegistry:
     with ExitStack() as stack:
         if trusted_state is None:
             trusted_state = stack.enter_context(tempfile.TemporaryDirectory(prefix="seqr-trust-"))
@@ -79,6 +99,8 @@ def refresh(
             raise exc if isinstance(exc, RegistryError) else RegistryError(str(exc)) from None
         if mirror is not None:
             _write_mirror(mirror, session, result)
+        for scratch in ("downloads", "history"):  # the trusted state keeps metadata only
+            shutil.rmtree(session.work / scratch, ignore_errors=True)
         session.commit()
     report = result.report(source, trusted_state_kept=kept, started=started)
     return VerifiedRegistry(report, result.document, tuple(result.adapters))
@@ -431,8 +453,10 @@ def _registry_error(exc: Exception, what: str = "") -> RegistryError:
     if isinstance(exc, exceptions.DownloadHTTPError):
         return RegistryError(f"{where}the registry answered HTTP {exc.status_code}: {exc}")
     if isinstance(exc, exceptions.DownloadError):
-        cause = exc.__cause__ or exc.__context__
-        return RegistryError(f"{where}cannot fetch it: {cause or exc}")
+        cause = str(exc.__cause__ or exc.__context__ or exc)
+        errno_text = re.findall(r"\[Errno -?\d+\] [^'\")]+", cause)  # urllib3 nests its reason
+        reason = errno_text[-1] if errno_text else cause[:300]
+        return RegistryError(f"{where}cannot fetch it ({reason}); check the URL and the network")
     if isinstance(exc, exceptions.RepositoryError | ValueError | SeqrError):
         return RegistryError(f"{where}{exc}")
     if isinstance(exc, OSError):
