@@ -42,9 +42,7 @@ class _StrictJsonError(Exception):
     pass
 
 
-def loads_strict(
-    data: bytes, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH
-) -> Any:
+def loads_strict(data: bytes, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
     """Parse UTF-8 JSON of at most ``max_bytes`` bytes; FormatError naming ``what`` otherwise."""
     if len(data) > max_bytes:
         raise FormatError(f"{what} is {len(data)} bytes, over the limit of {max_bytes} bytes")
@@ -52,14 +50,10 @@ def loads_strict(
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise FormatError(
-            f"{what} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
-        ) from None
+        raise FormatError(f"{what} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     depth = _nesting_depth(data)
     if depth > max_depth:
-        raise FormatError(
-            f"{what} is nested {depth} levels deep, over the limit of {max_depth}"
-        )
+        raise FormatError(f"{what} is nested {depth} levels deep, over the limit of {max_depth}")
     try:
         value = json.loads(
             text,
@@ -95,9 +89,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _StrictJsonError(
-                f"duplicate key {_shown(key)}; each key may appear only once"
-            )
+            raise _StrictJsonError(f"duplicate key {_shown(key)}; each key may appear only once")
         out[key] = value
     return out
 
@@ -120,9 +112,7 @@ def _finite_float(text: str) -> float:
 def _bounded_int(text: str) -> int:
     digits = len(text.lstrip("-"))
     if digits > MAX_INT_DIGITS:
-        raise _StrictJsonError(
-            f"an integer of {digits} digits, over the limit of {MAX_INT_DIGITS}"
-        )
+        raise _StrictJsonError(f"an integer of {digits} digits, over the limit of {MAX_INT_DIGITS}")
     return int(text)
 
 

@@ -222,7 +222,7 @@ class RoundRunner:
     def policy_for(self, keys: Iterable[str]) -> AdmissionPolicy:
         """The same bounds for other signers (a task group's members, whose adapter the
         server itself signs): weight, statistics and plausibility bounds of this round."""
-        return self.setup.policy(keys, max_age=self.max_age, **self.bounds)
+        return self.setup.policy(keys, (), max_age=self.max_age, **self.bounds)
 
 
 def _claimed_key(files: Mapping[str, bytes]) -> tuple[str, str]:

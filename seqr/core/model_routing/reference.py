@@ -114,7 +114,8 @@ def unusable_statistics(stats: NormStatistics) -> str | None:
             return f"module {ascii(module)} statistics come from no values"
         for mean, std in zip(m.mean.tolist(), m.std.tolist(), strict=True):
             if not float32_usable(mean, std):
-                return f"module {ascii(module)}: mean {mean:.4g} / std {std:.4g} unusable in float32"
+                where = f"module {ascii(module)}"
+                return f"{where}: mean {mean:.4g} / std {std:.4g} unusable in float32"
     return None
 
 
