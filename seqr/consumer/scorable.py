@@ -24,7 +24,7 @@ from seqr.core.shared_a import shared_a_mismatches
 if TYPE_CHECKING:
     from seqr.consumer.router import AuditedAdapter
 
-__all__ = ["unscorable_reasons", "weights_problem"]
+__all__ = ["gram_overflows", "unscorable_reasons", "weights_problem"]
 
 
 def weights_problem(weights: bytes, seed: int) -> str | None:
@@ -38,12 +38,8 @@ def weights_problem(weights: bytes, seed: int) -> str | None:
     for name, array in sorted(tensors.items()):
         if not np.isfinite(array).all():
             return f"tensor {ascii(name)} holds NaN or inf"
-        if name.endswith(".lora_B.weight") and array.ndim == 2:
-            b = array.astype(np.float64)
-            with np.errstate(over="ignore"):  # SEQR's Gram matrix, as the router stores it
-                gram = (b.T @ b).astype(np.float32)
-            if not np.isfinite(gram).all():
-                return f"B^T B of {ascii(name)} overflows float32 (its B is too large)"
+        if name.endswith(".lora_B.weight") and array.ndim == 2 and gram_overflows(array):
+            return f"B^T B of {ascii(name)} overflows float32 (its B is too large)"
     dtypes = {name: info.dtype for name, info in header.tensors.items()}
     wrong_a = shared_a_mismatches(tensors, seed, dtypes)
     if wrong_a:
@@ -52,6 +48,17 @@ def weights_problem(weights: bytes, seed: int) -> str | None:
             f"e.g. {ascii(wrong_a[0])}"
         )
     return None
+
+
+def gram_overflows(b: np.ndarray) -> bool:
+    """True when SEQR's stored Gram weights of B (B^T B, off-diagonal doubled,
+    seqr.core.routing.seqr) overflow float32, or could for a unit-norm h: the sum of their
+    absolute values bounds h^T B^T B h for every ||h|| <= 1, the gain score's input."""
+    b64 = np.asarray(b, dtype=np.float64)
+    gram = np.abs(b64.T @ b64)
+    total = 2.0 * gram.sum() - np.trace(gram)  # upper triangle with off-diagonal doubled
+    with np.errstate(over="ignore"):
+        return not bool(np.isfinite(np.float32(total)))
 
 
 def unscorable_reasons(adapters: Sequence[AuditedAdapter]) -> dict[str, str]:
