@@ -33,7 +33,7 @@ import torch
 
 from seqr.core.admission import AdmittedAdapter, check_stats_plausible
 from seqr.core.errors import AdmissionError, DataError, ShapeError, ValueCheckError
-from seqr.core.textdata import TextFile, read_text_folder, tokenize_chunks
+from seqr.core.textdata import TextFile, read_text_file, read_text_folder, tokenize_chunks
 from seqr.operator.federation_setup import FederationSetup
 
 __all__ = ["Probe", "load_probe_texts", "probe_chunks", "BUILTIN_PROBE_FILES"]
@@ -60,11 +60,10 @@ def load_probe_texts(spec: str) -> list[TextFile]:
     path = Path(spec).expanduser()
     if path.is_dir():
         return read_text_folder(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read probe text {path}: {exc}; give a UTF-8 file") from None
-    return [TextFile(Path(path.name), text)]
+    try:  # the same careful read as data folders (no FIFO, device or symlink opened)
+        return [read_text_file(path)]
+    except DataError as exc:
+        raise DataError(f"cannot read probe text {path}: {exc}") from None
 
 
 def probe_chunks(
