@@ -42,8 +42,13 @@ class _StrictJsonError(Exception):
     pass
 
 
-def loads_strict(data: bytes, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
-    """Parse UTF-8 JSON of at most ``max_bytes`` bytes; FormatError naming ``what`` otherwise."""
+def loads_strict(
+    data: bytes, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH, floats: bool = True
+) -> Any:
+    """Parse UTF-8 JSON of at most ``max_bytes`` bytes; FormatError naming ``what`` otherwise.
+
+    ``floats=False`` refuses every non-integer number (signed records carry integers only:
+    a float that two parsers round differently is a parser differential of its own)."""
     if len(data) > max_bytes:
         raise FormatError(f"{what} is {len(data)} bytes, over the limit of {max_bytes} bytes")
     data = bytes(data)
@@ -59,7 +64,7 @@ def loads_strict(data: bytes, *, what: str, max_bytes: int, max_depth: int = MAX
             text,
             object_pairs_hook=_no_duplicates,
             parse_constant=_no_constant,
-            parse_float=_finite_float,
+            parse_float=_finite_float if floats else _no_float,
             parse_int=_bounded_int,
         )
     except json.JSONDecodeError as exc:
@@ -107,6 +112,10 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):  # "1e400" parses to inf without ever naming Infinity
         raise _StrictJsonError(f"number {text[:32]} overflows to infinity")
     return value
+
+
+def _no_float(text: str) -> float:
+    raise _StrictJsonError(f"number {text[:32]} is not an integer; only integers are allowed")
 
 
 def _bounded_int(text: str) -> int:
