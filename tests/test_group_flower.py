@@ -78,3 +78,7 @@ def test_group_of_three_federates_one_audited_adapter_over_two_rounds(tmp_path: 
         assert len(r["accepted"]) == 3 and r["bytes_down_per_client"] == b_bytes
         assert set(r["bytes_up_per_client"].values()) == {b_bytes}
         assert sum(r["weights"].values()) == pytest.approx(1.0)  # the server's shares
+        # Honest updates stay inside Adam's own bound of 3.16 lr per entry and step (Kingma &
+        # Ba 2015, Sec. 2.1), which the server's bound (4 lr) leaves room above.
+        adam = r["max_update_norm"] * 0.1 / 0.001**0.5 / 4
+        assert 0 < max(r["update_norms"].values()) <= adam

@@ -73,6 +73,8 @@ class RoundLog:
     array_record_bytes_down: int  # the same with Flower's array serialisation (npy headers)
     train_loss: float  # weighted mean of the members' local training losses
     weights: dict[str, float] = field(default_factory=dict)  # node id -> server's FedAvg share
+    update_norms: dict[str, float] = field(default_factory=dict)  # node id -> ||B - B_global||
+    max_update_norm: float = 0.0  # the bound those norms were checked against
     epsilon: float | None = None  # DP: cumulative epsilon at group-dp-delta after this round
 
 
@@ -185,6 +187,8 @@ def run_group(
                 array_record_bytes_down=sum(len(a.data) for a in arrays.values()),
                 train_loss=float((metrics or {}).get("train-loss", float("nan"))),
                 weights={str(u.node_id): w for u, w in zip(checked.good, shares, strict=True)},
+                update_norms=checked.update_norms,
+                max_update_norm=max_update,
             )
             spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
             round_log.epsilon = None if spent is None else float(spent.epsilon)

@@ -39,7 +39,15 @@ from seqr.registry.contributions import (
     round_digest,
 )
 
-__all__ = ["CheckedUpdate", "GroupState", "RoundCheck", "advance", "check_round", "weigh"]
+__all__ = [
+    "CheckedUpdate",
+    "GroupState",
+    "RoundCheck",
+    "advance",
+    "check_round",
+    "update_norm",
+    "weigh",
+]
 
 log = logging.getLogger("seqr.server.groups")
 
@@ -93,6 +101,7 @@ class RoundCheck:
     good: list[CheckedUpdate] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # node id -> "reason: message"
     bytes_up: dict[str, int] = field(default_factory=dict)  # node id -> raw bytes of its B
+    update_norms: dict[str, float] = field(default_factory=dict)  # node id -> ||B - base||_F
 
 
 def check_round(
@@ -117,6 +126,7 @@ def check_round(
             out.rejected[str(node)] = f"{exc.reason}: {exc}"
             continue
         out.bytes_up[str(node)] = sum(int(v.nbytes) for v in b.values())
+        out.update_norms[str(node)] = update_norm(b, bounds.base)
         out.good.append(CheckedUpdate(reply, node, signed, _frozen(b), examples))
     answered = {r.metadata.src_node_id for r in replies}
     out.rejected.update({str(n): "timeout" for n in members if n not in answered})
@@ -124,6 +134,13 @@ def check_round(
         log.warning("group %s round %d: node %s left out: %s", expected.group, expected.round,
                     node_id, printable(reason, 300))  # fmt: skip
     return out
+
+
+def update_norm(b: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:
+    """||B - base||_F over every tensor, in float64."""
+    return float(
+        sum(np.square(b[n].astype(np.float64) - base[n].astype(np.float64)).sum() for n in b) ** 0.5
+    )
 
 
 def weigh(good: Sequence[CheckedUpdate], settings: GroupSettings) -> list[float]:
