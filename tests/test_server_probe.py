@@ -99,6 +99,19 @@ def test_claiming_larger_norms_only_hurts_the_claimant_and_passes(clients: list[
     probe().check(with_stats(adapter, lying_stats(adapter.stats, 3.0, 2.0)), **BOUNDS)
 
 
+def test_claimed_mean_far_above_the_probe_refused_with_its_own_message(
+    clients: list[Client],
+) -> None:
+    adapter = admitted(clients[0])
+    policy = federation_setup().policy({clients[0].public_hex})  # the defaults, as served
+    probe().check(with_stats(adapter, lying_stats(adapter.stats, 3.0, 1.0)), **policy.plausibility)
+    with pytest.raises(AdmissionError, match="probe stds ABOVE the probe mean") as info:
+        probe().check(
+            with_stats(adapter, lying_stats(adapter.stats, 1e5, 1.0)), **policy.plausibility
+        )
+    assert info.value.reason == "implausible_stats"
+
+
 def test_zero_adapter_is_implausible_not_a_server_error(clients: list[Client]) -> None:
     adapter = admitted(clients[0])
     zeroed = {n: (np.zeros_like(t) if ".lora_B." in n else t) for n, t in adapter.tensors.items()}
