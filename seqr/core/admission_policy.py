@@ -62,7 +62,9 @@ class AdmissionPolicy:
     max_stats_mean: float = StatsBounds.max_mean  # claimed mean, in units of the score
     min_stats_std: float = StatsBounds.min_std  # claimed std, in units of the score
     max_stats_std: float = StatsBounds.max_std  # claimed std, in units of the score
-    max_mean_z: float = 2.0  # check_stats_plausible: probe stds the claimed mean may sit below
+    # check_stats_plausible: probe stds the claimed mean may sit below the probe mean. 2, not 1:
+    # an honest SmolLM2 adapter (licences, gain statistics) sat 1.01 below on one of 60 modules.
+    max_mean_z: float = 2.0
     # check_stats_plausible: probe stds the claimed mean may sit ABOVE the probe mean. Honest
     # adapters sit higher on their own data than on probe text, so this bound is loose.
     max_mean_z_above: float = 1000.0
