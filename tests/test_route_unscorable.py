@@ -84,6 +84,10 @@ def _attackers(honest: list[AuditedAdapter]) -> dict[str, AuditedAdapter]:
         "huge-b": _reweighted(digits, "huge-b", _scaled_b(1e20)),
         "huge-mean": replace(digits, name="huge-mean", stats=_stats_with_mean(digits.stats, 1e39)),
         "foreign-a": _reweighted(digits, "foreign-a", foreign_a),
+        # Another LoRA scaling than every other adapter's: one module cannot mix scalings.
+        "other-alpha": replace(
+            digits, name="other-alpha", manifest=replace(digits.manifest, alpha=3.0)
+        ),
     }
 
 
@@ -119,6 +123,7 @@ def test_unscorable_adapters_are_skipped_by_name_and_the_rest_routes_as_before(
     assert "B^T B" in router.skipped["huge-b"] and "float32" in router.skipped["huge-b"]
     assert "mean 1e+39" in router.skipped["huge-mean"]
     assert "shared A" in router.skipped["foreign-a"]
+    assert "alpha 3" in router.skipped["other-alpha"]
     for name in attackers:
         assert any(name in r.getMessage() for r in caplog.records)
     assert [r.adapter for r in results] == [d for d, _ in _texts()]

@@ -61,17 +61,26 @@ def gram_overflows(b: np.ndarray) -> bool:
         return not bool(np.isfinite(np.float32(total)))
 
 
+def _shape(adapter: AuditedAdapter) -> tuple[int, int, float, tuple[str, ...]]:
+    m = adapter.manifest
+    return (m.a_seed, m.rank, m.alpha, tuple(m.target_modules))
+
+
 def unscorable_reasons(adapters: Sequence[AuditedAdapter]) -> dict[str, str]:
-    """Adapter name -> why a router cannot score it (weights, statistics, or a shared-A seed
-    other than the one most adapters name); adapters missing from the result are fine."""
-    seeds = Counter(a.manifest.a_seed for a in adapters)
-    seed = seeds.most_common(1)[0][0] if seeds else 0
+    """Adapter name -> why a router cannot score it next to the others (weights, statistics,
+    or a shared-A seed / rank / alpha / targets other than what most adapters name: SEQR
+    needs one A and one scaling per module); adapters missing from the result are fine."""
+    shapes = Counter(_shape(a) for a in adapters)
+    common = shapes.most_common(1)[0][0] if shapes else (0, 0, 0.0, ())
+    seed = common[0]
     out = {}
     for adapter in adapters:
-        if adapter.manifest.a_seed != seed:
+        if _shape(adapter) != common:
+            seed_, rank, alpha, _ = _shape(adapter)
             out[adapter.name] = (
-                f"it names shared-A seed {adapter.manifest.a_seed}; the registry's other "
-                f"adapters name {seed}"
+                f"it names shared-A seed {seed_}, rank {rank}, alpha {alpha:g} and its target "
+                f"modules; most of the registry's adapters name seed {common[0]}, rank "
+                f"{common[1]}, alpha {common[2]:g} and theirs"
             )
             continue
         problem = weights_problem(adapter.weights, seed)
