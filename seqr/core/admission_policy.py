@@ -66,8 +66,9 @@ class AdmissionPolicy:
     # an honest SmolLM2 adapter (licences, gain statistics) sat 1.01 below on one of 60 modules.
     max_mean_z: float = 2.0
     # check_stats_plausible: probe stds the claimed mean may sit ABOVE the probe mean. Honest
-    # adapters sit higher on their own data than on probe text, so this bound is loose.
-    max_mean_z_above: float = 1000.0
+    # adapters sit higher on their own data than on probe text: the 10 real SmolLM2 adapters of
+    # the baseline simulation at most 3.44 (fortunes_de), tiny test adapters 0.40; 100 is 29x.
+    max_mean_z_above: float = 100.0
     max_sigma_ratio: float = 3.0  # check_stats_plausible: probe std / claimed std at most this
 
     def __post_init__(self) -> None:
