@@ -30,6 +30,7 @@ from tuf.api.metadata import Metadata, Snapshot, TargetFile, Targets, Timestamp
 from seqr.core import signing
 from seqr.core.manifest import Manifest
 from seqr.core.model_signature import sign_files
+from seqr.core.shared_a import generate_shared_a, shared_a_sha256
 from seqr.core.stats import NormStatistics
 from seqr.registry import layout, log, repository, roles
 from seqr.registry.config import PublisherConfig
@@ -51,13 +52,16 @@ def tensor_name(module: str, which: str) -> str:
 
 
 def shared_a() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(A_SEED)
+    """The federation's real shared A (seqr.core.shared_a), which every audit checks."""
     return {
-        tensor_name(m, "A"): rng.standard_normal((RANK, DIM)).astype(np.float32) for m in TARGETS
+        tensor_name(m, "A"): generate_shared_a(
+            A_SEED, f"model.layers.0.self_attn.{m}", RANK, DIM
+        ).numpy()
+        for m in TARGETS
     }
 
 
-A_SHA = hashlib.sha256(b"".join(a.tobytes() for _, a in sorted(shared_a().items()))).hexdigest()
+A_SHA = shared_a_sha256(A_SEED, {f"model.layers.0.self_attn.{m}": DIM for m in TARGETS}, RANK)
 FEDERATION = FederationPin(BASE_SHA, A_SHA, A_SEED, RANK, TARGETS)
 
 

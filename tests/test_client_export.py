@@ -154,14 +154,19 @@ def test_base_model_hash_mismatch_refused_before_training(
 
 
 @pytest.mark.parametrize("case", ["empty folder", "not utf-8"])
-def test_bad_data_refused_naming_the_problem(tmp_path: Path, key: Path, case: str) -> None:
+def test_bad_data_refused_naming_the_problem(
+    tmp_path: Path, key: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
     folder = tmp_path / "data"
     folder.mkdir()
-    if case == "not utf-8":
+    if case == "not utf-8":  # skipped with a warning naming it; what is left is too little
         (folder / "ok.txt").write_text("hello\n")
         (folder / "cp1252.md").write_bytes(b"smart \x93quotes\x94\n")
-    with pytest.raises(DataError, match="cp1252.md" if case == "not utf-8" else "no text files"):
+    match = "fewer than one chunk" if case == "not utf-8" else "no UTF-8 text file"
+    with pytest.raises(DataError, match=match):
         run_client(folder, key, tmp_path / "out", fed_for_tiny(), progress=False)
+    if case == "not utf-8":
+        assert "binary or not UTF-8: cp1252.md" in caplog.text
     _no_leftovers(tmp_path, {"data"})
 
 

@@ -32,12 +32,13 @@ def test_reads_recursively_in_sorted_order_skipping_hidden_and_binary(tmp_path: 
     assert files[0].text == "alpha\n"
 
 
-def test_non_utf8_file_named(tmp_path: Path) -> None:
+def test_non_utf8_file_skipped_with_a_warning_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     (tmp_path / "good.txt").write_text("fine\n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
-    with pytest.raises(DataError) as info:
-        read_text_folder(tmp_path)
-    assert "latin1.txt" in str(info.value) and "0xe9" in str(info.value)
+    assert [str(f.path) for f in read_text_folder(tmp_path)] == ["good.txt"]
+    assert "skipped 1 file(s), binary or not UTF-8: latin1.txt" in caplog.text
 
 
 @pytest.mark.parametrize("case", ["missing", "a file", "empty", "only empty files", "no text"])

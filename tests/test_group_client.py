@@ -26,7 +26,14 @@ from seqr.node.calibrate import calibrate
 from seqr.node.client_app import app
 from seqr.node.train import make_lora_model
 from seqr.operator.group_replies import Expected, Member, check_statistics, check_update
-from seqr.registry.contributions import arrays_sha256, merge_partial_statistics
+from seqr.registry.contributions import (
+    SignedContribution,
+    arrays_sha256,
+    merge_partial_statistics,
+    record_digest,
+    round_digest,
+    verify_membership,
+)
 
 FED = FederationConfig(
     base_model=str(tiny_model_dir()), lora_rank=4, train_batch_size=2, train_seq_len=32,
@@ -84,9 +91,12 @@ def _context(root: Path) -> Context:
     return Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
 
 
-def _group_content(b: dict[str, np.ndarray], rnd: int) -> RecordDict:
+def _group_content(
+    b: dict[str, np.ndarray], rnd: int, previous: tuple[str, ...] = ()
+) -> RecordDict:
     config = {**FED.to_run_config(), "group-name": "g", "group-session": "ab" * 16,
-              "group-round": rnd, "group-rounds": 2, "group-local-steps": 2}  # fmt: skip
+              "group-round": rnd, "group-rounds": 2, "group-local-steps": 2,
+              "group-previous-updates": ",".join(previous)}  # fmt: skip
     arrays = ArrayRecord({k: Array(v) for k, v in b.items()})
     return RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
 
@@ -96,20 +106,26 @@ def test_group_replies_carry_only_b_signed_as_the_server_checks(node: Path) -> N
     member = Member(7, "g_part0", public_key_bytes(key))
     shapes = {name: (64 if "q_proj" in name else 32, 4) for name in B_NAMES}
     zeros = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
-    # Membership: the adapter name (the data subfolder) and the public key, nothing else.
-    who = app(_message(RecordDict(), "query.group"), _context(node))
-    assert dict(who.content.config_records["group-member"]) == {
-        "adapter-name": "g_part0",
-        "spki-der": member.public_key,
-    }
+    # Membership: the adapter name (the data subfolder), the public key and the signed proof
+    # of holding it for this challenge; nothing else.
+    challenge = "c0" * 16
+    query = RecordDict({"group-query": ConfigRecord({"challenge": challenge})})
+    who = app(_message(query, "query.group"), _context(node))
+    record = who.content.config_records["group-member"]
+    assert set(record) == {"adapter-name", "public-key", "proof", "signature"}
+    assert record["adapter-name"] == "g_part0" and record["public-key"] == member.public_key
+    proof = verify_membership(SignedContribution(record["proof"], record["signature"]),
+                              challenge, 7, "proof")  # fmt: skip
+    assert (proof.adapter_name, proof.client_key) == ("g_part0", member.public_key)
     # Train one round from B = 0.
     reply = app(_message(_group_content(zeros, 1), "train.group"), _context(node))
     assert not reply.has_error(), reply.error
     assert set(reply.content.array_records) == {"arrays"}
     assert list(reply.content.array_records["arrays"].keys()) == B_NAMES  # B only, never A
     assert set(reply.content.config_records) == {"contribution"}
-    expected = Expected("g", "ab" * 16, 1, arrays_sha256(zeros), shapes)
-    _, b = check_update(reply.content, member, expected)
+    parent = round_digest(arrays_sha256(zeros), ())  # the node computes it from what it got
+    expected = Expected("g", "ab" * 16, 1, arrays_sha256(zeros), shapes, parent)
+    signed, b, _ = check_update(reply.content, member, expected)
     assert any(np.abs(v).max() > 0 for v in b.values())  # it trained
     # The server refuses the same reply against another round or with a changed B.
     with pytest.raises(AdmissionError, match="replayed or started from another model"):
@@ -120,10 +136,12 @@ def test_group_replies_carry_only_b_signed_as_the_server_checks(node: Path) -> N
     tampered[B_NAMES[0]] = Array(np.ones(shapes[B_NAMES[0]], np.float32))
     with pytest.raises(AdmissionError, match="not the B the node signed"):
         check_update(reply.content, member, expected)
-    # Statistics of the final B, signed over the exact bytes.
-    stats = app(_message(_group_content(b, 2), "query.group_stats"), _context(node))
+    # Statistics of the final B, signed over the exact bytes, with the round chain's last link.
+    averaged = (record_digest(signed),)
+    stats = app(_message(_group_content(b, 2, averaged), "query.group_stats"), _context(node))
     assert not stats.has_error(), stats.error
-    final = Expected("g", "ab" * 16, 2, arrays_sha256(b), shapes)
+    final = Expected("g", "ab" * 16, 2, arrays_sha256(b), shapes,
+                     round_digest(arrays_sha256(b), averaged))  # fmt: skip
     _, data, count = check_statistics(stats.content, member, final)
     assert count > 0 and b'"modules"' in data
     other = Member(7, "g_part0", public_key_bytes(generate_private_key()))  # another key

@@ -31,9 +31,12 @@ def test_group_of_three_federates_one_audited_adapter_over_two_rounds(tmp_path: 
     # Prepare: tiny model, 4 data partitions with keys, every key enrolled.
     model = build_tiny_llama(tmp_path / "tiny-llama")
     data, keys = tmp_path / "data", tmp_path / "keys"
+    fingerprints = {}
     for name, files in PARTS.items():
         copy_texts(data / name, files)
-        signing.write_keypair(keys / name)
+        fingerprints[name] = signing.write_keypair(keys / name)
+    # Slots are bound to the members' keys (name@fingerprint), never to names alone.
+    slots = ",".join(f"{n}@{fingerprints[n]}" for n in ("g_part0", "g_part1", "g_part2"))
     signing.write_keypair(tmp_path / "server-key")
     server_keys = [signing.load_private_key(tmp_path / "server-key" / PRIVATE_KEY_NAME)]
     fed = federation_from_run_config({**FEDERATION, "base-model": str(model)})
@@ -48,7 +51,7 @@ def test_group_of_three_federates_one_audited_adapter_over_two_rounds(tmp_path: 
     run_config = {**FEDERATION, "base-model": str(model), "registry-dir": str(registry),
                   "server-keys": str(tmp_path / "server-key"), "data-dir": str(data),
                   "signing-key": str(keys), "min-nodes": 4, "train-timeout-s": 240.0,
-                  "task-groups": "g:g_part0,g_part1,g_part2", "num-group-rounds": 2,
+                  "task-groups": f"g:{slots}", "num-group-rounds": 2,
                   "group-local-steps": 2, "group-timeout-s": 240.0,
                   # The tiny random model's group adapter on near-identical parts has gain std
                   # ~5x below the probe's; this test is about the group, not plausibility.
@@ -75,3 +78,8 @@ def test_group_of_three_federates_one_audited_adapter_over_two_rounds(tmp_path: 
     for r in summary["rounds"]:
         assert len(r["accepted"]) == 3 and r["bytes_down_per_client"] == b_bytes
         assert set(r["bytes_up_per_client"].values()) == {b_bytes}
+        assert sum(r["weights"].values()) == pytest.approx(1.0)  # the server's shares
+        # Honest updates stay inside Adam's own bound of 3.16 lr per entry and step (Kingma &
+        # Ba 2015, Sec. 2.1), which the server's bound (4 lr) leaves room above.
+        adam = r["max_update_norm"] * 0.1 / 0.001**0.5 / 4
+        assert 0 < max(r["update_norms"].values()) <= adam

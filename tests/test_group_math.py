@@ -29,9 +29,20 @@ from flwr.supercore.task_identity import TaskIdentity
 from seqr.core.errors import ConfigError
 from seqr.node.calibrate import analytic_gaussian_sigma
 from seqr.operator.group_privacy import GaussianRdpAccountant, gaussian_epsilon, make_accountant
-from seqr.operator.groups import GroupSettings, NodeSubset, make_strategy, parse_task_groups
+from seqr.operator.groups import (
+    GroupSettings,
+    MemberSlot,
+    NodeSubset,
+    make_strategy,
+    parse_task_groups,
+)
 
 RNG = np.random.default_rng(0)
+FP = [f"sha256:{i:064x}" for i in range(8)]  # key fingerprints of the members' slots
+
+
+def _groups(n: int) -> str:
+    return "g:" + ",".join(FP[:n])
 
 
 def _reply(node: int, b: np.ndarray, examples: int) -> Message:
@@ -43,7 +54,8 @@ def _reply(node: int, b: np.ndarray, examples: int) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord({"b": Array(b)}),
-            "metrics": MetricRecord({"num-examples": examples, "unit-weight": 1}),
+            # What the server writes after its checks: its own weight (here: the count).
+            "metrics": MetricRecord({"server-weight": float(examples)}),
         }
     )
     return Message(content, metadata=metadata)
@@ -56,7 +68,7 @@ def test_fedavg_of_b_over_shared_a_equals_weighted_mean_of_products(dtype, tol) 
     bs = [RNG.standard_normal((16, 4)).astype(dtype) for _ in range(3)]  # (d_out, r)
     counts = [3, 5, 8]
     # Execute: the strategy the group flow builds (Flower's FedAvg, weighted by num-examples).
-    strategy = make_strategy(GroupSettings(task_groups="g:a,b,c"), 3)
+    strategy = make_strategy(GroupSettings(task_groups=_groups(3)), 3)
     replies = [_reply(i, b, n) for i, (b, n) in enumerate(zip(bs, counts, strict=True))]
     aggregated, _ = strategy.aggregate_train(1, replies)
     # Assert: (weighted mean of B) A == weighted mean of the products B_i A.
@@ -79,7 +91,7 @@ def test_fedavg_of_b_over_shared_a_equals_weighted_mean_of_products(dtype, tol) 
     ],
 )
 def test_poisoning_and_dp_options_are_flowers_strategies(settings, kind) -> None:
-    strategy = make_strategy(GroupSettings(task_groups="g:a,b,c,d", **settings), 4)
+    strategy = make_strategy(GroupSettings(task_groups=_groups(4), **settings), 4)
     assert isinstance(strategy, kind)
 
 
@@ -95,7 +107,7 @@ def test_robust_rules_resist_one_poisoned_client(settings) -> None:
     honest = [np.full((8, 4), v, np.float32) for v in (1.0, 1.1, 0.9, 1.05)]
     poisoned = np.full((8, 4), 1e4, np.float32)
     replies = [_reply(i, b, 10) for i, b in enumerate([*honest, poisoned])]
-    strategy = make_strategy(GroupSettings(task_groups="g:a,b", **settings), 5)
+    strategy = make_strategy(GroupSettings(task_groups=_groups(2), **settings), 5)
     aggregated, _ = strategy.aggregate_train(1, replies)
     b = aggregated["b"].numpy()
     assert b.min() >= 0.9 and b.max() <= 1.1  # the plain mean would be about 2000
@@ -106,7 +118,7 @@ def test_server_side_dp_clips_each_update_adds_noise_and_accounts_epsilon(monkey
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
     clip, z, n = 0.5, 1.0, 4
-    gs = GroupSettings(task_groups="g:a,b", group_dp="server", group_dp_clip=clip,
+    gs = GroupSettings(task_groups=_groups(2), group_dp="server", group_dp_clip=clip,
                        group_dp_noise_multiplier=z, group_dp_delta=1e-5)  # fmt: skip
     strategy = make_strategy(gs, n)
     start = np.zeros((64, 64), np.float32)
@@ -163,10 +175,15 @@ def test_closed_form_accountant_follows_flowers_protocol() -> None:
     "spec, error",
     [
         ("wiki", "NAME:member"),
-        ("wiki:a", "needs >= 2"),
-        ("wiki:a,b;code:b,c", "in task groups 'wiki' and 'code'"),
-        ("wiki:a,b;wiki:c,d", "twice"),
-        ("wi ki:a,b", "NAME:member"),
+        (f"wiki:{FP[0]}", "needs >= 2"),
+        (f"wiki:{FP[0]},{FP[1]};code:{FP[1]},{FP[2]}", "in task groups 'wiki' and 'code'"),
+        (f"wiki:a@{FP[0]},a@{FP[1]}", "in task groups 'wiki' and 'wiki'"),
+        (f"wiki:{FP[0]},{FP[1]};wiki:{FP[2]},{FP[3]}", "twice"),
+        (f"wi ki:{FP[0]},{FP[1]}", "NAME:member"),
+        # A name alone is no slot: anyone could claim it.
+        ("wiki:wiki_part0,wiki_part1", "names no signing key; bind it to its client key"),
+        (f"wiki:bad name@{FP[0]},{FP[1]}", "bad adapter name"),
+        ("wiki:sha256:xyz,sha256:abc", "names no signing key"),
     ],
 )
 def test_bad_task_groups_are_refused_with_the_reason(spec, error) -> None:
@@ -174,12 +191,14 @@ def test_bad_task_groups_are_refused_with_the_reason(spec, error) -> None:
         parse_task_groups(spec)
 
 
-def test_task_groups_parse_and_dp_needs_plain_fedavg() -> None:
-    assert parse_task_groups(" wiki:w0, w1 ;code:c0,c1;") == {
-        "wiki": ("w0", "w1"),
-        "code": ("c0", "c1"),
+def test_task_groups_bind_slots_to_keys_and_dp_needs_plain_fedavg() -> None:
+    assert parse_task_groups(f" wiki:w0@{FP[0]}, {FP[1]} ;code:c0@{FP[2]},c1@{FP[3]};") == {
+        "wiki": (MemberSlot(FP[0], "w0"), MemberSlot(FP[1])),
+        "code": (MemberSlot(FP[2], "c0"), MemberSlot(FP[3], "c1")),
     }
     with pytest.raises(ConfigError, match="must be fedavg with group-dp"):
-        GroupSettings(task_groups="g:a,b", group_dp="client", group_aggregation="krum")
+        GroupSettings(task_groups=_groups(2), group_dp="client", group_aggregation="krum")
     with pytest.raises(ConfigError, match="group-local-steps"):
         GroupSettings.from_run_config({"group-local-steps": 0})
+    with pytest.raises(ConfigError, match="group-max-weight-share"):
+        GroupSettings(group_max_weight_share=0.0)

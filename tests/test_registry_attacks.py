@@ -431,7 +431,17 @@ def test_degenerate_statistics_listed_by_the_server_rejected(repo: Repo) -> None
         stats.modules[module] = RunningMoments(1, 4, np.array([5.0]), np.array([0.0]))  # std 0
     inject_adapter(repo.path, repo.server, client,
                    make_export(client, seed=5, stats=stats.to_json_bytes()))  # fmt: skip
-    repo.rejects(RegistryError, "degenerate|positive")
+    repo.rejects(RegistryError, "std 0 is outside the allowed range")
+
+
+def test_lora_a_other_than_the_shared_a_listed_by_the_server_rejected(repo: Repo) -> None:
+    # SEQR needs one A per module shared by all adapters (||B A x|| = ||R (A x)||).
+    client = repo.clients[0]
+    tensors = make_tensors(6)
+    name = next(n for n in tensors if "lora_A" in n)
+    tensors[name] = tensors[name] * 1.5
+    inject_adapter(repo.path, repo.server, client, make_export(client, tensors=tensors))
+    repo.rejects(RegistryError, "not the federation's shared A")
 
 
 class _Exploit:

@@ -38,6 +38,8 @@ from seqr.registry.contributions import (
     SignedContribution,
     arrays_sha256,
     merge_partial_statistics,
+    record_digest,
+    round_digest,
     sign_contribution,
     verify_contributions,
 )
@@ -69,29 +71,41 @@ def _stats(setup: FederationSetup, seed: int) -> bytes:
     return stats.to_json_bytes()
 
 
-def _record(key, kind, rnd, examples, sha, base, *, session=SESSION) -> SignedContribution:
+def _record(
+    key, kind, rnd, examples, sha, base, parent="00" * 32, *, session=SESSION
+) -> SignedContribution:
     record = Contribution("wiki", session, kind, rnd, signing.public_key_bytes(key), examples,
-                          sha, base)  # fmt: skip
+                          sha, base, parent)  # fmt: skip
     return sign_contribution(record, key)
 
 
 def _contributions(setup, clients) -> tuple[ContributionsFile, dict[str, np.ndarray], int]:
-    """Two rounds by every client; the last global B is the published one."""
+    """Two rounds by every client; the last global B is the published one. Each record
+    names, as its parent, the round digest of the global B it started from (the chain)."""
     globals_ = [arrays_sha256({k: np.zeros_like(v) for k, v in _b(setup, 0).items()})]
     final = _b(setup, ROUNDS)
     globals_ += [arrays_sha256(_b(setup, 1)), arrays_sha256(final)]
     signed, partials, total = [], {}, 0
+    aggregated: list[tuple[str, ...]] = []
+    parent = round_digest(globals_[0], ())
+    for rnd in range(1, ROUNDS + 1):
+        this_round = [
+            _record(key, "update", rnd, 100 + i, arrays_sha256(_b(setup, 10 * i + rnd)),
+                    globals_[rnd - 1], parent)
+            for i, key in enumerate(clients)
+        ]  # fmt: skip
+        signed += this_round
+        aggregated.append(tuple(record_digest(r) for r in this_round))
+        parent = round_digest(globals_[rnd], aggregated[-1])
     for i, key in enumerate(clients):
-        for rnd in range(1, ROUNDS + 1):
-            update = arrays_sha256(_b(setup, 10 * i + rnd))
-            signed.append(_record(key, "update", rnd, 100 + i, update, globals_[rnd - 1]))
         stats = _stats(setup, i)
         partials[signing.fingerprint(signing.public_key_bytes(key))] = stats
         signed.append(_record(key, "statistics", ROUNDS, 60 + i,
-                              hashlib.sha256(stats).hexdigest(), globals_[-1]))  # fmt: skip
+                              hashlib.sha256(stats).hexdigest(), globals_[-1], parent))  # fmt: skip
         total += 60 + i
     doc = ContributionsFile("wiki", SESSION, ROUNDS, "fedavg weighted by num-examples", "none",
-                            tuple(globals_), tuple(signed), partials)  # fmt: skip
+                            tuple(globals_), tuple(aggregated), 1000, 500_000, tuple(signed),
+                            partials)  # fmt: skip
     return doc, final, total
 
 
@@ -189,6 +203,18 @@ def test_contribution_list_tampered_rejected(world: dict) -> None:
         statistics={k: v for k, v in doc.statistics.items() if k != dropped},
     )  # fmt: skip
     files = _resign(world["files"], world["server"], **{CONTRIBUTIONS_FILE: fewer.to_bytes()})
+    with pytest.raises(RegistryError, match="global B is not tied to its updates"):
+        _verify(world, files)
+    # Only its statistics dropped: the published statistics are no longer the exact merge.
+    mine = _key_hex(dropped, world)
+    no_stats = dataclasses.replace(
+        doc,
+        contributions=tuple(c for c in doc.contributions
+                            if (json.loads(c.payload)["client_key"], json.loads(c.payload)["kind"])
+                            != (mine, "statistics")),
+        statistics={k: v for k, v in doc.statistics.items() if k != dropped},
+    )  # fmt: skip
+    files = _resign(world["files"], world["server"], **{CONTRIBUTIONS_FILE: no_stats.to_bytes()})
     with pytest.raises(RegistryError, match="exact merge"):
         _verify(world, files)
     # A partial statistics file swapped for another: its signed hash no longer matches.
@@ -238,7 +264,8 @@ def test_statistics_of_another_model_rejected_as_split_view(world: dict) -> None
     key = world["clients"][0]
     keyid = signing.fingerprint(signing.public_key_bytes(key))
     stats = doc.statistics[keyid]
-    other = _record(key, "statistics", ROUNDS, 60, hashlib.sha256(stats).hexdigest(), "ab" * 32)
+    other = _record(key, "statistics", ROUNDS, 60, hashlib.sha256(stats).hexdigest(), "ab" * 32,
+                    doc.round_digest(ROUNDS))  # fmt: skip
     mine = signing.public_key_bytes(key).hex()
 
     def is_mine(c: SignedContribution) -> bool:
@@ -270,3 +297,53 @@ def test_revoking_a_contributor_removes_the_group_adapter(world: dict) -> None:
     assert published.removed == (sha,)
     report = audit_registry(world["registry"], world["state"]).report
     assert report.entries == () and report.revoked == 1
+
+
+def test_forged_round_chain_rejected(world: dict) -> None:
+    doc = world["doc"]
+    before = _files(world["registry"])
+    # 1. The file claims round 1 averaged other updates than the ones signed for it.
+    other = (*doc.aggregated[0][1:], "cd" * 32)
+    relisted = dataclasses.replace(doc, aggregated=(other, *doc.aggregated[1:]))
+    # 2. Round 1's listing is right, but each member of round 2 signed a different history
+    #    (the parent digest of round 1) than the file states: re-signed records of round 2
+    #    naming a forged parent.
+    key = world["clients"][0]
+    mine = signing.public_key_bytes(key).hex()
+    forged_parent = []
+    for c in doc.contributions:
+        record = json.loads(c.payload)
+        if (record["client_key"], record["kind"], record["round"]) == (mine, "update", 2):
+            c = _record(key, "update", 2, record["example_count"], record["sha256"],
+                        record["base_sha256"], "ef" * 32)  # fmt: skip
+        forged_parent.append(c)
+    digests = [
+        record_digest(c)
+        for c in forged_parent
+        if json.loads(c.payload)["kind"] == "update" and json.loads(c.payload)["round"] == 2
+    ]
+    rechained = dataclasses.replace(doc, contributions=tuple(forged_parent),
+                                    aggregated=(doc.aggregated[0], tuple(digests)))  # fmt: skip
+    # 3. A signed update of round 1 listed as a contribution but not averaged into round 1.
+    outsider = signing.generate_private_key()
+    extra = _record(outsider, "update", 1, 100, "12" * 32, doc.globals[0], doc.round_digest(0))
+    padded = dataclasses.replace(doc, contributions=(*doc.contributions, extra))
+    cases = (
+        (relisted, "forged round chain", "forged round chain"),  # round 2 signed round 1's list
+        (rechained, "forged round chain", "forged round chain"),
+        (padded, "global B is not tied to its updates", "not tied|not enrolled"),
+    )
+    for changed, match, publish_match in cases:
+        files = _resign(world["files"], world["server"], **{CONTRIBUTIONS_FILE: changed.to_bytes()})
+        with pytest.raises(RegistryError, match=match):
+            _verify(world, files)
+        with pytest.raises(SeqrError, match=publish_match):
+            _publish(world, files)
+        assert _files(world["registry"]) == before
+
+
+def test_update_claiming_more_examples_than_the_rule_rejected_by_the_audit(world: dict) -> None:
+    doc = dataclasses.replace(world["doc"], max_examples=50)  # every update claims >= 100
+    files = _resign(world["files"], world["server"], **{CONTRIBUTIONS_FILE: doc.to_bytes()})
+    with pytest.raises(RegistryError, match="claims 102 examples, over the group's maximum of 50"):
+        _verify(world, files)

@@ -20,7 +20,7 @@ from registry_fixtures import (
 )
 
 from seqr.core import signing
-from seqr.core.errors import AdmissionError, ConfigError, RegistryError, SignatureError
+from seqr.core.errors import AdmissionError, KeyFileError, RegistryError, SignatureError
 from seqr.registry import PublisherConfig, audit_registry, layout, merkle, repository, store
 from seqr.registry.publish import Publisher
 
@@ -217,9 +217,9 @@ def test_wrong_or_too_few_keys_are_refused_before_anything_changes(tmp_path: Pat
     roots = [signing.public_key_bytes(k) for k in (k1, k2)]
     Publisher.create(reg, [k1, k2], root_keys=roots, threshold=2, now=T0).close()
     before = _files(reg)
-    with pytest.raises(ConfigError, match="needs 2"):
+    with pytest.raises(KeyFileError, match="needs 2"):
         Publisher(reg, [k1])
-    with pytest.raises(ConfigError, match="not one of the keys"):
+    with pytest.raises(KeyFileError, match="not one of the keys"):
         Publisher(reg, [k1, stranger])
     assert _files(reg) == before
 
@@ -233,7 +233,7 @@ def test_root_rotation_publishes_under_the_new_keys(tmp_path: Path) -> None:
     assert result.root_version == 2 and result.version == 3
     report = audit_registry(reg, state).report  # a client that trusted root 1 follows
     assert report.root_version == 2 and report.version == 3
-    with pytest.raises(ConfigError, match="not one of the keys"):
+    with pytest.raises(KeyFileError, match="not one of the keys"):
         Publisher(reg, [old])
     with Publisher(reg, [new]) as pub:  # a restart with the new key keeps publishing
         assert pub.publish(now=LATER + timedelta(minutes=1)).root_version == 2

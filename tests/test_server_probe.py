@@ -99,12 +99,48 @@ def test_claiming_larger_norms_only_hurts_the_claimant_and_passes(clients: list[
     probe().check(with_stats(adapter, lying_stats(adapter.stats, 3.0, 2.0)), **BOUNDS)
 
 
+def test_claimed_mean_far_above_the_probe_refused_with_its_own_message(
+    clients: list[Client],
+) -> None:
+    adapter = admitted(clients[0])
+    policy = federation_setup().policy({clients[0].public_hex})  # the defaults, as served
+    probe().check(with_stats(adapter, lying_stats(adapter.stats, 3.0, 1.0)), **policy.plausibility)
+    with pytest.raises(AdmissionError, match="probe stds ABOVE the probe mean") as info:
+        probe().check(
+            with_stats(adapter, lying_stats(adapter.stats, 1e5, 1.0)), **policy.plausibility
+        )
+    assert info.value.reason == "implausible_stats"
+
+
 def test_zero_adapter_is_implausible_not_a_server_error(clients: list[Client]) -> None:
     adapter = admitted(clients[0])
     zeroed = {n: (np.zeros_like(t) if ".lora_B." in n else t) for n, t in adapter.tensors.items()}
     with pytest.raises(AdmissionError, match="do not vary") as info:
         probe().check(replace(adapter, tensors=MappingProxyType(zeroed)), **BOUNDS)
     assert info.value.reason == "implausible_stats"
+
+
+def test_probe_measures_in_float32_so_an_overflowing_b_is_refused(clients: list[Client]) -> None:
+    # Defence in depth behind the admission bound (max-tensor-norm): with |B| up to 1e20
+    # every entry is finite in float32, the float64 norms are finite too, but B^T B is not
+    # in float32 -- the dtype routers use -- so the probe refuses at admission.
+    adapter = admitted(clients[0])
+    huge = {
+        n: (t * np.float32(1e20 / np.abs(t).max()) if ".lora_B." in n else t)
+        for n, t in adapter.tensors.items()
+    }
+    assert all(np.isfinite(t).all() for t in huge.values())
+    with pytest.raises(AdmissionError, match="overflow float32") as info:
+        probe().check(replace(adapter, tensors=MappingProxyType(huge)), **BOUNDS)
+    assert info.value.reason == "non_finite"
+    # Scaled by 1e6 instead: finite in float32 everywhere, and z-scores do not change with
+    # the scale of B, so the honest statistics scaled alike still pass.
+    tensors = adapter.tensors
+    scaled = {n: (t * np.float32(1e6) if ".lora_B." in n else t) for n, t in tensors.items()}
+    probe().check(
+        replace(adapter, tensors=MappingProxyType(scaled),
+                stats=lying_stats(adapter.stats, 1e6, 1e6)), **BOUNDS,
+    )  # fmt: skip
 
 
 def test_probe_text_from_a_file_a_folder_or_the_builtin_sources(tmp_path: Path) -> None:

@@ -15,16 +15,12 @@ import sys
 from pathlib import Path
 
 from seqr.core.errors import ConfigError, SeqrError
+from seqr.core.printable import printable
 from seqr.registry.audit import AuditReport, audit_registry, pull_registry
 from seqr.registry.codec import format_time
 from seqr.registry.config import AuditConfig
 
 __all__ = ["audit_main", "pull_main", "serve_main"]
-
-
-def _printable(text: str) -> str:
-    """Text from another party, safe to print (no control characters or ANSI escapes)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +44,7 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> AuditC
 
 def _print_report(report: AuditReport) -> None:
     print(
-        f"registry {_printable(report.source)}: version {report.version}, root "
+        f"registry {printable(report.source)}: version {report.version}, root "
         f"{report.root_version} ({report.threshold}-of-{len(report.server_keys)}), "
         f"refresh before {format_time(report.expires)}"
     )
@@ -60,7 +56,7 @@ def _print_report(report: AuditReport) -> None:
         print(f"trust: extends the trusted version {report.trusted_version_before}")
     for e in report.entries:
         print(
-            f"  OK  {e.adapter_sha256[:16]}  {_printable(e.name):<24}  {e.client}  "
+            f"  OK  {e.adapter_sha256[:16]}  {printable(e.name):<24}  {e.client}  "
             f"admitted {format_time(e.admitted)}  {e.size_bytes / 1024:.1f} KiB"
         )
         if e.contributors:  # a group adapter: the server signed it, these clients produced it
@@ -79,7 +75,7 @@ def _run(args: argparse.Namespace, verify, state: str | None) -> int:  # type: i
     try:
         verified = verify()
     except SeqrError as exc:
-        message = _printable(str(exc)).replace("\\n", "\n")
+        message = printable(str(exc)).replace("\\n", "\n")
         if args.json:
             print(json.dumps({"ok": False, "error": str(exc)}))
         else:

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from seqr.core.printable import printable
+
 if TYPE_CHECKING:
     from seqr.consumer.router import RegistryRouter, RouteResult
 
@@ -99,19 +101,22 @@ def _inputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[s
 def _print_results(router: RegistryRouter, results: list[RouteResult], generate: bool) -> None:
     r = router.report
     trust = "first use" if r.first_use else f"consistent with trusted v{r.trusted_version_before}"
-    print(
-        f"registry {r.source}: version {r.version}, {len(r.entries)} adapter(s) audited ({trust})"
-    )
-    print(f"adapters: {', '.join(router.names)}; routing {router.config.mode}")
+    # Names, reasons and texts come from clients and the registry: printed escaped.
+    print(f"registry {printable(r.source)}: version {r.version}, {len(r.entries)} adapter(s) "
+          f"audited ({trust})")  # fmt: skip
+    names = ", ".join(printable(n) for n in router.names)
+    print(f"adapters: {names}; routing {router.config.mode}")
+    for name, reason in router.skipped.items():
+        print(f"skipped {printable(name)}: {printable(reason)}")
     for i, res in enumerate(results, 1):
         if res.runner_up is None:
             margin = "only adapter"
         else:
-            margin = f"margin {res.margin:+.3f} z over {res.runner_up}"
+            margin = f"margin {res.margin:+.3f} z over {printable(res.runner_up)}"
         snippet = res.text if len(res.text) <= 60 else res.text[:57] + "..."
-        print(f"[{i}] {res.adapter}  ({margin})  {snippet!r}")
+        print(f"[{i}] {printable(res.adapter)}  ({margin})  {snippet!r}")
         if res.token_share is not None:
-            shares = ", ".join(f"{k} {v:.0%}" for k, v in res.token_share.items())
+            shares = ", ".join(f"{printable(k)} {v:.0%}" for k, v in res.token_share.items())
             print(f"    per-token wins: {shares}")
         if generate:
             print(f"    -> {res.generated!r}")
@@ -123,7 +128,7 @@ def _fail(args: argparse.Namespace, exc: Exception, refused: bool) -> int:
         print(json.dumps(doc))
     else:
         what = "REFUSED: the registry failed its audit" if refused else "ROUTING FAILED"
-        print(f"{what} ({type(exc).__name__}): {exc}", file=sys.stderr)
+        print(f"{what}: {printable(exc)}", file=sys.stderr)
         if refused and args.trusted_state is not None:
             print(f"trusted state {args.trusted_state} left unchanged", file=sys.stderr)
     return 1
@@ -174,6 +179,7 @@ def main(argv: list[str]) -> int:
             },  # fmt: skip
             "mode": config.mode,
             "adapters": list(router.names),
+            "skipped": dict(router.skipped),
             "results": [r.to_json() for r in results],
         }
         print(json.dumps(doc, indent=2))

@@ -51,6 +51,9 @@ def _keys(args: argparse.Namespace) -> list:  # type: ignore[type-arg]
 def _run(prog: str, body: Callable[[], None]) -> int:
     try:
         body()
+    except ConfigError as exc:  # a setting or argument to correct: a usage error
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     except SeqrError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -19,7 +19,8 @@ from seqr.core.stats import NormStatistics
 def calibrated_statistics(
     peft_model: Any, own: dict[str, NormStatistics], config: RouterConfig, tokenizer: Any
 ) -> dict[str, NormStatistics]:
-    """``own`` for calibration "own"; else statistics measured here on config.reference."""
+    """``own`` for calibration "own"; else statistics measured here on config.reference.
+    Adapters that cannot be scored on that text are missing from the result (logged)."""
     if config.calibration == "own":
         return own
     from seqr.core.textdata import load_text_data
@@ -36,4 +37,6 @@ def calibrated_statistics(
         score=next(iter(own.values())).score,
         per_sequence=config.calibration == "queries",
     )
-    return blend_statistics(own, measured) if config.calibration == "blend" else measured
+    if config.calibration != "blend":
+        return measured
+    return blend_statistics({name: own[name] for name in measured}, measured)

@@ -26,6 +26,7 @@ left-truncated) so that every row's last prompt token sits at the end of the bat
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -36,6 +37,7 @@ import torch
 
 from seqr.consumer.calibration import calibrated_statistics
 from seqr.consumer.config import RouterConfig
+from seqr.consumer.scorable import unscorable_reasons
 from seqr.core.base_model import load_base_model
 from seqr.core.errors import ConfigError, DataError, ModelError, RegistryError
 from seqr.core.federation import DEFAULT_BASE_MODEL
@@ -52,6 +54,11 @@ from seqr.registry import (
 )
 
 __all__ = ["AuditedAdapter", "RegistryRouter", "RouteResult", "RouterConfig", "audited_adapters"]
+
+log = logging.getLogger("seqr.route")
+_NOT_ON_REFERENCE = (
+    "it cannot be scored on the reference text (non-finite scores or statistics in float32)"
+)
 
 
 @dataclass(frozen=True)
@@ -158,17 +165,27 @@ class RegistryRouter:
                  config: RouterConfig | None = None) -> None:  # fmt: skip
         self.config = config or RouterConfig()
         self.report = report
-        self.adapters = tuple(adapters)
-        self.names = tuple(a.name for a in adapters)
         self.tokenizer = base.tokenizer
         self.tokenizer.padding_side = "left"  # generation appends at the end of every row
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # An adapter this router cannot score is skipped (self.skipped: name -> reason), never
+        # the whole registry: first by its own bytes, then by the statistics measured here.
+        adapters, self.skipped = _scorable(adapters, unscorable_reasons(adapters), {})
         peft_model = build_peft_model(base.model, adapters).to(self.config.device)
-        internal = [f"a{i}" for i in range(len(adapters))]
-        stats = {f"a{i}": a.stats for i, a in enumerate(adapters)}
-        stats = calibrated_statistics(peft_model, stats, self.config, self.tokenizer)
+        by_internal = {f"a{i}": a for i, a in enumerate(adapters)}
+        own = {i: a.stats for i, a in by_internal.items()}
+        stats = calibrated_statistics(peft_model, own, self.config, self.tokenizer)
+        lost = [i for i in by_internal if i not in stats]
+        for i in lost:
+            peft_model.delete_adapter(i)
+        reasons = {by_internal[i].name: _NOT_ON_REFERENCE for i in lost}
+        kept, self.skipped = _scorable(adapters, reasons, self.skipped)
+        self.adapters = tuple(kept)
+        self.names = tuple(a.name for a in kept)
+        internal = [i for i in by_internal if i in stats]
+        stats = {i: stats[i] for i in internal}
         self.routed = RoutedModel(peft_model, self.config.routing(), adapters=internal, stats=stats)
 
     @classmethod
@@ -315,6 +332,21 @@ class RegistryRouter:
                 )
             )
         return results
+
+
+def _scorable(
+    adapters: Sequence[AuditedAdapter], reasons: dict[str, str], skipped: dict[str, str]
+) -> tuple[list[AuditedAdapter], dict[str, str]]:
+    """The adapters without a reason to skip them, and every skip so far (name -> reason),
+    each logged by name. RegistryError when none is left."""
+    for name, reason in reasons.items():
+        log.warning("adapter %s skipped: %s", ascii(name), reason)
+    skipped = {**skipped, **reasons}
+    kept = [a for a in adapters if a.name not in reasons]
+    if not kept:
+        shown = "; ".join(f"{ascii(n)}: {r}" for n, r in list(skipped.items())[:3])
+        raise RegistryError(f"no adapter of the registry can be scored ({shown})")
+    return kept, skipped
 
 
 def _token_shares(records: dict[str, ModuleRecord], mask: torch.Tensor, n: int) -> torch.Tensor:

@@ -50,6 +50,7 @@ from seqr.core.safetensors_check import (
 from seqr.core.stats import NormStatistics
 from seqr.core.stats_plausibility import check_stats_plausible
 from seqr.core.strict_json import loads_strict
+from seqr.core.value_bounds import check_statistics, check_weights
 
 __all__ = [
     "REASONS",
@@ -81,7 +82,8 @@ REASONS = (
     "malformed_safetensors",  # the weights file breaks the safetensors format
     "wrong_tensors",  # tensor names, shapes or dtypes not the federation's
     "non_finite",  # NaN or inf in the weights
-    "bad_stats",  # norm_stats.json malformed, empty, degenerate or for other modules
+    "weights_out_of_bounds",  # a tensor's norm over the policy's bound (float32 overflow)
+    "bad_stats",  # norm_stats.json malformed, empty, degenerate, out of bounds, other modules
     "implausible_stats",  # check_stats_plausible: statistics that would hijack routing
 )
 
@@ -314,6 +316,10 @@ def _check_weights(data: bytes, policy: AdmissionPolicy) -> dict[str, np.ndarray
     for name, array in sorted(tensors.items()):
         if not np.isfinite(array).all():
             _reject("non_finite", f"tensor {name!r} holds NaN or inf")
+    try:
+        check_weights(tensors, policy.weight_bounds)
+    except ValueCheckError as exc:
+        _reject("weights_out_of_bounds", str(exc))
     for name, a in (policy.expected_a or {}).items():
         if not np.array_equal(tensors[name].astype(np.float32), a.astype(np.float32)):
             _reject(
@@ -362,17 +368,10 @@ def _check_stats(data: bytes, policy: AdmissionPolicy) -> NormStatistics:
     for module, moments in sorted(stats.modules.items()):
         if moments.n != 1:
             _reject("bad_stats", f"module {module!r} has {moments.n} series; one adapter has 1")
-        if moments.count < policy.min_stats_count:
-            _reject(
-                "bad_stats",
-                f"module {module!r} statistics come from {moments.count} values, fewer than "
-                f"{policy.min_stats_count}",
-            )
-        std = moments.std
-        if not (np.isfinite(moments.mean).all() and (moments.mean > 0).all()):
-            _reject("bad_stats", f"module {module!r} mean {moments.mean} must be finite and > 0")
-        if not (np.isfinite(std).all() and (std > 0).all()):
-            _reject("bad_stats", f"module {module!r} std {std} must be finite and > 0")
+    try:  # the same pure check the registry's audit runs
+        check_statistics(stats, policy.stats_bounds)
+    except ValueCheckError as exc:
+        _reject("bad_stats", str(exc))
     return stats
 
 

@@ -22,6 +22,7 @@ from seqr.core.errors import ConfigError, FormatError, KeyFileError
 from seqr.core.signing import parse_public_key
 from seqr.core.stats import SCORE_KINDS
 from seqr.core.strict_json import loads_strict
+from seqr.core.value_bounds import StatsBounds, WeightBounds
 
 __all__ = ["AdmissionPolicy", "SeenSubmissions", "WEIGHT_DTYPES"]
 
@@ -54,8 +55,20 @@ class AdmissionPolicy:
     max_config_bytes: int = 64 * 1024  # bytes, adapter_config.json
     max_clock_skew: timedelta = timedelta(minutes=5)  # how far `created` may be in the future
     max_age: timedelta = timedelta(days=7)  # how far `created` may be in the past
-    min_stats_count: int = 1  # norm values (tokens) per module behind the statistics
-    max_mean_z: float = 2.0  # check_stats_plausible: probe stds the claimed mean may sit below
+    # Numeric bounds (seqr.core.value_bounds, which says where the defaults come from): every
+    # tensor and every statistic must be usable in float32, the dtype routers compute in.
+    max_tensor_norm: float = WeightBounds.max_tensor_norm  # Frobenius norm of one tensor
+    min_stats_count: int = StatsBounds.min_count  # norm values (tokens) behind each module
+    max_stats_mean: float = StatsBounds.max_mean  # claimed mean, in units of the score
+    min_stats_std: float = StatsBounds.min_std  # claimed std, in units of the score
+    max_stats_std: float = StatsBounds.max_std  # claimed std, in units of the score
+    # check_stats_plausible: probe stds the claimed mean may sit below the probe mean. 2, not 1:
+    # an honest SmolLM2 adapter (licences, gain statistics) sat 1.01 below on one of 60 modules.
+    max_mean_z: float = 2.0
+    # check_stats_plausible: probe stds the claimed mean may sit ABOVE the probe mean. Honest
+    # adapters sit higher on their own data than on probe text: the 10 real SmolLM2 adapters of
+    # the baseline simulation at most 3.44 (fortunes_de), tiny test adapters 0.40; 100 is 29x.
+    max_mean_z_above: float = 100.0
     max_sigma_ratio: float = 3.0  # check_stats_plausible: probe std / claimed std at most this
 
     def __post_init__(self) -> None:
@@ -89,7 +102,12 @@ class AdmissionPolicy:
             object.__setattr__(self, "expected_a", self._checked_expected_a(self.expected_a))
         for key in ("max_adapter_bytes", "max_header_bytes", "max_stats_bytes", "max_config_bytes"):
             _int_in(self, key, 1, 2**40)
-        _int_in(self, "min_stats_count", 1, 2**62)
+        # Building the bound objects validates them (ConfigError names the field).
+        try:
+            self.weight_bounds  # noqa: B018
+            self.stats_bounds  # noqa: B018
+        except ConfigError as exc:
+            raise ConfigError(f"admission policy: {exc}") from None
         for key in ("max_clock_skew", "max_age"):
             value = getattr(self, key)
             if not isinstance(value, timedelta) or value < timedelta(0):
@@ -98,6 +116,32 @@ class AdmissionPolicy:
             _bad("max_mean_z", self.max_mean_z, "must be finite and >= 0 (probe stds)")
         if not (math.isfinite(self.max_sigma_ratio) and self.max_sigma_ratio >= 1):
             _bad("max_sigma_ratio", self.max_sigma_ratio, "must be finite and >= 1")
+        if not (math.isfinite(self.max_mean_z_above) and self.max_mean_z_above >= 0):
+            _bad("max_mean_z_above", self.max_mean_z_above, "must be finite and >= 0")
+
+    @property
+    def weight_bounds(self) -> WeightBounds:
+        """The tensor bounds, for seqr.core.value_bounds.check_weights."""
+        return WeightBounds(max_tensor_norm=self.max_tensor_norm)
+
+    @property
+    def stats_bounds(self) -> StatsBounds:
+        """The statistics bounds, for seqr.core.value_bounds.check_statistics."""
+        return StatsBounds(
+            min_count=self.min_stats_count,
+            max_mean=self.max_stats_mean,
+            min_std=self.min_stats_std,
+            max_std=self.max_stats_std,
+        )
+
+    @property
+    def plausibility(self) -> dict[str, float]:
+        """Keyword arguments of check_stats_plausible."""
+        return {
+            "max_mean_z": self.max_mean_z,
+            "max_mean_z_above": self.max_mean_z_above,
+            "max_sigma_ratio": self.max_sigma_ratio,
+        }
 
     def _checked_expected_a(self, expected_a: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
         out = {}

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from seqr.core.atomic_write import fsync_dir
-from seqr.core.errors import ModelError
+from seqr.core.errors import FormatError, ModelError
+from seqr.core.strict_json import loads_strict
 
 MODEL_HASH_FORMAT = "seqr/model/v1"
 INFO_NAME = "seqr_model.json"  # written into converted folders: hash and provenance
@@ -86,9 +87,9 @@ def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         if size > _MAX_HEADER:
             raise ModelError(f"{path}: safetensors header of {size} bytes exceeds {_MAX_HEADER}")
         try:
-            header = json.loads(handle.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelError(f"{path}: safetensors header is not JSON: {exc}") from None
+            header = loads_strict(handle.read(size), what="safetensors header", max_bytes=size)
+        except FormatError as exc:
+            raise ModelError(f"{path}: {exc}") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)

@@ -13,7 +13,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -28,6 +30,7 @@ DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _MAX_INT64 = 2**63 - 1
+MAX_FEDERATION_BYTES = 1024 * 1024  # bytes; a federation file holds a few dozen keys
 
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -181,11 +184,9 @@ class FederationConfig:
         """Read a TOML file of kebab-case keys, at top level or inside a ``[federation]`` table."""
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"federation file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read federation file {path}: {exc}") from None
+            data = tomllib.loads(_read_federation_file(path).decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"federation file {path} is not UTF-8 text: {exc.reason}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"federation file {path} is not valid TOML: {exc}") from None
         if set(data) == {"federation"} and isinstance(data["federation"], dict):
@@ -194,6 +195,31 @@ class FederationConfig:
             return cls.from_run_config(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+def _read_federation_file(path: Path) -> bytes:
+    """The file's bytes; ConfigError in words (never a raw errno) for a folder, a missing
+    file, a FIFO or device (opened non-blocking, never read) or a file over the size cap."""
+    if path.is_dir():
+        raise ConfigError(
+            f"federation file {path} is a folder; give the TOML file itself "
+            f"(e.g. {path / 'federation.toml'})"
+        )
+    if not path.exists():
+        raise ConfigError(f"federation file {path} does not exist; check the path")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ConfigError(f"cannot read federation file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"federation file {path} is not a regular file (a FIFO or device?)")
+        data = handle.read(MAX_FEDERATION_BYTES + 1)
+    if len(data) > MAX_FEDERATION_BYTES:
+        raise ConfigError(
+            f"federation file {path} is over {MAX_FEDERATION_BYTES} bytes; it holds a few keys"
+        )
+    return data
 
 
 def _kebab(name: str) -> str:

@@ -135,3 +135,68 @@ def check_shared_a(peft_model: Any, adapter_name: str, seed: int) -> list[str]:
         if not torch.equal(weight, expected):
             bad.append(name)
     return bad
+
+
+LORA_A_SUFFIX = ".lora_A.weight"
+PEFT_PREFIX = "base_model.model."
+
+
+def module_of_lora_a(tensor_name: str) -> str | None:
+    """Base-model module name of a peft ``lora_A`` tensor name, or None for other tensors.
+
+    peft saves ``base_model.model.<module>.lora_A.weight`` (as seqr.registry.contributions
+    names lora_B), and shared A is generated per ``<module>``.
+    """
+    if not tensor_name.endswith(LORA_A_SUFFIX):
+        return None
+    module = tensor_name[: -len(LORA_A_SUFFIX)]
+    return module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
+
+
+def rounded_like(a: np.ndarray, dtype: str) -> np.ndarray:
+    """The float32 shared A as a client storing safetensors ``dtype`` (F32, F16, BF16, F64)
+    sends it, widened back to float32: what an exact comparison must expect."""
+    if dtype == "BF16":  # round to nearest even on the upper 16 bits, as torch does
+        return torch.from_numpy(np.ascontiguousarray(a)).to(torch.bfloat16).float().numpy()
+    if dtype == "F16":
+        return a.astype(np.float16).astype(np.float32)
+    return a.astype(np.float32)
+
+
+def shared_a_mismatches(
+    tensors: Mapping[str, np.ndarray], seed: int, dtypes: Mapping[str, str] | None = None
+) -> list[str]:
+    """Names of the ``lora_A`` tensors that are not the federation's shared A of ``seed``.
+
+    Pure, and needs no model: each module's A is regenerated from the public seed with the
+    tensor's own shape (r, d_in) and compared bit for bit after rounding to the dtype the
+    file stores (``dtypes``: tensor name -> safetensors dtype; default F32). A tensor of
+    another rank than 2 is a mismatch. Used by the registry's audit and by routers, which
+    must never mix adapters whose A differ (SEQR's ||B_i A x|| = ||R_i (A x)|| needs ONE A).
+    """
+    bad = []
+    for name in sorted(tensors):
+        module = module_of_lora_a(name)
+        if module is None:
+            continue
+        value = np.asarray(tensors[name])
+        if value.ndim != 2 or min(value.shape) < 1:
+            bad.append(name)
+            continue
+        r, d_in = (int(d) for d in value.shape)
+        expected = rounded_like(generate_shared_a(seed, module, r, d_in).numpy(),
+                                (dtypes or {}).get(name, "F32"))  # fmt: skip
+        if not np.array_equal(value.astype(np.float32), expected):
+            bad.append(name)
+    return bad
+
+
+def shared_a_mismatches_in_file(weights: bytes, seed: int) -> list[str]:
+    """``shared_a_mismatches`` over the bytes of adapter_model.safetensors (its header says
+    each tensor's dtype); FormatError when the file is not valid safetensors."""
+    from seqr.core.safetensors_check import load_float_tensors, parse_safetensors_header
+
+    header = parse_safetensors_header(weights)
+    tensors = load_float_tensors(weights, header)
+    dtypes = {name: info.dtype for name, info in header.tensors.items()}
+    return shared_a_mismatches(tensors, seed, dtypes)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from seqr.core.errors import FormatError, ShapeError, ValueCheckError
+from seqr.core.strict_json import loads_strict
 
 STATS_FORMAT_VERSION = 1
 SCORE_KINDS = ("norm", "gain")  # what is measured: seqr.core.routing.gain
@@ -224,12 +225,8 @@ class NormStatistics:
 
     @classmethod
     def from_json_bytes(cls, data: bytes) -> NormStatistics:
-        if len(data) > MAX_STATS_BYTES:
-            raise FormatError(f"statistics file is {len(data)} bytes, over {MAX_STATS_BYTES}")
-        try:
-            parsed = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"statistics are not valid UTF-8 JSON: {exc}") from None
+        # Received from another party (a client, a registry): the one strict parser.
+        parsed = loads_strict(data, what="statistics", max_bytes=MAX_STATS_BYTES)
         return cls.from_dict(parsed)
 
 
@@ -247,7 +244,3 @@ def _check_privacy(privacy: Any) -> dict[str, Any]:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
             raise FormatError(f"privacy.{key} = {value!r} is out of range")
     return dict(privacy)
-
-
-def _reject_constant(name: str) -> None:
-    raise FormatError(f"statistics contain {name}; only finite numbers are allowed")

@@ -24,6 +24,7 @@ def check_stats_plausible(
     *,
     max_sigma_ratio: float,
     max_mean_z: float,
+    max_mean_z_above: float | None = None,
 ) -> None:
     """Refuse statistics that would let an adapter win inputs that are not its own.
 
@@ -36,7 +37,13 @@ def check_stats_plausible(
                  max_mean_z probe stds BELOW the probe mean; claiming more only hurts the liar,
                  and an honest adapter's own data usually gives it larger norms, not smaller);
       2. spread: sigma >= sigma_p / max_sigma_ratio  (an honest adapter's norms on its own data
-                 vary at least comparably to its norms on generic text).
+                 vary at least comparably to its norms on generic text);
+      3. mean from above (when ``max_mean_z_above`` is given):
+                 mu <= mu_p + max_mean_z_above * sigma_p. A mean far above anything the
+                 adapter produces is no hijack (it only lowers the adapter's own z-scores),
+                 but it is not a measurement either, and a huge one breaks every router
+                 (1e39 is infinite in float32); its own message says so. The bound is loose:
+                 honest adapters do score higher on their own data than on probe text.
 
     Together they bound the z-score at the probe mean to (mu_p - mu) / sigma <=
     max_mean_z * max_sigma_ratio. Raises AdmissionError("implausible_stats", ...); a probe set
@@ -66,6 +73,13 @@ def check_stats_plausible(
                     f"module {module!r}: claimed mean {moments.mean[i]:.6g} is "
                     f"{mean_z[i]:.3g} probe stds below the probe mean {mu_p[i]:.6g} "
                     f"(at most {max_mean_z:g} allowed)",
+                )
+            if max_mean_z_above is not None and -mean_z[i] > max_mean_z_above:
+                raise AdmissionError(
+                    "implausible_stats",
+                    f"module {module!r}: claimed mean {moments.mean[i]:.6g} is "
+                    f"{-mean_z[i]:.3g} probe stds ABOVE the probe mean {mu_p[i]:.6g} (at most "
+                    f"{max_mean_z_above:g} allowed): no measurement of this adapter gives it",
                 )
             if ratio[i] > max_sigma_ratio:
                 raise AdmissionError(

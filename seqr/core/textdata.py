@@ -1,8 +1,15 @@
 """A client's private text folder -> fixed-length token chunks with a deterministic split.
 
-Files are read recursively in sorted order (hidden files and folders skipped), decoded as
-strict UTF-8 (a bad file is named, never silently skipped), tokenized, joined with EOS between
-files and cut into chunks of ``seq_len`` tokens (the tail shorter than a chunk is dropped).
+Files are chosen by CONTENT, not by name: every regular file under the folder (recursively, in
+sorted order, hidden files and folders skipped) whose bytes decode as strict UTF-8 and hold no
+NUL byte is text, whatever it is called (GPL-3, COPYING, *.pm, *.changelog, a locale file
+without extension). Binary or undecodable files are skipped, with one warning that gives their
+count and a few names. Nothing unexpected is followed or opened: symbolic links (to files or
+folders) are skipped, and FIFOs, sockets and devices are never opened (a FIFO would block the
+reader forever); each file is opened with O_NOFOLLOW | O_NONBLOCK and checked to be a regular
+file on the open descriptor. Reads are bounded (``TextLimits``: bytes per file, bytes in all,
+files, depth). The texts are tokenized, joined with EOS between files and cut into chunks of
+``seq_len`` tokens (the tail shorter than a chunk is dropped).
 
 Split ("seqr/split/v1"): a chunk is held out when the first 8 bytes of
 sha256(b"seqr/split/v1\\0" + seed as u64 LE + the chunk's token ids as i64 LE), read as a
@@ -14,6 +21,9 @@ chunks already there.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,14 +33,33 @@ from typing import Any
 import numpy as np
 
 from seqr.core.errors import DataError
+from seqr.core.printable import printable
 
+__all__ = [
+    "TextData",
+    "TextFile",
+    "TextLimits",
+    "heldout_mask",
+    "load_text_data",
+    "read_text_file",
+    "read_text_folder",
+    "tokenize_chunks",
+]
+
+log = logging.getLogger("seqr.data")
 SPLIT_FORMAT = "seqr/split/v1"
-TEXT_SUFFIXES = frozenset(
-    {".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv", ".tsv", ".tex", ".html", ".xml",
-     ".yaml", ".yml", ".toml", ".ini", ".cfg", ".c", ".h", ".cpp", ".js", ".ts", ".java",
-     ".go", ".rs", ".sh"}
-)  # fmt: skip
-MAX_FILE_BYTES = 256 * 1024 * 1024  # bytes; larger files are refused, split them first
+MAX_FILE_BYTES = 256 * 1024 * 1024  # bytes; a larger file is skipped (split it first)
+_SHOWN = 5  # names listed in a warning
+
+
+@dataclass(frozen=True)
+class TextLimits:
+    """What reading one data folder may cost."""
+
+    max_file_bytes: int = MAX_FILE_BYTES  # bytes of one file; larger files are skipped
+    max_total_bytes: int = 4 * 1024**3  # bytes of text in all files; more is a DataError
+    max_files: int = 1_000_000  # directory entries visited; more is a DataError
+    max_depth: int = 64  # nested folders below the data folder
 
 
 @dataclass(frozen=True)
@@ -54,48 +83,134 @@ class TextData:
         return int(self.train.shape[1])
 
 
-def read_text_folder(
-    folder: str | Path, suffixes: frozenset[str] = TEXT_SUFFIXES
-) -> list[TextFile]:
-    """Every text file under ``folder``, decoded as strict UTF-8; DataError names a bad file."""
-    folder = Path(folder)
+def read_text_folder(folder: str | Path, limits: TextLimits | None = None) -> list[TextFile]:
+    """Every UTF-8 text file under ``folder`` (see the module docstring); DataError when the
+    folder is missing, over a limit or holds no text."""
+    folder, limits = Path(folder), limits or TextLimits()
     if not folder.is_dir():
         raise DataError(f"data folder {folder} does not exist or is not a folder")
-    try:
-        paths = sorted(
-            p
-            for p in folder.rglob("*")
-            if p.suffix.lower() in suffixes
-            and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-            and p.is_file()
-        )
-    except OSError as exc:
-        raise DataError(f"cannot list data folder {folder}: {exc}") from None
-    if not paths:
-        raise DataError(
-            f"data folder {folder} holds no text files (looked for {', '.join(sorted(suffixes))})"
-        )
-    files = []
-    for path in paths:
-        try:
-            if path.stat().st_size > MAX_FILE_BYTES:
-                raise DataError(f"{path} is larger than {MAX_FILE_BYTES} bytes; split it")
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
-        try:
-            text = raw.decode("utf-8")  # strict
-        except UnicodeDecodeError as exc:
+    files: list[TextFile] = []
+    skipped: dict[str, list[str]] = {}
+    total = 0
+    for rel, path in _regular_files(folder, limits, skipped):
+        raw = _read_regular(path, limits.max_file_bytes, rel, skipped)
+        if raw is None:
+            continue
+        total += len(raw)
+        if total > limits.max_total_bytes:
             raise DataError(
-                f"{path} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                "convert it to UTF-8 or remove it from the data folder"
-            ) from None
-        text = text.removeprefix("\ufeff")
-        if text.strip():
-            files.append(TextFile(path.relative_to(folder), text))
+                f"data folder {folder} holds more than {limits.max_total_bytes} bytes of text; "
+                "use a smaller folder"
+            )
+        text = _as_text(raw)
+        if text is None:
+            skipped.setdefault("binary or not UTF-8", []).append(rel)
+        elif text.strip():
+            files.append(TextFile(Path(rel), text))
+    _warn_skipped(folder, skipped)
     if not files:
-        raise DataError(f"every text file in {folder} is empty")
+        seen = sum(len(v) for v in skipped.values())
+        raise DataError(
+            f"data folder {folder} holds no UTF-8 text file ({seen} file(s) skipped); "
+            "text files are read whatever their name, binary ones are not"
+        )
     return files
+
+
+def read_text_file(path: str | Path, limits: TextLimits | None = None) -> TextFile:
+    """One UTF-8 text file, read with the same care (no symlink, FIFO or device opened)."""
+    path, limits = Path(path), limits or TextLimits()
+    skipped: dict[str, list[str]] = {}
+    raw = _read_regular(path, limits.max_file_bytes, path.name, skipped)
+    text = None if raw is None else _as_text(raw)
+    if text is None:
+        why = next(iter(skipped), "binary or not UTF-8")
+        raise DataError(f"cannot read {path} as text: {why}; give a UTF-8 text file")
+    return TextFile(Path(path.name), text)
+
+
+def _regular_files(
+    folder: Path, limits: TextLimits, skipped: dict[str, list[str]]
+) -> list[tuple[str, Path]]:
+    """(relative name, path) of every regular, non-hidden file, sorted by path parts (the
+    order rglob + sorted gave); never follows a link, never opens anything."""
+    found: list[tuple[tuple[str, ...], str, Path]] = []
+    stack: list[tuple[Path, tuple[str, ...]]] = [(folder, ())]
+    visited = 0
+    while stack:
+        here, parts = stack.pop()
+        try:
+            with os.scandir(here) as listing:
+                entries = list(listing)
+        except OSError as exc:
+            raise DataError(f"cannot list data folder {here}: {exc.strerror or exc}") from None
+        visited += len(entries)
+        if visited > limits.max_files:
+            raise DataError(
+                f"data folder {folder} holds more than {limits.max_files} entries; "
+                "use a smaller folder"
+            )
+        for entry in entries:
+            name = (*parts, entry.name)
+            rel = "/".join(name)
+            if entry.name.startswith("."):
+                continue
+            if entry.is_symlink():
+                skipped.setdefault("symbolic link (not followed)", []).append(rel)
+            elif entry.is_dir(follow_symlinks=False):
+                if len(name) > limits.max_depth:
+                    raise DataError(f"{folder / rel} is nested deeper than {limits.max_depth}")
+                stack.append((Path(entry.path), name))
+            elif entry.is_file(follow_symlinks=False):
+                found.append((name, rel, Path(entry.path)))
+            else:
+                skipped.setdefault("not a regular file (FIFO, socket, device)", []).append(rel)
+    for names in skipped.values():
+        names.sort()
+    return [(rel, path) for _, rel, path in sorted(found)]
+
+
+def _read_regular(path: Path, cap: int, rel: str, skipped: dict[str, list[str]]) -> bytes | None:
+    """The bytes of a regular file of at most ``cap`` bytes, or None (recorded in skipped).
+    O_NOFOLLOW refuses a link swapped in since the listing; O_NONBLOCK keeps a FIFO swapped in
+    from blocking the open; fstat on the descriptor decides what was really opened."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        skipped.setdefault(f"unreadable ({exc.strerror or exc})", []).append(rel)
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            skipped.setdefault("not a regular file (FIFO, socket, device)", []).append(rel)
+            return None
+        if info.st_size > cap:
+            skipped.setdefault(f"larger than {cap} bytes (split it)", []).append(rel)
+            return None
+        raw = handle.read(cap + 1)
+    if len(raw) > cap:  # grew since fstat
+        skipped.setdefault(f"larger than {cap} bytes (split it)", []).append(rel)
+        return None
+    return raw
+
+
+def _as_text(raw: bytes) -> str | None:
+    """Strict UTF-8 without NUL bytes (text by content), BOM removed; None for binary."""
+    if b"\x00" in raw:
+        return None
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        return None
+
+
+def _warn_skipped(folder: Path, skipped: dict[str, list[str]]) -> None:
+    for why, names in skipped.items():
+        shown = ", ".join(printable(n, 80) for n in names[:_SHOWN])
+        more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+        log.warning("data folder %s: skipped %d file(s), %s: %s%s", printable(folder),
+                    len(names), why, shown, more)  # fmt: skip
 
 
 def tokenize_chunks(files: Sequence[TextFile], tokenizer: Any, seq_len: int) -> np.ndarray:

@@ -2,16 +2,21 @@
 
 Message types (records as seqr/operator/group_loop.py builds them):
 
-- ``query.group``: the node tells its adapter name and public key, so the server can match it
-  to the ``task-groups`` of the run config. Reply ConfigRecord ``group-member``
-  {``adapter-name``, ``spki-der``}. No data is read.
+- ``query.group``: ConfigRecord ``group-query`` {``challenge``}; the node proves which key it
+  holds, so the server can give it the ``task-groups`` slot bound to that key. Reply
+  ConfigRecord ``group-member`` {``adapter-name``, ``public-key``, ``proof``, ``signature``}:
+  the challenge, name and key signed with that key (contribution_records.sign_membership).
+  No data is read.
 - ``train.group``: ArrayRecord ``arrays`` (the global B, tensor name -> float32, nothing else)
   and ConfigRecord ``config`` (the federation keys plus ``group-name``, ``group-session``,
-  ``group-round``, ``group-rounds``, ``group-local-steps``). The node trains
+  ``group-round``, ``group-rounds``, ``group-local-steps``, ``group-previous-updates``: the
+  record digests the B it receives was averaged from). The node trains
   group-local-steps steps (seqr/node/group_train.py) and replies ArrayRecord ``arrays`` (its B),
   MetricRecord ``metrics`` (``num-examples``: its training chunks, the FedAvg weight;
   ``unit-weight``: 1; ``train-loss``) and ConfigRecord ``contribution`` (``record``, the
-  signed record's exact bytes, and ``signature``; seqr.registry.contributions).
+  signed record's exact bytes, and ``signature``; seqr.registry.contributions). The record
+  names, as its parent, the round digest of the B received and those digests, which the
+  node computes itself: it signs what it was given, so the rounds form a checkable chain.
   ``contribution_mod`` signs what actually leaves the node: with client-side DP it runs
   after Flower's ``fixedclipping_mod`` has clipped the update.
 - ``query.group_stats``: ``arrays`` (the final group B) and ``config``; the node replies
@@ -47,6 +52,8 @@ from seqr.core.federation import FederationConfig
 log = logging.getLogger("seqr.client.group")
 
 MEMBER_RECORD = "group-member"
+QUERY_RECORD = "group-query"
+PREVIOUS_UPDATES_KEY = "group-previous-updates"
 ARRAYS_RECORD = "arrays"
 CONFIG_RECORD = "config"
 METRICS_RECORD = "metrics"
@@ -56,17 +63,25 @@ CLIPPING_NORM_KEY = "clipping_norm"  # flwr.supercore.differential_privacy.KEY_C
 
 
 def membership(msg: Message, context: Context) -> Message:
-    """Adapter name and public key of this node (no private data is touched)."""
+    """Adapter name, public key and the signed proof of holding it for the server's
+    challenge (no private data is touched)."""
     try:
         from seqr.core.export_folder import check_file_name
         from seqr.core.signing import public_key_bytes
-        from seqr.node.client_app import PUBLIC_KEY_FIELD, node_inputs
+        from seqr.node.client_app import node_inputs
+        from seqr.registry.contributions import sign_membership
 
         data_dir, _, name = node_inputs(context)
         name = name or data_dir.name
         check_file_name(name, where="adapter name")
-        key = public_key_bytes(_signing_key(context))
-        record = ConfigRecord({"adapter-name": name, PUBLIC_KEY_FIELD: key})
+        query = msg.content.config_records.get(QUERY_RECORD, ConfigRecord())
+        challenge = query.get("challenge")
+        if not isinstance(challenge, str):
+            raise ConfigError("the membership query carries no challenge")
+        key = _signing_key(context)
+        proof = sign_membership(challenge, int(context.node_id), name, key)
+        record = ConfigRecord({"adapter-name": name, "public-key": public_key_bytes(key),
+                               "proof": proof.payload, "signature": proof.signature})  # fmt: skip
         return Message(RecordDict({MEMBER_RECORD: record}), reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - sanitised below
         return _failure(msg, exc)
@@ -173,7 +188,8 @@ def _read_config(msg: Message) -> tuple[FederationConfig, dict[str, Any]]:
     fed_keys = set(FederationConfig.keys())
     fed = FederationConfig.from_run_config({k: v for k, v in config.items() if k in fed_keys})
     group = {k: v for k, v in config.items() if k.startswith("group-")}
-    for key in ("group-name", "group-session", "group-round", "group-rounds", "group-local-steps"):
+    for key in ("group-name", "group-session", "group-round", "group-rounds", "group-local-steps",
+                PREVIOUS_UPDATES_KEY):  # fmt: skip
         if key not in group:
             raise ConfigError(f"group message has no {key!r}")
     return fed, group
@@ -233,9 +249,16 @@ def _sign(
     base: dict[str, np.ndarray],
 ) -> ConfigRecord:
     from seqr.core.signing import public_key_bytes
-    from seqr.registry.contributions import Contribution, arrays_sha256, sign_contribution
+    from seqr.registry.contributions import (
+        Contribution,
+        arrays_sha256,
+        round_digest,
+        sign_contribution,
+    )
 
     key = _signing_key(context)
+    previous = str(group[PREVIOUS_UPDATES_KEY])
+    base_sha256 = arrays_sha256(base)
     record = Contribution(
         group=str(group["group-name"]),
         session=str(group["group-session"]),
@@ -244,7 +267,9 @@ def _sign(
         client_key=public_key_bytes(key),
         example_count=examples,
         sha256=sha256,
-        base_sha256=arrays_sha256(base),
+        base_sha256=base_sha256,
+        # The round digest of what this node received, computed here (not copied).
+        parent_sha256=round_digest(base_sha256, [d for d in previous.split(",") if d]),
     )
     signed = sign_contribution(record, key)
     return ConfigRecord({"record": signed.payload, "signature": signed.signature})

@@ -2,18 +2,21 @@
 
 For each task group (seqr/operator/groups.py), with a fresh random session nonce:
 
-1. ``query.group`` to every node: adapter name + public key; the members of each group are
-   the nodes whose adapter name it lists and whose key the registry allows.
+1. ``query.group`` with a fresh challenge to every node: a node gets a slot only by signing
+   the challenge with the slot's enrolled key (seqr/operator/group_membership.py).
 2. ``num-group-rounds`` rounds: Flower's strategy configures ``train`` messages for the
-   group's nodes (re-typed ``train.group``) carrying only B (ArrayRecord ``arrays``) and the
-   settings; each reply is checked (seqr/operator/group_replies.py) and the good ones are averaged
-   by ``strategy.aggregate_train`` (FedAvg weighted by example counts, a robust rule, or
-   FedAvg under a DP wrapper that clips and adds noise).
+   group's nodes (re-typed ``train.group``) carrying only B (ArrayRecord ``arrays``), the
+   settings and the previous round's averaged record digests; each reply is checked on its
+   own (seqr/operator/group_round.py: signature by the slot's key, the round chain, example
+   count, weight and update bounds), the server writes its own FedAvg weight into each good
+   one, and ``strategy.aggregate_train`` averages them (FedAvg, a robust rule, or FedAvg
+   under a DP wrapper that clips and adds noise). The state advances only from good replies.
 3. ``query.group_stats`` with the final B: each member measures its partial statistics on
    its own data and signs them; the server merges them exactly (Chan et al.).
-4. The server builds and signs the group export (seqr/operator/group_export.py), runs the same
-   plausibility probe as for any adapter, and stages it in the registry; the next publish
-   (the registry round that follows) lists it with its contributors.
+4. The server builds and signs the group export (seqr/operator/group_export.py), checks it
+   like any adapter (weight and statistics bounds, the plausibility probe), and stages it in
+   the registry; the next publish (the registry round that follows) lists it with its
+   contributors.
 
 A summary (bytes per round per client, losses, privacy spent) is written to
 ``<state-dir>/groups/<group>.json``.
@@ -33,28 +36,32 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from seqr.core.admission import check_stats_plausible
 from seqr.core.atomic_write import write_atomic
 from seqr.core.errors import AdmissionError, KeyFileError, SeqrError
+from seqr.core.printable import printable
 from seqr.core.signing import PRIVATE_KEY_NAME, SigningKeyFile, check_public_key
+from seqr.core.stats_plausibility import check_stats_plausible
+from seqr.core.value_bounds import check_statistics
 from seqr.operator.group_export import build_group_export
-from seqr.operator.group_replies import Expected, Member, check_statistics, check_update
+from seqr.operator.group_membership import discover_members
+from seqr.operator.group_replies import Expected, Member, UpdateBounds
+from seqr.operator.group_replies import check_statistics as check_stats_reply
+from seqr.operator.group_round import GroupState, advance, check_round, weigh
 from seqr.operator.groups import GroupSettings, NodeSubset, make_strategy
-from seqr.operator.messages import PUBLIC_KEY_FIELD
 from seqr.operator.round import RoundRunner
 from seqr.operator.settings import ServerSettings
 from seqr.registry.contributions import (
+    PPM,
     ContributionsFile,
     SignedContribution,
-    arrays_sha256,
     merge_partial_statistics,
 )
 from seqr.registry.store import ensure_dir
 
-__all__ = ["GroupOutcome", "discover_members", "run_group", "run_groups", "server_signing_key"]
+__all__ = ["GroupOutcome", "run_group", "run_groups", "server_signing_key"]
 
 log = logging.getLogger("seqr.server.groups")
-MEMBER_RECORD = "group-member"
+PREVIOUS_UPDATES_KEY = "group-previous-updates"  # record digests the B sent was averaged from
 
 
 @dataclass
@@ -66,6 +73,9 @@ class RoundLog:
     bytes_up_per_client: dict[str, int]  # node id -> raw tensor bytes of the B it sent
     array_record_bytes_down: int  # the same with Flower's array serialisation (npy headers)
     train_loss: float  # weighted mean of the members' local training losses
+    weights: dict[str, float] = field(default_factory=dict)  # node id -> server's FedAvg share
+    update_norms: dict[str, float] = field(default_factory=dict)  # node id -> ||B - B_global||
+    max_update_norm: float = 0.0  # the bound those norms were checked against
     epsilon: float | None = None  # DP: cumulative epsilon at group-dp-delta after this round
 
 
@@ -104,40 +114,6 @@ def _is_public_key(key: object) -> bool:
     return True
 
 
-def discover_members(
-    grid: Any,
-    nodes: Sequence[int],
-    groups: Mapping[str, tuple[str, ...]],
-    allowed: set[str] | None,
-    timeout_s: float,
-) -> dict[str, list[Member]]:
-    """Group name -> members (by node id); ``allowed`` key ids (None: any key)."""
-    messages = [Message(RecordDict(), dst_node_id=n, message_type="query.group") for n in nodes]
-    replies = grid.send_and_receive(messages, timeout=timeout_s)
-    owner = {name: group for group, names in groups.items() for name in names}
-    claims: dict[str, list[Member]] = {}
-    for reply in replies:
-        if reply.has_error():
-            continue
-        record = reply.content.config_records.get(MEMBER_RECORD, ConfigRecord())
-        name, key = record.get("adapter-name"), record.get(PUBLIC_KEY_FIELD)
-        if isinstance(name, str) and name in owner and _is_public_key(key):
-            claims.setdefault(name, []).append(Member(reply.metadata.src_node_id, name, key))
-    members: dict[str, list[Member]] = {g: [] for g in groups}
-    for name, claimants in sorted(claims.items()):
-        if len(claimants) > 1:
-            log.warning("adapter name %r is claimed by nodes %s: left out of group %s", name,
-                        [c.node_id for c in claimants], owner[name])  # fmt: skip
-            continue
-        member = claimants[0]
-        if allowed is not None and member.client not in allowed:
-            log.warning("node %d (%s) signs with %s, not enrolled: left out of group %s",
-                        member.node_id, name, member.client, owner[name])  # fmt: skip
-            continue
-        members[owner[name]].append(member)
-    return {g: sorted(m, key=lambda x: x.node_id) for g, m in members.items()}
-
-
 def run_groups(
     grid: Any,
     runner: RoundRunner,
@@ -148,17 +124,20 @@ def run_groups(
 ) -> set[int]:
     """Every group of the run config; returns the node ids that took part in one."""
     document = runner.publisher.document
-    allowed = None if runner.publisher.config.auto_enrol else set(document.clients)
-    members = discover_members(grid, nodes, groups.groups, allowed, settings.verdict_timeout_s)
+    enrolled = None if runner.publisher.config.auto_enrol else set(document.clients)
+    membership = discover_members(
+        grid, nodes, groups.groups, enrolled=enrolled, revoked=set(document.revoked),
+        timeout_s=settings.verdict_timeout_s,
+    )  # fmt: skip
     taken: set[int] = set()
-    for group, group_members in members.items():
+    for group, group_members in membership.members.items():
         taken |= {m.node_id for m in group_members}
         if len(group_members) < 2:
-            log.warning("group %s: %d member(s) connected; it needs >= 2", group,
+            log.warning("group %s: %d member(s) proved a slot's key; it needs >= 2", group,
                         len(group_members))  # fmt: skip
             continue
         outcome = run_group(grid, runner, settings, groups, group, group_members, server_key)
-        log.info("group %s: %s %s %s", group, outcome.status, outcome.reason,
+        log.info("group %s: %s %s %s", group, outcome.status, printable(outcome.reason, 300),
                  outcome.adapter_sha256[:16])  # fmt: skip
     return taken
 
@@ -182,55 +161,72 @@ def run_group(
     )
     outcome.b_bytes = sum(d * r * 4 for d, r in shapes.values())
     outcome.a_bytes = sum(m.d_in * rank * 4 for m in setup.modules)
-    current = {name: np.zeros(shape, np.float32) for name, shape in sorted(shapes.items())}
-    globals_ = [arrays_sha256(current)]
+    state = GroupState.initial(shapes)
     strategy = make_strategy(gs, len(members))
-    signed: list[SignedContribution] = []
+    # The admission bounds of this server, for the group's B and statistics as for any adapter.
+    policy = runner.policy_for({m.public_key.hex() for m in members})
+    max_update = gs.max_update_norm(fed.train_lr, sum(d * r for d, r in shapes.values()))
     try:
         for rnd in range(1, gs.num_group_rounds + 1):
-            config = _config(fed, group, outcome.session, rnd, gs)
-            expected = Expected(group, outcome.session, rnd, globals_[-1], shapes)
-            arrays = ArrayRecord({k: Array(v) for k, v in current.items()})
+            expected = state.expected(group, outcome.session, shapes)
+            bounds = UpdateBounds(state.b, max_update, gs.group_max_examples, policy.weight_bounds)
+            arrays = ArrayRecord({k: Array(np.array(v)) for k, v in state.b.items()})
+            config = _config(fed, group, outcome.session, rnd, gs, state.previous_updates)
             messages = list(
                 strategy.configure_train(rnd, arrays, config, NodeSubset(grid, list(by_node)))
             )
             for message in messages:
                 message.metadata.message_type = "train.group"
             replies = list(grid.send_and_receive(messages, timeout=gs.group_timeout_s))
-            good, round_log = _check_round(replies, by_node, expected, arrays)
-            aggregated, metrics = strategy.aggregate_train(rnd, [r for r, _ in good])
+            checked = check_round(replies, by_node, expected, bounds)
+            shares = weigh(checked.good, gs) if checked.good else []
+            aggregated, metrics = strategy.aggregate_train(rnd, [u.reply for u in checked.good])
             if aggregated is None:
                 raise AdmissionError(
-                    "aggregation_failed", f"round {rnd}: no aggregate ({round_log.rejected})"
+                    "aggregation_failed", f"round {rnd}: no aggregate ({checked.rejected})"
                 )
-            current = {k: np.asarray(aggregated[k].numpy(), np.float32) for k in sorted(shapes)}
-            globals_.append(arrays_sha256(current))
-            signed += [s for _, s in good]
-            round_log.train_loss = float((metrics or {}).get("train-loss", float("nan")))
+            aggregate = {k: v.numpy() for k, v in aggregated.items()}
+            state = advance(state, aggregate, checked.good, policy.weight_bounds)
+            round_log = RoundLog(
+                round=rnd,
+                accepted=sorted(u.node_id for u in checked.good),
+                rejected=checked.rejected,
+                bytes_down_per_client=sum(int(a.numpy().nbytes) for a in arrays.values()),
+                bytes_up_per_client=checked.bytes_up,
+                array_record_bytes_down=sum(len(a.data) for a in arrays.values()),
+                train_loss=float((metrics or {}).get("train-loss", float("nan"))),
+                weights={str(u.node_id): w for u, w in zip(checked.good, shares, strict=True)},
+                update_norms=checked.update_norms,
+                max_update_norm=max_update,
+            )
             spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
             round_log.epsilon = None if spent is None else float(spent.epsilon)
             outcome.rounds.append(round_log)
             log.info("group %s round %d: %d/%d updates averaged, loss %.4f, %d B bytes per client "
-                     "each way%s", group, rnd, len(good), len(by_node), round_log.train_loss,
-                     round_log.bytes_down_per_client,
+                     "each way%s", group, rnd, len(checked.good), len(by_node),
+                     round_log.train_loss, round_log.bytes_down_per_client,
                      "" if spent is None else f", epsilon {spent.epsilon:.3f}")  # fmt: skip
         outcome.privacy = _privacy(gs, strategy)
-        stats_signed, partials, examples = _statistics(
-            grid, by_node, gs, fed, outcome, current, globals_[-1], shapes
-        )
+        stats_signed, partials, examples = _statistics(grid, by_node, gs, fed, outcome, state,
+                                                       shapes)  # fmt: skip
         merged = merge_partial_statistics(partials)
         contributions = ContributionsFile(
             group=group, session=outcome.session, rounds=gs.num_group_rounds,
             aggregation=gs.describe_aggregation(), privacy=outcome.privacy,
-            globals=tuple(globals_), contributions=tuple(signed + stats_signed),
-            statistics=partials,
+            globals=state.globals, aggregated=state.aggregated,
+            max_examples=gs.group_max_examples,
+            max_share_ppm=round(gs.group_max_weight_share * PPM),
+            contributions=(*state.signed, *stats_signed), statistics=partials,
         )  # fmt: skip
-        files = build_group_export(setup, current, merged.to_json_bytes(), contributions,
-                                   server_key, example_count=examples)  # fmt: skip
-        try:
-            check_stats_plausible(merged, runner.probe.norms(current), **runner.bounds)
+        try:  # the same bounds and probe as any admitted adapter
+            check_statistics(merged, policy.stats_bounds)
+            check_stats_plausible(merged, runner.probe.norms(state.b), **policy.plausibility)
+        except AdmissionError:
+            raise
         except SeqrError as exc:
             raise AdmissionError("implausible_stats", str(exc)) from None
+        files = build_group_export(setup, state.b, merged.to_json_bytes(), contributions,
+                                   server_key, example_count=examples)  # fmt: skip
         outcome.adapter_sha256 = runner.publisher.stage_adapter(files, admitted=datetime.now(UTC))
         outcome.status = "admitted"
     except AdmissionError as exc:
@@ -245,7 +241,9 @@ def run_group(
     return outcome
 
 
-def _config(fed: Any, group: str, session: str, rnd: int, gs: GroupSettings) -> ConfigRecord:
+def _config(
+    fed: Any, group: str, session: str, rnd: int, gs: GroupSettings, previous: Sequence[str]
+) -> ConfigRecord:
     return ConfigRecord(
         {
             **fed.to_run_config(),
@@ -254,43 +252,9 @@ def _config(fed: Any, group: str, session: str, rnd: int, gs: GroupSettings) -> 
             "group-round": rnd,
             "group-rounds": gs.num_group_rounds,
             "group-local-steps": gs.group_local_steps,
+            PREVIOUS_UPDATES_KEY: ",".join(previous),
         }
     )
-
-
-def _check_round(
-    replies: list[Message], by_node: Mapping[int, Member], expected: Expected, sent: ArrayRecord
-) -> tuple[list[tuple[Message, SignedContribution]], RoundLog]:
-    good, rejected, up = [], {}, {}
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        if node not in by_node:
-            continue
-        if reply.has_error():
-            rejected[str(node)] = f"client_error: {reply.error.reason}"
-            continue
-        try:
-            contribution, b = check_update(reply.content, by_node[node], expected)
-        except AdmissionError as exc:
-            rejected[str(node)] = f"{exc.reason}: {exc}"
-            continue
-        up[str(node)] = sum(int(v.nbytes) for v in b.values())
-        good.append((reply, contribution))
-    answered = {r.metadata.src_node_id for r in replies}
-    rejected.update({str(n): "timeout" for n in by_node if n not in answered})
-    for node_id, reason in rejected.items():
-        log.warning("group %s round %d: node %s left out: %s", expected.group, expected.round,
-                    node_id, reason)  # fmt: skip
-    round_log = RoundLog(
-        round=expected.round,
-        accepted=sorted(r.metadata.src_node_id for r, _ in good),
-        rejected=rejected,
-        bytes_down_per_client=sum(int(a.numpy().nbytes) for a in sent.values()),
-        bytes_up_per_client=up,
-        array_record_bytes_down=sum(len(a.data) for a in sent.values()),
-        train_loss=float("nan"),
-    )
-    return good, round_log
 
 
 def _statistics(
@@ -299,16 +263,18 @@ def _statistics(
     gs: GroupSettings,
     fed: Any,
     outcome: GroupOutcome,
-    final: Mapping[str, np.ndarray],
-    final_sha: str,
+    state: GroupState,
     shapes: Mapping[str, tuple[int, int]],
 ) -> tuple[list[SignedContribution], dict[str, bytes], int]:
-    config = _config(fed, outcome.group, outcome.session, gs.num_group_rounds, gs)
-    expected = Expected(outcome.group, outcome.session, gs.num_group_rounds, final_sha, shapes)
+    config = _config(fed, outcome.group, outcome.session, gs.num_group_rounds, gs,
+                     state.previous_updates)  # fmt: skip
+    # Statistics records sign the final B and its round digest (the chain's last link).
+    expected = Expected(outcome.group, outcome.session, gs.num_group_rounds, state.globals[-1],
+                        shapes, state.parent)  # fmt: skip
+    final = ArrayRecord({k: Array(np.array(v)) for k, v in state.b.items()})
     messages = [
-        Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in final.items()}),
-                            "config": config}),
-                dst_node_id=n, message_type="query.group_stats")
+        Message(RecordDict({"arrays": final, "config": config}), dst_node_id=n,
+                message_type="query.group_stats")
         for n in by_node
     ]  # fmt: skip
     replies = grid.send_and_receive(messages, timeout=gs.group_timeout_s)
@@ -319,15 +285,16 @@ def _statistics(
             log.warning("group %s: node %s sent no statistics", outcome.group, node)
             continue
         try:
-            record, stats, count = check_statistics(reply.content, by_node[node], expected)
+            record, stats, count = check_stats_reply(reply.content, by_node[node], expected)
         except AdmissionError as exc:
-            log.warning("group %s: statistics of node %s refused: %s", outcome.group, node, exc)
+            log.warning("group %s: statistics of node %s refused: %s", outcome.group, node,
+                        printable(exc, 300))  # fmt: skip
             continue
         signed.append(record)
         partials[by_node[node].client] = stats
         examples += count
         loss = reply.content.metric_records.get("metrics", {}).get("heldout-loss")
-        if isinstance(loss, float):
+        if isinstance(loss, float) and np.isfinite(loss):
             outcome.heldout_loss[str(node)] = loss
     if not partials:
         raise AdmissionError("no_statistics", "no member sent valid partial statistics")

@@ -2,12 +2,16 @@
 
 Declared in the run config (flat kebab-case keys, ``GroupSettings``)::
 
-    task-groups = "wiki:wiki_part0,wiki_part1,wiki_part2;code:code_a,code_b"
+    task-groups = "wiki:wiki0@sha256:9f2c...,wiki1@sha256:41ab...;code:sha256:07d3...,..."
 
-Each group is ``name:member,member,...``, groups separated by ``;``. A member is a client's
-adapter name: its ``adapter-name`` node setting, or in simulation its data subfolder (the
-partition-id-th subfolder of ``data-dir``, seqr/node/client_app.py). The group's adapter is
-published under the group's name. Clients not in any group keep the registry flow.
+Each group is ``name:member,member,...``, groups separated by ``;``. A member slot is bound to
+an enrolled signing KEY, never to a name alone: ``FINGERPRINT`` (as ``seqr keys generate``
+prints it) or ``ADAPTER-NAME@FINGERPRINT`` (the node must also use that adapter name: its
+``adapter-name`` node setting, or in simulation its data subfolder). A node gets the slot only
+by signing the server's fresh challenge with that key (seqr.registry.contribution_records), so
+no client can take an offline member's slot or knock out an online one by claiming its name.
+The group's adapter is published under the group's name. Clients not in any group keep the
+registry flow.
 
 Because every adapter shares the frozen A (FFA-LoRA, Sun et al. ICLR 2024), the server
 averages only B: mean_i(B_i A) = (mean_i B_i) A exactly, and only B travels (A is regenerated
@@ -25,12 +29,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NoReturn
 
 from seqr.core.errors import ConfigError
 
 __all__ = [
     "GroupSettings",
+    "MemberSlot",
     "parse_task_groups",
     "NodeSubset",
     "make_strategy",
@@ -38,43 +43,86 @@ __all__ = [
     "UNIT_WEIGHT_KEY",
 ]
 
-WEIGHT_KEY = "num-examples"  # FedAvg weight: the client's training chunks
-UNIT_WEIGHT_KEY = "unit-weight"  # always 1: DP accounting needs equal weights (Flower 1.42)
+WEIGHT_KEY = "num-examples"  # what a member states: its training chunks (signed)
+# The FedAvg weight the strategy reads, written by the SERVER into each checked reply: the
+# member's capped share of the stated counts (seqr.core.fedavg_weights), or 1 for every
+# member under DP (Flower's accounting assumes equal weights). Never a client's number.
+UNIT_WEIGHT_KEY = SERVER_WEIGHT_KEY = "server-weight"
 AGGREGATIONS = ("fedavg", "fedtrimmedavg", "fedmedian", "krum")
 DP_MODES = ("none", "server", "client")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # manifest.py's rule for `name`
+_FINGERPRINT = re.compile(r"^[a-z0-9-]{1,16}:[0-9a-f]{16,128}$")  # signing.fingerprint's form
 
 
-def parse_task_groups(spec: str) -> dict[str, tuple[str, ...]]:
-    """``"g:a,b;h:c,d"`` -> {"g": ("a", "b"), "h": ("c", "d")}; ConfigError names the fault."""
-    groups: dict[str, tuple[str, ...]] = {}
+@dataclass(frozen=True)
+class MemberSlot:
+    """One place in a task group: the key that may fill it, and optionally the adapter name
+    the node holding that key must use."""
+
+    fingerprint: str  # signing.fingerprint of the member's public key
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.fingerprint
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.fingerprint}" if self.name else self.fingerprint
+
+
+def parse_task_groups(spec: str) -> dict[str, tuple[MemberSlot, ...]]:
+    """``"g:a@KEY1,KEY2;h:..."`` -> {"g": (MemberSlot(KEY1, "a"), MemberSlot(KEY2)), ...};
+    ConfigError names the fault."""
+    groups: dict[str, tuple[MemberSlot, ...]] = {}
     owner: dict[str, str] = {}
     for part in (p.strip() for p in spec.split(";")):
         if not part:
             continue
         name, sep, members_text = part.partition(":")
         name = name.strip()
-        members = tuple(m.strip() for m in members_text.split(",") if m.strip())
         if not sep or not _NAME.match(name):
-            raise ConfigError(
-                f"task-groups entry {part!r} must be NAME:member,member,... with NAME of "
-                "A-Z a-z 0-9 . _ - (e.g. wiki:wiki_part0,wiki_part1)"
+            _refuse(
+                f"task-groups entry {part!r:.80} must be NAME:member,member,... with NAME of "
+                "A-Z a-z 0-9 . _ - (e.g. wiki:wiki0@sha256:9f2c...,wiki1@sha256:41ab...)"
             )
         if name in groups:
-            raise ConfigError(f"task-groups names group {name!r} twice")
-        if len(members) < 2:
-            raise ConfigError(f"task group {name!r} has {len(members)} member(s); it needs >= 2")
-        for member in members:
-            if not _NAME.match(member):
-                raise ConfigError(f"task group {name!r}: member {member!r} is not an adapter name")
-            if member in owner:
-                raise ConfigError(
-                    f"adapter {member!r} is in task groups {owner[member]!r} and {name!r}; "
-                    "a client federates one task"
-                )
-            owner[member] = name
-        groups[name] = members
+            _refuse(f"task-groups names group {name!r} twice")
+        slots = tuple(_slot(name, m.strip()) for m in members_text.split(",") if m.strip())
+        if len(slots) < 2:
+            _refuse(f"task group {name!r} has {len(slots)} member(s); it needs >= 2")
+        for slot in slots:
+            for claim in {slot.fingerprint, slot.name} - {None}:
+                if claim in owner:
+                    _refuse(
+                        f"{claim!r} is in task groups {owner[claim]!r} and {name!r} (or twice "
+                        "in one); a client federates one task"
+                    )
+                owner[str(claim)] = name
+        groups[name] = slots
     return groups
+
+
+def _slot(group: str, text: str) -> MemberSlot:
+    name, at, fingerprint = text.rpartition("@")
+    if not at:
+        name, fingerprint = "", text
+    if not _FINGERPRINT.match(fingerprint):
+        hint = (
+            f"bind it to its client key: {text}@<fingerprint>"
+            if _NAME.match(text)
+            else "give the key fingerprint, e.g. sha256:9f2c..., or NAME@FINGERPRINT"
+        )
+        _refuse(
+            f"task group {group!r}: member {text!r:.80} names no signing key; {hint} "
+            "(`seqr keys generate` prints the fingerprint)"
+        )
+    if at and not _NAME.match(name):
+        _refuse(f"task group {group!r}: member {text!r:.80} has a bad adapter name {name!r:.40}")
+    return MemberSlot(fingerprint, name or None)
+
+
+def _refuse(message: str) -> NoReturn:
+    raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -93,6 +141,14 @@ class GroupSettings:
     group_dp_delta: float = 1e-5  # delta at which the spent epsilon is reported
     group_dp_max_epsilon: float = 0.0  # refuse rounds past this epsilon; 0 = no limit
     group_timeout_s: float = 3600.0  # seconds to wait for one group round's replies
+    # Bounds on what one member can do to the average (seqr.core.fedavg_weights):
+    group_max_examples: int = 10_000_000  # training chunks a member may state; more is refused
+    group_max_weight_share: float = 0.5  # FedAvg share of one member, at most (or 1/n)
+    # Update bound, in units of train-lr per local step and B entry (RMS): a member's update
+    # of B may have ||B_new - B_global||_F <= this * train-lr * group-local-steps *
+    # sqrt(entries of B). Adam moves each entry by at most 3.16 lr per step (Kingma & Ba
+    # 2015, Sec. 2.1, beta1 0.9, beta2 0.999), so an honest update stays inside 4.
+    group_max_update_step: float = 4.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -122,6 +178,9 @@ class GroupSettings:
             ("group_dp_delta", 0 < self.group_dp_delta < 0.1, "must be in (0, 0.1)"),
             ("group_dp_max_epsilon", self.group_dp_max_epsilon >= 0, "must be >= 0"),
             ("group_timeout_s", self.group_timeout_s > 0, "must be > 0"),
+            ("group_max_examples", 1 <= self.group_max_examples <= 2**53, "in [1, 2**53]"),
+            ("group_max_weight_share", 0 < self.group_max_weight_share <= 1, "in (0, 1]"),
+            ("group_max_update_step", 0 < self.group_max_update_step < 1e6, "in (0, 1e6)"),
         )
         for name, ok, why in checks:
             if not ok:
@@ -134,8 +193,12 @@ class GroupSettings:
             )
 
     @property
-    def groups(self) -> dict[str, tuple[str, ...]]:
+    def groups(self) -> dict[str, tuple[MemberSlot, ...]]:
         return parse_task_groups(self.task_groups)
+
+    def max_update_norm(self, train_lr: float, b_entries: int) -> float:
+        """The Frobenius bound on one member's update of B (group_max_update_step)."""
+        return self.group_max_update_step * train_lr * self.group_local_steps * b_entries**0.5
 
     @property
     def enabled(self) -> bool:
@@ -154,8 +217,12 @@ class GroupSettings:
     def describe_aggregation(self) -> str:
         agg = self.group_aggregation
         if agg == "fedavg":
-            how = "unweighted (DP)" if self.group_dp != "none" else f"weighted by {WEIGHT_KEY}"
-            return f"fedavg {how}"
+            if self.group_dp != "none":
+                return "fedavg unweighted (DP)"
+            return (
+                f"fedavg weighted by {WEIGHT_KEY}, each clipped to {self.group_max_examples}, "
+                f"share at most {self.group_max_weight_share:g} (or 1/n)"
+            )
         if agg == "fedtrimmedavg":
             return f"fedtrimmedavg beta={self.group_trim_beta}"
         if agg == "krum":
@@ -195,7 +262,7 @@ def make_strategy(settings: GroupSettings, n_nodes: int) -> Any:
         "min_train_nodes": n_nodes,
         "min_evaluate_nodes": 0,
         "min_available_nodes": n_nodes,
-        "weighted_by_key": UNIT_WEIGHT_KEY if settings.group_dp != "none" else WEIGHT_KEY,
+        "weighted_by_key": SERVER_WEIGHT_KEY,  # set by the server in every checked reply
     }
     agg = settings.group_aggregation
     if agg == "fedtrimmedavg":

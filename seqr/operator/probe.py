@@ -33,8 +33,7 @@ import torch
 
 from seqr.core.admission import AdmittedAdapter, check_stats_plausible
 from seqr.core.errors import AdmissionError, DataError, ShapeError, ValueCheckError
-from seqr.core.routing.gain import score_values
-from seqr.core.textdata import TextFile, read_text_folder, tokenize_chunks
+from seqr.core.textdata import TextFile, read_text_file, read_text_folder, tokenize_chunks
 from seqr.operator.federation_setup import FederationSetup
 
 __all__ = ["Probe", "load_probe_texts", "probe_chunks", "BUILTIN_PROBE_FILES"]
@@ -61,11 +60,10 @@ def load_probe_texts(spec: str) -> list[TextFile]:
     path = Path(spec).expanduser()
     if path.is_dir():
         return read_text_folder(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read probe text {path}: {exc}; give a UTF-8 file") from None
-    return [TextFile(Path(path.name), text)]
+    try:  # the same careful read as data folders (no FIFO, device or symlink opened)
+        return [read_text_file(path)]
+    except DataError as exc:
+        raise DataError(f"cannot read probe text {path}: {exc}") from None
 
 
 def probe_chunks(
@@ -147,30 +145,48 @@ class Probe:
     def norms(
         self, tensors: Mapping[str, np.ndarray], score: str = "norm"
     ) -> dict[str, np.ndarray]:
-        """module -> (T,) float64 values of one adapter on the probe tokens: norms ||B A x||,
-        or gains (divided by ||A x||) when ``score`` is "gain", what its statistics claim."""
+        """module -> (T,) values of one adapter on the probe tokens: norms ||B A x||, or gains
+        (divided by ||A x||) when ``score`` is "gain", what its statistics claim.
+
+        Measured as a router measures them: in float32, through SeqrRouter's own Gram-matrix
+        scoring (seqr.core.routing.seqr) on the cached h = A x, so a B whose B^T B or scores
+        overflow in float32 shows here, at admission, as AdmissionError("non_finite")."""
+        from seqr.core.routing import SeqrRouter
+        from seqr.core.routing.gain import input_energy
+
         out = {}
-        for module, h in self.projections.items():
+        for module, h64 in self.projections.items():
             name = self.b_tensors[module]
             if name not in tensors:
                 raise ShapeError(f"adapter has no tensor {name!r} (module {module})")
-            b = torch.from_numpy(np.asarray(tensors[name], dtype=np.float64))  # (d_out, r)
-            if b.ndim != 2 or b.shape[1] != h.shape[1]:
+            b = torch.from_numpy(np.asarray(tensors[name], dtype=np.float32))  # (d_out, r)
+            if b.ndim != 2 or b.shape[1] != h64.shape[1]:
                 raise ShapeError(
-                    f"{name} has shape {tuple(b.shape)}; expected (d_out, {h.shape[1]})"
+                    f"{name} has shape {tuple(b.shape)}; expected (d_out, {h64.shape[1]})"
                 )
-            norms = (h @ b.T).norm(dim=-1, keepdim=True)
-            out[module] = score_values(norms, h, score).reshape(-1).numpy()
+            h = h64.to(torch.float32)
+            if score == "gain":  # as RoutedModule.scores: h scaled to unit ||A x||
+                h = h / input_energy(h)
+            r = h.shape[1]
+            # SEQR never uses A once h is known; the identity stands in for it (d_in = r).
+            router = SeqrRouter(torch.eye(r, dtype=torch.float32), b)
+            values = router.norms_from_projection(h)[:, 0]
+            if not torch.isfinite(values).all():
+                raise AdmissionError(
+                    "non_finite",
+                    f"the adapter's scores on the probe text overflow float32, the dtype "
+                    f"routers compute in (module {module}, tensor {name}); its B is too large",
+                )
+            out[module] = values.double().numpy()
         return out
 
-    def check(self, adapter: AdmittedAdapter, *, max_sigma_ratio: float, max_mean_z: float) -> None:
+    def check(self, adapter: AdmittedAdapter, **bounds: float) -> None:
         """AdmissionError("implausible_stats", ...) when the claimed statistics would hijack
-        routing (see check_stats_plausible for the two bounds)."""
+        routing, or ("non_finite", ...) when the adapter cannot be scored in float32;
+        ``bounds`` are check_stats_plausible's (AdmissionPolicy.plausibility)."""
         norms = self.norms(adapter.tensors, adapter.stats.score)
         try:
-            check_stats_plausible(
-                adapter.stats, norms, max_sigma_ratio=max_sigma_ratio, max_mean_z=max_mean_z
-            )
+            check_stats_plausible(adapter.stats, norms, **bounds)
         except ValueCheckError as exc:
             # The probe text varies, so norms that do not vary mean B is (nearly) zero on a
             # module: then no positive mean the client claims can be its own.

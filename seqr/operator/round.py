@@ -113,15 +113,17 @@ class RoundRunner:
         probe: Probe,
         replay: ReplayStore,
         *,
-        max_mean_z: float = 2.0,
-        max_sigma_ratio: float = 3.0,
         max_age: timedelta = timedelta(days=7),
+        **bounds: float,
     ) -> None:
+        """``bounds``: the numeric AdmissionPolicy fields (max_mean_z, max_sigma_ratio,
+        max_tensor_norm, max_stats_mean, ...: ServerSettings.policy_bounds()); a field not
+        given keeps the policy's default."""
         self.publisher = publisher
         self.setup = setup
         self.probe = probe
         self.replay = replay
-        self.bounds = {"max_mean_z": max_mean_z, "max_sigma_ratio": max_sigma_ratio}
+        self.bounds = dict(bounds)
         self.max_age = max_age
 
     def run(self, submissions: Iterable[Submission], *, now: datetime) -> RoundResult:
@@ -198,9 +200,7 @@ class RoundRunner:
     ) -> AdmittedAdapter:
         policy = self._policy(claimed[0])
         adapter = admit(files, policy, seen=seen, now=now)
-        self.probe.check(
-            adapter, max_sigma_ratio=policy.max_sigma_ratio, max_mean_z=policy.max_mean_z
-        )
+        self.probe.check(adapter, **policy.plausibility)
         return adapter
 
     def _policy(self, claimed_key: str) -> AdmissionPolicy:
@@ -218,6 +218,11 @@ class RoundRunner:
                 "`seqr server enrol`",
             )
         return self.setup.policy(allowed, revoked, max_age=self.max_age, **self.bounds)
+
+    def policy_for(self, keys: Iterable[str]) -> AdmissionPolicy:
+        """The same bounds for other signers (a task group's members, whose adapter the
+        server itself signs): weight, statistics and plausibility bounds of this round."""
+        return self.setup.policy(keys, (), max_age=self.max_age, **self.bounds)
 
 
 def _claimed_key(files: Mapping[str, bytes]) -> tuple[str, str]:

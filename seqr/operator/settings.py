@@ -14,13 +14,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from seqr.core.admission_policy import WEIGHT_DTYPES
+from seqr.core.admission_policy import WEIGHT_DTYPES, AdmissionPolicy
 from seqr.core.errors import ConfigError
 from seqr.core.federation import FederationConfig
+from seqr.core.value_bounds import StatsBounds, WeightBounds
 
 __all__ = ["ServerSettings", "federation_from_run_config", "state_dir_for"]
 
 log = logging.getLogger("seqr.server")
+POLICY_BOUNDS = (
+    "max_mean_z", "max_mean_z_above", "max_sigma_ratio", "max_tensor_norm", "min_stats_count",
+    "max_stats_mean", "min_stats_std", "max_stats_std",
+)  # fmt: skip
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "str": str,
     "int": int,
@@ -47,10 +52,16 @@ class ServerSettings:
     verdict_timeout_s: float = 60.0  # seconds to wait for verdict acknowledgements
     auto_enrol: bool = False  # True: a validly signed unknown key is enrolled on submission
     adapter_dtype: str = "F32"  # safetensors dtype every adapter tensor must have
-    # plausibility: probe stds the claimed mean may sit below the probe mean. 2, not 1: an honest
-    # SmolLM2 adapter (licences, gain statistics) sat 1.01 probe stds below on one of 60 modules.
-    max_mean_z: float = 2.0
-    max_sigma_ratio: float = 3.0  # plausibility: probe std / claimed std at most this
+    # Admission bounds: AdmissionPolicy owns each default and its unit (seqr.core.value_bounds
+    # says where the numeric ones come from); policy_bounds() hands them to the round.
+    max_mean_z: float = AdmissionPolicy.max_mean_z  # probe stds the mean may sit below
+    max_mean_z_above: float = AdmissionPolicy.max_mean_z_above  # ... and above
+    max_sigma_ratio: float = AdmissionPolicy.max_sigma_ratio  # probe std / claimed std
+    max_tensor_norm: float = AdmissionPolicy.max_tensor_norm  # Frobenius norm of one tensor
+    min_stats_count: int = AdmissionPolicy.min_stats_count  # values behind each module
+    max_stats_mean: float = AdmissionPolicy.max_stats_mean  # units of the score
+    min_stats_std: float = AdmissionPolicy.min_stats_std  # units of the score
+    max_stats_std: float = AdmissionPolicy.max_stats_std  # units of the score
     max_age_s: float = 7 * 86400.0  # seconds a submission's `created` may lie in the past
 
     def __post_init__(self) -> None:
@@ -78,6 +89,16 @@ class ServerSettings:
             _bad("adapter_dtype", self.adapter_dtype, f"must be one of {WEIGHT_DTYPES}")
         if self.max_sigma_ratio < 1:
             _bad("max_sigma_ratio", self.max_sigma_ratio, "must be >= 1")
+        try:  # the policy's own checks of the bounds, before any round runs
+            WeightBounds(max_tensor_norm=self.max_tensor_norm)
+            StatsBounds(self.min_stats_count, self.max_stats_mean, self.min_stats_std,
+                        self.max_stats_std)  # fmt: skip
+        except ConfigError as exc:
+            raise ConfigError(f"server settings: {exc}") from None
+
+    def policy_bounds(self) -> dict[str, float]:
+        """The numeric AdmissionPolicy fields these settings set (RoundRunner(**bounds))."""
+        return {name: getattr(self, name) for name in POLICY_BOUNDS}
 
     @property
     def key_dirs(self) -> tuple[Path, ...]:

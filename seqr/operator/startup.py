@@ -58,9 +58,8 @@ def start_server(settings: ServerSettings, fed: FederationConfig) -> RoundRunner
         setup,
         probe,
         ReplayStore(settings.state_path),
-        max_mean_z=settings.max_mean_z,
-        max_sigma_ratio=settings.max_sigma_ratio,
         max_age=timedelta(seconds=settings.max_age_s),
+        **settings.policy_bounds(),
     )
 
 

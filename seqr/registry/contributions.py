@@ -2,28 +2,23 @@
 
 Clients that share a task federate one adapter (FFA-LoRA, Sun et al. ICLR 2024: every adapter
 shares the frozen A, so FedAvg of B is exact: mean_i(B_i A) = (mean_i B_i) A). The server signs
-the result; this module lets anyone check who produced it.
-
-Each client signs, with its adapter key, one **contribution record** per message it answers:
-``update`` (round r: the B it sent back, trained from the global B of round r - 1) and
-``statistics`` (its partial norm statistics of the final group adapter, on its own data). A
-record is deterministic registry JSON (integers and strings only, codec.dumps) and the
-signature is ECDSA P-256 (seqr.core.signing) over DSSE's PAE(CONTRIBUTION_TYPE, record)
-(envelope.pae), so a record can never be replayed as a manifest or a registry file.
-``session`` is the server's random nonce for one group run: records of another run do not
-verify here.
+the result; this module lets anyone check who produced it. What members sign (contribution
+records, membership proofs, the round chain) is defined in contribution_records.py.
 
 The server lists every record in ``contributions.json`` (a sixth file of the group export,
 hashed in the server-signed manifest), with the digest of the global B after every round
-(``globals``) and each client's partial statistics. ``verify_contributions`` checks:
-every signature; that every record names this group and session; that each update started
-from the global B of the round before (all clients saw one chain of models: no split view);
-that every statistics record was computed on exactly the published B (the digest of the B
-tensors in adapter_model.safetensors); and that the published norm_stats.json is, byte for
-byte, the exact merge (Chan et al., seqr.core.stats) of the signed partial statistics. The
-group manifest's ``example_count`` is the number of calibration sequences behind those
-statistics (the sum the statistics records sign); each update record signs the client's
-training examples (its FedAvg weight).
+(``globals``), the record digests it averaged in each round (``aggregated``), the weighting
+rule (``max_examples``, ``max_share_ppm``: seqr.core.fedavg_weights) and each client's
+partial statistics. ``verify_contributions`` checks: every signature; that every record names
+this group and session; that each update started from the global B of the round before (no
+split view) and names, as its parent, the round digest of that B and the updates averaged
+into it, so the rounds form one hash chain (a forged, re-ordered or rewritten round breaks
+it); that each round lists exactly its signed updates; that no update claims more examples
+than the rule allows and no member's weight share exceeds the cap; that every statistics
+record was computed on exactly the published B; and that the published norm_stats.json is,
+byte for byte, the exact merge (Chan et al., seqr.core.stats) of the signed partial
+statistics. The group manifest's ``example_count`` is the number of calibration sequences
+behind those statistics (the sum the statistics records sign).
 """
 
 from __future__ import annotations
@@ -31,23 +26,36 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
 
-import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
-
-from seqr.core import signing
-from seqr.core.errors import FormatError, KeyFileError, RegistryError, SignatureError
-from seqr.core.safetensors_check import load_float_tensors, parse_safetensors_header
+from seqr.core.errors import FormatError, RegistryError
+from seqr.core.fedavg_weights import capped_shares
 from seqr.core.stats import NormStatistics
-from seqr.registry.codec import Fields, check_hex, dumps, loads
-from seqr.registry.envelope import pae
+from seqr.registry.codec import MAX_INT, Fields, check_hex, dumps, loads
+from seqr.registry.contribution_records import (
+    CONTRIBUTION_TYPE,
+    MAX_ROUNDS,
+    SHA,
+    SPEC_VERSION,
+    Contribution,
+    MembershipProof,
+    SignedContribution,
+    adapter_b_sha256,
+    arrays_sha256,
+    lora_b_name,
+    record_digest,
+    round_digest,
+    sign_contribution,
+    sign_membership,
+    verify_contribution,
+    verify_membership,
+)
 from seqr.registry.metadata import CONTRIBUTIONS_FILE
 
 __all__ = [
     "CONTRIBUTION_TYPE",
     "CONTRIBUTIONS_FILE",
     "Contribution",
+    "MembershipProof",
     "SignedContribution",
     "ContributionsFile",
     "ContributionsReport",
@@ -55,150 +63,17 @@ __all__ = [
     "arrays_sha256",
     "adapter_b_sha256",
     "merge_partial_statistics",
+    "record_digest",
+    "round_digest",
     "sign_contribution",
+    "sign_membership",
     "verify_contribution",
     "verify_contributions",
+    "verify_membership",
 ]
 
-CONTRIBUTION_TYPE = "application/vnd.seqr.contribution.v1+json"
-SPEC_VERSION = "1"
 MAX_RECORDS = 100_000  # records in one file (clients x rounds); more is endless data
-MAX_ROUNDS = 10_000
-_SHA = 32
-Kind = Literal["update", "statistics"]
-
-
-def lora_b_name(module: str) -> str:
-    """peft's saved name of a module's B (seqr.operator.federation_setup.peft_tensor_name)."""
-    return f"base_model.model.{module}.lora_B.weight"
-
-
-def arrays_sha256(arrays: Mapping[str, Any]) -> str:
-    """Digest of named float32 tensors: sorted names, each with its shape and raw bytes.
-
-    Client and server compute it from what travels (ArrayRecord -> numpy), the auditor from
-    the B tensors of adapter_model.safetensors; all three agree bit for bit.
-    """
-    h = hashlib.sha256(b"seqr-arrays-v1\0")
-    for name in sorted(arrays):
-        value = np.ascontiguousarray(np.asarray(arrays[name]), dtype="<f4")
-        h.update(name.encode("utf-8") + b"\0" + repr(tuple(value.shape)).encode() + b"\0")
-        h.update(value.tobytes())
-    return h.hexdigest()
-
-
-def adapter_b_sha256(weights: bytes) -> str:
-    """``arrays_sha256`` of the lora_B tensors of adapter_model.safetensors bytes."""
-    tensors = load_float_tensors(weights, parse_safetensors_header(weights))
-    b = {name: t for name, t in tensors.items() if name.endswith(".lora_B.weight")}
-    if not b:
-        raise FormatError("adapter_model.safetensors holds no lora_B tensor")
-    return arrays_sha256(b)
-
-
-@dataclass(frozen=True)
-class Contribution:
-    """What one client states about one message it answered in a group run."""
-
-    group: str
-    session: str  # 32 hex: the server's nonce for this group run
-    kind: Kind
-    round: int  # update: 1..rounds; statistics: rounds
-    client_key: bytes  # DER public key (seqr.core.signing)
-    example_count: int  # training chunks (update) or calibration sequences (statistics)
-    sha256: str  # arrays_sha256 of the B sent (update) / sha256 of the statistics bytes
-    base_sha256: str  # arrays_sha256 of the global B received
-
-    @property
-    def client(self) -> str:
-        return signing.fingerprint(self.client_key)
-
-    def to_payload(self) -> bytes:
-        return dumps(
-            {
-                "_type": "contribution",
-                "spec_version": SPEC_VERSION,
-                "group": self.group,
-                "session": self.session,
-                "kind": self.kind,
-                "round": self.round,
-                "client_key": self.client_key.hex(),
-                "example_count": self.example_count,
-                "sha256": self.sha256,
-                "base_sha256": self.base_sha256,
-            }
-        )
-
-    @classmethod
-    def from_payload(cls, payload: bytes, what: str) -> Contribution:
-        keys = ("_type", "spec_version", "group", "session", "kind", "round", "client_key",
-                "example_count", "sha256", "base_sha256")  # fmt: skip
-        f = Fields(loads(payload, what), what, keys)
-        f.const("_type", "contribution")
-        f.const("spec_version", SPEC_VERSION)
-        kind = f.text("kind", max_len=16)
-        if kind not in ("update", "statistics"):
-            raise FormatError(f"{what}.kind must be 'update' or 'statistics', got {kind!r}")
-        return cls(
-            group=f.text("group", max_len=128),
-            session=f.hex("session", 16),
-            kind=kind,  # type: ignore[arg-type]
-            round=f.integer("round", low=1, high=MAX_ROUNDS),
-            client_key=_client_key(f.raw("client_key"), f.path("client_key")),
-            example_count=f.integer("example_count", low=1),
-            sha256=f.hex("sha256", _SHA),
-            base_sha256=f.hex("base_sha256", _SHA),
-        )
-
-
-def _client_key(value: object, what: str) -> bytes:
-    try:
-        return signing.parse_public_key(check_hex(value, signing.PUBLIC_KEY_BYTES, what))
-    except KeyFileError as exc:
-        raise FormatError(f"{what}: {exc}") from None
-
-
-@dataclass(frozen=True)
-class SignedContribution:
-    """A record's exact bytes and its client's 64-byte signature."""
-
-    payload: bytes
-    signature: bytes
-
-    def to_json(self) -> dict[str, str]:
-        return {"record": self.payload.decode("ascii"), "signature": self.signature.hex()}
-
-    @classmethod
-    def from_json(cls, value: object, what: str) -> SignedContribution:
-        f = Fields(value, what, ("record", "signature"))
-        record = f.text("record", max_len=4096)
-        if not record.isascii():
-            raise FormatError(f"{what}.record must be ASCII registry JSON")
-        signature = bytes.fromhex(f.hex("signature", signing.SIGNATURE_BYTES))
-        return cls(record.encode("ascii"), signature)
-
-
-def sign_contribution(record: Contribution, key: EllipticCurvePrivateKey) -> SignedContribution:
-    """Sign a record with the client's adapter key (verified before it is returned)."""
-    if signing.public_key_bytes(key) != record.client_key:
-        raise SignatureError("the record names another client key than the signing key")
-    payload = record.to_payload()
-    signed = SignedContribution(payload, signing.sign(key, pae(CONTRIBUTION_TYPE, payload)))
-    verify_contribution(signed, "new contribution")  # verify before use
-    return signed
-
-
-def verify_contribution(signed: SignedContribution, what: str) -> Contribution:
-    """Parse the record and check its signature by the key it names (RegistryError if not)."""
-    record = Contribution.from_payload(signed.payload, what)
-    try:
-        signing.verify(record.client_key, pae(CONTRIBUTION_TYPE, signed.payload), signed.signature)
-    except SignatureError:
-        raise RegistryError(
-            f"{what}: the signature of client {record.client} does not verify over the record "
-            "(forged or altered contribution)"
-        ) from None
-    return record
+PPM = 1_000_000  # weight shares are written in parts per million (signed JSON has no floats)
 
 
 def merge_partial_statistics(partials: Mapping[str, bytes]) -> NormStatistics:
@@ -234,8 +109,15 @@ class ContributionsFile:
     aggregation: str  # e.g. "fedavg weighted by num-examples"
     privacy: str  # "none", or the DP mechanism and the (epsilon, delta) reached, as text
     globals: tuple[str, ...]  # arrays_sha256 of the global B before round 1 .. after round R
+    aggregated: tuple[tuple[str, ...], ...]  # per round: record_digest of each update averaged
+    max_examples: int  # the weighting rule: counts above are refused
+    max_share_ppm: int  # ... and no member's weight share above this (parts per million)
     contributions: tuple[SignedContribution, ...]
     statistics: Mapping[str, bytes]  # client key id -> its partial norm_stats.json bytes
+
+    def round_digest(self, r: int) -> str:
+        """round_digest of round ``r`` (0: the initial B, averaged from nothing)."""
+        return round_digest(self.globals[r], self.aggregated[r - 1] if r else ())
 
     def to_bytes(self) -> bytes:
         return dumps(
@@ -248,6 +130,9 @@ class ContributionsFile:
                 "aggregation": self.aggregation,
                 "privacy": self.privacy,
                 "globals": list(self.globals),
+                "aggregated": [sorted(r) for r in self.aggregated],
+                "max_examples": self.max_examples,
+                "max_share_ppm": self.max_share_ppm,
                 "contributions": [c.to_json() for c in self.contributions],
                 "statistics": {k: v.decode("ascii") for k, v in sorted(self.statistics.items())},
             }
@@ -256,15 +141,23 @@ class ContributionsFile:
     @classmethod
     def from_bytes(cls, data: bytes, what: str = CONTRIBUTIONS_FILE) -> ContributionsFile:
         keys = ("_type", "spec_version", "group", "session", "rounds", "aggregation", "privacy",
-                "globals", "contributions", "statistics")  # fmt: skip
+                "globals", "aggregated", "max_examples", "max_share_ppm", "contributions",
+                "statistics")  # fmt: skip
         f = Fields(loads(data, what), what, keys)
         f.const("_type", "group-contributions")
         f.const("spec_version", SPEC_VERSION)
         rounds = f.integer("rounds", low=1, high=MAX_ROUNDS)
         raw_globals = f.array("globals", max_len=MAX_ROUNDS + 1)
         globals_ = tuple(
-            check_hex(g, _SHA, f"{what}.globals[{i}]") for i, g in enumerate(raw_globals)
+            check_hex(g, SHA, f"{what}.globals[{i}]") for i, g in enumerate(raw_globals)
         )
+        aggregated = []
+        for r, listed in enumerate(f.array("aggregated", max_len=MAX_ROUNDS), 1):
+            if not isinstance(listed, list) or len(listed) > MAX_RECORDS:
+                raise FormatError(f"{what}.aggregated[{r - 1}] must be a list of digests")
+            aggregated.append(
+                tuple(check_hex(d, SHA, f"{what}.aggregated[{r - 1}]") for d in listed)
+            )
         items = f.array("contributions", max_len=MAX_RECORDS)
         statistics = {}
         for keyid, text in f.mapping("statistics").items():
@@ -278,6 +171,9 @@ class ContributionsFile:
             aggregation=f.text("aggregation", max_len=256),
             privacy=f.text("privacy", max_len=1024),
             globals=globals_,
+            aggregated=tuple(aggregated),
+            max_examples=f.integer("max_examples", low=1, high=MAX_INT),
+            max_share_ppm=f.integer("max_share_ppm", low=1, high=PPM),
             contributions=tuple(
                 SignedContribution.from_json(c, f"{what}.contributions[{i}]")
                 for i, c in enumerate(items)
@@ -318,10 +214,11 @@ def verify_contributions(
     doc = ContributionsFile.from_bytes(data)
     if doc.group != group:
         raise RegistryError(f"{CONTRIBUTIONS_FILE} is for group {doc.group!r}, not {group!r}")
-    if len(doc.globals) != doc.rounds + 1:
+    if len(doc.globals) != doc.rounds + 1 or len(doc.aggregated) != doc.rounds:
         raise RegistryError(
-            f"{CONTRIBUTIONS_FILE} lists {len(doc.globals)} global models for {doc.rounds} "
-            f"round(s); expected {doc.rounds + 1}"
+            f"{CONTRIBUTIONS_FILE} lists {len(doc.globals)} global models and "
+            f"{len(doc.aggregated)} aggregates for {doc.rounds} round(s); expected "
+            f"{doc.rounds + 1} and {doc.rounds}"
         )
     final = adapter_b_sha256(adapter_weights)
     if doc.globals[-1] != final:
@@ -330,11 +227,8 @@ def verify_contributions(
             f"run is {doc.globals[-1][:16]}...: not the adapter the clients trained"
         )
     records = _verified_records(doc)
-    updates = {r.round for r in records if r.kind == "update"}
-    missing = sorted(set(range(1, doc.rounds + 1)) - updates)
-    if missing:
-        raise RegistryError(f"round(s) {missing} have no signed update: the chain is incomplete")
-    stats_records = {r.client: r for r in records if r.kind == "statistics"}
+    _check_rounds(doc, records)
+    stats_records = {r.client: r for _, r in records if r.kind == "statistics"}
     if set(stats_records) != set(doc.statistics):
         raise RegistryError(
             f"partial statistics are listed for {sorted(doc.statistics)} but signed by "
@@ -360,11 +254,37 @@ def verify_contributions(
             f"the manifest states {example_count} examples but the signed statistics records "
             f"add up to {total}"
         )
-    contributors = tuple(sorted({r.client for r in records}))
-    return ContributionsReport(doc.group, doc.rounds, contributors, records)
+    contributors = tuple(sorted({r.client for _, r in records}))
+    return ContributionsReport(doc.group, doc.rounds, contributors, tuple(r for _, r in records))
 
 
-def _verified_records(doc: ContributionsFile) -> tuple[Contribution, ...]:
+def _check_rounds(doc: ContributionsFile, records: list[tuple[str, Contribution]]) -> None:
+    """Each round lists exactly its signed updates, none over the example bound, and their
+    weight shares under the rule keep every member at or below the cap."""
+    for r in range(1, doc.rounds + 1):
+        updates = {d: rec for d, rec in records if rec.kind == "update" and rec.round == r}
+        if not updates:
+            raise RegistryError(f"round {r} has no signed update: the chain is incomplete")
+        listed = doc.aggregated[r - 1]
+        if len(set(listed)) != len(listed) or set(listed) != set(updates):
+            raise RegistryError(
+                f"round {r} lists {len(listed)} averaged update(s) but {len(updates)} signed "
+                "update(s) of that round: the round's global B is not tied to its updates"
+            )
+        counts = [rec.example_count for rec in updates.values()]
+        if max(counts) > doc.max_examples:
+            raise RegistryError(
+                f"round {r}: an update claims {max(counts)} examples, over the group's "
+                f"maximum of {doc.max_examples}"
+            )
+        cap = doc.max_share_ppm / PPM
+        shares = capped_shares(counts, max_examples=doc.max_examples, max_share=cap)
+        if max(shares) > max(cap, 1 / len(shares)) + 1e-12:  # the rule itself, re-checked
+            raise RegistryError(f"round {r}: one member's weight share is {max(shares):.3f}")
+
+
+def _verified_records(doc: ContributionsFile) -> list[tuple[str, Contribution]]:
+    """(record digest, record) of every record, signature and chain links checked."""
     seen: set[tuple[str, str, int]] = set()
     out = []
     for i, signed in enumerate(doc.contributions):
@@ -381,21 +301,28 @@ def _verified_records(doc: ContributionsFile) -> tuple[Contribution, ...]:
                 f"{what} repeats client {record.client}'s {record.kind} of round {record.round}"
             )
         seen.add(key)
-        expected_base = _expected_base(doc, record, what)
-        if record.base_sha256 != expected_base:
+        previous = _previous_round(doc, record, what)
+        if record.base_sha256 != doc.globals[previous]:
             raise RegistryError(
                 f"{what}: client {record.client} started from B {record.base_sha256[:16]}... "
-                f"but the global model then was {expected_base[:16]}... (split view)"
+                f"but the global model then was {doc.globals[previous][:16]}... (split view)"
             )
-        out.append(record)
-    return tuple(out)
+        if record.parent_sha256 != doc.round_digest(previous):
+            raise RegistryError(
+                f"{what}: client {record.client} signed round {previous} as "
+                f"{record.parent_sha256[:16]}... but the file's round {previous} (its global B "
+                "and the updates averaged into it) digests otherwise: a forged round chain"
+            )
+        out.append((record_digest(signed), record))
+    return out
 
 
-def _expected_base(doc: ContributionsFile, record: Contribution, what: str) -> str:
+def _previous_round(doc: ContributionsFile, record: Contribution, what: str) -> int:
+    """The round whose global B the record started from."""
     if record.kind == "update":
         if record.round > doc.rounds:
             raise RegistryError(f"{what} is for round {record.round} of {doc.rounds}")
-        return doc.globals[record.round - 1]
+        return record.round - 1
     if record.round != doc.rounds:
         raise RegistryError(f"{what}: statistics must be of the final round {doc.rounds}")
-    return doc.globals[doc.rounds]
+    return doc.rounds

@@ -21,8 +21,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-import numpy as np
-
 from seqr.core.errors import FormatError, RegistryError, SeqrError
 from seqr.core.manifest import (
     ADAPTER_WEIGHTS_NAME,
@@ -33,7 +31,10 @@ from seqr.core.manifest import (
     Manifest,
     verify_export_files,
 )
+from seqr.core.safetensors_check import load_float_tensors, parse_safetensors_header
+from seqr.core.shared_a import shared_a_mismatches_in_file
 from seqr.core.stats import NormStatistics
+from seqr.core.value_bounds import StatsBounds, WeightBounds, check_statistics, check_weights
 from seqr.registry.adapter_check import check_adapter_weights
 from seqr.registry.contributions import ContributionsReport, verify_contributions
 from seqr.registry.metadata import (
@@ -143,24 +144,18 @@ def _verify(
         if client != manifest.public_key_bytes:
             raise RegistryError("its signer's key differs from the allow-listed key")
     _check_pin(manifest, document.federation)
-    _check_stats(NormStatistics.from_json_bytes(files[NORM_STATS_NAME]))
-    layout = check_adapter_weights(
-        files[ADAPTER_WEIGHTS_NAME], rank=manifest.rank, spec=document.tensor_spec
-    )
+    # The same bounds admission applies, in the dtype routers compute in (float32).
+    check_statistics(NormStatistics.from_json_bytes(files[NORM_STATS_NAME]), StatsBounds())
+    weights = files[ADAPTER_WEIGHTS_NAME]
+    layout = check_adapter_weights(weights, rank=manifest.rank, spec=document.tensor_spec)
+    check_weights(load_float_tensors(weights, parse_safetensors_header(weights)), WeightBounds())
+    wrong_a = shared_a_mismatches_in_file(weights, manifest.a_seed)
+    if wrong_a:
+        raise RegistryError(
+            f"its lora_A of {wrong_a[:3]} is not the federation's shared A (seed "
+            f"{manifest.a_seed}): SEQR's shared projection would not hold"
+        )
     return manifest, group, layout
-
-
-def _check_stats(stats: NormStatistics) -> None:
-    """Statistics a router can z-score with in float32 (a server may list degenerate ones)."""
-    for module, moments in stats.modules.items():
-        mean, std = moments.mean.astype(np.float32), moments.std.astype(np.float32)
-        if moments.count < 1 or not (np.isfinite(mean).all() and (std > 0).all()):
-            raise FormatError(
-                f"statistics of {module!r} are degenerate (count {moments.count}, mean "
-                f"{moments.mean.tolist()}, std {moments.std.tolist()}): no router can use them"
-            )
-        if (mean <= 0).any() or (std <= 0).any():
-            raise FormatError(f"statistics of {module!r} need a positive mean and std")
 
 
 def _check_client(keyid: str, document: RegistryDocument, who: str) -> bytes:

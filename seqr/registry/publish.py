@@ -388,7 +388,7 @@ class Publisher:
         threshold (checked before anything is staged or written)."""
         for signer in self._signers:
             if signer.public_key.keyid not in root.keys:
-                raise ConfigError(
+                raise KeyFileError(
                     f"server key {signer.public_key.keyid} is not one of the keys of root "
                     f"{root.version} of this registry; give the registry's own server key"
                 )
@@ -396,7 +396,7 @@ class Publisher:
         for role in TOP_LEVEL_ROLE_NAMES:
             have = len(mine & set(root.roles[role].keyids))
             if have < root.roles[role].threshold:
-                raise ConfigError(
+                raise KeyFileError(
                     f"the registry's {role} role needs {root.roles[role].threshold} of its "
                     f"keys; {have} given (repeat --key for k-of-n)"
                 )

@@ -127,15 +127,15 @@ def run_group_federation(cfg: GroupsEvalConfig, fed: Any, work: Path) -> dict[st
     write_keypair(work / "server-key")
     server_key = load_private_key(work / "server-key" / PRIVATE_KEY_NAME)
     parts = sorted(p for p in (work / "partitions").iterdir() if p.is_dir())
-    for part in parts:
-        write_keypair(work / "client-keys" / part.name)
+    fingerprints = {part.name: write_keypair(work / "client-keys" / part.name) for part in parts}
     root_sha = init_registry(registry, [server_key], setup=setup)
     with open_publisher(registry, [server_key], None) as publisher:
         for part in parts:
             public = load_public_key(work / "client-keys" / part.name / PUBLIC_KEY_NAME)
             publisher.enrol_client(public)
         publisher.publish()
-    members = ",".join(f"{cfg.domain}_part{i}" for i in range(cfg.clients))
+    # Each slot is bound to the member's signing key (seqr.operator.groups): name@fingerprint.
+    members = ",".join(f"{name}@{fp}" for name, fp in sorted(fingerprints.items()))
     run_config = {
         **setup.federation.to_run_config(),
         "registry-dir": registry.resolve(), "server-keys": (work / "server-key").resolve(),

@@ -31,9 +31,12 @@ class ScoreSums:
     records: dict[str, ModuleRecord] = field(default_factory=dict)
 
     def add(self, name: str, scores: torch.Tensor, mask: torch.Tensor) -> None:
-        """scores (B, T, N); mask (B, T) in {0, 1}: padding adds nothing."""
-        weights = mask.to(scores.dtype).unsqueeze(-1)  # (B, T, 1)
-        summed = (scores * weights).sum(dim=1)  # (B, N)
+        """scores (B, T, N); mask (B, T) in {0, 1}: padding adds nothing. A -inf score (an
+        adapter that cannot be scored, routing.base.finite_or_lowest) makes that adapter's
+        sum -inf; on padding it is dropped (where, not 0 * -inf = NaN)."""
+        valid = mask.to(torch.bool).unsqueeze(-1)  # (B, T, 1)
+        weights = valid.to(scores.dtype)
+        summed = torch.where(valid, scores, torch.zeros((), dtype=scores.dtype)).sum(dim=1)
         votes = torch.nn.functional.one_hot(scores.argmax(dim=-1), scores.shape[-1])
         voted = (votes.to(scores.dtype) * weights).sum(dim=1)  # (B, N)
         self.score_sum = summed if self.score_sum is None else self.score_sum + summed

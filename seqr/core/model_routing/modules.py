@@ -23,7 +23,7 @@ from torch import nn
 
 from seqr.core.errors import ConfigError, SeqrError, ShapeError, ValueCheckError
 from seqr.core.routing import Router, SeqrRouter
-from seqr.core.routing.base import compute_dtype_for
+from seqr.core.routing.base import compute_dtype_for, finite_or_lowest
 from seqr.core.routing.gain import check_score_kind, input_energy
 from seqr.core.stats import NormStatistics, RunningMoments
 
@@ -57,7 +57,7 @@ class RoutedModule:
             out = self.router.scores_from_projection(h)
         else:
             out = self.router.scores(x)
-        return out.to(self.A.dtype)
+        return finite_or_lowest(out.to(self.A.dtype))  # an unscorable adapter ranks last
 
 
 def transformers_model(peft_model: Any) -> nn.Module:

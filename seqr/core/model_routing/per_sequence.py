@@ -15,6 +15,7 @@ import torch
 from seqr.core.errors import DataError, ShapeError
 from seqr.core.model_routing.collect import ScoreSums
 from seqr.core.model_routing.config import ModelRoutingConfig
+from seqr.core.routing.base import finite_or_lowest
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,12 @@ def decide(
     # Every module sees every token once, so dividing by tokens x modules gives the mean over
     # all (token, module) pairs of the sequence.
     count = attention_mask.sum(dim=1).to(total) * len(sums.modules_seen)  # (B,)
-    scores = total / count.unsqueeze(-1)  # (B, N)
+    scores = finite_or_lowest(total / count.unsqueeze(-1))  # (B, N); unscorable: -inf
     if scores.shape[-1] == 1:
         indices = torch.zeros(scores.shape[0], dtype=torch.int64, device=scores.device)
         margin = torch.full((scores.shape[0],), float("inf"), device=scores.device)
     else:
         top = torch.topk(scores, 2, dim=-1)
         indices, margin = top.indices[:, 0], top.values[:, 0] - top.values[:, 1]
+        margin = torch.nan_to_num(margin, nan=0.0)  # two -inf scores: a tie, not NaN
     return RoutingDecision(adapters=adapters, indices=indices, scores=scores, margin=margin)

@@ -21,6 +21,7 @@ import torch
 from seqr.core.errors import ShapeError
 from seqr.core.model_routing.config import ModelRoutingConfig
 from seqr.core.model_routing.modules import RoutedModule
+from seqr.core.routing.base import finite_or_lowest
 
 
 @dataclass
@@ -35,15 +36,19 @@ class ModuleRecord:
 def topk_weights(
     scores: torch.Tensor, k: int, weighting: str = "softmax", temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices, weights), each (M, k): the k best adapters per row and weights summing to 1."""
+    """(indices, weights), each (M, k): the k best adapters per row and weights summing to 1
+    (to 0 where no chosen adapter could be scored)."""
     n = scores.shape[-1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ShapeError(f"top_k must be an integer in [1, N = {n}] adapters, got {k!r}")
-    values, indices = torch.topk(scores, k, dim=-1)
+    values, indices = torch.topk(finite_or_lowest(scores), k, dim=-1)
     if weighting == "uniform":
         weights = torch.full_like(values, 1.0 / k)
     else:  # softmax over the k kept scores (LAG-style mixing); k = 1 gives weight 1
         weights = torch.softmax(values / temperature, dim=-1)
+    # An adapter that cannot be scored (-inf) adds nothing, even when nothing else is left
+    # (softmax of all -inf is NaN): such a row's weights are 0, not NaN.
+    weights = torch.where(torch.isfinite(values), weights, torch.zeros((), dtype=weights.dtype))
     return indices, weights
 
 

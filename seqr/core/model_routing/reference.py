@@ -24,6 +24,7 @@ understates it by how correlated a module's token scores are within a sequence.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +34,9 @@ import torch
 from seqr.core.errors import DataError, ShapeError
 from seqr.core.model_routing.modules import RoutedModule, build_routed_modules
 from seqr.core.stats import NormStatistics, RunningMoments
+from seqr.core.value_bounds import float32_usable
+
+log = logging.getLogger("seqr.routing")
 
 
 @torch.no_grad()
@@ -46,9 +50,14 @@ def reference_statistics(
 ) -> dict[str, NormStatistics]:
     """Per-module statistics of every adapter's ``score`` ("gain" or "norm", as the
     federation's calib_score) on batches of token ids (no padding): of token scores, or with
-    ``per_sequence`` of each sequence's token-mean score (query statistics, module docstring)."""
+    ``per_sequence`` of each sequence's token-mean score (query statistics, module docstring).
+
+    An adapter whose scores are not finite in the router's dtype, or whose statistics are not
+    usable there (std 0, 1/std overflowing), is left out of the result with a warning naming
+    it: one adapter that cannot be scored never fails the others."""
     modules = build_routed_modules(peft_model, adapters, score=score)  # no statistics: raw
     moments = {m.name: RunningMoments(len(adapters)) for m in modules}
+    unscorable = torch.zeros(len(adapters), dtype=torch.bool)
 
     def hook_for(module: RoutedModule) -> Any:
         def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
@@ -57,7 +66,9 @@ def reference_statistics(
             scores = module.scores(flat, module.project(flat))  # (B * T, N)
             if per_sequence:
                 scores = scores.reshape(*x.shape[:-1], -1).mean(dim=1)  # (B, N)
-            moments[module.name].update(scores)
+            finite = torch.isfinite(scores)
+            unscorable.logical_or_(~finite.all(dim=0).cpu())
+            moments[module.name].update(torch.where(finite, scores, torch.zeros_like(scores)))
 
         return hook
 
@@ -77,16 +88,35 @@ def reference_statistics(
     if seen < 2:
         unit = "sequences" if per_sequence else "tokens"
         raise DataError(f"the corpus gave fewer than 2 {unit}; give more text")
-    return {
-        adapter: NormStatistics(
+    out = {}
+    for i, adapter in enumerate(adapters):
+        stats = NormStatistics(
             {
                 name: RunningMoments(1, m.count, m.mean[i : i + 1].copy(), m.m2[i : i + 1].copy())
                 for name, m in moments.items()
             },
             score=score,
         )
-        for i, adapter in enumerate(adapters)
-    }
+        problem = "scores not finite in float32" if unscorable[i] else unusable_statistics(stats)
+        if problem:
+            log.warning("adapter %s left out of the measured statistics: %s", ascii(adapter),
+                        problem)  # fmt: skip
+            continue
+        out[adapter] = stats
+    return out
+
+
+def unusable_statistics(stats: NormStatistics) -> str | None:
+    """Why a router cannot z-score with these statistics (count 0, or a mean / std / 1/std
+    that is not finite and positive in float32), or None when it can."""
+    for module, m in sorted(stats.modules.items()):
+        if m.count < 1:
+            return f"module {ascii(module)} statistics come from no values"
+        for mean, std in zip(m.mean.tolist(), m.std.tolist(), strict=True):
+            if not float32_usable(mean, std):
+                where = f"module {ascii(module)}"
+                return f"{where}: mean {mean:.4g} / std {std:.4g} unusable in float32"
+    return None
 
 
 def blend_statistics(
@@ -98,7 +128,7 @@ def blend_statistics(
     (g - mu) / s with s = 2 / (1 / s_o + 1 / s_r) (harmonic mean of the stds) and
     mu = s (mu_o / s_o + mu_r / s_r) / 2: an ordinary z-score any router can apply.
     """
-    if set(own) != set(reference):
+    if set(own) != set(reference):  # calibrated_statistics drops unscorable ones first
         raise ShapeError(
             f"own statistics cover adapters {sorted(own)} but reference ones {sorted(reference)}"
         )

@@ -23,6 +23,16 @@ def compute_dtype_for(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def finite_or_lowest(scores: torch.Tensor) -> torch.Tensor:
+    """Scores with NaN and +-inf replaced by -inf, the lowest possible score.
+
+    A score that overflowed (B^T B or ||B h||^2 past float32's 3.4e38) or is undefined (NaN,
+    which ``torch.topk`` ranks FIRST) must never win: the adapter it belongs to simply loses
+    that input (SECURITY.md, "Numeric overflow across a dtype boundary").
+    """
+    return scores.masked_fill(~torch.isfinite(scores), float("-inf"))
+
+
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
     if not torch.isfinite(tensor).all():
         raise ValueCheckError(f"{name} contains NaN or inf; re-export the adapter")
@@ -217,19 +227,22 @@ class Router:
         return self._norms(flat).reshape(*X.shape[:-1], len(self)).to(self.dtype)
 
     def scores(self, X: torch.Tensor) -> torch.Tensor:
-        """(T, N) z-scores (norm - mean) / std when statistics were given, else the norms."""
+        """(T, N) z-scores (norm - mean) / std when statistics were given, else the norms;
+        a score that is not finite in the compute dtype is -inf (``finite_or_lowest``)."""
         X = self._as_input(X)
         flat = self._score_rows(X.reshape(-1, self.d_in))
-        return flat.reshape(*X.shape[:-1], len(self)).to(self.dtype)
+        # float16 routers: a finite float32 score may overflow the cast; it ranks last too.
+        return finite_or_lowest(flat.reshape(*X.shape[:-1], len(self)).to(self.dtype))
 
     def _score_rows(self, X: torch.Tensor) -> torch.Tensor:
         norms = self._norms(X)
-        if self._mean is None or self._std is None:
-            return norms
-        return norms.sub_(self._mean).div_(self._std)
+        if self._mean is not None and self._std is not None:
+            norms = norms.sub_(self._mean).div_(self._std)
+        return finite_or_lowest(norms)
 
     def topk(self, X: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores, indices), each (T, k), best first; scores in the compute dtype."""
+        """(scores, indices), each (T, k), best first; scores in the compute dtype. A score
+        that is not finite counts as -inf: it never ranks above a finite one."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self):
             raise ShapeError(f"k must be an integer in [1, N = {len(self)}], got {k!r}")
         X = self._as_input(X)

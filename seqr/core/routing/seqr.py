@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from seqr.core.routing.base import Factors, Router
+from seqr.core.routing.base import Factors, Router, finite_or_lowest
 
 
 def _triu_index(r: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +52,11 @@ class SeqrRouter(Router):
         return self._norms_h(H.to(self.compute_dtype)).to(self.dtype)
 
     def scores_from_projection(self, H: torch.Tensor) -> torch.Tensor:
+        """(T, N) scores from h = A x; not finite in the compute dtype -> -inf (as scores)."""
         norms = self._norms_h(H.to(self.compute_dtype))
-        if self._mean is None or self._std is None:
-            return norms
-        return norms.sub_(self._mean).div_(self._std)
+        if self._mean is not None and self._std is not None:
+            norms = norms.sub_(self._mean).div_(self._std)
+        return finite_or_lowest(norms)
 
     def _norms(self, X: torch.Tensor) -> torch.Tensor:
         assert self.shared_a is not None
