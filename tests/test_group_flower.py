@@ -55,7 +55,7 @@ def test_group_of_three_federates_one_audited_adapter_over_two_rounds(tmp_path: 
                   "group-local-steps": 2, "group-timeout-s": 240.0,
                   # The tiny random model's group adapter on near-identical parts has gain std
                   # ~5x below the probe's; this test is about the group, not plausibility.
-                  "max-sigma-ratio": 10.0}  # fmt: skip
+                  "max-sigma-ratio": 10.0, "max-mean-z-above": 1000.0}  # fmt: skip
     app = write_group_app(tmp_path / "app")
     # Execute: one real Flower run on a private SuperLink.
     with local_superlink(tmp_path / "work") as link:

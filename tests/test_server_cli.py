@@ -63,7 +63,7 @@ def test_errors_name_the_fix_exit_1_and_leave_nothing_behind(
     assert main(["server", "init", *registry, *key]) == 0
     capsys.readouterr()
     before = _tree(tmp_path / "registry")
-    assert main(["server", "enrol", *registry, *key, "--client", "abc"]) == 1
+    assert main(["server", "enrol", *registry, *key, "--client", "abc"]) == 2
     assert "--client value is neither PEM" in capsys.readouterr().err
     # A wrong server key is refused before anything is staged (hardening: an unauthorised
     # enrolment must never be published by the operator's next legitimate command).

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from seqr.cli.keys import read_passphrase
 from seqr.core.admission_policy import WEIGHT_DTYPES
-from seqr.core.errors import ConfigError, SeqrError
+from seqr.core.errors import ConfigError, KeyFileError, SeqrError
 from seqr.core.signing import FINGERPRINT_PREFIX, fingerprint, load_public_key, parse_public_key
 from seqr.operator.registry_ops import init_registry, load_server_keys, open_publisher
 
@@ -174,9 +174,12 @@ def refresh_main(argv: list[str]) -> int:
 def _public_key(text: str) -> bytes:
     # A path or the key's hex; errors name the file or the mistake, never the text (a private
     # key given by mistake must not end up in a terminal or a log).
-    if os.path.lexists(text):  # False (not an error) for a name too long to be a path
-        return load_public_key(text)
-    return parse_public_key(text, what="--client value")
+    try:
+        if os.path.lexists(text):  # False (not an error) for a name too long to be a path
+            return load_public_key(text)
+        return parse_public_key(text, what="--client value")
+    except KeyFileError as exc:  # a --client to correct: a usage error (exit 2)
+        raise ConfigError(str(exc)) from None
 
 
 def _keyid(text: str) -> str:

@@ -33,6 +33,7 @@ from seqr.core import signing
 from seqr.core.errors import ConfigError
 from seqr.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
 from seqr.core.model_signature import sign_files
+from seqr.core.shared_a import generate_shared_a, shared_a_sha256
 from seqr.core.stats import NormStatistics
 from seqr.registry import audit_registry
 from seqr.registry.config import AuditConfig, PublisherConfig
@@ -80,11 +81,11 @@ def _modules(cfg: AuditBenchConfig) -> list[tuple[str, int]]:
 
 
 def _shared_a(cfg: AuditBenchConfig) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(cfg.seed)
+    """The federation's shared A of every module (what every audit checks)."""
     return {
-        f"base_model.model.{module}.lora_A.weight": (
-            rng.standard_normal((cfg.rank, cfg.d_model)) / np.sqrt(cfg.d_model)
-        ).astype(np.float32)
+        f"base_model.model.{module}.lora_A.weight": generate_shared_a(
+            cfg.seed, module, cfg.rank, cfg.d_model
+        ).numpy()
         for module, _ in _modules(cfg)
     }
 
@@ -131,7 +132,7 @@ def build_registry(cfg: AuditBenchConfig, path: Path) -> dict[str, Any]:
     """Publish ``cfg.adapters`` adapters in rounds; returns build facts."""
     started = time.perf_counter()
     shared = _shared_a(cfg)
-    a_sha = hashlib.sha256(b"".join(a.tobytes() for _, a in sorted(shared.items()))).hexdigest()
+    a_sha = shared_a_sha256(cfg.seed, {m: cfg.d_model for m, _ in _modules(cfg)}, cfg.rank)
     pin = FederationPin(
         hashlib.sha256(b"SmolLM2-135M").hexdigest(), a_sha, cfg.seed, cfg.rank, ("q_proj", "v_proj")
     )
