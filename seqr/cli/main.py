@@ -45,15 +45,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _usage() -> str:
-    width = max(len(name) for name in COMMANDS)
-    rows = "\n".join(f"  seqr {name.ljust(width)}  {hint}" for name, (_, hint) in COMMANDS.items())
-    return f"usage: seqr COMMAND [ARGS...]\n\ncommands:\n{rows}\n\nseqr COMMAND --help for each."
+HELP = ("-h", "--help")
+
+
+def _usage(group: str | None = None) -> str:
+    names = [n for n in COMMANDS if group is None or n.split()[0] == group]
+    width = max(len(name) for name in names)
+    rows = "\n".join(f"  seqr {n.ljust(width)}  {COMMANDS[n][1]}" for n in sorted(names))
+    head = f"seqr {group} COMMAND" if group else "seqr COMMAND"
+    return f"usage: {head} [ARGS...]\n\ncommands:\n{rows}\n\nseqr COMMAND --help for each."
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit status 0 success, 1 failure, 2 usage (as argparse does)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    # Longest command path first so "registry audit" wins over a plain "registry".
+    if args[:1] == ["--version"]:
+        from seqr import __version__
+
+        print(f"seqr {__version__}")
+        return 0
+    # Longest command path first so "simulate scale" wins over a plain "simulate".
     for name in sorted(COMMANDS, key=lambda n: -len(n.split())):
         words = name.split()
         if args[: len(words)] == words:
@@ -61,8 +72,17 @@ def main(argv: list[str] | None = None) -> int:
             module_name, func_name = target.split(":")
             func = getattr(importlib.import_module(module_name), func_name)
             return int(func(args[len(words) :]) or 0)
-    print(_usage(), file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
-    return 0 if not args or args[0] in ("-h", "--help") else 2
+    groups = {n.split()[0] for n in COMMANDS}
+    if not args or args[0] in HELP:
+        print(_usage())
+        return 0
+    if args[0] in groups and (len(args) == 1 or args[1] in HELP):
+        asked = len(args) > 1  # `seqr registry --help`: that group's commands
+        print(_usage(args[0]), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
+    wanted = " ".join(a for a in args[:2] if not a.startswith("-"))
+    print(f"seqr: unknown command {wanted!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
