@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench audit": ("seqr.sim.bench_audit:main", "time registry audit on 1,000 adapters"),
     "registry audit": ("seqr.cli.registry:main", "verify a downloaded adapter registry"),
     "route": ("seqr.cli.route:main", "audit a registry, route (and generate) with its adapters"),
+    "serve": ("seqr.cli.serve:main", "OpenAI-compatible server that routes every request"),
+    "bench serve": ("seqr.consumer.serve.bench:main", "seqr serve: auto vs named adapter"),
     "bench generation": ("seqr.sim.bench_generation:main", "routed vs fixed-adapter generate"),
     "deploy certs": (
         "seqr.deploy.certs:main",

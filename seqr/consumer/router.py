@@ -39,7 +39,7 @@ import torch
 
 from seqr.consumer.calibration import calibrated_statistics
 from seqr.consumer.config import RouterConfig
-from seqr.core.base_model import load_base_model
+from seqr.core.base_model import BaseModel, load_base_model
 from seqr.core.errors import ConfigError, DataError, ModelError, RegistryError, SeqrError
 from seqr.core.federation import DEFAULT_BASE_MODEL
 from seqr.core.manifest import Manifest, parse_manifest, verify_export_files
@@ -221,8 +221,13 @@ class RegistryRouter:
         cache_dir: Path | str | None = None,
         config: RouterConfig | None = None,
         audit_config: AuditConfig | None = None,
+        base: BaseModel | None = None,
     ) -> RegistryRouter:
-        """Steps 2-5 for a registry that ``audit_registry`` just passed (``report``)."""
+        """Steps 2-5 for a registry that ``audit_registry`` just passed (``report``).
+
+        ``base``: an already loaded base model to wrap instead of loading one (a server keeps
+        one in memory); its hash must still be the one every manifest signed.
+        """
         if not report.entries:
             raise RegistryError(
                 f"registry {path} (version {report.version}) passed the audit but holds no "
@@ -232,9 +237,12 @@ class RegistryRouter:
         wanted = {a.manifest.base_model_sha256 for a in adapters}
         if len(wanted) != 1:
             raise RegistryError(f"the adapters were trained on {len(wanted)} base models")
-        model = base_model or DEFAULT_BASE_MODEL
+        expected, model = wanted.pop(), base_model or DEFAULT_BASE_MODEL
+        if base is not None and base.sha256 != expected:
+            raise ModelError(f"base model {base.name!r} has sha256 {base.sha256} but the "
+                             f"adapters were trained on {expected}")  # fmt: skip
         try:
-            base = load_base_model(model, cache_dir=cache_dir, expected_sha256=wanted.pop())
+            base = base or load_base_model(model, cache_dir=cache_dir, expected_sha256=expected)
         except ModelError as exc:
             raise ModelError(f"{exc} (choose it with --base-model / base_model=)") from None
         return cls(base, adapters, report, config)
