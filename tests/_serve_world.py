@@ -4,6 +4,7 @@ have none; the copy keeps the weights, so the model hash the adapters signed is 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import shutil
 import tempfile
@@ -43,6 +44,7 @@ class ServeWorld:
 @functools.cache
 def serve_world() -> ServeWorld:
     root = Path(tempfile.mkdtemp(prefix="seqr-serve-world-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     route = make_world(root / "world")
     model_dir = root / "tiny-chat"
     shutil.copytree(route.model_dir, model_dir)

@@ -43,7 +43,7 @@ async function refresh() {
 }
 document.getElementById('send').addEventListener('click', async () => {
   put('routed-adapter', '...'); put('continuation', ''); put('why', '');
-  const body = {model: 'auto', prompt: document.getElementById('prompt').value,
+  const body = {model: 'auto', prompt: document.getElementById('prompt').value, temperature: 0,
                 max_tokens: Number(document.getElementById('max-tokens').value)};
   try {
     const r = await fetch('/v1/completions', {method: 'POST',
@@ -142,6 +142,7 @@ in the query pool: <span id="pool">{_e(pool_prompts)}</span></td></tr>
 <div>max tokens <input id="max-tokens" type="number" value="32" min="1" max="512">
 <button id="send">Route and generate</button></div>
 <div id="result">adapter: <b id="routed-adapter">-</b> <span id="why" class="muted"></span>
+<span class="muted">(greedy continuation)</span>
 <div id="continuation"></div></div>
 <script type="application/json" id="adapter-ids">{_json_for_script(list(version.names))}</script>
 <script nonce="{nonce}">{_JS}</script>

@@ -46,20 +46,22 @@ def build_state(config: ServeConfig, source: RegistrySource, base: BaseModel) ->
     base.model.to(config.engine.device).eval()
     metrics = ServeMetrics()
 
+    def show(version: ServedVersion) -> None:
+        metrics.registry_version.set(version.version)
+        metrics.adapters.set(len(version.names))
+        metrics.swap_seconds.set(version.build_seconds)
+
     def on_reload(status: ReloadStatus, version: ServedVersion) -> None:
         metrics.reloads.labels(status.outcome).inc()
         if status.outcome == "failed":
             metrics.failed_reloads.inc()
-        if status.outcome == "loaded":
-            metrics.swap_seconds.set(version.build_seconds)
-        metrics.registry_version.set(version.version)
-        metrics.adapters.set(len(version.names))
+        show(version)
 
     router_config = RouterConfig(device=config.engine.device)
     live = LiveRegistry(
         source, base, router_config, reserved=(AUTO, config.base_model_id), on_reload=on_reload
     )
-    on_reload(live.last_reload, live.current)
+    show(live.current)  # the version loaded at start is not a reload
     pool = QueryPool(config.pool) if config.calibration == "queries" else None
     engine = Engine(config.engine, base.tokenizer, eos_ids(base), pool, metrics)
     context = int(getattr(base.model.config, "max_position_embeddings", 2048))
@@ -78,6 +80,7 @@ class SeqrServer:
         self.socket = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((cfg.host, cfg.port))
+        self.socket.listen(2048)  # connections wait in the backlog until uvicorn accepts them
         self.port = int(self.socket.getsockname()[1])
         uv = uvicorn.Config(
             create_app(state), log_level="warning", access_log=False, timeout_graceful_shutdown=30
@@ -116,13 +119,20 @@ class SeqrServer:
         self.state.engine.stop()
 
     def run(self) -> None:
-        """Serve in this (main) thread until SIGINT/SIGTERM."""
-        previous = signal.signal(signal.SIGHUP, lambda signum, frame: self.request_reload())
+        """Serve in this (main) thread until SIGINT/SIGTERM; in-flight requests finish."""
+        # uvicorn handles SIGINT/SIGTERM while it serves and afterwards re-raises the signal
+        # into the handler that was there before: a no-op here, so the process exits cleanly.
+        handlers = {sig: signal.signal(sig, lambda signum, frame: None)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+        handlers[signal.SIGHUP] = signal.signal(
+            signal.SIGHUP, lambda signum, frame: self.request_reload()
+        )
         self._begin()
         try:
             self.uvicorn.run(sockets=[self.socket])
         finally:
-            signal.signal(signal.SIGHUP, previous)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
             self._end()
 
     def start(self, timeout: float = 30.0) -> SeqrServer:
