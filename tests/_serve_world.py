@@ -56,16 +56,23 @@ def serve_world() -> ServeWorld:
 
 def registry_copy(world: ServeWorld, dest: Path, names: tuple[str, ...] = DOMAINS) -> Path:
     """A new registry of the world's signed exports (version 2 holds ``names``)."""
-    return publish_registry(dest / "registry", dest / "server-key", world.route.exports,
-                            names=names)  # fmt: skip
+    return publish_registry(
+        dest / "registry", dest / "server-key", world.route.exports, names=names
+    )
 
 
 def start_server(registry: Path, model_dir: Path, **config: Any) -> SeqrServer:
     """A real uvicorn server on 127.0.0.1 and a free port, serving from a thread."""
-    limits = config.pop("limits", LimitsConfig(max_prompt_tokens=256, max_tokens=64,
-                                               default_chat_max_tokens=16))  # fmt: skip
-    serve = ServeConfig(port=0, limits=limits, pool=config.pop("pool", PoolConfig()),
-                        engine=config.pop("engine", EngineConfig()), **config)  # fmt: skip
+    limits = config.pop(
+        "limits", LimitsConfig(max_prompt_tokens=256, max_tokens=64, default_chat_max_tokens=16)
+    )
+    serve = ServeConfig(
+        port=0,
+        limits=limits,
+        pool=config.pop("pool", PoolConfig()),
+        engine=config.pop("engine", EngineConfig()),
+        **config,
+    )
     state = build_state(serve, RegistrySource(str(registry)), load_base_model(str(model_dir)))
     return SeqrServer(state).start()
 

@@ -25,8 +25,9 @@ from seqr.consumer.serve import LimitsConfig, PoolConfig, SeqrServer
 from seqr.registry import audit_registry
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-LIMITS = LimitsConfig(max_body_bytes=65536, max_prompt_tokens=256, max_tokens=64,
-                      default_chat_max_tokens=16)  # fmt: skip
+LIMITS = LimitsConfig(
+    max_body_bytes=65536, max_prompt_tokens=256, max_tokens=64, default_chat_max_tokens=16
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,12 @@ def world() -> ServeWorld:
 def server(world: ServeWorld) -> Iterator[SeqrServer]:
     # A pool that never warms: every decision uses the adapters' own statistics, as
     # RegistryRouter does (test_serve_calibration.py covers query statistics).
-    srv = start_server(world.registry, world.model_dir, limits=LIMITS,
-                       pool=PoolConfig(capacity=1000, warm_sequences=1000))  # fmt: skip
+    srv = start_server(
+        world.registry,
+        world.model_dir,
+        limits=LIMITS,
+        pool=PoolConfig(capacity=1000, warm_sequences=1000),
+    )
     yield srv
     srv.stop()
 
@@ -114,16 +119,24 @@ def test_chat_completions_stream_and_not(
     client: openai.OpenAI, router: RegistryRouter, world: ServeWorld
 ) -> None:
     text = held_out_prompts()[2][1]  # upper
-    messages = [{"role": "system", "content": "Continue the text."},
-                {"role": "user", "content": text}]  # fmt: skip
-    args: dict[str, Any] = {"model": "auto", "messages": messages, "max_tokens": 10,
-                            "temperature": 0.7, "seed": 11}  # fmt: skip
+    messages = [
+        {"role": "system", "content": "Continue the text."},
+        {"role": "user", "content": text},
+    ]
+    args: dict[str, Any] = {
+        "model": "auto",
+        "messages": messages,
+        "max_tokens": 10,
+        "temperature": 0.7,
+        "seed": 11,
+    }
     whole = client.chat.completions.create(**args)
     routed_on = router.route(["Continue the text.\n" + text])[0]
     assert whole.model_extra["seqr"]["adapter"] == routed_on.adapter == "upper"
     assert whole.choices[0].message.role == "assistant"
-    templated = router.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                     add_generation_prompt=True)  # fmt: skip
+    templated = router.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
     prompt_ids = router.tokenizer(templated, add_special_tokens=False)["input_ids"]
     assert whole.usage.prompt_tokens == len(prompt_ids)
     chunks = list(client.chat.completions.create(stream=True, **args))
@@ -137,9 +150,13 @@ def alone(router: RegistryRouter, prompt: str, adapter: str, tokens: int) -> str
     """Greedy continuation with one peft adapter (``a<i>`` or ``__base__``), no batching."""
     ids = router.tokenizer(prompt, return_tensors="pt")["input_ids"]
     out = router.routed.peft_model.generate(
-        input_ids=ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-        adapter_names=[adapter], pad_token_id=router.tokenizer.pad_token_id,
-    )  # fmt: skip
+        input_ids=ids,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        adapter_names=[adapter],
+        pad_token_id=router.tokenizer.pad_token_id,
+    )
     return str(router.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
@@ -179,9 +196,15 @@ def test_sampling_honours_seed_temperature_top_p_stop_max_tokens_and_n(
     cut = text(max_tokens=16, temperature=0, stop=[stop, "never-there"])
     assert cut.choices[0].text == greedy[: greedy.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model="auto", prompt=prompt, max_tokens=16,
-                                         temperature=0, stop=stop, stream=True,
-                                         extra_body=extra)  # fmt: skip
+    streamed = client.completions.create(
+        model="auto",
+        prompt=prompt,
+        max_tokens=16,
+        temperature=0,
+        stop=stop,
+        stream=True,
+        extra_body=extra,
+    )
     assert "".join(c.choices[0].text for c in streamed) == greedy[: greedy.find(stop)]
     two = text(max_tokens=8, temperature=1.0, seed=1, n=2)
     assert [c.index for c in two.choices] == [0, 1]
@@ -193,8 +216,13 @@ def test_concurrent_clients_get_what_they_get_alone(client: openai.OpenAI) -> No
     jobs = [(model, text) for model in ("auto", "code", "base") for _, text in held_out_prompts()]
 
     def ask(job: tuple[str, str]) -> str:
-        out = client.completions.create(model=job[0], prompt=job[1], max_tokens=10,
-                                        temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+        out = client.completions.create(
+            model=job[0],
+            prompt=job[1],
+            max_tokens=10,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         return out.choices[0].text
 
     sequential = [ask(job) for job in jobs]
@@ -233,8 +261,12 @@ def test_prompts_reach_no_log_and_no_status_endpoint(
 
 
 def test_query_statistics_take_over_once_the_pool_is_warm(world: ServeWorld) -> None:
-    srv = start_server(world.registry, world.model_dir, limits=LIMITS,
-                       pool=PoolConfig(warm_sequences=4, refresh_every=1))  # fmt: skip
+    srv = start_server(
+        world.registry,
+        world.model_dir,
+        limits=LIMITS,
+        pool=PoolConfig(warm_sequences=4, refresh_every=1),
+    )
     try:
         ask = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
         kinds = []
@@ -252,9 +284,12 @@ def test_query_statistics_take_over_once_the_pool_is_warm(world: ServeWorld) -> 
 def test_a_full_queue_answers_429_and_the_server_goes_on(world: ServeWorld) -> None:
     from seqr.consumer.serve import EngineConfig
 
-    srv = start_server(world.registry, world.model_dir,
-                       limits=LimitsConfig(max_tokens=1000, max_prompt_tokens=256),
-                       engine=EngineConfig(max_batch=1, queue_size=1))  # fmt: skip
+    srv = start_server(
+        world.registry,
+        world.model_dir,
+        limits=LimitsConfig(max_tokens=1000, max_prompt_tokens=256),
+        engine=EngineConfig(max_batch=1, queue_size=1),
+    )
     url = f"{srv.url}/v1/completions"
     long = {"model": "auto", "prompt": "12 34", "max_tokens": 1000, "ignore_eos": True}
     try:

@@ -33,15 +33,20 @@ def world() -> ServeWorld:
 @pytest.fixture(scope="module")
 def version(world: ServeWorld) -> Any:
     base = load_base_model(str(world.model_dir))
-    return build_version(base, RegistrySource(str(world.registry)).audited(), RouterConfig(),
-                         ("auto", "base"))  # fmt: skip
+    return build_version(
+        base, RegistrySource(str(world.registry)).audited(), RouterConfig(), ("auto", "base")
+    )
 
 
 def own_like(n: int = 3) -> Any:
     from seqr.consumer.serve.scoring import Calibration
 
-    return Calibration("own", torch.zeros(M, n, dtype=torch.float64),
-                       torch.ones(M, n, dtype=torch.float64), torch.ones(n, dtype=torch.bool))  # fmt: skip
+    return Calibration(
+        "own",
+        torch.zeros(M, n, dtype=torch.float64),
+        torch.ones(M, n, dtype=torch.float64),
+        torch.ones(n, dtype=torch.bool),
+    )
 
 
 def scores(value: float, n: int = 3) -> torch.Tensor:
@@ -71,8 +76,9 @@ def test_own_statistics_until_the_pool_is_warm() -> None:
 def test_one_routed_adapters_prompts_cannot_dominate_the_moments() -> None:
     """A flood of prompts routed to "a" (score 0) against a few routed to "b" (score 1): with
     the weight of each routed group capped at 1/2 the mean is 0.5, not ~0.01."""
-    config = PoolConfig(capacity=400, max_share=0.5, warm_sequences=4, half_life=10**6,
-                        refresh_every=1)  # fmt: skip
+    config = PoolConfig(
+        capacity=400, max_share=0.5, warm_sequences=4, half_life=10**6, refresh_every=1
+    )
     pool = QueryPool(config)
     for _ in range(300):
         pool.add(SHAS, MODULES, "a", scores(0.0))
@@ -86,8 +92,9 @@ def test_one_routed_adapters_prompts_cannot_dominate_the_moments() -> None:
 
 
 def test_old_prompts_weigh_less_than_new_ones() -> None:
-    config = PoolConfig(capacity=64, max_share=1.0, warm_sequences=2, warm_adapters=1,
-                        half_life=4, refresh_every=1)  # fmt: skip
+    config = PoolConfig(
+        capacity=64, max_share=1.0, warm_sequences=2, warm_adapters=1, half_life=4, refresh_every=1
+    )
     pool = QueryPool(config)
     pool.add(SHAS, MODULES, "a", scores(0.0))
     for _ in range(8):  # two half-lives later the first prompt weighs 1/4 of a new one
@@ -105,8 +112,9 @@ def test_a_new_adapter_is_pending_until_the_pool_has_scored_it() -> None:
     calibration = pool.calibration(SHAS, ("A", "B", "C"), MODULES, own_like())
     assert calibration.kind == "queries" and calibration.pending == ("C",)
     assert calibration.routable.tolist() == [True, True, False]
-    decision = decide(torch.stack([scores(0.0), scores(0.0)]) + torch.tensor([0, 0, 99.0]),
-                      calibration)  # fmt: skip
+    decision = decide(
+        torch.stack([scores(0.0), scores(0.0)]) + torch.tensor([0, 0, 99.0]), calibration
+    )
     assert 2 not in decision.indices  # the pending adapter is never chosen
     for i in range(3):  # scored on every routed prompt, it becomes routable
         pool.add(SHAS, MODULES, SHAS[i % 2], scores(float(i)))
@@ -162,8 +170,12 @@ def test_seqr_equals_brute_force_under_query_statistics(version: Any) -> None:
     probe = [domain_text(d, 2, 9) for d in ("code", "digits", "upper")]
     for text in probe:
         ids = base_tokenizer(text)["input_ids"]
-        raw = sequence_scores(version.peft_model, version.scored, torch.tensor([ids]),
-                              torch.ones(1, len(ids), dtype=torch.long))  # fmt: skip
+        raw = sequence_scores(
+            version.peft_model,
+            version.scored,
+            torch.tensor([ids]),
+            torch.ones(1, len(ids), dtype=torch.long),
+        )
         decision = decide(raw, calibration)
         expected = brute_force(version, ids, calibration.mean, calibration.std)
         assert decision.scores[0] == pytest.approx(expected, abs=1e-4)

@@ -146,11 +146,17 @@ def test_mixed_adapter_decoding_equals_peft_generate_with_each_adapter_alone(
         engine.stop()
     model = version.peft_model
     for (ids, _, _, _), result in zip(specs, results, strict=True):
-        adapter = version.internal(version.ids[result.route.adapter] if result.route.adapter
-                                   else None)  # fmt: skip
-        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12,
-                             do_sample=False, adapter_names=[adapter],
-                             pad_token_id=base.tokenizer.pad_token_id)  # fmt: skip
+        adapter = version.internal(
+            version.ids[result.route.adapter] if result.route.adapter else None
+        )
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            adapter_names=[adapter],
+            pad_token_id=base.tokenizer.pad_token_id,
+        )
         expected = base.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
         assert result.text == expected
 
@@ -200,11 +206,23 @@ def peaky_peft_model() -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         initializer_range=0.3, max_position_embeddings=256)  # fmt: skip
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                      init_lora_weights=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+        max_position_embeddings=256,
+    )
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
     model: Any = get_peft_model(LlamaForCausalLM(config), lora, adapter_name="x")
     model.add_adapter("y", lora)
     return model.eval()

@@ -15,8 +15,15 @@ from _serve_world import ServeWorld, serve_world, start_server
 from seqr.consumer.serve import LimitsConfig, SeqrServer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-LIMITS = LimitsConfig(max_body_bytes=4096, max_prompt_tokens=64, max_tokens=32, max_n=2,
-                      max_stop=2, max_prompts=2, default_chat_max_tokens=8)  # fmt: skip
+LIMITS = LimitsConfig(
+    max_body_bytes=4096,
+    max_prompt_tokens=64,
+    max_tokens=32,
+    max_n=2,
+    max_stop=2,
+    max_prompts=2,
+    default_chat_max_tokens=8,
+)
 GOOD = {"model": "auto", "prompt": "12 34 56", "max_tokens": 2}
 
 
@@ -37,60 +44,157 @@ CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
 CASES = [
     ("unknown model", "/v1/completions", body(model="gpt-4"), 404, "model", "model_not_found"),
     ("empty prompt", "/v1/completions", body(prompt=""), 400, "prompt", "empty_prompt"),
-    ("prompt over the token limit", "/v1/completions", body(prompt="12 " * 300), 400, "prompt",
-     "too_many_tokens"),
-    ("max_tokens over the limit", "/v1/completions", body(max_tokens=33), 400, "max_tokens",
-     "too_many_tokens"),
+    (
+        "prompt over the token limit",
+        "/v1/completions",
+        body(prompt="12 " * 300),
+        400,
+        "prompt",
+        "too_many_tokens",
+    ),
+    (
+        "max_tokens over the limit",
+        "/v1/completions",
+        body(max_tokens=33),
+        400,
+        "max_tokens",
+        "too_many_tokens",
+    ),
     ("max_tokens zero", "/v1/completions", body(max_tokens=0), 400, "max_tokens", "invalid_value"),
     ("malformed JSON", "/v1/completions", b'{"model": "auto", ', 400, None, "invalid_json"),
-    ("duplicate key", "/v1/completions", b'{"model": "auto", "model": "x", "prompt": "a"}', 400,
-     None, "invalid_json"),
-    ("NaN", "/v1/completions", b'{"model": "auto", "prompt": "a", "temperature": NaN}', 400,
-     None, "invalid_json"),
+    (
+        "duplicate key",
+        "/v1/completions",
+        b'{"model": "auto", "model": "x", "prompt": "a"}',
+        400,
+        None,
+        "invalid_json",
+    ),
+    (
+        "NaN",
+        "/v1/completions",
+        b'{"model": "auto", "prompt": "a", "temperature": NaN}',
+        400,
+        None,
+        "invalid_json",
+    ),
     ("not an object", "/v1/completions", b"[1, 2]", 400, None, None),
     ("not UTF-8", "/v1/completions", b'{"model": "\xff"}', 400, None, "invalid_json"),
     ("body too large", "/v1/completions", body(prompt="x" * 5000), 413, None, "body_too_large"),
-    ("string for a number", "/v1/completions", body(max_tokens="5"), 400, "max_tokens",
-     "invalid_value"),
-    ("temperature out of range", "/v1/completions", body(temperature=3), 400, "temperature",
-     "invalid_value"),
+    (
+        "string for a number",
+        "/v1/completions",
+        body(max_tokens="5"),
+        400,
+        "max_tokens",
+        "invalid_value",
+    ),
+    (
+        "temperature out of range",
+        "/v1/completions",
+        body(temperature=3),
+        400,
+        "temperature",
+        "invalid_value",
+    ),
     ("top_p zero", "/v1/completions", body(top_p=0), 400, "top_p", "invalid_value"),
     ("negative seed", "/v1/completions", body(seed=-1), 400, "seed", "invalid_value"),
     ("n over the limit", "/v1/completions", body(n=3), 400, "n", "too_many"),
-    ("too many stop strings", "/v1/completions", body(stop=["a", "b", "c"]), 400, "stop",
-     "too_many"),
+    (
+        "too many stop strings",
+        "/v1/completions",
+        body(stop=["a", "b", "c"]),
+        400,
+        "stop",
+        "too_many",
+    ),
     ("empty stop string", "/v1/completions", body(stop=[""]), 400, "stop", "invalid_value"),
-    ("token ids as prompt", "/v1/completions", body(prompt=[1, 2, 3]), 400, "prompt",
-     "invalid_value"),
-    ("too many prompts", "/v1/completions", body(prompt=["a", "b", "c"]), 400, "prompt",
-     "invalid_value"),
+    (
+        "token ids as prompt",
+        "/v1/completions",
+        body(prompt=[1, 2, 3]),
+        400,
+        "prompt",
+        "invalid_value",
+    ),
+    (
+        "too many prompts",
+        "/v1/completions",
+        body(prompt=["a", "b", "c"]),
+        400,
+        "prompt",
+        "invalid_value",
+    ),
     ("no model", "/v1/completions", b'{"prompt": "a"}', 400, "model", "invalid_value"),
-    ("unsupported echo", "/v1/completions", body(echo=True), 400, "echo",
-     "unsupported_parameter"),
-    ("chat without messages", "/v1/chat/completions", json.dumps({**CHAT, "messages": []}).encode(),
-     400, "messages", "empty_prompt"),
-    ("chat with an unknown role", "/v1/chat/completions",
-     json.dumps({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400,
-     "messages", "invalid_value"),
-    ("chat with an image part", "/v1/chat/completions",
-     json.dumps({**CHAT, "messages": [{"role": "user", "content": [
-         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}).encode(), 400, "messages",
-     "invalid_value"),
-    ("chat with tools", "/v1/chat/completions", json.dumps({**CHAT, "tools": [{}]}).encode(), 400,
-     "tools", "unsupported_parameter"),
-    ("chat with an unknown model", "/v1/chat/completions",
-     json.dumps({**CHAT, "model": "nope"}).encode(), 404, "model", "model_not_found"),
-]  # fmt: skip
+    ("unsupported echo", "/v1/completions", body(echo=True), 400, "echo", "unsupported_parameter"),
+    (
+        "chat without messages",
+        "/v1/chat/completions",
+        json.dumps({**CHAT, "messages": []}).encode(),
+        400,
+        "messages",
+        "empty_prompt",
+    ),
+    (
+        "chat with an unknown role",
+        "/v1/chat/completions",
+        json.dumps({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}).encode(),
+        400,
+        "messages",
+        "invalid_value",
+    ),
+    (
+        "chat with an image part",
+        "/v1/chat/completions",
+        json.dumps(
+            {
+                **CHAT,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "http://x"}}],
+                    }
+                ],
+            }
+        ).encode(),
+        400,
+        "messages",
+        "invalid_value",
+    ),
+    (
+        "chat with tools",
+        "/v1/chat/completions",
+        json.dumps({**CHAT, "tools": [{}]}).encode(),
+        400,
+        "tools",
+        "unsupported_parameter",
+    ),
+    (
+        "chat with an unknown model",
+        "/v1/chat/completions",
+        json.dumps({**CHAT, "model": "nope"}).encode(),
+        404,
+        "model",
+        "model_not_found",
+    ),
+]
 
 
-@pytest.mark.parametrize(("case", "path", "raw", "status", "param", "code"), CASES,
-                         ids=[c[0] for c in CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    ("case", "path", "raw", "status", "param", "code"), CASES, ids=[c[0] for c in CASES]
+)
 def test_bad_request_gets_an_openai_error(
-    server: SeqrServer, case: str, path: str, raw: bytes, status: int, param: str | None,
+    server: SeqrServer,
+    case: str,
+    path: str,
+    raw: bytes,
+    status: int,
+    param: str | None,
     code: str | None,
-) -> None:  # fmt: skip
-    response = httpx.post(f"{server.url}{path}", content=raw,
-                          headers={"content-type": "application/json"})  # fmt: skip
+) -> None:
+    response = httpx.post(
+        f"{server.url}{path}", content=raw, headers={"content-type": "application/json"}
+    )
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
@@ -112,8 +216,9 @@ def test_body_over_the_limit_without_content_length_is_cut_off(server: SeqrServe
     assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
 
 
-@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/v1/nothing", 404),
-                                                         ("GET", "/v1/completions", 405)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "path", "status"), [("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405)]
+)
 def test_unknown_endpoints_and_methods_answer_json(
     server: SeqrServer, method: str, path: str, status: int
 ) -> None:
@@ -128,8 +233,9 @@ def test_the_openai_client_raises_its_typed_errors(server: SeqrServer) -> None:
     with pytest.raises(openai.BadRequestError, match="prompt is empty"):
         client.completions.create(model="auto", prompt="")
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
-        client.chat.completions.create(model="auto", max_tokens=1000,
-                                       messages=[{"role": "user", "content": "hi"}])  # fmt: skip
+        client.chat.completions.create(
+            model="auto", max_tokens=1000, messages=[{"role": "user", "content": "hi"}]
+        )
 
 
 def test_prompt_and_max_tokens_must_fit_the_models_context() -> None:

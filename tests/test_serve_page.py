@@ -59,9 +59,11 @@ def test_page_shows_the_registry_and_routes_a_typed_prompt(
     assert browser.find_element(By.ID, "routed-adapter").text == "digits"
     assert "margin" in browser.find_element(By.ID, "why").text
     continuation = browser.find_element(By.ID, "continuation").text
-    expected = httpx.post(f"{server.url}/v1/completions", timeout=60,
-                          json={"model": "auto", "prompt": digits, "max_tokens": 32,
-                                "temperature": 0}).json()["choices"][0]["text"]  # fmt: skip
+    expected = httpx.post(
+        f"{server.url}/v1/completions",
+        timeout=60,
+        json={"model": "auto", "prompt": digits, "max_tokens": 32, "temperature": 0},
+    ).json()["choices"][0]["text"]
     assert continuation.strip() == expected.strip() != ""
     counts = {e.name: i for i, e in enumerate(report.entries)}
     wait.until(lambda b: b.find_element(By.ID, f"count-{counts['digits']}").text not in ("", "0"))
@@ -70,8 +72,9 @@ def test_page_shows_the_registry_and_routes_a_typed_prompt(
 
 def test_everything_from_the_registry_is_escaped(world: ServeWorld) -> None:
     base = load_base_model(str(world.model_dir))
-    version = build_version(base, RegistrySource(str(world.registry)).audited(), RouterConfig(),
-                            ("auto", "base"))  # fmt: skip
+    version = build_version(
+        base, RegistrySource(str(world.registry)).audited(), RouterConfig(), ("auto", "base")
+    )
     hostile = "<script>alert(1)</script>&\"'"
     version = dataclasses.replace(version, names=(hostile, *version.names[1:]))
     reload = ReloadStatus(version.loaded_at, "failed", 2, f"reload failed: {hostile}", 0.1)

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from _server_world import federation_setup
 from _serve_world import ServeWorld, held_out_prompts, registry_copy, serve_world
+from _server_world import federation_setup
 from prometheus_client.parser import text_string_to_metric_families
 
 from seqr.core import signing
@@ -30,9 +30,22 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def start_cli(registry: Path, world: ServeWorld, tmp: Path) -> tuple[subprocess.Popen, str]:
-    args = [sys.executable, "-m", "seqr.cli.main", "serve", "--registry", str(registry),
-            "--base-model", str(world.model_dir), "--port", "0", "--max-tokens", "1000",
-            "--trusted-state", str(tmp / "trusted.json")]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "seqr.cli.main",
+        "serve",
+        "--registry",
+        str(registry),
+        "--base-model",
+        str(world.model_dir),
+        "--port",
+        "0",
+        "--max-tokens",
+        "1000",
+        "--trusted-state",
+        str(tmp / "trusted.json"),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines = []
@@ -96,8 +109,9 @@ def test_sighup_swaps_versions_under_load_and_a_failing_audit_keeps_the_old_one(
                         chunks = list(client.completions.create(model="auto", stream=True, **kw))
                         versions.append(chunks[0].model_extra["seqr"]["registry_version"])
                     else:
-                        out = client.completions.create(model="code" if i % 3 == 1 else "auto",
-                                                        **kw)  # fmt: skip
+                        out = client.completions.create(
+                            model="code" if i % 3 == 1 else "auto", **kw
+                        )
                         versions.append(out.model_extra["seqr"]["registry_version"])
                 except Exception as exc:  # noqa: BLE001 - every failure counts
                     failures.append(repr(exc))
@@ -109,8 +123,11 @@ def test_sighup_swaps_versions_under_load_and_a_failing_audit_keeps_the_old_one(
                 model="digits", prompt="12 34", max_tokens=1000, extra_body={"ignore_eos": True}
             )
             seqr = out.model_extra["seqr"]
-            long.update(version=seqr["registry_version"], ended=time.time(),
-                        tokens=out.usage.completion_tokens)  # fmt: skip
+            long.update(
+                version=seqr["registry_version"],
+                ended=time.time(),
+                tokens=out.usage.completion_tokens,
+            )
 
         workers = [threading.Thread(target=load, args=(w,)) for w in range(4)]
         slow = threading.Thread(target=long_request)
