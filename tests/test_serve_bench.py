@@ -41,6 +41,8 @@ def test_bench_serve_compares_auto_with_the_named_adapter(
             "24",
             "--repeats",
             "2",
+            "--first-pass-dtype",
+            "bfloat16",
             "--out",
             str(out),
         ]

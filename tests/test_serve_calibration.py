@@ -135,14 +135,14 @@ def brute_force(version: Any, ids: list[int], mean: torch.Tensor, std: torch.Ten
     inputs: dict[str, torch.Tensor] = {}
     handles = [
         m.layer.register_forward_hook(lambda mod, a, o, n=m.name: inputs.__setitem__(n, a[0][0]))
-        for m in version.scored
+        for m in version.first_pass[1]
     ]
     with model.disable_adapter():
         model(input_ids=torch.tensor([ids]))
     for handle in handles:
         handle.remove()
-    z = torch.zeros(len(version.scored), len(version.names), dtype=torch.float64)
-    for m_index, module in enumerate(version.scored):
+    z = torch.zeros(len(version.first_pass[1]), len(version.names), dtype=torch.float64)
+    for m_index, module in enumerate(version.first_pass[1]):
         x = inputs[module.name].double()
         for i in range(len(version.names)):
             a = module.layer.lora_A[f"a{i}"].weight.double()
@@ -161,7 +161,7 @@ def test_seqr_equals_brute_force_under_query_statistics(version: Any) -> None:
     own = version.own
     for text in texts:  # route each prompt, then pool its raw scores (what the engine does)
         ids = torch.tensor([base_tokenizer(text)["input_ids"]])
-        raw = sequence_scores(version.peft_model, version.scored, ids, torch.ones_like(ids))
+        raw = sequence_scores(version.first_pass, ids, torch.ones_like(ids))
         chosen = decide(raw, pool.calibration(version.shas, version.names, version.modules, own))
         pool.add(version.shas, version.modules, version.shas[chosen.indices[0]], raw[0])
     calibration = pool.calibration(version.shas, version.names, version.modules, own)
@@ -171,8 +171,7 @@ def test_seqr_equals_brute_force_under_query_statistics(version: Any) -> None:
     for text in probe:
         ids = base_tokenizer(text)["input_ids"]
         raw = sequence_scores(
-            version.peft_model,
-            version.scored,
+            version.first_pass,
             torch.tensor([ids]),
             torch.ones(1, len(ids), dtype=torch.long),
         )

@@ -161,12 +161,16 @@ def test_mixed_adapter_decoding_equals_peft_generate_with_each_adapter_alone(
         assert result.text == expected
 
 
+@pytest.mark.parametrize("first_pass_dtype", [None, "bfloat16"])
 def test_auto_chooses_what_registry_router_route_chooses(
-    world: ServeWorld, version: Any, base: BaseModel
+    world: ServeWorld, base: BaseModel, first_pass_dtype: str | None
 ) -> None:
     pairs = held_out_prompts()
-    router = RegistryRouter.open(world.registry, base_model=str(world.model_dir))
+    config = RouterConfig(first_pass_dtype=first_pass_dtype)
+    router = RegistryRouter.open(world.registry, base_model=str(world.model_dir), config=config)
     expected = router.route([text for _, text in pairs])
+    audited = RegistrySource(str(world.registry)).audited()
+    version = build_version(base, audited, config, ("auto", "base"))
     specs = [
         (base.tokenizer(text)["input_ids"], True, None, SamplingParams(max_tokens=1))
         for _, text in pairs

@@ -47,6 +47,7 @@ class ServeBenchConfig:
     prompt_tokens: int = 64  # held-out tokens per prompt
     repeats: int = 2  # fixed/auto pairs per level, ABBA order
     threads: int = 0  # the server's torch threads (0: torch's default)
+    first_pass_dtype: str | None = None  # the server's routing pass (seqr serve's option)
     out: Path = field(default_factory=lambda: Path("runs/bench_serve"))
 
     def __post_init__(self) -> None:
@@ -122,6 +123,8 @@ class ServerProcess:
             args += ["--base-model", cfg.base_model]
         if cfg.cache_dir:
             args += ["--cache-dir", cfg.cache_dir]
+        if cfg.first_pass_dtype:
+            args += ["--first-pass-dtype", cfg.first_pass_dtype]
         self.proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -336,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
+    p.add_argument(
+        "--first-pass-dtype",
+        choices=("bfloat16", "float16"),
+        default=None,
+        help="the server's routing pass dtype (seqr serve --first-pass-dtype)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench_serve"))
     args = p.parse_args(argv)
     try:
@@ -351,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt_tokens=args.prompt_tokens,
             repeats=args.repeats,
             threads=args.threads,
+            first_pass_dtype=args.first_pass_dtype,
             out=args.out,
         )
     except (ConfigError, ValueError) as exc:

@@ -244,7 +244,7 @@ class Engine:
             ids, mask = _left_pad(
                 [list(p) for p in auto], self.tokenizer.pad_token_id, self.config.device
             )
-            raw = sequence_scores(version.peft_model, version.scored, ids, mask)
+            raw = sequence_scores(version.first_pass, ids, mask)
             decision = decide(raw, calibration)
             routable = calibration.routable.tolist()
             for row, key in enumerate(auto):

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from seqr.consumer.router import RegistryRouter, RouterConfig
-from seqr.consumer.serve.scoring import Calibration, module_names, own_calibration
+from seqr.consumer.serve.scoring import Calibration, FirstPass, module_names, own_calibration
 from seqr.consumer.serve.source import RegistrySource
 from seqr.core.base_model import BaseModel
 from seqr.core.errors import ModelError, SeqrError
@@ -54,6 +54,7 @@ class ServedVersion:
     names: tuple[str, ...]  # model id of each adapter, by index
     shas: tuple[str, ...]  # adapter_sha256 by index
     modules: tuple[str, ...]  # scored LoRA modules, in order
+    first_pass: FirstPass  # the routing pass (RegistryRouter's own; scoring.py)
     own: Calibration
     loaded_at: datetime
     build_seconds: float
@@ -65,10 +66,6 @@ class ServedVersion:
     @property
     def peft_model(self) -> Any:
         return self.router.routed.peft_model
-
-    @property
-    def scored(self) -> list[Any]:
-        return list(self.router.routed.scored_modules)
 
     def internal(self, index: int | None) -> str:
         """peft adapter name of adapter ``index`` (None: the base model)."""
@@ -106,8 +103,10 @@ def build_version(
             name = f"{name}-{i}"
         names.append(name)
         ids[name] = i
-    scored = list(router.routed.scored_modules)
-    modules = module_names(scored)
+    # The same first pass RegistryRouter routes with; built now (a bf16 copy takes a moment),
+    # so the first request after a swap does not pay for it.
+    first_pass: FirstPass = router.routed._first_pass()
+    modules = module_names(first_pass[1])
     own = own_calibration([a.stats for a in router.adapters], list(modules))
     return ServedVersion(
         router=router,
@@ -116,6 +115,7 @@ def build_version(
         names=tuple(names),
         shas=tuple(a.entry.adapter_sha256 for a in router.adapters),
         modules=modules,
+        first_pass=first_pass,
         own=own,
         loaded_at=datetime.now(UTC),
         build_seconds=time.perf_counter() - started,

@@ -1,9 +1,10 @@
 """Per-sequence SEQR over a prompt, with statistics that can change while the server runs.
 
-The routing pass is RegistryRouter's first pass (seqr.core.model_routing.collect: the base model,
-peft's ``"__base__"`` rows, on the prompt); each LoRA module's router gives raw scores (the norm
-||R_i A x|| of SEQR, arXiv 2509.18093, or its gain per unit ||A x||) for every token, and the
-hooks keep each sequence's token mean per module: ``raw`` of shape (B, M, N).
+The routing pass is RegistryRouter's first pass (RoutedModel: the base model on the prompt, as
+peft's ``"__base__"`` rows or, with ``first_pass_dtype``, a bf16 copy of it); each LoRA module's
+router gives raw scores (the norm ||R_i A x|| of SEQR, arXiv 2509.18093, or its gain per unit
+||A x||) for every token, and the hooks keep each sequence's token mean per module: ``raw`` of
+shape (B, M, N).
 
 A z-score is affine per (module, adapter), so the token mean of z-scores is the z-score of the
 token mean: (mean_t g_t - mu) / sigma. The decision is then the mean over modules of
@@ -15,17 +16,21 @@ the pool its sample without a second pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from seqr.core.errors import ShapeError, ValueCheckError
-from seqr.core.model_routing.collect import base_pass
 from seqr.core.model_routing.modules import RoutedModule
 from seqr.core.routing import SeqrRouter
 from seqr.core.routing.gain import input_energy
 from seqr.core.stats import NormStatistics
+
+# RoutedModel's first pass: a callable running the base model on (ids, mask), and the scored
+# modules hooked into that model (the model itself, or its bf16 copy: first_pass_dtype).
+FirstPass = tuple[Callable[[torch.Tensor, torch.Tensor], Any], list[RoutedModule]]
 
 
 @dataclass(frozen=True)
@@ -79,10 +84,9 @@ def module_names(modules: list[RoutedModule]) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def sequence_scores(
-    peft_model: Any, modules: list[RoutedModule], ids: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
+def sequence_scores(first_pass: FirstPass, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, M, N) float64: each sequence's mean raw score per module over its valid tokens."""
+    run, modules = first_pass
     for module in modules:
         if not isinstance(module.router, SeqrRouter):
             raise ShapeError(f"module {module.name} is not routed by SEQR")
@@ -108,7 +112,7 @@ def sequence_scores(
         for i, m in enumerate(modules)
     ]
     try:
-        base_pass(peft_model)(ids, mask)
+        run(ids, mask)
     finally:
         for handle in handles:
             handle.remove()

@@ -57,7 +57,10 @@ def build_state(config: ServeConfig, source: RegistrySource, base: BaseModel) ->
             metrics.failed_reloads.inc()
         show(version)
 
-    router_config = RouterConfig(device=config.engine.device)
+    engine_cfg = config.engine
+    router_config = RouterConfig(
+        device=engine_cfg.device, first_pass_dtype=engine_cfg.first_pass_dtype
+    )
     live = LiveRegistry(
         source, base, router_config, reserved=(AUTO, config.base_model_id), on_reload=on_reload
     )
