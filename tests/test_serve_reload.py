@@ -177,3 +177,33 @@ def test_sighup_swaps_versions_under_load_and_a_failing_audit_keeps_the_old_one(
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     assert code == 0  # a clean stop (outside `finally`: a failure above is not masked)
+
+
+def test_reload_keeps_an_unchanged_version_and_refuses_a_rollback(tmp_path: Path) -> None:
+    """In-process LiveRegistry: re-reading the same version changes nothing; a mirror that goes
+    back to an older version (the rollback attack) is refused and the served version stays."""
+    import shutil
+
+    from seqr.consumer.router import RouterConfig
+    from seqr.consumer.serve.live import LiveRegistry
+    from seqr.consumer.serve.source import RegistrySource
+    from seqr.core.base_model import load_base_model
+
+    world = serve_world()
+    registry = registry_copy(world, tmp_path, names=("code", "digits"))  # version 2
+    old = tmp_path / "version-2"
+    shutil.copytree(registry, old)
+    base = load_base_model(str(world.model_dir))
+    live = LiveRegistry(RegistrySource(str(registry)), base, RouterConfig())
+    first = live.current
+    status = live.reload()
+    assert status.outcome == "unchanged" and live.current is first
+    publish_upper(registry, tmp_path / "server-key", world)
+    status = live.reload()
+    assert status.outcome == "loaded" and live.current.version == 3
+    served = live.current
+    shutil.rmtree(registry)
+    shutil.copytree(old, registry)  # the mirror now serves version 2 again
+    status = live.reload()
+    assert status.outcome == "failed" and "rollback" in status.message.lower()
+    assert live.current is served and live.last_reload is status
