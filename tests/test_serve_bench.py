@@ -33,8 +33,10 @@ def test_bench_serve_compares_auto_with_the_named_adapter(
             str(world.model_dir),
             "--clients",
             "1,3",
-            "--requests",
-            "6",
+            "--requests-per-client",
+            "2",
+            "--min-requests",
+            "4",
             "--max-tokens",
             "3",
             "--prompt-tokens",
@@ -54,8 +56,9 @@ def test_bench_serve_compares_auto_with_the_named_adapter(
     for level in doc["levels"].values():
         for mode in ("fixed", "auto"):
             stats = level[mode]
-            assert stats["requests"] == 12 and stats["lost"] == 0  # 6 per repeat, 2 repeats
-            assert stats["tokens"] == 12 * 3  # ignore_eos: exactly max_tokens each
+            count = 2 * max(4, 2 * level["clients"])  # 2 repeats of max(min, 2 per client)
+            assert stats["requests"] == count and stats["lost"] == 0
+            assert stats["tokens"] == count * 3  # ignore_eos: exactly max_tokens each
             assert stats["tokens_per_s"] > 0
             assert 0 < stats["latency_p50_s"] <= stats["latency_p99_s"]
         assert level["fixed"]["routed_to_domain"] == 1.0  # the named adapter is the domain's

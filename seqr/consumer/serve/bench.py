@@ -42,7 +42,8 @@ class ServeBenchConfig:
     base_model: str | None = None
     cache_dir: str | None = None
     clients: tuple[int, ...] = (1, 8, 32)
-    requests: int = 64  # requests per level, mode and repeat
+    requests_per_client: int = 4  # per level, mode and repeat: this many per client ...
+    min_requests: int = 16  # ... and at least this many (p50 / p99 need some)
     max_tokens: int = 32  # generated per request, exactly
     prompt_tokens: int = 64  # held-out tokens per prompt
     repeats: int = 2  # fixed/auto pairs per level, ABBA order
@@ -52,13 +53,21 @@ class ServeBenchConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clients", tuple(self.clients))
-        values = [*self.clients, self.requests, self.max_tokens, self.prompt_tokens, self.repeats]
+        values = [
+            *self.clients,
+            self.requests_per_client,
+            self.min_requests,
+            self.max_tokens,
+            self.prompt_tokens,
+            self.repeats,
+        ]
         if not self.clients or any(
             isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values
         ):
             raise ConfigError(
-                "ServeBenchConfig: clients, requests, max_tokens, prompt_tokens and repeats "
-                f"must be integers >= 1; got {self.clients}, {self.requests}, "
+                "ServeBenchConfig: clients, requests_per_client, min_requests, max_tokens, "
+                f"prompt_tokens and repeats must be integers >= 1; got {self.clients}, "
+                f"{self.requests_per_client}, {self.min_requests}, "
                 f"{self.max_tokens}, {self.prompt_tokens}, {self.repeats}"
             )
         if self.threads < 0:
@@ -149,8 +158,10 @@ class ServerProcess:
 def run_level(
     client: Any, pairs: list[tuple[str, str]], clients: int, mode: str, cfg: ServeBenchConfig
 ) -> dict[str, Any]:
-    """``cfg.requests`` requests from ``clients`` threads; mode "auto" or "fixed"."""
-    jobs = [pairs[i % len(pairs)] for i in range(cfg.requests)]
+    """Requests from ``clients`` threads (cfg.requests_per_client each, at least
+    cfg.min_requests in all); mode "auto" or "fixed"."""
+    count = max(cfg.min_requests, cfg.requests_per_client * clients)
+    jobs = [pairs[i % len(pairs)] for i in range(count)]
     latencies: list[float] = []
     chosen: list[tuple[str, str | None]] = []
     failures: list[str] = []
@@ -334,7 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-model", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
-    p.add_argument("--requests", type=int, default=64, help="per level, mode and repeat")
+    p.add_argument(
+        "--requests-per-client",
+        type=int,
+        default=4,
+        help="per level, mode and repeat (at least --min-requests in all)",
+    )
+    p.add_argument("--min-requests", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32, help="generated per request, exactly")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
@@ -355,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             base_model=args.base_model,
             cache_dir=args.cache_dir,
             clients=clients,
-            requests=args.requests,
+            requests_per_client=args.requests_per_client,
+            min_requests=args.min_requests,
             max_tokens=args.max_tokens,
             prompt_tokens=args.prompt_tokens,
             repeats=args.repeats,
