@@ -287,7 +287,7 @@ def test_a_full_queue_answers_429_and_the_server_goes_on(world: ServeWorld) -> N
     srv = start_server(
         world.registry,
         world.model_dir,
-        limits=LimitsConfig(max_tokens=1000, max_prompt_tokens=256),
+        limits=LimitsConfig(max_tokens=1000, max_prompt_tokens=256, max_n=1, max_prompts=1),
         engine=EngineConfig(max_batch=1, queue_size=1),
     )
     url = f"{srv.url}/v1/completions"

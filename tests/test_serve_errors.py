@@ -250,3 +250,41 @@ def test_prompt_and_max_tokens_must_fit_the_models_context() -> None:
     with pytest.raises(ApiError, match="exceed the model's context of 40") as info:
         prompter.check_room(prompt, 41 - len(prompt.ids))
     assert info.value.status == 400 and info.value.code == "context_length_exceeded"
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "value"),
+    [
+        ("limits", "max_body_bytes", 10),
+        ("limits", "max_tokens", True),
+        ("limits", "default_max_tokens", 10**6),
+        ("pool", "max_share", 0.0),
+        ("pool", "warm_sequences", 10**6),
+        ("engine", "max_batch", 0),
+        ("engine", "device", "gpu:x"),
+        ("engine", "first_pass_dtype", "int8"),
+        ("serve", "calibration", "mine"),
+        ("serve", "refresh_s", 0.5),
+        ("serve", "port", 70000),
+    ],
+)
+def test_serve_configs_name_the_bad_field(kind: str, field: str, value: object) -> None:
+    from seqr.consumer.serve import EngineConfig, PoolConfig, ServeConfig
+    from seqr.core.errors import ConfigError
+
+    cls = {
+        "limits": LimitsConfig,
+        "pool": PoolConfig,
+        "engine": EngineConfig,
+        "serve": ServeConfig,
+    }[kind]
+    with pytest.raises(ConfigError, match=field):
+        cls(**{field: value})
+
+
+def test_a_request_that_can_never_fit_the_queue_is_a_config_error() -> None:
+    from seqr.consumer.serve import EngineConfig, ServeConfig
+    from seqr.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_n x max_prompts = 32 .* queue holds 8"):
+        ServeConfig(engine=EngineConfig(queue_size=8))

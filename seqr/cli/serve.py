@@ -77,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
         help="sequences that may wait (HTTP 429 beyond)",
     )
     p.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens)
+    p.add_argument("--max-n", type=int, default=limits.max_n, help="choices per prompt")
+    p.add_argument(
+        "--max-prompts",
+        type=int,
+        default=limits.max_prompts,
+        help="prompts in one completions request",
+    )
     p.add_argument(
         "--max-tokens",
         type=int,
@@ -112,6 +119,8 @@ def main(argv: list[str]) -> int:
         limits = LimitsConfig(
             max_prompt_tokens=args.max_prompt_tokens,
             max_tokens=args.max_tokens,
+            max_n=args.max_n,
+            max_prompts=args.max_prompts,
             default_max_tokens=min(d.default_max_tokens, room),
             default_chat_max_tokens=min(d.default_chat_max_tokens, room),
         )

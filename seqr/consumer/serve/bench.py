@@ -118,7 +118,7 @@ class ServerProcess:
             "--max-batch",
             str(max(cfg.clients)),
             "--queue-size",
-            str(4 * max(cfg.clients)),
+            str(max(64, 4 * max(cfg.clients))),
             "--max-tokens",
             str(cfg.max_tokens),
             "--max-prompt-tokens",

@@ -170,3 +170,9 @@ class ServeConfig:
                 expected = {"limits": LimitsConfig, "pool": PoolConfig, "engine": EngineConfig}
                 if not isinstance(getattr(self, f.name), expected[f.name]):
                     raise ConfigError(f"ServeConfig.{f.name} must be a {expected[f.name].__name__}")
+        most = self.limits.max_n * self.limits.max_prompts  # sequences one request may queue
+        if most > self.engine.queue_size:
+            raise ConfigError(
+                f"one request may ask for max_n x max_prompts = {most} sequences but the queue "
+                f"holds {self.engine.queue_size}; raise EngineConfig.queue_size or lower the limits"
+            )
