@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -288,3 +289,21 @@ def test_a_request_that_can_never_fit_the_queue_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="max_n x max_prompts = 32 .* queue holds 8"):
         ServeConfig(engine=EngineConfig(queue_size=8))
+
+
+def test_cli_refuses_to_serve_a_registry_that_fails_its_audit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from seqr.cli.serve import main
+
+    world = serve_world()
+    registry = tmp_path / "mirror"
+    shutil.copytree(world.registry, registry)
+    (registry / "latest.json").write_text('{"version": 99}')  # a version that does not exist
+    code = main(["--registry", str(registry), "--base-model", str(world.model_dir), "--port", "0"])
+    assert code == 1 and "NOT SERVING" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a URL, until the registry pull client exists
+        main(["--registry", "https://example.org/registry"])
+    assert exit_info.value.code == 2 and "URL" in capsys.readouterr().err
