@@ -128,6 +128,34 @@ def resolve(version: ServedVersion, model: str, base_id: str) -> tuple[bool, int
     )
 
 
+async def prepare(state: ServeState, kind: str, body: Any) -> tuple[Any, list[Prompt], Any]:
+    """(request, prompts, sampling parameters) of a completions or chat body; ApiError 4xx."""
+    limits = state.config.limits
+    if kind == "completion":
+        req = parse(CompletionRequest, body)
+        texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if not texts or len(texts) > limits.max_prompts:
+            raise ApiError(
+                400,
+                f"prompt must be text or a list of 1-{limits.max_prompts} texts",
+                param="prompt",
+                code="invalid_value",
+            )
+        params = sampling(req, limits, req.max_tokens, limits.default_max_tokens)
+        names = ["prompt"] if len(texts) == 1 else [f"prompt[{i}]" for i in range(len(texts))]
+        prompts: list[Prompt] = await run_in_threadpool(
+            lambda: [state.prompter.completion(t, n) for t, n in zip(texts, names, strict=True)]
+        )
+    else:
+        req = parse(ChatRequest, body)
+        wanted = req.max_completion_tokens or req.max_tokens
+        params = sampling(req, limits, wanted, limits.default_chat_max_tokens)
+        prompts = [await run_in_threadpool(state.prompter.chat, req.messages)]
+    for prompt in prompts:
+        state.prompter.check_room(prompt, params.max_tokens)
+    return req, prompts, params
+
+
 def create_app(state: ServeState) -> FastAPI:
     app = FastAPI(title="seqr serve", docs_url=None, redoc_url=None, openapi_url=None)
     cfg, limits = state.config, state.config.limits
@@ -156,45 +184,21 @@ def create_app(state: ServeState) -> FastAPI:
     async def generate(kind: str, request: Request) -> Response:
         body = await read_json(request, limits.max_body_bytes)
         version = state.live.current  # the request is bound to this version to its end
-        if kind == "completion":
-            req = parse(CompletionRequest, body)
-            texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-            if not texts or len(texts) > limits.max_prompts:
-                raise ApiError(
-                    400,
-                    f"prompt must be text or a list of 1-{limits.max_prompts} texts",
-                    param="prompt",
-                    code="invalid_value",
-                )
-            auto, adapter = resolve(version, req.model, cfg.base_model_id)
-            params = sampling(req, limits, req.max_tokens, limits.default_max_tokens)
-            names = ["prompt"] if len(texts) == 1 else [f"prompt[{i}]" for i in range(len(texts))]
-            prompts: list[Prompt] = await run_in_threadpool(
-                lambda: [state.prompter.completion(t, n) for t, n in zip(texts, names, strict=True)]
-            )
-        else:
-            req = parse(ChatRequest, body)
-            auto, adapter = resolve(version, req.model, cfg.base_model_id)
-            wanted = req.max_completion_tokens or req.max_tokens
-            params = sampling(req, limits, wanted, limits.default_chat_max_tokens)
-            prompts = [await run_in_threadpool(state.prompter.chat, req.messages)]
-        for prompt in prompts:
-            state.prompter.check_room(prompt, params.max_tokens)
+        req, prompts, params = await prepare(state, kind, body)
+        auto, adapter = resolve(version, req.model, cfg.base_model_id)
         n = req.n or 1
-        jobs = []
-        for prompt in prompts:
-            for i in range(n):
-                seed = None if params.seed is None else params.seed + i
-                jobs.append(
-                    Job(
-                        version,
-                        prompt.ids,
-                        prompt.route_on if auto else None,
-                        adapter,
-                        replace(params, seed=seed),
-                        sink=lambda event: None,
-                    )
-                )
+        jobs = [
+            Job(
+                version,
+                prompt.ids,
+                prompt.route_on if auto else None,
+                adapter,
+                replace(params, seed=None if params.seed is None else params.seed + i),
+                sink=lambda event: None,
+            )
+            for prompt in prompts
+            for i in range(n)
+        ]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         run = Generation(state.engine, kind, req.model, jobs, n, include_usage)  # type: ignore[arg-type]
         run.start()

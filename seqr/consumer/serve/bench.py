@@ -290,6 +290,15 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
                 "meets_target": clients not in TARGET_LEVELS or ratio >= TARGET,
             }
         health = httpx.get(f"{server.url}/health", timeout=60).json()
+        metrics = httpx.get(f"{server.url}/metrics", timeout=60).text
+        load_s = next(
+            (
+                float(line.split()[1])
+                for line in metrics.splitlines()
+                if line.startswith("seqr_registry_load_seconds ")
+            ),
+            None,
+        )
     finally:
         code = server.stop()
     lost = sum(level[m]["lost"] for level in levels.values() for m in ("fixed", "auto"))
@@ -299,6 +308,7 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
         "adapters": names,
         "prompts": len(pairs),
         "calibration_at_end": health.get("calibration"),
+        "registry_load_seconds": load_s,  # audit + load of the served version at start
         "levels": levels,
         "lost_requests": lost,
         "target": {
