@@ -53,6 +53,7 @@ def test_bench_serve_compares_auto_with_the_named_adapter(
     doc = json.loads((out / "bench_serve.json").read_text())
     assert list(doc["levels"]) == ["1", "3"] and doc["lost_requests"] == 0
     assert doc["server_exit_code"] == 0 and sorted(doc["adapters"]) == sorted(DOMAINS)
+    assert doc["registry_load_seconds"] > 0
     for level in doc["levels"].values():
         for mode in ("fixed", "auto"):
             stats = level[mode]
