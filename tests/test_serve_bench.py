@@ -66,6 +66,8 @@ def test_bench_serve_compares_auto_with_the_named_adapter(
         assert 0.0 <= level["auto"]["routed_to_domain"] <= 1.0
         ratio = level["auto"]["tokens_per_s"] / level["fixed"]["tokens_per_s"]
         assert level["throughput_ratio"] == pytest.approx(ratio)
+        cpu = [level[m]["tokens_per_server_cpu_s"] for m in ("auto", "fixed")]
+        assert cpu[1] > 0 and level["cpu_ratio"] == pytest.approx(cpu[0] / cpu[1])
     assert (out / "bench_serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "bench_serve.md").read_text()
     assert table.startswith("| clients |") and table.count("\n") == 4

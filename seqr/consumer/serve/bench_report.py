@@ -15,15 +15,16 @@ def _num(value: float | None, digits: int) -> str:
 
 def table(doc: dict[str, Any]) -> str:
     rows = [
-        "| clients | fixed tok/s | auto tok/s | auto/fixed | p50 fixed / auto (s) | "
-        "p99 fixed / auto (s) | lost | auto = domain |",
-        "|---|---|---|---|---|---|---|---|",
+        "| clients | fixed tok/s | auto tok/s | auto/fixed | auto/fixed per server CPU-s | "
+        "p50 fixed / auto (s) | p99 fixed / auto (s) | lost | auto = domain |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in doc["levels"].values():
         f, a = v["fixed"], v["auto"]
         rows.append(
             f"| {v['clients']} | {f['tokens_per_s']:.1f} | {a['tokens_per_s']:.1f} | "
-            f"{v['throughput_ratio']:.3f} | {_num(f['latency_p50_s'], 2)} / "
+            f"{v['throughput_ratio']:.3f} | {_num(v['cpu_ratio'], 3)} | "
+            f"{_num(f['latency_p50_s'], 2)} / "
             f"{_num(a['latency_p50_s'], 2)} | {_num(f['latency_p99_s'], 2)} / "
             f"{_num(a['latency_p99_s'], 2)} | {f['lost'] + a['lost']} | "
             f"{_num(a['routed_to_domain'], 2)} |"
