@@ -307,3 +307,18 @@ def test_cli_refuses_to_serve_a_registry_that_fails_its_audit(
     with pytest.raises(SystemExit) as exit_info:  # a URL, until the registry pull client exists
         main(["--registry", "https://example.org/registry"])
     assert exit_info.value.code == 2 and "URL" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_base_model_other_than_the_adapters_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tiny import build_tiny_llama
+
+    from seqr.cli.serve import main
+
+    other = build_tiny_llama(tmp_path / "other-llama", seed=1)  # same shape, other weights
+    code = main(
+        ["--registry", str(serve_world().registry), "--base-model", str(other), "--port", "0"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "NOT SERVING" in err and "trained on" in err
