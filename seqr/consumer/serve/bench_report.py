@@ -44,20 +44,30 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     labels = [str(v["clients"]) for v in levels]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.38
+    colors = {"fixed": "tab:blue", "auto": "tab:orange"}
     for offset, mode in ((-width / 2, "fixed"), (width / 2, "auto")):
         label = "named adapter" if mode == "fixed" else "auto (SEQR routed)"
         left.bar(
-            [x + offset for x in xs], [v[mode]["tokens_per_s"] for v in levels], width, label=label
+            [x + offset for x in xs],
+            [v[mode]["tokens_per_s"] for v in levels],
+            width,
+            label=label,
+            color=colors[mode],
         )
         right.plot(
-            labels, [v[mode]["latency_p50_s"] for v in levels], marker="o", label=f"{mode} p50"
+            labels,
+            [v[mode]["latency_p50_s"] for v in levels],
+            marker="o",
+            color=colors[mode],
+            label=f"{label} p50",
         )
         right.plot(
             labels,
             [v[mode]["latency_p99_s"] for v in levels],
             marker="x",
             linestyle="--",
-            label=f"{mode} p99",
+            color=colors[mode],
+            label=f"{label} p99",
         )
     for x, v in zip(xs, levels, strict=True):
         top = max(v["fixed"]["tokens_per_s"], v["auto"]["tokens_per_s"])
