@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "registry serve": ("seqr.cli.registry:serve_main", "serve a registry folder over HTTP"),
     "server refresh": ("seqr.cli.server:refresh_main", "re-sign what is close to expiry"),
     "route": ("seqr.cli.route:main", "audit a registry, route (and generate) with its adapters"),
+    "serve": ("seqr.cli.serve:main", "OpenAI-compatible server that routes every request"),
+    "bench serve": ("seqr.consumer.serve.bench:main", "seqr serve: auto vs named adapter"),
     "bench generation": ("seqr.sim.bench_generation:main", "routed vs fixed-adapter generate"),
     "deploy certs": (
         "seqr.deploy.certs:main",

@@ -38,7 +38,7 @@ import torch
 from seqr.consumer.calibration import calibrated_statistics
 from seqr.consumer.config import RouterConfig
 from seqr.consumer.scorable import unscorable_reasons
-from seqr.core.base_model import load_base_model
+from seqr.core.base_model import BaseModel, load_base_model
 from seqr.core.errors import ConfigError, DataError, ModelError, RegistryError
 from seqr.core.federation import DEFAULT_BASE_MODEL
 from seqr.core.manifest import ADAPTER_WEIGHTS_NAME, NORM_STATS_NAME, Manifest
@@ -214,8 +214,13 @@ class RegistryRouter:
         base_model: str | None = None,
         cache_dir: Path | str | None = None,
         config: RouterConfig | None = None,
+        base: BaseModel | None = None,
     ) -> RegistryRouter:
-        """Steps 2-5 for a registry that ``audit_registry`` just verified."""
+        """Steps 2-5 for a registry that ``audit_registry`` just verified.
+
+        ``base``: an already loaded base model to wrap instead of loading one (a server keeps
+        one in memory); its hash must still be the one every manifest signed.
+        """
         report = verified.report
         if not verified.adapters:
             raise RegistryError(
@@ -226,9 +231,12 @@ class RegistryRouter:
         wanted = {a.manifest.base_model_sha256 for a in adapters}
         if len(wanted) != 1:
             raise RegistryError(f"the adapters were trained on {len(wanted)} base models")
-        model = base_model or DEFAULT_BASE_MODEL
+        expected, model = wanted.pop(), base_model or DEFAULT_BASE_MODEL
+        if base is not None and base.sha256 != expected:
+            raise ModelError(f"base model {base.name!r} has sha256 {base.sha256} but the "
+                             f"adapters were trained on {expected}")  # fmt: skip
         try:
-            base = load_base_model(model, cache_dir=cache_dir, expected_sha256=wanted.pop())
+            base = base or load_base_model(model, cache_dir=cache_dir, expected_sha256=expected)
         except ModelError as exc:
             raise ModelError(f"{exc} (choose it with --base-model / base_model=)") from None
         return cls(base, adapters, report, config)

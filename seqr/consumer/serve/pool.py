@@ -1,0 +1,165 @@
+"""Query statistics the server measures on its own traffic, which no adapter author can steer.
+
+SEQR z-scores with each adapter's own signed (mu, sigma) (arXiv 2509.18093); a submitter who
+lies about them hijacks routing (SECURITY.md). Query statistics (seqr.core.model_routing.reference,
+``per_sequence``) are instead the moments of each adapter's per-sequence score over unlabeled
+inputs like the ones being routed: here, the prompts this server routed itself. The pool keeps,
+per routed prompt, only the (M, N) matrix of its per-module token-mean raw scores (never the
+text, never logged, never sent anywhere) and is:
+
+- bounded: at most ``capacity`` prompts; a routed adapter's group holds at most
+  ``max_share * capacity`` (its oldest go first), and when the pool is full the oldest prompt of
+  the largest group goes;
+- decaying: a prompt's weight halves every ``half_life`` later prompts, so the moments follow
+  the traffic;
+- not dominated by one domain: the groups' total weights are capped at ``max_share`` each
+  (water-filling; equal shares when fewer than 1 / max_share groups exist), so a flood of one
+  kind of prompt cannot shift every adapter's moments towards it.
+
+Until the pool is warm (``warm_sequences`` prompts scored by an adapter, ``warm_adapters`` routed
+adapters seen) the adapters' own statistics are used. After a registry update, adapters the
+pool has not yet scored often enough are *pending*: scored on every prompt (which fills their
+column) but not chosen by ``auto`` until their moments exist, so a new adapter never routes on
+statistics its author wrote.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from seqr.consumer.serve.config import PoolConfig
+from seqr.consumer.serve.scoring import Calibration
+from seqr.core.errors import ShapeError
+
+
+@dataclass(frozen=True)
+class _Entry:
+    shas: tuple[str, ...]  # the adapters scored, by column
+    modules: tuple[str, ...]
+    routed: str  # sha of the adapter the prompt was routed to: its group
+    scores: np.ndarray  # (M, N) float64 per-sequence raw scores
+    serial: int  # insertion number; age = later insertions
+
+
+def capped_shares(weights: np.ndarray, cap: float) -> np.ndarray:
+    """Shares proportional to ``weights`` with none above ``cap`` (water-filling): groups over
+    the cap are fixed at it and the rest is shared in proportion; equal shares if K cap <= 1."""
+    k = len(weights)
+    if k * cap <= 1 or weights.sum() <= 0:
+        return np.full(k, 1.0 / k)
+    shares = weights / weights.sum()
+    fixed = np.zeros(k, dtype=bool)
+    while True:
+        over = (shares > cap) & ~fixed
+        if not over.any():
+            return shares
+        fixed |= over
+        rest = ~fixed
+        shares[fixed] = cap
+        shares[rest] = weights[rest] / weights[rest].sum() * (1.0 - cap * fixed.sum())
+
+
+class QueryPool:
+    """Per-sequence raw scores of served prompts (module docstring); one engine thread adds."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self._groups: dict[str, deque[_Entry]] = {}
+        self._serial = 0
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[int, Calibration]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self._groups.values())
+
+    def __repr__(self) -> str:  # never the scores: they describe served prompts
+        return f"QueryPool({len(self)} prompts)"
+
+    def add(
+        self, shas: tuple[str, ...], modules: tuple[str, ...], routed: str, raw: torch.Tensor
+    ) -> None:
+        """One routed prompt's (M, N) raw scores; non-finite ones are dropped."""
+        scores = raw.detach().to("cpu", torch.float64).numpy().copy()
+        if scores.shape != (len(modules), len(shas)):
+            raise ShapeError(f"pool scores {scores.shape} != ({len(modules)}, {len(shas)})")
+        if not np.isfinite(scores).all():
+            return
+        with self._lock:
+            self._serial += 1
+            group = self._groups.setdefault(routed, deque())
+            group.append(_Entry(shas, modules, routed, scores, self._serial))
+            if len(group) > max(1, int(self.config.max_share * self.config.capacity)):
+                group.popleft()
+            if len(self) > self.config.capacity:
+                max(self._groups.values(), key=len).popleft()
+
+    def calibration(
+        self,
+        shas: tuple[str, ...],
+        names: tuple[str, ...],
+        modules: tuple[str, ...],
+        own: Calibration,
+    ) -> Calibration:
+        """The statistics to route a version's adapters (``shas``, called ``names``) with now
+        (module docstring)."""
+        key = (shas, modules)
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None and self._serial - cached[0] < self.config.refresh_every:
+                return cached[1]
+            serial = self._serial
+            entries = [e for g in self._groups.values() for e in g if e.modules == modules]
+        result = self._compute(entries, serial, shas, names, own)
+        with self._lock:
+            self._cache[key] = (serial, result)
+            if len(self._cache) > 4:  # old versions' entries
+                self._cache.pop(next(iter(self._cache)))
+        return result
+
+    def _compute(
+        self,
+        entries: list[_Entry],
+        serial: int,
+        shas: tuple[str, ...],
+        names: tuple[str, ...],
+        own: Calibration,
+    ) -> Calibration:
+        cfg = self.config
+        groups = {e.routed for e in entries}
+        if len(groups) < min(cfg.warm_adapters, len(shas)):
+            return own
+        mean, std = own.mean.clone(), own.std.clone()
+        routable = torch.zeros(len(shas), dtype=torch.bool)
+        for i, sha in enumerate(shas):
+            rows = [(e, e.shas.index(sha)) for e in entries if sha in e.shas]
+            if len(rows) < cfg.warm_sequences:
+                continue
+            values = np.stack([e.scores[:, col] for e, col in rows])  # (n, M)
+            decay = np.array([0.5 ** ((serial - e.serial) / cfg.half_life) for e, _ in rows])
+            labels = [e.routed for e, _ in rows]
+            order = sorted(set(labels))
+            index = np.array([order.index(label) for label in labels])
+            totals = np.bincount(index, weights=decay, minlength=len(order))
+            shares = capped_shares(totals, cfg.max_share)
+            weights = shares[index] * decay / totals[index]  # sums to 1
+            mu = weights @ values  # (M,)
+            var = weights @ (values - mu) ** 2
+            mean[:, i] = torch.from_numpy(mu)
+            floor = 1e-6 * mean[:, i].abs() + 1e-12  # a constant score must not divide by 0
+            std[:, i] = torch.maximum(torch.from_numpy(np.sqrt(var)), floor)
+            routable[i] = True
+        if int(routable.sum()) < min(2, len(shas)):
+            return own
+        pending = tuple(n for n, ok in zip(names, routable.tolist(), strict=True) if not ok)
+        return Calibration("queries", mean, std, routable, len(entries), pending)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counts only (for /metrics and the page): prompts held, routed groups."""
+        with self._lock:
+            return {"prompts": len(self), "groups": len(self._groups)}

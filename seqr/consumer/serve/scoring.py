@@ -1,0 +1,139 @@
+"""Per-sequence SEQR over a prompt, with statistics that can change while the server runs.
+
+The routing pass is RegistryRouter's first pass (RoutedModel: the base model on the prompt, as
+peft's ``"__base__"`` rows or, with ``first_pass_dtype``, a bf16 copy of it); each LoRA module's
+router gives raw scores (the norm ||R_i A x|| of SEQR, arXiv 2509.18093, or its gain per unit
+||A x||) for every token, and the hooks keep each sequence's token mean per module: ``raw`` of
+shape (B, M, N).
+
+A z-score is affine per (module, adapter), so the token mean of z-scores is the z-score of the
+token mean: (mean_t g_t - mu) / sigma. The decision is then the mean over modules of
+(raw - mu) / sigma, exactly RoutedModel's ``aggregation="mean"`` (mean over every (token,
+module) pair), for whichever (mu, sigma) are in use: the adapters' own signed statistics, or
+query statistics the server measures on its own traffic (pool.py). Keeping ``raw`` also gives
+the pool its sample without a second pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from seqr.core.errors import ShapeError, ValueCheckError
+from seqr.core.model_routing.modules import RoutedModule
+from seqr.core.routing import SeqrRouter
+from seqr.core.routing.gain import input_energy
+from seqr.core.stats import NormStatistics
+
+# RoutedModel's first pass: a callable running the base model on (ids, mask), and the scored
+# modules hooked into that model (the model itself, or its bf16 copy: first_pass_dtype).
+FirstPass = tuple[Callable[[torch.Tensor, torch.Tensor], Any], list[RoutedModule]]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The (mu, sigma) every adapter's scores are z-scored with, per module."""
+
+    kind: str  # "own": the adapters' signed statistics; "queries": measured on served prompts
+    mean: torch.Tensor  # (M, N) float64
+    std: torch.Tensor  # (M, N) float64, > 0
+    routable: torch.Tensor  # (N,) bool: adapters "auto" may choose (pool.py: pending ones not)
+    pool_sequences: int = 0  # prompts whose scores made these statistics (queries)
+    pending: tuple[str, ...] = field(default=())  # adapters still waiting for their statistics
+
+    def describe(self) -> dict[str, Any]:
+        """What a response says about the calibration (never the statistics themselves)."""
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "queries":
+            out["pool_sequences"] = self.pool_sequences
+        if self.pending:
+            out["pending_adapters"] = list(self.pending)
+        return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One adapter per sequence and the evidence for it."""
+
+    indices: list[int]  # the chosen adapter per sequence
+    scores: torch.Tensor  # (B, N) float64: mean z-score over the prompt's tokens and modules
+    margin: list[float | None]  # chosen minus runner-up (None: nothing else could be chosen)
+    runner_up: list[int | None]
+
+
+def own_calibration(stats: list[NormStatistics], modules: list[str]) -> Calibration:
+    """Each adapter's own signed per-module moments (what RegistryRouter uses by default)."""
+    mean = torch.empty(len(modules), len(stats), dtype=torch.float64)
+    std = torch.empty_like(mean)
+    for i, adapter in enumerate(stats):
+        for m, name in enumerate(modules):
+            moments = adapter.modules.get(name)
+            if moments is None or moments.n != 1:
+                raise ShapeError(f"adapter {i}: no statistics for LoRA module {name}")
+            mean[m, i], std[m, i] = float(moments.mean[0]), float(moments.std[0])
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+        raise ValueCheckError("own statistics hold a non-finite mean or a std <= 0")
+    return Calibration("own", mean, std, torch.ones(len(stats), dtype=torch.bool))
+
+
+def module_names(modules: list[RoutedModule]) -> tuple[str, ...]:
+    return tuple(m.name for m in modules)
+
+
+@torch.no_grad()
+def sequence_scores(first_pass: FirstPass, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, M, N) float64: each sequence's mean raw score per module over its valid tokens."""
+    run, modules = first_pass
+    for module in modules:
+        if not isinstance(module.router, SeqrRouter):
+            raise ShapeError(f"module {module.name} is not routed by SEQR")
+    out = torch.zeros(ids.shape[0], len(modules), len(modules[0].router), dtype=torch.float64)
+    weights = mask.to(torch.float64).unsqueeze(-1)  # (B, T, 1): padding adds nothing
+    tokens = weights.sum(dim=1)  # (B, 1)
+
+    def hook_for(index: int, module: RoutedModule) -> Any:
+        router: SeqrRouter = module.router  # type: ignore[assignment]
+
+        def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            x = args[0] if args else kwargs["x"]  # (B, T, d_in)
+            h = module.project(x.reshape(-1, x.shape[-1]))  # (B T, r) = A x
+            if module.score == "gain":
+                h = h / input_energy(h)
+            norms = router.norms_from_projection(h).reshape(*x.shape[:-1], -1)  # (B, T, N)
+            out[:, index] = (norms.double() * weights.to(norms.device)).sum(dim=1).cpu() / tokens
+
+        return hook
+
+    handles = [
+        m.layer.register_forward_hook(hook_for(i, m), with_kwargs=True)
+        for i, m in enumerate(modules)
+    ]
+    try:
+        run(ids, mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out
+
+
+def decide(raw: torch.Tensor, calibration: Calibration) -> Decision:
+    """SEQR per sequence: argmax over routable adapters of mean_m (raw - mu) / sigma."""
+    if raw.shape[1:] != calibration.mean.shape:
+        raise ShapeError(
+            f"scores of shape {tuple(raw.shape[1:])} do not fit statistics of shape "
+            f"{tuple(calibration.mean.shape)}"
+        )
+    scores = ((raw - calibration.mean) / calibration.std).mean(dim=1)  # (B, N)
+    masked = scores.masked_fill(~calibration.routable, float("-inf"))
+    indices, margins, runners = [], [], []
+    for row in masked:
+        order = torch.argsort(row, descending=True, stable=True).tolist()
+        best = order[0]
+        runner = order[1] if len(order) > 1 and torch.isfinite(row[order[1]]) else None
+        indices.append(best)
+        runners.append(runner)
+        margins.append(None if runner is None else float(row[best] - row[runner]))
+    return Decision(indices, scores, margins, runners)

@@ -1,0 +1,181 @@
+"""Query statistics (seqr/consumer/serve/pool.py): the server starts from the adapters' own
+statistics, switches to moments of its own routed prompts once the pool is warm, caps what one
+routed adapter's prompts weigh, forgets old prompts, keeps a new adapter out of ``auto`` until
+it has its own moments, and SEQR under those statistics still equals brute force."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from _route_world import domain_text
+from _serve_world import ServeWorld, serve_world
+
+from seqr.consumer.router import RouterConfig
+from seqr.consumer.serve.config import PoolConfig
+from seqr.consumer.serve.live import build_version
+from seqr.consumer.serve.pool import QueryPool, capped_shares
+from seqr.consumer.serve.scoring import decide, sequence_scores
+from seqr.consumer.serve.source import RegistrySource
+from seqr.core.base_model import load_base_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+M, SHAS, MODULES = 2, ("a", "b", "c"), ("m0", "m1")
+
+
+@pytest.fixture(scope="module")
+def world() -> ServeWorld:
+    return serve_world()
+
+
+@pytest.fixture(scope="module")
+def version(world: ServeWorld) -> Any:
+    base = load_base_model(str(world.model_dir))
+    return build_version(
+        base, RegistrySource(str(world.registry)).audited(), RouterConfig(), ("auto", "base")
+    )
+
+
+def own_like(n: int = 3) -> Any:
+    from seqr.consumer.serve.scoring import Calibration
+
+    return Calibration(
+        "own",
+        torch.zeros(M, n, dtype=torch.float64),
+        torch.ones(M, n, dtype=torch.float64),
+        torch.ones(n, dtype=torch.bool),
+    )
+
+
+def scores(value: float, n: int = 3) -> torch.Tensor:
+    return torch.full((M, n), value, dtype=torch.float64)
+
+
+def test_capped_shares_water_fill() -> None:
+    assert capped_shares(np.array([8.0, 1.0, 1.0]), 0.5) == pytest.approx([0.5, 0.25, 0.25])
+    assert capped_shares(np.array([6.0, 3.0, 1.0]), 0.5) == pytest.approx([0.5, 0.375, 0.125])
+    assert capped_shares(np.array([9.0, 1.0]), 0.25) == pytest.approx([0.5, 0.5])  # K cap < 1
+    assert capped_shares(np.array([1.0, 1.0, 2.0]), 0.9) == pytest.approx([0.25, 0.25, 0.5])
+
+
+def test_own_statistics_until_the_pool_is_warm() -> None:
+    pool = QueryPool(PoolConfig(warm_sequences=4, warm_adapters=2, refresh_every=1))
+    own = own_like()
+    for i in range(4):
+        pool.add(SHAS, MODULES, "a", scores(float(i)))
+        assert pool.calibration(SHAS, SHAS, MODULES, own) is own  # one routed adapter only
+    pool.add(SHAS, MODULES, "b", scores(10.0))
+    calibration = pool.calibration(SHAS, SHAS, MODULES, own)
+    assert calibration.kind == "queries" and calibration.pool_sequences == 5
+    assert calibration.describe() == {"kind": "queries", "pool_sequences": 5}
+    assert bool(calibration.routable.all()) and not calibration.pending
+
+
+def test_one_routed_adapters_prompts_cannot_dominate_the_moments() -> None:
+    """A flood of prompts routed to "a" (score 0) against a few routed to "b" (score 1): with
+    the weight of each routed group capped at 1/2 the mean is 0.5, not ~0.01."""
+    config = PoolConfig(
+        capacity=400, max_share=0.5, warm_sequences=4, half_life=10**6, refresh_every=1
+    )
+    pool = QueryPool(config)
+    for _ in range(300):
+        pool.add(SHAS, MODULES, "a", scores(0.0))
+    for _ in range(4):
+        pool.add(SHAS, MODULES, "b", scores(1.0))
+    calibration = pool.calibration(SHAS, SHAS, MODULES, own_like())
+    assert calibration.kind == "queries"
+    assert calibration.mean.numpy() == pytest.approx(np.full((M, 3), 0.5), abs=1e-3)
+    assert calibration.std.numpy() == pytest.approx(np.full((M, 3), 0.5), abs=1e-3)
+    assert len(pool) == 204  # group "a" holds at most max_share * capacity = 200 prompts
+
+
+def test_old_prompts_weigh_less_than_new_ones() -> None:
+    config = PoolConfig(
+        capacity=64, max_share=1.0, warm_sequences=2, warm_adapters=1, half_life=4, refresh_every=1
+    )
+    pool = QueryPool(config)
+    pool.add(SHAS, MODULES, "a", scores(0.0))
+    for _ in range(8):  # two half-lives later the first prompt weighs 1/4 of a new one
+        pool.add(SHAS, MODULES, "a", scores(1.0))
+    weights = np.array([0.5 ** (8 / 4)] + [0.5 ** (k / 4) for k in range(7, -1, -1)])
+    expected = weights[1:].sum() / weights.sum()
+    assert pool.calibration(SHAS, SHAS, MODULES, own_like()).mean[0, 0] == pytest.approx(expected)
+
+
+def test_a_new_adapter_is_pending_until_the_pool_has_scored_it() -> None:
+    pool = QueryPool(PoolConfig(warm_sequences=3, refresh_every=1))
+    old = SHAS[:2]
+    for i in range(6):
+        pool.add(old, MODULES, old[i % 2], scores(float(i), n=2))
+    calibration = pool.calibration(SHAS, ("A", "B", "C"), MODULES, own_like())
+    assert calibration.kind == "queries" and calibration.pending == ("C",)
+    assert calibration.routable.tolist() == [True, True, False]
+    decision = decide(
+        torch.stack([scores(0.0), scores(0.0)]) + torch.tensor([0, 0, 99.0]), calibration
+    )
+    assert 2 not in decision.indices  # the pending adapter is never chosen
+    for i in range(3):  # scored on every routed prompt, it becomes routable
+        pool.add(SHAS, MODULES, SHAS[i % 2], scores(float(i)))
+    assert not pool.calibration(SHAS, ("A", "B", "C"), MODULES, own_like()).pending
+
+
+def test_repr_shows_no_scores() -> None:
+    pool = QueryPool(PoolConfig())
+    pool.add(SHAS, MODULES, "a", scores(123.456))
+    assert repr(pool) == "QueryPool(1 prompts)" and "123" not in repr(pool)
+
+
+@torch.no_grad()
+def brute_force(version: Any, ids: list[int], mean: torch.Tensor, std: torch.Tensor) -> Any:
+    """Mean over tokens and modules of (||B_i A x|| [/ ||A x||] - mu) / sigma, with B_i and A
+    read from each peft LoRA layer and multiplied out: no QR, no seqr routing code."""
+    model = version.peft_model
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        m.layer.register_forward_hook(lambda mod, a, o, n=m.name: inputs.__setitem__(n, a[0][0]))
+        for m in version.first_pass[1]
+    ]
+    with model.disable_adapter():
+        model(input_ids=torch.tensor([ids]))
+    for handle in handles:
+        handle.remove()
+    z = torch.zeros(len(version.first_pass[1]), len(version.names), dtype=torch.float64)
+    for m_index, module in enumerate(version.first_pass[1]):
+        x = inputs[module.name].double()
+        for i in range(len(version.names)):
+            a = module.layer.lora_A[f"a{i}"].weight.double()
+            b = module.layer.lora_B[f"a{i}"].weight.double()
+            value = (x @ a.T @ b.T).norm(dim=-1)
+            if module.score == "gain":
+                value = value / (x @ a.T).norm(dim=-1)
+            z[m_index, i] = (value.mean() - mean[m_index, i]) / std[m_index, i]
+    return z.mean(dim=0)
+
+
+def test_seqr_equals_brute_force_under_query_statistics(version: Any) -> None:
+    base_tokenizer = version.router.tokenizer
+    pool = QueryPool(PoolConfig(warm_sequences=6, refresh_every=1))
+    texts = [domain_text(d, 1, seed) for seed in (3, 4, 5) for d in ("code", "digits", "upper")]
+    own = version.own
+    for text in texts:  # route each prompt, then pool its raw scores (what the engine does)
+        ids = torch.tensor([base_tokenizer(text)["input_ids"]])
+        raw = sequence_scores(version.first_pass, ids, torch.ones_like(ids))
+        chosen = decide(raw, pool.calibration(version.shas, version.names, version.modules, own))
+        pool.add(version.shas, version.modules, version.shas[chosen.indices[0]], raw[0])
+    calibration = pool.calibration(version.shas, version.names, version.modules, own)
+    assert calibration.kind == "queries"
+    assert not torch.allclose(calibration.mean, own.mean)  # other statistics than the own ones
+    probe = [domain_text(d, 2, 9) for d in ("code", "digits", "upper")]
+    for text in probe:
+        ids = base_tokenizer(text)["input_ids"]
+        raw = sequence_scores(
+            version.first_pass,
+            torch.tensor([ids]),
+            torch.ones(1, len(ids), dtype=torch.long),
+        )
+        decision = decide(raw, calibration)
+        expected = brute_force(version, ids, calibration.mean, calibration.std)
+        assert decision.scores[0] == pytest.approx(expected, abs=1e-4)
+        assert decision.indices[0] == int(torch.argmax(expected))
