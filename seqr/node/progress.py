@@ -58,7 +58,8 @@ class NodeProgress:
         now = time.time()
         self.state = {"format": PROGRESS_FORMAT, "client": self.name, "stage": "starting",
                       "step": 0, "steps": 0, "loss": None, "losses": [], "started": now,
-                      "stage_started": now, "updated": now, "reason": ""}  # fmt: skip
+                      "stage_started": now, "stage_times": {"starting": now}, "updated": now,
+                      "reason": ""}  # fmt: skip
 
     @classmethod
     def resume(cls, folder: Path | None, name: str) -> NodeProgress:
@@ -75,6 +76,7 @@ class NodeProgress:
             raise ValueError(f"unknown progress stage {stage!r}")
         now = time.time()
         self.state.update(stage=stage, stage_started=now, reason=reason[:MAX_REASON_CHARS])
+        self.state["stage_times"][stage] = now  # when each stage began: wall time per stage
         self._write(now)
 
     def step(self, step: int, steps: int, loss: float) -> None:
@@ -123,6 +125,9 @@ def read_progress(path: Path) -> dict[str, Any]:
     for key in ("started", "stage_started", "updated"):
         if not _finite(state.get(key)):
             raise FormatError(f"{path.name}: {key} must be a number")
+    times = state.get("stage_times")
+    if not isinstance(times, dict) or not all(k in STAGES and _finite(v) for k, v in times.items()):
+        raise FormatError(f"{path.name}: stage_times must map stages to times")
     if state.get("loss") is not None and not _finite(state["loss"]):
         raise FormatError(f"{path.name}: loss must be a number or null")
     losses = state.get("losses")

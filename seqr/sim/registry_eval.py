@@ -6,11 +6,13 @@ operator printed) comes first; the adapters evaluated are exactly the audited en
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from seqr.core.errors import DataError
 from seqr.sim.federation_run import FederationResult
 
 
@@ -56,19 +58,41 @@ def routing_timing(ns: tuple[int, ...], d_in: int, r: int) -> list[dict[str, Any
     return [row for n in ns for row in bench_point(n, d_in, r, cfg)]
 
 
-def evaluate_registry(cfg: Any, result: FederationResult, domains: list[Path]) -> dict[str, Any]:
+def evaluate_registry(
+    cfg: Any,
+    result: FederationResult,
+    domains: list[Path],
+    stage: Callable[[str, int], Callable[[int], None]] | None = None,
+) -> dict[str, Any]:
+    """Audit the registry as a client does, then evaluate its adapters on held-out text.
+
+    Only admitted adapters are evaluated (a client that failed or was refused has none); at
+    least two are needed to route. ``stage(name, total)`` is told each stage as it starts.
+    """
     from seqr.core.base_model import load_base_model
     from seqr.registry.audit import AuditConfig, audit_registry
     from seqr.sim.evaluate import EvalConfig, evaluate
     from seqr.sim.library import exports_from_audit, load_library, lora_shape
 
+    def begin(name: str, total: int = 0) -> Callable[[int], None]:
+        return stage(name, total) if stage is not None else (lambda done: None)
+
     fed = result.federation
+    begin("audit the published registry")
     report = audit_registry(
         result.registry,
         result.work / "trusted_state.json",
         config=AuditConfig(expected_root_sha256=result.root_sha256),
     )
     exports = exports_from_audit(result.registry, report.entries)  # named after the domains
+    not_admitted = sorted({d.name for d in domains} - set(exports))
+    if len(exports) < 2:
+        raise DataError(
+            f"only {len(exports)} of {len(domains)} clients were admitted ({sorted(exports)}); "
+            f"routing needs at least 2. Not admitted: {', '.join(not_admitted)} (see the "
+            "client lines above and status.json for each reason)"
+        )
+    begin("load the base model and the admitted adapters")
     base = load_base_model(fed.base_model, expected_sha256=fed.base_model_sha256)
     heldout = heldout_chunks([d for d in domains if d.name in exports], base.tokenizer, fed)
     library = load_library(base.model, exports)
@@ -79,8 +103,11 @@ def evaluate_registry(cfg: Any, result: FederationResult, domains: list[Path]) -
         make_base=lambda: load_base_model(fed.base_model).model,
         export_paths=[str(p) for p in exports.values()],
         reference=reference_chunks(cfg.data, domains, base.tokenizer, fed),
+        stage=lambda name, total: begin(name, total),
     )
     r, d_in = lora_shape(library)
+    begin("routing time against the number of adapters")
+    timing = routing_timing(cfg.timing_ns, d_in, r)
     return {
         "evaluation": evaluation,
         "audit": {
@@ -89,6 +116,6 @@ def evaluate_registry(cfg: Any, result: FederationResult, domains: list[Path]) -
             "tree_size": report.tree_size,
             "seconds": report.seconds,
         },  # fmt: skip
-        "not_admitted": sorted({d.name for d in domains} - set(exports)),
-        "timing_rows": routing_timing(cfg.timing_ns, d_in, r),
+        "not_admitted": not_admitted,
+        "timing_rows": timing,
     }

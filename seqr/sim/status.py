@@ -57,6 +57,7 @@ class StatusBoard:
     _stage_started: float = field(default_factory=time.time)
     _shown: dict[str, tuple[str, int]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _written: float = 0.0  # when status.json was last written
 
     # ---- stages ---------------------------------------------------------------------
     def begin(self, stage: str, detail: str = "", total: int = 0) -> None:
@@ -165,8 +166,6 @@ class StatusBoard:
         return None
 
     # ---- status.json ----------------------------------------------------------------
-    _written: float = 0.0
-
     def snapshot(self) -> dict[str, Any]:
         now = time.time()
         eta = self.eta_s(now)
@@ -213,3 +212,34 @@ class StatusBoard:
             stop.set()
             thread.join()
             self.poll()
+
+
+def client_outcomes(board: StatusBoard, not_admitted: list[str]) -> list[dict[str, Any]]:
+    """Per client, for the report: its verdict (the audited registry decides "admitted"),
+    the reason when it has none, its training loss curve and its wall time per stage."""
+    out = []
+    for name in board.clients:
+        state = board.client_state.get(name)
+        if name not in not_admitted:
+            verdict, reason = "admitted", ""
+        elif state is None:
+            verdict, reason = "no reply", "the client never reported progress"
+        elif state["stage"] in ("failed", "rejected"):
+            verdict, reason = state["stage"], state["reason"]
+        else:
+            verdict, reason = "not admitted", f"last seen {state['stage']}; not in the registry"
+        times = dict(sorted((state or {}).get("stage_times", {}).items(), key=lambda kv: kv[1]))
+        stages = list(times)
+        seconds = {
+            stage: round(times[nxt] - times[stage], 1)
+            for stage, nxt in zip(stages, stages[1:], strict=False)
+            if stage in ("starting", "training", "calibrating", "exporting")
+        }
+        out.append({
+            "client": name,
+            "verdict": verdict,
+            "reason": reason,
+            "losses": (state or {}).get("losses", []),
+            "stage_seconds": seconds,
+        })  # fmt: skip
+    return out
