@@ -16,6 +16,7 @@ def test_example_names_every_federation_key_each_with_a_comment_above_it():
     text = EXAMPLE.read_text()
     assert sorted(tomllib.loads(text)) == sorted(FederationConfig.keys())
     lines = text.splitlines()
-    for key in FederationConfig.keys():
+    names = FederationConfig.keys()
+    for key in names:
         at = next(i for i, line in enumerate(lines) if line.startswith(f"{key} = "))
         assert lines[at - 1].startswith("#") or lines[at - 2].startswith("#"), key
