@@ -113,12 +113,15 @@ def test_board_prints_one_line_per_client_change_and_writes_status_json(tmp_path
         "failed", "DataError: the node's private data is unusable"
     )
     board.poll()
-    client_lines = [line for line in lines if line.startswith("[client")]
+    client_lines = [
+        line.split("; federation ETA")[0] for line in lines if line.startswith("[client")
+    ]
     assert client_lines == [
         "[client 1/2] code: training step 1/10, loss 2.500 (0 s)",
         "[client 1/2] code: submitted (0 s)",
         "[client 2/2] poems: failed: DataError: the node's private data is unusable (0 s)",
     ]
+    assert "; federation ETA" in lines[-1]  # once training has started, each poll's last line
     status = json.loads((tmp_path / "out" / STATUS_NAME).read_text())
     assert status["stage"] == "federation"
     assert status["counts"] == {"submitted": 1, "failed": 1}

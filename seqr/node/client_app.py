@@ -208,7 +208,8 @@ def verdict(msg: Message, context: Context) -> Message:
     log.info("server verdict: %s", {k: v for k, v in record.items() if not isinstance(v, bytes)})
     status, reason, message = (str(record.get(k, "")) for k in ("status", "reason", "message"))
     folder = _node_only_setting(context, "progress-dir")
-    if folder is not None and status in ("admitted", "rejected", "failed"):
+    # "failed": the node wrote its own reason when it failed; the server's adds nothing.
+    if folder is not None and status in ("admitted", "rejected"):
         with contextlib.suppress(OSError, SeqrError):
             progress = NodeProgress.resume(Path(folder), _progress_name(context))
             progress.stage(status, "" if status == "admitted" else f"{reason}: {message}")

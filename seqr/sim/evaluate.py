@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from seqr.core.errors import ConfigError, DataError
 from seqr.sim.eval_losses import heldout_losses
-from seqr.sim.eval_scores import ExtraScorers, HeldOutScores, score_heldout
+from seqr.sim.eval_scores import TEST_ONLY, ExtraScorers, HeldOutScores, score_heldout
 from seqr.sim.library import AdapterLibrary
 from seqr.sim.significance import mcnemar_exact, wilson_interval
 
@@ -263,18 +263,31 @@ def _all_routing_metrics(
     per_sequence: dict[str, torch.Tensor] = {
         **{label: cal.z(raw["seqr"]) for label, cal in scores.calibrations.items()},
         "seqr_raw": raw["seqr"],
-        "brute_force": own.z(raw["brute_force"]),  # the same scores as "seqr": exactness
         **{m: v for m, v in raw.items() if m not in ("seqr", "brute_force")},
     }
-    token = {"brute_force": scores.token_means["brute_force_z"]}
-    token.update({m: v for m, v in scores.token_means.items() if m != "brute_force_z"})
-    seconds = {m: scores.seconds.get(m, scores.seconds["seqr"]) for m in per_sequence}
+    token = {m: v for m, v in scores.token_means.items() if m != "brute_force_z"}
+    rows = {m: (scores.rows if m not in TEST_ONLY else int(is_test.sum())) for m in raw}
     results, decisions = {}, {}
     for method, module_means in per_sequence.items():
         results[method], decisions[method] = _routing_metrics(
             module_means, token.get(method), scores.module_layers, labels, is_test, n
         )
-        results[method]["routing_seconds_per_sequence"] = seconds[method] / max(scores.rows, 1)
+        seconds = scores.seconds.get(method, scores.seconds["seqr"])
+        results[method]["routing_seconds_per_sequence"] = seconds / max(scores.rows, 1)
+    # Brute force, test rows only, z-scored with the adapters' own statistics and aggregated
+    # over the layers SEQR chose: the same scores as "seqr", computed directly (exactness).
+    layers = results["seqr"]["layers"]
+    brute = decide(own.z(raw["brute_force"]), masks_for(scores.module_layers)[layers])
+    decisions["brute_force"] = torch.full_like(labels, -1).masked_scatter(is_test, brute)
+    token_brute = scores.token_means["brute_force_z"].argmax(dim=-1)
+    results["brute_force"] = {
+        "routing_accuracy": accuracy(brute, labels[is_test]),
+        "aggregation": f"mean of token scores over {layers} (SEQR's choice)",
+        "layers": layers,
+        "confusion": confusion(brute, labels[is_test], n),
+        "per_token_routing_accuracy": float((token_brute == labels[is_test, None]).double().mean()),
+        "routing_seconds_per_sequence": scores.seconds["brute_force"] / max(rows["brute_force"], 1),
+    }
     return results, decisions
 
 
@@ -318,9 +331,9 @@ def _agreements(
     test = is_test
     agreement = float((decisions["seqr"][test] == decisions["brute_force"][test]).double().mean())
     # Brute force z-scored with the selected calibration's statistics, same layers as SEQR's.
-    brute = scores.calibrations[selected].z(scores.module_means["brute_force"])
+    brute = scores.calibrations[selected].z(scores.module_means["brute_force"])  # test rows
     brute_choice = decide(brute, masks_for(scores.module_layers)[results[selected]["layers"]])
-    selected_agreement = float((decisions[selected] == brute_choice)[test].double().mean())
+    selected_agreement = float((decisions[selected][test] == brute_choice).double().mean())
     tokens = scores.token_means
     token_agreement = float(
         (tokens["seqr"].argmax(-1) == tokens["brute_force_z"].argmax(-1)).double().mean()

@@ -110,6 +110,9 @@ class StatusBoard:
                 line = self._client_line(name, state)
                 if line:
                     lines.append(line)
+            eta = self.eta_s(time.time()) if self.stage == "federation" else None
+            if lines and eta is not None:
+                lines[-1] += f"; federation ETA {_duration(eta)}"
             self._write()
         for line in lines:
             self.echo(line)
