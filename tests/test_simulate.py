@@ -59,6 +59,7 @@ def test_simulation_over_two_seeds_reports_progress_failures_and_mean_and_spread
     summary = json.loads((out / "report.json").read_text())
     assert summary["seeds"] == 2 and summary["accuracy"]["seqr"]["n"] == 2
     assert (out / "report.html").stat().st_size > 1000
+    assert (out / "accuracy_over_seeds.png").stat().st_size > 5_000
     # A second run into the same folder never overwrites a registry; evaluation can be rerun.
     assert main(argv) == 2
     assert main([*argv, "--evaluate-only"]) == 0

@@ -48,8 +48,12 @@ def confusion_png(matrix: list[list[int]], names: Sequence[str], title: str) -> 
     return _png(fig)
 
 
-def accuracy_png(rows: Mapping[str, tuple[float, float, float]], title: str) -> bytes:
-    """Bars of accuracy with Wilson 95% intervals: method -> (accuracy, low, high)."""
+def accuracy_png(
+    rows: Mapping[str, tuple[float, float, float]],
+    title: str,
+    ylabel: str = "routing accuracy (95% interval)",
+) -> bytes:
+    """Bars of accuracy with error bars: method -> (accuracy, low, high)."""
     plt = _plt()
     names = list(rows)
     values = [rows[n][0] for n in names]
@@ -58,7 +62,7 @@ def accuracy_png(rows: Mapping[str, tuple[float, float, float]], title: str) -> 
     fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(names) + 2), 3.8))
     bars = ax.bar(names, values, yerr=errors, capsize=3, color=COLOURS[0])
     ax.bar_label(bars, fmt="%.3f", fontsize=8, padding=6)
-    ax.set(ylabel="routing accuracy (95% interval)", title=title, ylim=(0, 1.08))
+    ax.set(ylabel=ylabel, title=title, ylim=(0, 1.08))
     ax.tick_params(axis="x", rotation=30)
     return _png(fig)
 

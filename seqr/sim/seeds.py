@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from seqr.core.atomic_write import write_atomic
+from seqr.sim import report_plots as plots
 from seqr.sim.report import ACCURACY_ORDER, Block, finite_json, markdown
 from seqr.sim.significance import mean_and_spread
 
@@ -92,6 +93,8 @@ def summary_blocks(summary: dict[str, Any]) -> list[Block]:
                    "two methods smaller than their spread depends on the seed."),
         Block("table", header=["method", "mean", "std", "min–max"],
               rows=[[m, *_spread(s)] for m, s in summary["accuracy"].items()]),
+        Block("plot", "mean routing accuracy over seeds, +- one standard deviation",
+              plot="accuracy_over_seeds.png"),
     ]  # fmt: skip
     if summary["heldout_loss_vs_oracle"]:
         blocks += [
@@ -122,6 +125,13 @@ def write_summary(summary: dict[str, Any], out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     blocks = summary_blocks(summary)
+    spread = {m: (s["mean"], s["mean"] - s["std"], s["mean"] + s["std"])
+              for m, s in summary["accuracy"].items()}  # fmt: skip
+    images = {"accuracy_over_seeds.png": plots.accuracy_png(
+        spread, f"Routing accuracy over {summary['seeds']} seeds (test split)",
+        "routing accuracy (mean +- std)")}  # fmt: skip
+    for name, png in images.items():
+        write_atomic(out / name, png)
     write_atomic(out / "report.json", json.dumps(finite_json(summary), indent=2).encode())
     write_atomic(out / "report.md", markdown(blocks).encode())
-    write_atomic(out / "report.html", render_html(blocks, {}).encode())
+    write_atomic(out / "report.html", render_html(blocks, images).encode())
