@@ -64,7 +64,9 @@ def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["evaluation"]["agreement_seqr_brute_force"] == 1.0
     assert "| seqr |" in (tmp_path / "report.md").read_text()
-    for plot in ("confusion_seqr.png", "accuracy.png", "loss.png"):
+    assert {"confusion_seqr.png", "accuracy.png", "accuracy_per_domain.png",
+            "loss_per_domain.png"} <= set(report["plots"])  # fmt: skip
+    for plot in report["plots"]:
         assert (tmp_path / plot).stat().st_size > 5_000
 
 

@@ -45,7 +45,9 @@ class FederationResult:
             )
         data = json.loads(path.read_text())
         data["federation"] = FederationConfig.from_run_config(data["federation"])
-        return cls(**{**data, "registry": Path(data["registry"]), "work": Path(data["work"])})
+        # The run folder may have moved or been copied: its registry and work folder are the
+        # ones beside this file, not the paths recorded when it was written.
+        return cls(**{**data, "registry": work.parent / "registry", "work": work})
 
 
 def _partitions(work: Path, domains: list[Path]) -> Path:
