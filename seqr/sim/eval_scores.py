@@ -31,6 +31,7 @@ import torch
 from seqr import ArrowRouter, BruteForceRouter, SpectrRouter
 from seqr.core.errors import ValueCheckError
 from seqr.core.model_routing import RoutedModule, blend_statistics, build_routed_modules
+from seqr.core.routing.gain import input_energy
 from seqr.core.stats import NormStatistics, RunningMoments
 
 # extra scorers on raw module inputs: method -> (module name -> (x (M, d_in) -> (M, N)))
@@ -38,10 +39,10 @@ ExtraScorers = Mapping[str, Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
 # Methods scored besides SEQR, each on raw scores (brute force is z-scored afterwards).
 # Brute force checks that SEQR is exact: the report compares the two on test rows only, with
 # SEQR's layers, so it is not scored on validation rows (it is the costliest scorer).
-OTHER_ROUTERS: dict[str, Callable[..., Any]] = {
-    "spectr": SpectrRouter,  # the exact raw norm via the SVD of B_i A, as in the SpectR paper
-    "brute_force": BruteForceRouter,  # ||B_i A x|| computed directly: checks SEQR's exactness
-    "arrow": ArrowRouter,
+OTHER_ROUTERS: dict[str, tuple[Callable[..., Any], str | None]] = {  # (router, score kind)
+    "spectr": (SpectrRouter, "norm"),  # the exact raw norm via the SVD of B_i A (SpectR paper)
+    "brute_force": (BruteForceRouter, None),  # ||B_i A x|| directly, the calibration's kind
+    "arrow": (ArrowRouter, "norm"),  # abs(v_i . x), as in the ARROW paper
 }
 TEST_ONLY = frozenset({"brute_force"})
 
@@ -77,7 +78,7 @@ class HeldOutScores:
     """What the shared pass measured on the held-out rows (validation, then test)."""
 
     # "seqr" (raw) and other methods -> (S, M, N); TEST_ONLY methods: (S_test, M, N)
-    module_means: dict[str, torch.Tensor]
+    module_means: dict[str, torch.Tensor]  # "seqr": the calibration's kind; "seqr_raw": norms
     token_means: dict[str, torch.Tensor]  # method -> (S_test, T, N) module-mean token scores
     calibrations: dict[str, Calibration]  # "seqr", "seqr_public", ... -> statistics
     module_names: list[str]
@@ -124,9 +125,10 @@ def score_heldout(
     seqr_modules = build_routed_modules(peft_model, adapters, score=score)  # raw scores
     names = [m.name for m in seqr_modules]
     others = {
-        method: {m.name: m for m in build_routed_modules(peft_model, adapters, score=score,
+        method: {m.name: m for m in build_routed_modules(peft_model, adapters,
+                                                          score=kind or score,
                                                           router_factory=factory)}
-        for method, factory in OTHER_ROUTERS.items()
+        for method, (factory, kind) in OTHER_ROUTERS.items()
     }  # fmt: skip
     extra = extra or {}
     calibrations = {"seqr": Calibration.from_stats(own_stats, adapters, names)}
@@ -146,18 +148,30 @@ def score_heldout(
             shape = x.shape[:-1]
             flat = x.reshape(-1, x.shape[-1]).to(module.A.dtype)
             start = time.perf_counter()
-            raw = module.scores(flat, module.project(flat)).float()  # (B * T, N)
+            # One A x for every method: every router of this module holds the same shared A.
+            h = module.project(flat)
+            router: Any = module.router  # a SeqrRouter without statistics: raw norms
+            # The calibrated score exactly as RoutedModule.scores computes it (gain: h / ||h||),
+            # without scaling x, which SEQR never reads.
+            scaled = h / input_energy(h) if score == "gain" else h
+            raw = router.scores_from_projection(scaled).float()  # (B * T, N)
             if phase == "reference":
                 ref_moments[module.name].update(raw)
                 return
+            # seqr_raw: the paper's raw norm ||B_i A x|| (no z-score, no gain).
+            norms = raw if score == "norm" else router.scores_from_projection(h).float()
             seconds["seqr"] += time.perf_counter() - start  # held-out rows only
             current.setdefault("seqr", {})[module.name] = raw.reshape(*shape, -1)
+            current.setdefault("seqr_raw", {})[module.name] = norms.reshape(*shape, -1)
             for method, by_name in others.items():
                 if method in TEST_ONLY and phase != "test":
                     continue
                 start = time.perf_counter()
                 routed = by_name[module.name]
-                values = routed.scores(flat, routed.project(flat)).float()
+                if routed.score == "gain":  # x and h scaled by 1 / ||h|| inside
+                    values = routed.scores(flat, h).float()
+                else:  # raw norms (or ARROW's proxy) need only x
+                    values = routed.router.scores(flat).float()
                 seconds[method] += time.perf_counter() - start
                 current.setdefault(method, {})[module.name] = values.reshape(*shape, -1)
             for method, scorers in extra.items():
@@ -169,7 +183,7 @@ def score_heldout(
                 for label, cal in calibrations.items():
                     mean, std = cal.mean[index].float(), cal.std[index].float()
                     add_token(label, ((raw - mean) / std).reshape(*shape, -1))
-                add_token("seqr_raw", raw.reshape(*shape, -1))
+                add_token("seqr_raw", norms.reshape(*shape, -1))
                 own_mean, own_std = (t[index].float() for t in (own.mean, own.std))
                 brute = current["brute_force"][module.name]
                 add_token("brute_force_z", (brute - own_mean) / own_std)

@@ -262,7 +262,6 @@ def _all_routing_metrics(
     own = scores.calibrations["seqr"]
     per_sequence: dict[str, torch.Tensor] = {
         **{label: cal.z(raw["seqr"]) for label, cal in scores.calibrations.items()},
-        "seqr_raw": raw["seqr"],
         **{m: v for m, v in raw.items() if m not in ("seqr", "brute_force")},
     }
     token = {m: v for m, v in scores.token_means.items() if m != "brute_force_z"}

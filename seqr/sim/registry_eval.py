@@ -35,19 +35,35 @@ def heldout_chunks(domains: list[Path], tokenizer: Any, fed: Any) -> dict[str, n
 def reference_chunks(
     data: Path, clients: list[Path], tokenizer: Any, fed: Any, per_domain: int = 16
 ) -> np.ndarray | None:
-    """Public reference text: chunks of every domain folder in --data that no client holds."""
-    from seqr.core.textdata import load_text_data
-
+    """Public reference text: the first ``per_domain`` training chunks of every domain folder
+    in --data that no client holds (split as a client would split that folder)."""
     held = {c.resolve() for c in clients}
     others = sorted(p for p in data.iterdir() if p.is_dir() and p.resolve() not in held
                     and not p.name.startswith("."))  # fmt: skip
-    parts = [
-        load_text_data(
-            p, tokenizer, seq_len=fed.train_seq_len, heldout_fraction=0.0, seed=fed.data_seed
-        ).train[:per_domain]  # fmt: skip
-        for p in others
-    ]
+    parts = [first_train_chunks(p, tokenizer, fed, per_domain) for p in others]
     return np.concatenate(parts) if parts else None
+
+
+def first_train_chunks(folder: Path, tokenizer: Any, fed: Any, count: int) -> np.ndarray:
+    """The folder's first ``count`` training chunks, tokenizing only as many files as needed.
+
+    Files are tokenized one by one and joined with EOS (seqr.core.textdata), so the chunks of
+    the first k files are the first chunks of the whole folder, and whether a chunk is held out
+    depends on its content only: the result equals load_text_data(folder).train[:count].
+    """
+    from seqr.core.textdata import heldout_mask, read_text_folder, tokenize_chunks
+
+    files = read_text_folder(folder)
+    for k in range(1, len(files) + 1):
+        try:
+            chunks = tokenize_chunks(files[:k], tokenizer, fed.train_seq_len)
+        except DataError:  # fewer tokens than one chunk so far
+            continue
+        # Every chunk of a prefix lies inside it (the tail shorter than a chunk is dropped).
+        train = chunks[~heldout_mask(chunks, fed.train_heldout_fraction, fed.data_seed)]
+        if len(train) >= count or k == len(files):
+            return train[:count]
+    raise DataError(f"reference folder {folder.name} holds fewer tokens than one chunk")
 
 
 def routing_timing(ns: tuple[int, ...], d_in: int, r: int) -> list[dict[str, Any]]:
