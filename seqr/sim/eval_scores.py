@@ -137,10 +137,10 @@ def score_heldout(
     phase = "reference"
     ref_moments = {n: RunningMoments(len(adapters)) for n in names}
     current: dict[str, dict[str, torch.Tensor]] = {}  # method -> module -> (B, T, N)
-    token_sum: dict[str, torch.Tensor] = {}  # label -> (B, T, N) sum over modules
+    token_parts: dict[str, dict[str, torch.Tensor]] = {}  # label -> module -> (B, T, N)
 
-    def add_token(label: str, values: torch.Tensor) -> None:
-        token_sum[label] = values if label not in token_sum else token_sum[label] + values
+    def add_token(label: str, module: str, values: torch.Tensor) -> None:
+        token_parts.setdefault(label, {})[module] = values
 
     def hook_for(index: int, module: RoutedModule) -> Any:
         def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
@@ -182,14 +182,14 @@ def score_heldout(
             if phase == "test":  # per-token scores: z under each calibration, else raw
                 for label, cal in calibrations.items():
                     mean, std = cal.mean[index].float(), cal.std[index].float()
-                    add_token(label, ((raw - mean) / std).reshape(*shape, -1))
-                add_token("seqr_raw", norms.reshape(*shape, -1))
+                    add_token(label, module.name, ((raw - mean) / std).reshape(*shape, -1))
+                add_token("seqr_raw", module.name, norms.reshape(*shape, -1))
                 own_mean, own_std = (t[index].float() for t in (own.mean, own.std))
                 brute = current["brute_force"][module.name]
-                add_token("brute_force_z", (brute - own_mean) / own_std)
+                add_token("brute_force_z", module.name, (brute - own_mean) / own_std)
                 for method in [*others, *extra]:
                     if method != "brute_force":
-                        add_token(method, current[method][module.name])
+                        add_token(method, module.name, current[method][module.name])
 
         return hook
 
@@ -205,7 +205,7 @@ def score_heldout(
         nonlocal rows
         for input_ids in batches:
             current.clear()
-            token_sum.clear()
+            token_parts.clear()
             peft_model(
                 input_ids=input_ids,
                 adapter_names=["__base__"] * int(input_ids.shape[0]),
@@ -216,8 +216,9 @@ def score_heldout(
                 for method, per_module in current.items():
                     stacked = torch.stack([per_module[n] for n in names], dim=1)  # (B,M,T,N)
                     module_means.setdefault(method, []).append(stacked.mean(dim=2))
-            for label, summed in token_sum.items():
-                token_means.setdefault(label, []).append(summed / len(names))
+            for label, parts in token_parts.items():
+                stacked = torch.stack([parts[n] for n in names], dim=1)  # (B, M, T, N)
+                token_means.setdefault(label, []).append(stacked.mean(dim=1))
             if progress is not None:
                 progress(int(input_ids.shape[0]))
 
