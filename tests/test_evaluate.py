@@ -133,6 +133,8 @@ def test_shared_pass_equals_routers_built_with_each_calibration():
         build_routed_modules(model, ADAPTERS, stats=stats, router_factory=BruteForceRouter),
         test,  # brute force checks SEQR on the test rows only
     )
+    raw_norms = _direct_sequence_scores(model, build_routed_modules(model, ADAPTERS), everything)
+    torch.testing.assert_close(scores.module_means["seqr_raw"], raw_norms, rtol=1e-4, atol=1e-5)
     own_brute = scores.calibrations["seqr"].z(scores.module_means["brute_force"])
     torch.testing.assert_close(own_brute.float(), brute, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(

@@ -153,13 +153,14 @@ def score_heldout(
             router: Any = module.router  # a SeqrRouter without statistics: raw norms
             # The calibrated score exactly as RoutedModule.scores computes it (gain: h / ||h||),
             # without scaling x, which SEQR never reads.
-            scaled = h / input_energy(h) if score == "gain" else h
+            energy = input_energy(h)
+            scaled = h / energy if score == "gain" else h
             raw = router.scores_from_projection(scaled).float()  # (B * T, N)
             if phase == "reference":
                 ref_moments[module.name].update(raw)
                 return
-            # seqr_raw: the paper's raw norm ||B_i A x|| (no z-score, no gain).
-            norms = raw if score == "norm" else router.scores_from_projection(h).float()
+            # seqr_raw: the paper's raw norm ||B_i A x|| = gain * ||A x|| (no z-score).
+            norms = raw if score == "norm" else raw * energy.float()
             seconds["seqr"] += time.perf_counter() - start  # held-out rows only
             current.setdefault("seqr", {})[module.name] = raw.reshape(*shape, -1)
             current.setdefault("seqr_raw", {})[module.name] = norms.reshape(*shape, -1)
