@@ -142,6 +142,14 @@ def test_shared_pass_equals_routers_built_with_each_calibration():
         scores.calibrations["seqr_queries"].z(scores.module_means["seqr"]),
     )  # the calibrations really differ
     assert scores.token_means["seqr"].shape == (8, 12, 3)  # test rows only
+    # The base model's held-out loss, from the same forward: what a pass of its own gives.
+    from seqr.sim.eval_losses import sequence_losses
+
+    own_pass = sequence_losses(
+        lambda b, names: model(input_ids=b, adapter_names=names),
+        torch.cat(test), ["__base__"] * 8, batch_size=4,
+    )  # fmt: skip
+    assert torch.equal(scores.base_loss, own_pass)
 
 
 def test_sequence_decisions_match_the_routed_model_on_all_layers():

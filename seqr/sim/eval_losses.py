@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from seqr.core.model_routing import ModelRoutingConfig, RoutedModel
+from seqr.sim.eval_scores import next_token_losses
 from seqr.sim.library import AdapterLibrary, add_uniform_merge
 
 BASE = "__base__"  # peft's mixed-batch name for "no adapter"
@@ -36,11 +37,7 @@ def sequence_losses(
     for start in range(0, len(ids), batch_size):
         batch = ids[start : start + batch_size]
         rows = None if names is None else names[start : start + batch_size]
-        logits = forward(batch, rows).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), batch[:, 1:], reduction="none"
-        )
-        out.append(loss.mean(dim=1))
+        out.append(next_token_losses(forward(batch, rows).logits, batch))
         if progress is not None:
             progress(len(batch))
     return torch.cat(out)
@@ -96,20 +93,22 @@ def heldout_losses(
     cfg: Any,
     arrow_model: Any = None,
     *,
+    base_loss: torch.Tensor | None = None,
     stage: Callable[[str, int], Callable[[int], None]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """{"mean": {plan: loss}, "per_domain": {plan: {domain: loss}}} on the test rows ``ids``.
 
     ``routed``: method -> (S,) chosen adapter index per row. Plans besides them: the oracle,
-    the base model and the exact uniform merge; with ``cfg.per_token_losses`` also per-token
-    SEQR routing (own statistics) and peft's per-token ARROW, each one more pass.
+    the base model (``base_loss`` when the scoring pass measured it already) and the exact
+    uniform merge; with ``cfg.per_token_losses`` also per-token SEQR routing (own statistics)
+    and peft's per-token ARROW, each one more pass.
     """
     model, adapters = library.peft_model, library.adapters
     merged = add_uniform_merge(library)
     rows, label_list = int(len(ids)), labels.tolist()
     plans: dict[str, list[str]] = {
         "oracle": [adapters[i] for i in label_list],
-        "base": [BASE] * rows,
+        **({"base": [BASE] * rows} if base_loss is None else {}),
         "uniform_merge": [merged] * rows,
         **{m: [adapters[i] for i in choice.tolist()] for m, choice in routed.items()},
     }
@@ -128,6 +127,8 @@ def heldout_losses(
         label: [pair_loss[row, name] for row, name in enumerate(names)]
         for label, names in plans.items()
     }
+    if base_loss is not None:
+        per_row["base"] = base_loss.tolist()
     if cfg.per_token_losses:
         advance = stage("held-out loss of per-token routing", 2 * rows) if stage else None
         done = 0

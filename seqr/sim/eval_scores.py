@@ -85,6 +85,7 @@ class HeldOutScores:
     module_layers: list[int | None]
     seconds: dict[str, float] = field(default_factory=dict)  # scoring time per method
     rows: int = 0  # held-out rows scored
+    base_loss: torch.Tensor | None = None  # (S_test,) the base model's loss per test row
 
 
 def _moments_as_stats(
@@ -102,6 +103,14 @@ def _moments_as_stats(
         )
         for i, adapter in enumerate(adapters)
     }
+
+
+def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) mean next-token cross-entropy per sequence (the held-out loss)."""
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none"
+    )
+    return loss.mean(dim=1)
 
 
 @torch.no_grad()
@@ -201,17 +210,23 @@ def score_heldout(
     module_means: dict[str, list[torch.Tensor]] = {}
     token_means: dict[str, list[torch.Tensor]] = {}
     rows = 0
+    base_losses: list[torch.Tensor] = []
 
     def run(batches: Sequence[torch.Tensor]) -> None:
         nonlocal rows
         for input_ids in batches:
             current.clear()
             token_parts.clear()
-            peft_model(
+            # Test rows keep every position's logits: the base model's held-out loss comes
+            # from this same forward instead of a pass of its own (the same call, so the
+            # same numbers as seqr/sim/eval_losses.py would compute).
+            output = peft_model(
                 input_ids=input_ids,
                 adapter_names=["__base__"] * int(input_ids.shape[0]),
-                logits_to_keep=1,
+                logits_to_keep=0 if phase == "test" else 1,
             )
+            if phase == "test":
+                base_losses.append(next_token_losses(output.logits, input_ids))
             if phase != "reference":
                 rows += int(input_ids.shape[0])
                 for method, per_module in current.items():
@@ -253,4 +268,5 @@ def score_heldout(
         module_layers=[m.layer_index for m in seqr_modules],
         seconds=seconds,
         rows=rows,
+        base_loss=torch.cat(base_losses) if base_losses else None,
     )

@@ -234,7 +234,7 @@ def evaluate(
     if cfg.losses:
         plans = {m: decisions[m][is_test] for m in (*SEQR_CALIBRATIONS, "arrow") if m in decisions}
         losses = heldout_losses(library, data.ids[test], test_labels, plans, cfg, arrow_model,
-                                stage=stage)  # fmt: skip
+                                base_loss=scores.base_loss, stage=stage)  # fmt: skip
     for method, loss in losses.get("mean", {}).items():
         results.setdefault(method, {})["heldout_loss"] = loss
         results[method]["perplexity"] = float(np.exp(loss))
