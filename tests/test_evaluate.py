@@ -28,7 +28,8 @@ def tiny_library():
 
 def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
     library = tiny_library()
-    cfg = EvalConfig(max_sequences_per_domain=8, batch_size=4, peft_arrow=False)
+    cfg = EvalConfig(max_sequences_per_domain=8, batch_size=4, peft_arrow=False,
+                     per_token_losses=True)  # fmt: skip
     reference = token_ids(6, 12, seed=99).numpy()  # "public" text: all token ranges
     result = evaluate(library, heldout_by_domain(), cfg, reference=reference)
     methods = result["methods"]

@@ -50,7 +50,9 @@ class EvalConfig:
     per_token_top_k: int = 1
     peft_arrow: bool = True
     losses: bool = True  # False: routing metrics only (minutes faster on CPU)
-    per_token_losses: bool = True  # held-out loss of per-token routing (two more passes)
+    # Held-out loss of per-token routing (SEQR's and peft's ARROW): two more routed passes
+    # over the test rows, as costly as all per-sequence losses together; off unless asked.
+    per_token_losses: bool = False
 
     def __post_init__(self) -> None:
         if self.max_sequences_per_domain < 2:

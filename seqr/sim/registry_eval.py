@@ -115,7 +115,10 @@ def evaluate_registry(
     evaluation = evaluate(
         library,
         heldout,
-        EvalConfig(max_sequences_per_domain=cfg.eval_sequences_per_domain),
+        EvalConfig(
+            max_sequences_per_domain=cfg.eval_sequences_per_domain,
+            per_token_losses=cfg.per_token_losses,
+        ),
         make_base=lambda: load_base_model(fed.base_model).model,
         export_paths=[str(p) for p in exports.values()],
         reference=reference_chunks(cfg.data, domains, base.tokenizer, fed),

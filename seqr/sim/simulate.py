@@ -54,6 +54,7 @@ class SimulateConfig:
     client_cpus: int = 1  # Ray resources per simulated client (2 clients at once on 2 cores)
     timing_ns: tuple[int, ...] = (4, 16, 64, 256, 1024)
     seed: int = 0  # the shared A's seed and the data split and order's (federation a/data-seed)
+    per_token_losses: bool = False  # also the held-out loss of per-token routing (slower)
     quick: bool = False
     evaluate_only: bool = False  # reuse the registry of an earlier run in --out
 
@@ -179,6 +180,7 @@ def run_section(cfg: SimulateConfig, federation: Any, evaluated: float, board: A
         },  # fmt: skip
         "seed": cfg.seed,
         "held_out_sequences_per_domain": cfg.eval_sequences_per_domain,
+        "per_token_losses": cfg.per_token_losses,
         "quick": cfg.quick,
         "evaluate_only": cfg.evaluate_only,
         "federation_seconds": round(federation.seconds, 1),
@@ -238,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run the whole simulation for seeds 0..N-1 (shared A, data split and order) "
         "into --out/seed-K and report mean and spread",
     )
+    parser.add_argument(
+        "--per-token-losses",
+        action="store_true",
+        help="also measure the held-out loss of per-token routing (two more passes)",
+    )
     parser.add_argument("--quick", action="store_true", help="4 domains, few steps (minutes)")
     parser.add_argument(
         "--evaluate-only", action="store_true", help="evaluate the registry already in --out"
@@ -249,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {}
     if args.evaluate_only:
         overrides["evaluate_only"] = True
+    if args.per_token_losses:
+        overrides["per_token_losses"] = True
     if args.domains:
         overrides["domains"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
     for key, value in (("base_model", args.base_model), ("train_steps", args.steps),
