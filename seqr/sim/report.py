@@ -139,8 +139,8 @@ def _run_section(run: dict[str, Any], per_domain_tests: dict[str, int], drawn: d
     if stages:
         blocks += [
             Block("h3", "Wall time per stage"),
-            Block("p", "Where the run's time went; the federation is every client's training, "
-                       "calibration and signing, two clients at a time on two cores."),
+            Block("p", "Where the run's time went. The federation is every client's "
+                       "training, calibration and signing, one client per core at a time."),
             Block("table", header=["stage", "wall time"],
                   rows=[[str(s["stage"]), _duration(s["seconds"])] for s in stages]),
             Block("plot", "wall time per stage", plot="stages.png"),
