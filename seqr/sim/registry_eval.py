@@ -121,7 +121,9 @@ def evaluate_registry(
         ),
         make_base=lambda: load_base_model(fed.base_model).model,
         export_paths=[str(p) for p in exports.values()],
-        reference=reference_chunks(cfg.data, domains, base.tokenizer, fed),
+        reference=reference_chunks(
+            cfg.data, domains, base.tokenizer, fed, cfg.reference_chunks_per_domain
+        ),
         stage=lambda name, total: begin(name, total),
     )
     r, d_in = lora_shape(library)

@@ -51,6 +51,9 @@ class SimulateConfig:
     # Held-out chunks per domain, alternately validation and test: 200 gives 100 test
     # sequences per domain where the text has them (fewer where a domain has fewer).
     eval_sequences_per_domain: int = 200
+    # Public reference text for seqr_public / seqr_blend: this many chunks of every domain
+    # folder in --data that no client holds.
+    reference_chunks_per_domain: int = 16
     client_cpus: int = 1  # Ray resources per simulated client (2 clients at once on 2 cores)
     timing_ns: tuple[int, ...] = (4, 16, 64, 256, 1024)
     seed: int = 0  # the shared A's seed and the data split and order's (federation a/data-seed)
@@ -59,7 +62,8 @@ class SimulateConfig:
     evaluate_only: bool = False  # reuse the registry of an earlier run in --out
 
     def __post_init__(self) -> None:
-        for name in ("train_steps", "train_seq_len", "train_batch_size", "client_cpus"):
+        for name in ("train_steps", "train_seq_len", "train_batch_size", "client_cpus",
+                     "reference_chunks_per_domain"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_sequences_per_domain < 2:
@@ -71,7 +75,8 @@ class SimulateConfig:
     def quick_defaults(cls, data: Path, out: Path, **kw: Any) -> SimulateConfig:
         """--quick: the whole path in minutes (4 domains, few steps, short sequences)."""
         base = {"train_steps": 12, "train_seq_len": 48, "eval_sequences_per_domain": 12,
-                "timing_ns": (4, 16, 64), "quick": True}  # fmt: skip
+                "reference_chunks_per_domain": 4, "timing_ns": (4, 16, 64),
+                "quick": True}  # fmt: skip
         return cls(data=data, out=out, **{**base, **kw})
 
 
