@@ -60,8 +60,11 @@ def test_simulation_over_two_seeds_reports_progress_failures_and_mean_and_spread
     assert summary["seeds"] == 2 and summary["accuracy"]["seqr"]["n"] == 2
     assert (out / "report.html").stat().st_size > 1000
     assert (out / "accuracy_over_seeds.png").stat().st_size > 5_000
-    # A second run into the same folder never overwrites a registry; evaluation can be rerun.
+    # A second run into the same folder never overwrites a registry (nor anything else, its
+    # status.json included); evaluation can be rerun.
+    before = {p: p.read_bytes() for p in out.rglob("*.json") if p.is_file()}
     assert main(argv) == 2
+    assert before == {p: p.read_bytes() for p in out.rglob("*.json") if p.is_file()}
     assert main([*argv, "--evaluate-only"]) == 0
     assert json.loads((out / "seed-1" / "report.json").read_text())["audit"]["entries"] == 3
 

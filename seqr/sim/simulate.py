@@ -139,19 +139,25 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
 
     domains = pick_domains(cfg)
     validate_domains(domains)
+    # Refused before anything is written: a run never overwrites an earlier one's files.
+    if cfg.evaluate_only:
+        federation = FederationResult.load(cfg.out / "work")
+    elif (cfg.out / "registry").exists():
+        raise ConfigError(
+            f"{cfg.out / 'registry'} already exists; pass a new --out (runs never overwrite), "
+            "or --evaluate-only to evaluate it again"
+        )
     progress_dir = cfg.out / "work" / "progress"
     board = StatusBoard(cfg.out, [d.name for d in domains], progress_dir)
     started = time.perf_counter()
-    if cfg.evaluate_only:
-        federation = FederationResult.load(cfg.out / "work")
-    else:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        board.begin("federation", f"{len(domains)} clients train, sign and submit")
-        with board.following():
-            federation = run_federation(cfg, federation_for(cfg), domains, progress_dir)
-    board.poll()  # the final state of every client (also after an earlier run)
-    evaluated = time.perf_counter()
     try:
+        if not cfg.evaluate_only:
+            cfg.out.mkdir(parents=True, exist_ok=True)
+            board.begin("federation", f"{len(domains)} clients train, sign and submit")
+            with board.following():
+                federation = run_federation(cfg, federation_for(cfg), domains, progress_dir)
+        board.poll()  # the final state of every client (also after an earlier run)
+        evaluated = time.perf_counter()
         report = evaluate_registry(
             cfg, federation, domains, stage=lambda name, total: _stage(board, name, total)
         )
