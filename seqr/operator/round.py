@@ -224,9 +224,7 @@ class OpenRound:
     def check(self, sub: Submission, *, now: datetime) -> Verdict:
         """Admit (and stage) or refuse one submission; its verdict, also kept for finish."""
         verdict = self.runner._one(sub, self.seen, now)
-        log.info(
-            "node %d: %s %s %s", sub.node_id, verdict.status, verdict.reason, verdict.message
-        )
+        log.info("node %d: %s %s %s", sub.node_id, verdict.status, verdict.reason, verdict.message)
         self.verdicts[sub.node_id] = verdict
         return verdict
 
