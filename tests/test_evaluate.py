@@ -101,7 +101,7 @@ def _direct_sequence_scores(model, routed_modules, batches):
 def test_shared_pass_equals_routers_built_with_each_calibration():
     """One raw pass, z-scored afterwards, gives what a router built with each calibration's
     statistics scores directly; the statistics equal reference_statistics' own."""
-    from seqr import BruteForceRouter
+    from seqr import BruteForceRouter, SpectrRouter
     from seqr.core.model_routing import (
         blend_statistics,
         build_routed_modules,
@@ -136,6 +136,11 @@ def test_shared_pass_equals_routers_built_with_each_calibration():
     )
     raw_norms = _direct_sequence_scores(model, build_routed_modules(model, ADAPTERS), everything)
     torch.testing.assert_close(scores.module_means["seqr_raw"], raw_norms, rtol=1e-4, atol=1e-5)
+    # SpectR's score is the same raw norm (so the report takes it from seqr_raw).
+    spectr = _direct_sequence_scores(
+        model, build_routed_modules(model, ADAPTERS, router_factory=SpectrRouter), everything
+    )
+    torch.testing.assert_close(scores.module_means["seqr_raw"], spectr, rtol=1e-4, atol=1e-5)
     own_brute = scores.calibrations["seqr"].z(scores.module_means["brute_force"])
     torch.testing.assert_close(own_brute.float(), brute, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(

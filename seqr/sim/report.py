@@ -31,7 +31,7 @@ METHOD_NOTES = {
     "seqr_blend": "SEQR, own and reference z-scores averaged",
     "seqr_queries": "SEQR, statistics of unlabeled validation inputs",
     "seqr_raw": "SEQR norms without z-scores",
-    "spectr": "SpectR (raw norms via the SVD)",
+    "spectr": "SpectR: the same raw norms via the SVD (computed once with seqr_raw)",
     "brute_force": "||B A x|| computed directly (checks SEQR)",
     "arrow": "ARROW, our implementation",
     "peft_arrow": "ARROW, peft's create_arrow_model",
