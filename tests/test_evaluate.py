@@ -28,63 +28,134 @@ def tiny_library():
 
 def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
     library = tiny_library()
-    cfg = EvalConfig(max_sequences_per_domain=8, batch_size=4, peft_arrow=False)
+    cfg = EvalConfig(max_sequences_per_domain=8, batch_size=4, peft_arrow=False,
+                     per_token_losses=True)  # fmt: skip
     reference = token_ids(6, 12, seed=99).numpy()  # "public" text: all token ranges
     result = evaluate(library, heldout_by_domain(), cfg, reference=reference)
     methods = result["methods"]
     assert all(methods[m]["heldout_loss"] > 0 for m in SEQR_CALIBRATIONS)
     val_best = {m: max(methods[m]["validation_accuracy"].values()) for m in SEQR_CALIBRATIONS}
     assert val_best[result["seqr_selected"]] == max(val_best.values())
-    for name in (
-        "seqr",
-        "seqr_public",
-        "seqr_blend",
-        "seqr_queries",
-        "seqr_raw",
-        "spectr",
-        "brute_force",
-        "arrow",
-        "random",
-    ):
-        assert 0.0 <= methods[name]["routing_accuracy"] <= 1.0
-        assert sum(map(sum, methods[name]["confusion"])) == result["test_sequences"] == 12
+    assert result["seqr_best_alternative"] != result["seqr_selected"]
+    for name in (*SEQR_CALIBRATIONS, "seqr_raw", "spectr", "brute_force", "arrow", "random"):
+        m = methods[name]
+        assert 0.0 <= m["routing_accuracy"] <= 1.0
+        assert sum(map(sum, m["confusion"])) == result["test_sequences"] == m["total"] == 12
+        assert m["correct"] == round(m["routing_accuracy"] * 12)
+        low, high = m["ci95"]
+        assert low <= m["routing_accuracy"] <= high and high - low > 0.2  # 12 sequences: wide
+        assert sum(d["total"] for d in m["per_domain"].values()) == 12
+        assert sum(d["correct"] for d in m["per_domain"].values()) == m["correct"]
+    assert result["test_sequences_per_domain"] == {a: 4 for a in ADAPTERS}
     assert result["agreement_seqr_brute_force"] == 1.0
     assert result["agreement_seqr_brute_force_per_token"] == 1.0
     assert result["agreement_selected_brute_force"] == 1.0
     assert methods["seqr"]["confusion"] == methods["brute_force"]["confusion"]
     for name in ("oracle", "base", "uniform_merge", "seqr", "seqr_per_token"):
         assert methods[name]["heldout_loss"] > 0
+        per_domain = methods[name]["heldout_loss_per_domain"]
+        assert sorted(per_domain) == sorted(ADAPTERS)
+        assert abs(sum(per_domain.values()) / 3 - methods[name]["heldout_loss"]) < 1e-5
+    pairs = {(t["first"], t["second"]) for t in result["significance"]}
+    assert pairs == {(result["seqr_selected"], result["seqr_best_alternative"]),
+                     (result["seqr_selected"], "arrow")}  # fmt: skip
+    for test in result["significance"]:
+        assert 0.0 <= test["p_value"] <= 1.0
     write_report({"evaluation": result}, tmp_path, [])
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["evaluation"]["agreement_seqr_brute_force"] == 1.0
     assert "| seqr |" in (tmp_path / "report.md").read_text()
-    met = {t["target"]: t["met"] for t in report["targets"]}
-    assert met[f"SEQR ({result['seqr_selected']}) choices identical to brute force (share)"] is True
-    assert met["wall time <= 3600 s"] is None  # no run section: not measured, not "met"
-    for plot in ("confusion_seqr.png", "accuracy.png", "loss.png"):
+    assert {"confusion_seqr.png", "accuracy.png", "accuracy_per_domain.png",
+            "loss_per_domain.png"} <= set(report["plots"])  # fmt: skip
+    for plot in report["plots"]:
         assert (tmp_path / plot).stat().st_size > 5_000
 
 
-def test_recalibrated_brute_force_equals_brute_force_built_with_those_statistics():
-    from seqr import BruteForceRouter
-    from seqr.core.model_routing import build_routed_modules, reference_statistics
-    from seqr.sim.eval_scores import collect_method_scores
-    from seqr.sim.evaluate import recalibrate
+def _direct_sequence_scores(model, routed_modules, batches):
+    """(S, M, N) token-mean z-scores of routers built with statistics, scored directly."""
+    current, out = {}, []
+
+    def hook_for(module):
+        def hook(layer, args, kwargs, output):
+            x = args[0] if args else kwargs["x"]
+            flat = x.reshape(-1, x.shape[-1])
+            current[module.name] = module.scores(flat, module.project(flat)).reshape(
+                *x.shape[:-1], -1
+            )
+
+        return hook
+
+    handles = [m.layer.register_forward_hook(hook_for(m), with_kwargs=True)
+               for m in routed_modules]  # fmt: skip
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(input_ids=batch, adapter_names=["__base__"] * len(batch), logits_to_keep=1)
+                out.append(torch.stack([current[m.name] for m in routed_modules], 1).mean(2))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(out)
+
+
+def test_shared_pass_equals_routers_built_with_each_calibration():
+    """One raw pass, z-scored afterwards, gives what a router built with each calibration's
+    statistics scores directly; the statistics equal reference_statistics' own."""
+    from seqr import BruteForceRouter, SpectrRouter
+    from seqr.core.model_routing import (
+        blend_statistics,
+        build_routed_modules,
+        reference_statistics,
+    )
+    from seqr.sim.eval_scores import score_heldout
 
     library = tiny_library()
-    model = library.peft_model
-    batches = list(torch.split(token_ids(8, 12, seed=5), 4))
-    score = library.stats[ADAPTERS[0]].score
-    queries = reference_statistics(model, ADAPTERS, batches, score=score, per_sequence=True)
-    methods = {
-        label: build_routed_modules(model, ADAPTERS, stats=stats, router_factory=BruteForceRouter)
-        for label, stats in (("own", library.stats), ("queries", queries))
-    }
-    scores = collect_method_scores(model, methods, batches)
-    own, direct = (scores[label].sequence_modules() for label in ("own", "queries"))
-    assert not torch.allclose(own, direct)  # the two calibrations really differ
-    recalibrated = recalibrate(own, methods["own"], methods["queries"])
-    torch.testing.assert_close(recalibrated.float(), direct, rtol=1e-4, atol=1e-4)
+    model, stats = library.peft_model, library.stats
+    reference = list(torch.split(token_ids(6, 12, seed=99), 4))
+    validation = list(torch.split(token_ids(8, 12, seed=5), 4))
+    test = list(torch.split(token_ids(8, 12, seed=6), 4))
+    scores = score_heldout(model, ADAPTERS, stats, validation=validation, test=test,
+                           reference=reference)  # fmt: skip
+    score = stats[ADAPTERS[0]].score
+    ref = reference_statistics(model, ADAPTERS, reference, score=score)
+    queries = reference_statistics(model, ADAPTERS, validation, score=score, per_sequence=True)
+    expected = {"seqr": stats, "seqr_public": ref, "seqr_blend": blend_statistics(stats, ref),
+                "seqr_queries": queries}  # fmt: skip
+    assert sorted(scores.calibrations) == sorted(expected)
+    everything = [*validation, *test]
+    for label, label_stats in expected.items():
+        direct = _direct_sequence_scores(
+            model, build_routed_modules(model, ADAPTERS, stats=label_stats), everything
+        )
+        shared = scores.calibrations[label].z(scores.module_means["seqr"])
+        torch.testing.assert_close(shared.float(), direct, rtol=1e-4, atol=1e-4)
+    brute = _direct_sequence_scores(
+        model,
+        build_routed_modules(model, ADAPTERS, stats=stats, router_factory=BruteForceRouter),
+        test,  # brute force checks SEQR on the test rows only
+    )
+    raw_norms = _direct_sequence_scores(model, build_routed_modules(model, ADAPTERS), everything)
+    torch.testing.assert_close(scores.module_means["seqr_raw"], raw_norms, rtol=1e-4, atol=1e-5)
+    # SpectR's score is the same raw norm (so the report takes it from seqr_raw).
+    spectr = _direct_sequence_scores(
+        model, build_routed_modules(model, ADAPTERS, router_factory=SpectrRouter), everything
+    )
+    torch.testing.assert_close(scores.module_means["seqr_raw"], spectr, rtol=1e-4, atol=1e-5)
+    own_brute = scores.calibrations["seqr"].z(scores.module_means["brute_force"])
+    torch.testing.assert_close(own_brute.float(), brute, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(
+        scores.calibrations["seqr"].z(scores.module_means["seqr"]),
+        scores.calibrations["seqr_queries"].z(scores.module_means["seqr"]),
+    )  # the calibrations really differ
+    assert scores.token_means["seqr"].shape == (8, 12, 3)  # test rows only
+    # The base model's held-out loss, from the same forward: what a pass of its own gives.
+    from seqr.sim.eval_losses import sequence_losses
+
+    own_pass = sequence_losses(
+        lambda b, names: model(input_ids=b, adapter_names=names),
+        torch.cat(test), ["__base__"] * 8, batch_size=4,
+    )  # fmt: skip
+    assert torch.equal(scores.base_loss, own_pass)
 
 
 def test_sequence_decisions_match_the_routed_model_on_all_layers():
@@ -137,7 +208,7 @@ def test_peft_arrow_anchor_loads_the_same_exports(tmp_path):
 
 
 def test_pair_losses_equal_each_plans_own_mixed_batch_losses():
-    from seqr.sim.evaluate import pair_losses, sequence_losses
+    from seqr.sim.eval_losses import pair_losses, sequence_losses
 
     library = tiny_library()
     model = library.peft_model

@@ -2,7 +2,7 @@
 (huge B, huge claimed mean, a foreign lora_A, statistics unusable on the reference text) and
 routes the others exactly as before, under every calibration; it never fails the registry.
 
-The adapters are given to the router directly (as ``from_report`` does after the audit), so
+The adapters are given to the router directly (as ``from_verified`` does after the audit), so
 the test is about the router's own defence, whatever an audit upstream checks."""
 
 from __future__ import annotations

@@ -74,6 +74,10 @@ def test_flower_run_admits_enrolled_clients_and_publishes_an_auditable_registry(
     assert not Path(f"/proc/{superlink_pid}").exists()
     assert output.count("admitted  adapter") == 2 and "rejected unknown_key" in output
     assert "verdicts acknowledged by 3 of 3 node(s)" in output, output[-3000:]
+    # Each reply is logged as it arrives, with a count (and an ETA while some are missing).
+    for k in (1, 2, 3):
+        assert f"round 1: reply {k} of 3 from node" in output
+    assert "2 to come, ETA" in output and "all replies in" in output
     report = audit_registry(registry).report
     assert (report.version, report.clients) == (3, 2)
     assert sorted(e.name for e in report.entries) == ["p0", "p1"]

@@ -1,5 +1,7 @@
 """`seqr simulate` end to end on a tiny model: a real Flower run (own SuperLink, simulated
-SuperNodes), the registry audited, every method evaluated and the report written."""
+SuperNodes), the registry audited, every method evaluated and the report written; progress
+while it runs; a client that fails mid-run listed with its reason; several seeds; and bad
+input refused before anything starts."""
 
 import json
 from pathlib import Path
@@ -9,7 +11,8 @@ from tiny import build_tiny_llama, copy_texts
 
 from seqr.core.errors import ConfigError, DataError
 from seqr.registry.audit import audit_registry
-from seqr.sim.simulate import SimulateConfig, main, pick_domains
+from seqr.sim.scale import main as scale_main
+from seqr.sim.simulate import SimulateConfig, main, pick_domains, validate_domains
 
 DOMAINS = {"d0": ("bisect.py", "heapq.py"), "d1": ("textwrap.py",), "d2": ("colorsys.py",)}
 
@@ -22,29 +25,62 @@ def tiny_world(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.flower
-def test_quick_simulation_publishes_an_audited_registry_and_a_report(tmp_path):
+def test_simulation_over_two_seeds_reports_progress_failures_and_mean_and_spread(tmp_path, capsys):
     model, data = tiny_world(tmp_path)
+    # Readable text, but fewer tokens than one training chunk: this client fails mid-run.
+    (data / "d3_short").mkdir()
+    (data / "d3_short" / "note.txt").write_text("x = 1\n")
     out = tmp_path / "out"
     argv = ["--data", str(data), "--out", str(out), "--base-model", str(model), "--quick",
-            "--steps", "3", "--seq-len", "32"]  # fmt: skip
+            "--steps", "3", "--seq-len", "32", "--seeds", "2"]  # fmt: skip
     assert main(argv) == 0
-    assert sorted(e.name for e in audit_registry(out / "registry").report.entries) == sorted(
-        DOMAINS
-    )
-    report = json.loads((out / "report.json").read_text())
-    methods = report["evaluation"]["methods"]
-    for name in ("seqr", "seqr_raw", "spectr", "brute_force", "arrow", "peft_arrow", "random"):
-        assert 0.0 <= methods[name]["routing_accuracy"] <= 1.0
-    for name in ("oracle", "seqr", "base", "uniform_merge", "seqr_per_token"):
-        assert methods[name]["heldout_loss"] > 0
-    assert report["evaluation"]["agreement_seqr_brute_force"] == 1.0
-    assert report["run"]["clients"] == 3
-    for plot in ("confusion_seqr.png", "accuracy.png", "loss.png", "routing_time.png"):
-        assert (out / plot).stat().st_size > 5_000
-    # A second run into the same folder never overwrites the registry; evaluation can be rerun.
+    printed = capsys.readouterr().out
+    for i, name in enumerate(["d0", "d1", "d2", "d3_short"]):  # one line per client change
+        assert f"[client {i + 1}/4] {name}: " in printed  # (3 steps: too quick to see each)
+    assert "d3_short: failed: DataError: the node's private data is unusable" in printed
+    assert "round 1: reply 4 of 4 from node" in printed  # the server's log, reply by reply
+    for seed in (0, 1):
+        run = out / f"seed-{seed}"
+        assert sorted(e.name for e in audit_registry(run / "registry").report.entries) == sorted(
+            DOMAINS
+        )
+        report = json.loads((run / "report.json").read_text())
+        assert sorted(report["evaluation"]["adapters"]) == sorted(DOMAINS)  # the admitted
+        assert report["evaluation"]["agreement_seqr_brute_force"] == 1.0
+        clients = {c["client"]: c for c in report["clients"]}
+        assert clients["d3_short"]["verdict"] == "failed"
+        assert clients["d3_short"]["reason"] == "DataError: the node's private data is unusable"
+        assert clients["d0"]["verdict"] == "admitted" and len(clients["d0"]["losses"]) == 3
+        assert report["run"]["seed"] == seed
+        stages = [s["stage"] for s in report["run"]["stages"]]
+        assert stages[0] == "federation" and any(s.startswith("evaluation:") for s in stages)
+        status = json.loads((run / "status.json").read_text())
+        assert status["stage"] == "done" and status["counts"]["failed"] == 1
+        html = (run / "report.html").read_text()
+        assert "Clients and admission" in html and "data:image/png;base64," in html
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["seeds"] == 2 and summary["accuracy"]["seqr"]["n"] == 2
+    assert (out / "report.html").stat().st_size > 1000
+    assert (out / "accuracy_over_seeds.png").stat().st_size > 5_000
+    # A second run into the same folder never overwrites a registry (nor anything else, its
+    # status.json included); evaluation can be rerun.
+    before = {p: p.read_bytes() for p in out.rglob("*.json") if p.is_file()}
     assert main(argv) == 2
+    assert before == {p: p.read_bytes() for p in out.rglob("*.json") if p.is_file()}
     assert main([*argv, "--evaluate-only"]) == 0
-    assert json.loads((out / "report.json").read_text())["audit"]["entries"] == 3
+    assert json.loads((out / "seed-1" / "report.json").read_text())["audit"]["entries"] == 3
+
+
+def test_domain_without_readable_text_is_refused_before_flower_starts(tmp_path, capsys):
+    _, data = tiny_world(tmp_path)
+    (data / "d1" / "textwrap.py").unlink()
+    (data / "d1" / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--out", str(out), "--base-model", str(tmp_path / "model")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "domain 'd1'" in err and "Traceback" not in err
+    assert not (out / "registry").exists()
 
 
 def test_missing_data_folder_names_the_prepare_command(tmp_path):
@@ -59,3 +95,46 @@ def test_unknown_domain_and_bad_settings_are_refused(tmp_path):
         pick_domains(SimulateConfig(tmp_path / "data", tmp_path / "out", domains=("a", "zz")))
     with pytest.raises(ConfigError, match="train_steps"):
         SimulateConfig(tmp_path / "data", tmp_path / "out", train_steps=0)
+    with pytest.raises(DataError, match="domain 'a'"):
+        validate_domains([tmp_path / "data" / "a", tmp_path / "data" / "b"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--clients", "0"], "argument --clients: must be in [2, 1000], got 0"),
+        (["--clients", "ten"], "argument --clients: must be a whole number"),
+        (["--steps", "-1"], "argument --steps: must be in [1, 10000], got -1"),
+    ],
+)
+def test_scale_refuses_bad_arguments_with_a_clear_error(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        scale_main([*argv, "--out", str(tmp_path / "scale")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "scale").exists()
+
+
+@pytest.mark.parametrize("argv", [["--seeds", "0"], ["--eval-sequences", "1"], ["--steps", "x"]])
+def test_simulate_refuses_bad_arguments_with_a_clear_error(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_reference_chunks_tokenize_only_what_they_need_and_equal_the_full_split(tmp_path):
+    from transformers import AutoTokenizer
+
+    from seqr.core.federation import FederationConfig
+    from seqr.core.textdata import load_text_data
+    from seqr.sim.registry_eval import first_train_chunks
+
+    model = build_tiny_llama(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    folder = copy_texts(tmp_path / "ref", ("bisect.py", "heapq.py", "textwrap.py", "colorsys.py"))
+    fed = FederationConfig(train_seq_len=32, train_heldout_fraction=0.3, data_seed=4)
+    full = load_text_data(folder, tokenizer, seq_len=32, heldout_fraction=0.3, seed=4).train
+    for count in (1, 16, 40, len(full) + 5):
+        assert (first_train_chunks(folder, tokenizer, fed, count) == full[:count]).all()

@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--expect-root-sha256",
         default=None,
-        help="first use: SHA-256 of root/1.root.json from the operator (else TOFU)",
+        help="first use: SHA-256 of metadata/1.root.json from the operator (else TOFU)",
     )
     p.add_argument("--base-model", default=None,
                    help="known name or local folder (default: SmolLM2-135M-Instruct); its hash "

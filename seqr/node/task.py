@@ -22,6 +22,7 @@ from seqr.core.signing import SigningKeyFile
 from seqr.core.textdata import TextData, TextFile, load_text_data, read_text_folder
 from seqr.node.calibrate import CalibrationResult, calibrate
 from seqr.node.export import check_adapter_name, default_name, export_adapter
+from seqr.node.progress import NodeProgress
 from seqr.node.train import TrainResult, heldout_loss, make_lora_model, train_adapter
 
 log = logging.getLogger("seqr.client")
@@ -77,8 +78,12 @@ def run_client(
     checkpoint_every: int = 50,
     progress: bool = True,
     heldout_chunks: int = 32,
+    tracker: NodeProgress | None = None,
 ) -> ClientRun:
-    """Train a LoRA-FA adapter on ``data_dir`` and write the signed export to ``out_dir``."""
+    """Train a LoRA-FA adapter on ``data_dir`` and write the signed export to ``out_dir``.
+
+    ``tracker``: the node's progress file (seqr/node/progress.py), told each stage and step.
+    """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if out_dir.exists():
         raise ConfigError(f"output folder {out_dir} already exists; choose another or delete it")
@@ -89,6 +94,9 @@ def run_client(
     log.info("%s: %d files, %d train / %d held-out chunks of %d tokens", data_dir, data.files,
              len(data.train), len(data.heldout), data.seq_len)  # fmt: skip
     peft_model, a_sha256 = make_lora_model(base.model, fed)
+    if tracker is not None:
+        tracker.stage("training")
+    total = fed.steps
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint_dir_for(out_dir)
     trained = train_adapter(
         peft_model,
@@ -99,11 +107,16 @@ def run_client(
         checkpoint_every=checkpoint_every,
         identity={"data": data.fingerprint, "base_model_sha256": base.sha256},
         progress=progress,
+        on_step=None if tracker is None else lambda step, loss: tracker.step(step + 1, total, loss),
     )
     loss = heldout_loss(peft_model, data.heldout[:heldout_chunks], fed.train_batch_size)
+    if tracker is not None:
+        tracker.stage("calibrating")
     calibration = calibrate(peft_model, data.train, fed, progress=progress)
     if calibration.privacy is not None:
         log.info("statistics are (%.3g, %.3g)-DP", fed.calib_dp_epsilon, fed.calib_dp_delta)
+    if tracker is not None:
+        tracker.stage("exporting")
     manifest = export_adapter(
         peft_model,
         calibration.stats,

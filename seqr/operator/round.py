@@ -34,7 +34,7 @@ from seqr.operator.probe import Probe
 from seqr.registry.publish import PublishedVersion, Publisher
 from seqr.registry.store import ensure_dir
 
-__all__ = ["Submission", "Verdict", "RoundResult", "ReplayStore", "RoundRunner"]
+__all__ = ["Submission", "Verdict", "RoundResult", "ReplayStore", "RoundRunner", "OpenRound"]
 
 log = logging.getLogger("seqr.server.round")
 
@@ -127,22 +127,16 @@ class RoundRunner:
         self.max_age = max_age
 
     def run(self, submissions: Iterable[Submission], *, now: datetime) -> RoundResult:
-        seen = self.replay.load()
-        verdicts = []
+        """Check every submission (in node order), then publish: one whole round."""
+        round_ = self.begin()
         for sub in sorted(submissions, key=lambda s: s.node_id):
-            verdict = self._one(sub, seen, now)
-            log.info(
-                "node %d: %s %s %s", sub.node_id, verdict.status, verdict.reason, verdict.message
-            )
-            verdicts.append(verdict)
-        published = self.publisher.publish(now=now)
-        log.info(
-            "published registry version %d: %d adapters (%d new)",
-            published.version,
-            published.entries,
-            len(published.added),
-        )
-        return RoundResult(tuple(_with_version(v, published.version) for v in verdicts), published)
+            round_.check(sub, now=now)
+        return round_.finish(now=now)
+
+    def begin(self) -> OpenRound:
+        """A round whose submissions are checked one by one as they arrive (server_app.py),
+        so each verdict is known, and logged, the moment its reply comes in."""
+        return OpenRound(self, self.replay.load())
 
     # ---- one submission ---------------------------------------------------------------
 
@@ -223,6 +217,33 @@ class RoundRunner:
         """The same bounds for other signers (a task group's members, whose adapter the
         server itself signs): weight, statistics and plausibility bounds of this round."""
         return self.setup.policy(keys, (), max_age=self.max_age, **self.bounds)
+
+
+class OpenRound:
+    """One round in progress: ``check`` each submission as it arrives, then ``finish``."""
+
+    def __init__(self, runner: RoundRunner, seen: SeenSubmissions) -> None:
+        self.runner, self.seen = runner, seen
+        self.verdicts: dict[int, Verdict] = {}
+
+    def check(self, sub: Submission, *, now: datetime) -> Verdict:
+        """Admit (and stage) or refuse one submission; its verdict, also kept for finish."""
+        verdict = self.runner._one(sub, self.seen, now)
+        log.info("node %d: %s %s %s", sub.node_id, verdict.status, verdict.reason, verdict.message)
+        self.verdicts[sub.node_id] = verdict
+        return verdict
+
+    def finish(self, *, now: datetime) -> RoundResult:
+        """Publish the next registry version; the verdicts in node order."""
+        published = self.runner.publisher.publish(now=now)
+        log.info(
+            "published registry version %d: %d adapters (%d new)",
+            published.version,
+            published.entries,
+            len(published.added),
+        )
+        ordered = [self.verdicts[n] for n in sorted(self.verdicts)]
+        return RoundResult(tuple(_with_version(v, published.version) for v in ordered), published)
 
 
 def _claimed_key(files: Mapping[str, bytes]) -> tuple[str, str]:

@@ -1,10 +1,11 @@
 """Flower ServerApp (Message API, custom loop): collect signed adapters, admit, publish.
 
 Per round: send every connected node a ``train`` message carrying the federation settings;
-collect the replies (a node that fails or times out gets its own verdict and does not stop
-the round); run the admission checks and the plausibility probe, stage what passes and
-publish the next signed registry version (seqr/operator/round.py); then tell each node that replied
-its verdict in a ``query.verdict`` message. Record names: seqr/operator/messages.py.
+check each reply as it arrives (admission checks and the plausibility probe; what passes is
+staged) and log its verdict with a count and an ETA (a node that fails or times out gets its
+own verdict and does not stop the round); then publish the next signed registry version
+(seqr/operator/round.py) and tell each node that replied its verdict in a ``query.verdict``
+message. Record names: seqr/operator/messages.py.
 
 Run config: the ServerSettings keys (seqr/operator/settings.py: registry-dir and server-keys are
 required) plus the federation keys (FederationConfig, kebab-case), or a TOML file of them
@@ -29,11 +30,12 @@ from seqr.operator.group_loop import run_groups, server_signing_key
 from seqr.operator.groups import GroupSettings
 from seqr.operator.messages import (
     VERDICT_MESSAGE_TYPE,
-    submissions_from_replies,
+    submission_from_reply,
     train_content,
     verdict_content,
 )
-from seqr.operator.round import RoundResult, RoundRunner
+from seqr.operator.round import RoundResult, RoundRunner, Submission
+from seqr.operator.round_progress import RoundProgress, stream_replies
 from seqr.operator.settings import ServerSettings, federation_from_run_config
 from seqr.operator.startup import start_server
 
@@ -84,9 +86,19 @@ def run_round(
         for n in nodes
     ]
     log.info("round %d: asking %d node(s) for their adapters", server_round, len(nodes))
-    replies = grid.send_and_receive(messages, timeout=settings.train_timeout_s)
-    submissions = submissions_from_replies(nodes, replies)
-    result = runner.run(submissions, now=datetime.now(UTC))
+    # Each reply is checked and logged as it arrives (seqr/operator/round_progress.py).
+    open_round, progress = runner.begin(), RoundProgress(server_round, len(nodes))
+    for reply in stream_replies(grid, messages, timeout_s=settings.train_timeout_s):
+        node = reply.metadata.src_node_id
+        if node in nodes and node not in open_round.verdicts:
+            verdict = open_round.check(submission_from_reply(node, reply), now=datetime.now(UTC))
+            log.info("%s", progress.line(verdict))
+    for node in nodes:
+        if node not in open_round.verdicts:
+            verdict = open_round.check(Submission.failed(node, "timeout"), now=datetime.now(UTC))
+            log.info("%s", progress.line(verdict))
+    log.info("%s", progress.summary())
+    result = open_round.finish(now=datetime.now(UTC))
     # Nodes that timed out may still be training: they are not waited for a second time.
     answered = [v for v in result.verdicts if v.reason != "timeout"]
     verdicts = [

@@ -1,94 +1,275 @@
-"""Every routing method's scores from ONE base-model pass per batch.
+"""Every routing method's scores from ONE base-model pass per batch, with the work shared.
 
-Per-sequence routing needs only each module's input x on the base model (adapters off), so
-a single forward with hooks feeds SEQR, SpectR, ARROW and brute force alike; each method is
-timed on its own scoring work. Per sequence we keep the token-mean score of every module
-(B, M, N), which lets aggregation settings be chosen on validation data afterwards, and per
-token the module-mean score (B, T, N) for per-token routing accuracy.
+Per-sequence routing needs only each module's input x on the base model (adapters off), so a
+single forward with hooks feeds every method. Work is shared wherever the maths allows:
+
+- SEQR under every calibration (own, reference, blended and query statistics) and raw SEQR
+  are one computation: h = A x and the raw score once per module. A z-score is affine per
+  module and adapter, so it commutes with the token mean: each calibration's per-sequence
+  z-scores come from the raw token means afterwards (exact up to rounding).
+- The statistics measured on text (reference text for ``seqr_public``, the unlabeled
+  validation inputs for ``seqr_queries``) come from the same pass: reference rows run first,
+  then validation, then test, instead of passes of their own.
+- SpectR's score is the exact raw norm, which raw SEQR computes: one computation for both.
+- The ARROWs score only held-out rows (not the reference text), and brute force, which is
+  there to check SEQR's exactness on the test rows, only those.
+
+Per sequence each method keeps its raw token-mean score of every module, (S, M, N), so the
+aggregation can be chosen on validation afterwards; per token (test rows) the module-mean
+score under each calibration, for per-token accuracy. Each method is timed on its own work.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-from seqr.core.model_routing import RoutedModule
+from seqr import ArrowRouter, BruteForceRouter
+from seqr.core.errors import ValueCheckError
+from seqr.core.model_routing import RoutedModule, blend_statistics, build_routed_modules
+from seqr.core.routing.gain import input_energy
+from seqr.core.stats import NormStatistics, RunningMoments
 
-# method name -> the routed modules of that method (same layers, different routers)
-MethodModules = Mapping[str, Sequence[RoutedModule]]
 # extra scorers on raw module inputs: method -> (module name -> (x (M, d_in) -> (M, N)))
 ExtraScorers = Mapping[str, Mapping[str, Callable[[torch.Tensor], torch.Tensor]]]
+# Methods scored besides SEQR, each on raw scores (brute force is z-scored afterwards).
+# Brute force checks that SEQR is exact: the report compares the two on test rows only, with
+# SEQR's layers, so it is not scored on validation rows (it is the costliest scorer).
+# SpectR is not among them: its score is the exact raw norm ||B_i A x|| (through the SVD of
+# B_i A), the very number seqr_raw measures, so one computation serves both (its speed is
+# measured apart, in the routing-time benchmark).
+OTHER_ROUTERS: dict[str, tuple[Callable[..., Any], str | None]] = {  # (router, score kind)
+    "brute_force": (BruteForceRouter, None),  # ||B_i A x|| directly, the calibration's kind
+    "arrow": (ArrowRouter, "norm"),  # abs(v_i . x), as in the ARROW paper
+}
+TEST_ONLY = frozenset({"brute_force"})
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-module, per-adapter statistics as (M, N) float64 tensors: z = (g - mean) / std."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def from_stats(
+        cls, stats: Mapping[str, NormStatistics], adapters: Sequence[str], modules: Sequence[str]
+    ) -> Calibration:
+        mean = np.empty((len(modules), len(adapters)))
+        std = np.empty_like(mean)
+        for j, adapter in enumerate(adapters):
+            for i, module in enumerate(modules):
+                moments = stats[adapter].modules[module]
+                mean[i, j], std[i, j] = float(moments.mean[0]), float(moments.std[0])
+        if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+            raise ValueCheckError("statistics hold a non-finite mean or a std <= 0")
+        return cls(torch.from_numpy(mean), torch.from_numpy(std))
+
+    def z(self, module_means: torch.Tensor) -> torch.Tensor:
+        """(S, M, N) raw token means -> z-scores (the token mean of the token z-scores)."""
+        return (module_means.double() - self.mean) / self.std
 
 
 @dataclass
-class MethodScores:
-    module_means: list[torch.Tensor] = field(default_factory=list)  # batches of (B, M, N)
-    token_means: list[torch.Tensor] = field(default_factory=list)  # batches of (B, T, N)
-    seconds: float = 0.0  # time spent scoring (the routing cost beyond the base forward)
+class HeldOutScores:
+    """What the shared pass measured on the held-out rows (validation, then test)."""
 
-    def sequence_modules(self) -> torch.Tensor:
-        """(S, M, N): per sequence, the token-mean score of every module."""
-        return torch.cat(self.module_means)
+    # "seqr" (raw) and other methods -> (S, M, N); TEST_ONLY methods: (S_test, M, N)
+    module_means: dict[str, torch.Tensor]  # "seqr": the calibration's kind; "seqr_raw": norms
+    token_means: dict[str, torch.Tensor]  # method -> (S_test, T, N) module-mean token scores
+    calibrations: dict[str, Calibration]  # "seqr", "seqr_public", ... -> statistics
+    module_names: list[str]
+    module_layers: list[int | None]
+    seconds: dict[str, float] = field(default_factory=dict)  # scoring time per method
+    rows: int = 0  # held-out rows scored
+    base_loss: torch.Tensor | None = None  # (S_test,) the base model's loss per test row
+
+
+def _moments_as_stats(
+    moments: Mapping[str, RunningMoments], adapters: Sequence[str], score: str
+) -> dict[str, NormStatistics]:
+    """Per-module moments over N adapters -> one NormStatistics per adapter (n = 1 each),
+    the form reference_statistics returns."""
+    return {
+        adapter: NormStatistics(
+            {
+                name: RunningMoments(1, m.count, m.mean[i : i + 1].copy(), m.m2[i : i + 1].copy())
+                for name, m in moments.items()
+            },
+            score=score,
+        )
+        for i, adapter in enumerate(adapters)
+    }
+
+
+def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) mean next-token cross-entropy per sequence (the held-out loss)."""
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none"
+    )
+    return loss.mean(dim=1)
 
 
 @torch.no_grad()
-def collect_method_scores(
+def score_heldout(
     peft_model: Any,
-    methods: MethodModules,
-    batches: Sequence[torch.Tensor],
+    adapters: Sequence[str],
+    own_stats: Mapping[str, NormStatistics],
     *,
+    validation: Sequence[torch.Tensor],
+    test: Sequence[torch.Tensor],
+    reference: Sequence[torch.Tensor] = (),
     extra: ExtraScorers | None = None,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, MethodScores]:
-    """Run the base model once per batch of (B, T) token ids (no padding) and score all methods."""
-    module_names = [m.name for m in next(iter(methods.values()))]
-    layers = {m.name: m.layer for m in next(iter(methods.values()))}
-    by_method = {name: {m.name: m for m in mods} for name, mods in methods.items()}
-    out = {name: MethodScores() for name in [*methods, *(extra or {})]}
-    current: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # method -> module -> (B,T,N)
+) -> HeldOutScores:
+    """Score batches of (B, T) token ids (no padding): reference, validation, then test.
 
-    def hook_for(module_name: str) -> Any:
+    Calibrations: "seqr" (own statistics), "seqr_public" and "seqr_blend" (with reference
+    batches), "seqr_queries" (sequence-level moments over the validation inputs, unlabeled).
+    """
+    score = own_stats[adapters[0]].score  # router statistics measure the adapters' kind
+    seqr_modules = build_routed_modules(peft_model, adapters, score=score)  # raw scores
+    names = [m.name for m in seqr_modules]
+    others = {
+        method: {m.name: m for m in build_routed_modules(peft_model, adapters,
+                                                          score=kind or score,
+                                                          router_factory=factory)}
+        for method, (factory, kind) in OTHER_ROUTERS.items()
+    }  # fmt: skip
+    extra = extra or {}
+    calibrations = {"seqr": Calibration.from_stats(own_stats, adapters, names)}
+    own = calibrations["seqr"]
+    seconds: dict[str, float] = {"seqr": 0.0, **{m: 0.0 for m in [*others, *extra]}}
+    phase = "reference"
+    ref_moments = {n: RunningMoments(len(adapters)) for n in names}
+    current: dict[str, dict[str, torch.Tensor]] = {}  # method -> module -> (B, T, N)
+    token_parts: dict[str, dict[str, torch.Tensor]] = {}  # label -> module -> (B, T, N)
+
+    def add_token(label: str, module: str, values: torch.Tensor) -> None:
+        token_parts.setdefault(label, {})[module] = values
+
+    def hook_for(index: int, module: RoutedModule) -> Any:
         def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
             x = args[0] if args else kwargs["x"]
-            flat = x.reshape(-1, x.shape[-1])
-            for method, modules in by_method.items():
+            shape = x.shape[:-1]
+            flat = x.reshape(-1, x.shape[-1]).to(module.A.dtype)
+            start = time.perf_counter()
+            # One A x for every method: every router of this module holds the same shared A.
+            h = module.project(flat)
+            router: Any = module.router  # a SeqrRouter without statistics: raw norms
+            # The calibrated score exactly as RoutedModule.scores computes it (gain: h / ||h||),
+            # without scaling x, which SEQR never reads.
+            energy = input_energy(h)
+            scaled = h / energy if score == "gain" else h
+            raw = router.scores_from_projection(scaled).float()  # (B * T, N)
+            if phase == "reference":
+                ref_moments[module.name].update(raw)
+                return
+            # seqr_raw: the paper's raw norm ||B_i A x|| = gain * ||A x|| (no z-score).
+            norms = raw if score == "norm" else raw * energy.float()
+            seconds["seqr"] += time.perf_counter() - start  # held-out rows only
+            current.setdefault("seqr", {})[module.name] = raw.reshape(*shape, -1)
+            current.setdefault("seqr_raw", {})[module.name] = norms.reshape(*shape, -1)
+            for method, by_name in others.items():
+                if method in TEST_ONLY and phase != "test":
+                    continue
                 start = time.perf_counter()
-                routed = modules[module_name]
-                scores = routed.scores(flat, routed.project(flat))
-                out[method].seconds += time.perf_counter() - start
-                current[method][module_name] = scores.reshape(*x.shape[:-1], -1).float()
-            for method, scorers in (extra or {}).items():
+                routed = by_name[module.name]
+                if routed.score == "gain":  # x and h scaled by 1 / ||h|| inside
+                    values = routed.scores(flat, h).float()
+                else:  # raw norms (or ARROW's proxy) need only x
+                    values = routed.router.scores(flat).float()
+                seconds[method] += time.perf_counter() - start
+                current.setdefault(method, {})[module.name] = values.reshape(*shape, -1)
+            for method, scorers in extra.items():
                 start = time.perf_counter()
-                scores = scorers[module_name](flat)
-                out[method].seconds += time.perf_counter() - start
-                current[method][module_name] = scores.reshape(*x.shape[:-1], -1).float()
+                values = scorers[module.name](flat).float()
+                seconds[method] += time.perf_counter() - start
+                current.setdefault(method, {})[module.name] = values.reshape(*shape, -1)
+            if phase == "test":  # per-token scores: z under each calibration, else raw
+                for label, cal in calibrations.items():
+                    mean, std = cal.mean[index].float(), cal.std[index].float()
+                    add_token(label, module.name, ((raw - mean) / std).reshape(*shape, -1))
+                add_token("seqr_raw", module.name, norms.reshape(*shape, -1))
+                own_mean, own_std = (t[index].float() for t in (own.mean, own.std))
+                brute = current["brute_force"][module.name]
+                add_token("brute_force_z", module.name, (brute - own_mean) / own_std)
+                for method in [*others, *extra]:
+                    if method != "brute_force":
+                        add_token(method, module.name, current[method][module.name])
 
         return hook
 
     handles = [
-        layers[name].register_forward_hook(hook_for(name), with_kwargs=True)
-        for name in module_names
+        m.layer.register_forward_hook(hook_for(i, m), with_kwargs=True)
+        for i, m in enumerate(seqr_modules)
     ]
-    try:
+    module_means: dict[str, list[torch.Tensor]] = {}
+    token_means: dict[str, list[torch.Tensor]] = {}
+    rows = 0
+    base_losses: list[torch.Tensor] = []
+
+    def run(batches: Sequence[torch.Tensor]) -> None:
+        nonlocal rows
         for input_ids in batches:
             current.clear()
-            peft_model(
+            token_parts.clear()
+            # Test rows keep every position's logits: the base model's held-out loss comes
+            # from this same forward instead of a pass of its own (the same call, so the
+            # same numbers as seqr/sim/eval_losses.py would compute).
+            output = peft_model(
                 input_ids=input_ids,
                 adapter_names=["__base__"] * int(input_ids.shape[0]),
-                logits_to_keep=1,
+                logits_to_keep=0 if phase == "test" else 1,
             )
-            for method, per_module in current.items():
-                stacked = torch.stack([per_module[n] for n in module_names], dim=1)  # (B,M,T,N)
-                out[method].module_means.append(stacked.mean(dim=2))
-                out[method].token_means.append(stacked.mean(dim=1))
+            if phase == "test":
+                base_losses.append(next_token_losses(output.logits, input_ids))
+            if phase != "reference":
+                rows += int(input_ids.shape[0])
+                for method, per_module in current.items():
+                    stacked = torch.stack([per_module[n] for n in names], dim=1)  # (B,M,T,N)
+                    module_means.setdefault(method, []).append(stacked.mean(dim=2))
+            for label, parts in token_parts.items():
+                stacked = torch.stack([parts[n] for n in names], dim=1)  # (B, M, T, N)
+                token_means.setdefault(label, []).append(stacked.mean(dim=1))
             if progress is not None:
                 progress(int(input_ids.shape[0]))
+
+    try:
+        if reference:
+            run(reference)
+            ref = _moments_as_stats(ref_moments, adapters, score)
+            calibrations["seqr_public"] = Calibration.from_stats(ref, adapters, names)
+            blend = blend_statistics(own_stats, ref)
+            calibrations["seqr_blend"] = Calibration.from_stats(blend, adapters, names)
+        phase = "validation"
+        run(validation)
+        # Query statistics: each sequence's token-mean score, its moments over the validation
+        # inputs (seqr.core.model_routing.reference, per_sequence=True), labels unused.
+        val_means = torch.cat(module_means["seqr"])  # (S_val, M, N)
+        queries = {n: RunningMoments(len(adapters)).update(val_means[:, i]) for i, n in
+                   enumerate(names)}  # fmt: skip
+        calibrations["seqr_queries"] = Calibration.from_stats(
+            _moments_as_stats(queries, adapters, score), adapters, names
+        )
+        phase = "test"
+        run(test)
     finally:
         for handle in handles:
             handle.remove()
-    return out
+    return HeldOutScores(
+        module_means={m: torch.cat(v) for m, v in module_means.items()},
+        token_means={m: torch.cat(v) for m, v in token_means.items()},
+        calibrations=calibrations,
+        module_names=names,
+        module_layers=[m.layer_index for m in seqr_modules],
+        seconds=seconds,
+        rows=rows,
+        base_loss=torch.cat(base_losses) if base_losses else None,
+    )

@@ -1,19 +1,24 @@
 """Evaluation of a routed adapter library on held-out text of every domain.
 
-Per-sequence routing accuracy (with confusion matrices) for SEQR with z-scores and with raw
-norms, SpectR, brute force, our ARROW and peft's own ``create_arrow_model`` as an outside
-anchor, and random choice; held-out loss with the routed adapter against the oracle (the
-true domain's adapter), the base model and the exact uniform merge; per-token routing; and
-routing time. Each domain's held-out chunks are split into a validation half, on which the
-one free setting (which layers' scores to aggregate) is chosen per method, and a test half on
-which everything is reported (SEQR.md: never tune on the test split). The calibration SEQR
-z-scores with (own, reference or blended statistics) is chosen on validation the same way.
+Per-sequence routing accuracy (with Wilson 95% intervals, per domain, and confusion
+matrices) for SEQR under four calibrations and with raw norms, SpectR, brute force, our
+ARROW and peft's own ``create_arrow_model`` as an outside anchor, and random choice; paired
+McNemar tests of the selected SEQR against ARROW and against the best other calibration;
+held-out loss with the routed adapter against the oracle (the true domain's adapter), the
+base model and the exact uniform merge, overall and per domain; per-token routing. Each
+domain's held-out chunks are split into a validation half, on which the one free setting
+(which layers' scores to aggregate) is chosen per method, and a test half on which everything
+is reported (SEQR.md: never tune on the test split). The calibration SEQR z-scores with (own,
+reference, blended or query statistics) is chosen on validation the same way.
+
+All scores come from one shared pass (seqr/sim/eval_scores.py); losses only for the
+(sequence, adapter) pairs the report shows (seqr/sim/eval_losses.py).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,42 +26,33 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from seqr import ArrowRouter, BruteForceRouter, SeqrRouter, SpectrRouter
 from seqr.core.errors import ConfigError, DataError
-from seqr.core.model_routing import (
-    ModelRoutingConfig,
-    RoutedModel,
-    RoutedModule,
-    blend_statistics,
-    build_routed_modules,
-    reference_statistics,
-)
-from seqr.sim.eval_scores import ExtraScorers, MethodScores, collect_method_scores
-from seqr.sim.library import AdapterLibrary, add_uniform_merge
+from seqr.sim.eval_losses import heldout_losses
+from seqr.sim.eval_scores import TEST_ONLY, ExtraScorers, HeldOutScores, score_heldout
+from seqr.sim.library import AdapterLibrary
+from seqr.sim.significance import mcnemar_exact, wilson_interval
 
-# method -> (router, z-scored with the adapters' own statistics?)
-ROUTED_METHODS: dict[str, tuple[Callable[..., Any], bool]] = {
-    "seqr": (SeqrRouter, True),
-    "seqr_raw": (SeqrRouter, False),
-    "spectr": (SpectrRouter, False),  # the exact raw norm, as in the SpectR paper
-    "brute_force": (BruteForceRouter, True),  # same scores as "seqr": checks exactness
-    "arrow": (ArrowRouter, False),
-}
 # SEQR under each calibration: own statistics, router-measured reference ones, both averaged,
 # and query statistics (sequence-level, over unlabeled validation inputs).
 SEQR_CALIBRATIONS = ("seqr", "seqr_public", "seqr_blend", "seqr_queries")
 # Aggregation candidates chosen on validation data: decoder layers whose scores count.
 LAYER_SUBSETS = {"all layers": 0.0, "upper half": 0.5, "upper third": 2 / 3}
+Stage = Callable[[str, int], Callable[[int], None]]  # (stage, work units) -> advance(n)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    max_sequences_per_domain: int = 32  # held-out chunks used per domain (val + test)
+    # Held-out chunks used per domain (validation + test, alternately): 200 gives 100 test
+    # sequences per domain where the text has them (issue 19: enough to tell methods apart).
+    max_sequences_per_domain: int = 200
     batch_size: int = 8
     seed: int = 0
     per_token_top_k: int = 1
     peft_arrow: bool = True
     losses: bool = True  # False: routing metrics only (minutes faster on CPU)
+    # Held-out loss of per-token routing (SEQR's and peft's ARROW): two more routed passes
+    # over the test rows, as costly as all per-sequence losses together; off unless asked.
+    per_token_losses: bool = False
 
     def __post_init__(self) -> None:
         if self.max_sequences_per_domain < 2:
@@ -106,25 +102,6 @@ def decide(module_means: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return module_means[:, mask].mean(dim=1).argmax(dim=-1)
 
 
-def recalibrate(
-    module_means: torch.Tensor, source: Sequence[RoutedModule], target: Sequence[RoutedModule]
-) -> torch.Tensor:
-    """(S, M, N) token-mean z-scores under ``source``'s statistics, z-scored with ``target``'s.
-
-    Exact up to rounding: a z-score is affine per module and adapter, so it commutes with the
-    token mean. One brute-force pass thus gives brute force under every calibration.
-    """
-
-    def moments(modules: Sequence[RoutedModule]) -> tuple[torch.Tensor, torch.Tensor]:
-        if any(m.router.mean is None for m in modules):
-            raise ConfigError("recalibrate needs routers built with statistics")
-        means, stds = ([getattr(m.router, k) for m in modules] for k in ("mean", "std"))
-        return torch.stack(means).double(), torch.stack(stds).double()
-
-    (mean_s, std_s), (mean_t, std_t) = moments(source), moments(target)
-    return (module_means.double() * std_s + mean_s - mean_t) / std_t
-
-
 def accuracy(choice: torch.Tensor, labels: torch.Tensor) -> float:
     return float((choice == labels).double().mean())
 
@@ -135,31 +112,29 @@ def confusion(choice: torch.Tensor, labels: torch.Tensor, n: int) -> list[list[i
     return matrix.tolist()  # rows: true domain, columns: chosen adapter
 
 
-@torch.no_grad()
-def sequence_losses(
-    forward: Callable[[torch.Tensor, list[str] | None], Any],
-    ids: torch.Tensor,
-    names: list[str] | None,
-    batch_size: int,
-) -> torch.Tensor:
-    """(S,) mean next-token cross-entropy per sequence; names: adapter per row (or None)."""
-    out = []
-    for start in range(0, len(ids), batch_size):
-        batch = ids[start : start + batch_size]
-        rows = None if names is None else names[start : start + batch_size]
-        logits = forward(batch, rows).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), batch[:, 1:], reduction="none"
-        )
-        out.append(loss.mean(dim=1))
-    return torch.cat(out)
+def with_interval(choice: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    correct, total = int((choice == labels).sum()), int(len(labels))
+    return {"correct": correct, "total": total, "ci95": list(wilson_interval(correct, total))}
+
+
+def per_domain(choice: torch.Tensor, labels: torch.Tensor, adapters: tuple[str, ...]) -> dict:
+    """Accuracy with its Wilson 95% interval for each true domain."""
+    out = {}
+    for i, name in enumerate(adapters):
+        rows = labels == i
+        if rows.any():
+            stats = with_interval(choice[rows], labels[rows])
+            out[name] = {"accuracy": stats["correct"] / stats["total"], **stats}
+    return out
 
 
 def peft_arrow_model(make_base: Callable[[], Any], export_paths: list[str]) -> Any:
     """peft's own ARROW (create_arrow_model) over the same exports: the outside anchor."""
     from peft import ArrowConfig, create_arrow_model
 
-    model = create_arrow_model(make_base(), export_paths, ArrowConfig(rng_seed=0))
+    # peft's default top_k = 3 fails (torch.topk) on a library of 2 adapters.
+    config = ArrowConfig(top_k=min(3, len(export_paths)), rng_seed=0)
+    model = create_arrow_model(make_base(), export_paths, config)
     model.eval()
     with torch.no_grad():  # prototypes are built lazily on the first forward
         model(input_ids=torch.zeros(1, 2, dtype=torch.long))
@@ -181,6 +156,10 @@ def _abs_projection(prototypes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (x.float() @ prototypes.T).abs()
 
 
+def _no_stage(stage: str, total: int) -> Callable[[int], None]:
+    return lambda done: None
+
+
 def evaluate(
     library: AdapterLibrary,
     heldout: Mapping[str, np.ndarray],
@@ -189,6 +168,7 @@ def evaluate(
     make_base: Callable[[], Any] | None = None,
     export_paths: list[str] | None = None,
     reference: np.ndarray | None = None,
+    stage: Stage = _no_stage,
 ) -> dict[str, Any]:
     """Everything the simulation report shows, as plain JSON-ready values.
 
@@ -198,171 +178,172 @@ def evaluate(
     averages both z-scores. "seqr_queries" z-scores with query statistics: sequence-level
     moments over the validation inputs, unlabeled, as a router would keep them over the
     traffic it serves. "seqr_selected" names the calibration best on validation.
+    ``stage(name, total)`` is told each stage as it starts (progress, status.json).
     """
     model, adapters = library.peft_model, library.adapters
     data = split_heldout(heldout, adapters, cfg)
     n = len(adapters)
-    methods = {
-        name: build_routed_modules(
-            model, adapters, stats=library.stats if z else None, router_factory=factory
-        )
-        for name, (factory, z) in ROUTED_METHODS.items()
-    }
-    score = library.stats[adapters[0]].score  # router statistics measure the adapters' kind
-    if reference is not None:
-        ref_batches = torch.split(torch.as_tensor(reference, dtype=torch.long), cfg.batch_size)
-        ref_stats = reference_statistics(model, adapters, ref_batches, score=score)
-        methods["seqr_public"] = build_routed_modules(model, adapters, stats=ref_stats)
-        blend = blend_statistics(library.stats, ref_stats)
-        methods["seqr_blend"] = build_routed_modules(model, adapters, stats=blend)
-    val_batches = torch.split(data.ids[~data.is_test], cfg.batch_size)  # inputs, never labels
-    queries = reference_statistics(model, adapters, val_batches, score=score, per_sequence=True)
-    methods["seqr_queries"] = build_routed_modules(model, adapters, stats=queries)
     extra: ExtraScorers = {}
     arrow_model = None
     if cfg.peft_arrow and make_base is not None and export_paths is not None:
+        stage("peft's ARROW model", 0)
         arrow_model = peft_arrow_model(make_base, export_paths)
         extra = {"peft_arrow": peft_arrow_scorers(arrow_model)}
-    batches = list(torch.split(data.ids, cfg.batch_size))
-    with tqdm(total=len(data.ids), desc="route held-out", unit="seq") as bar:
-        scores = collect_method_scores(model, methods, batches, extra=extra, progress=bar.update)
-    layers = [m.layer_index for m in methods["seqr"]]
     val, test = ~data.is_test, data.is_test
-    results: dict[str, dict[str, Any]] = {}
-    decisions: dict[str, torch.Tensor] = {}
-    for method, method_scores in scores.items():
-        results[method], decisions[method] = _routing_metrics(
-            method_scores, layers, data, n, val, test
-        )
-    generator = torch.Generator().manual_seed(cfg.seed)
+    ref = [] if reference is None else list(torch.split(torch.as_tensor(reference), cfg.batch_size))
+    rows = sum(len(b) for b in ref) + len(data.ids)
+    advance = stage("route held-out text (one pass, every method)", rows)
+    with tqdm(total=rows, desc="route held-out", unit="seq") as bar:
+
+        def step(k: int) -> None:
+            bar.update(k)
+            advance(bar.n)
+
+        scores = score_heldout(
+            model, adapters, library.stats, reference=ref,
+            validation=list(torch.split(data.ids[val], cfg.batch_size)),
+            test=list(torch.split(data.ids[test], cfg.batch_size)),
+            extra=extra, progress=step,
+        )  # fmt: skip
+    # Rows come back validation first, then test: reorder labels the same way.
+    labels = torch.cat([data.labels[val], data.labels[test]])
+    is_test = torch.cat([torch.zeros(int(val.sum()), dtype=torch.bool), test[test]])
+    results, decisions = _all_routing_metrics(scores, labels, is_test, n)
+    test_labels = labels[is_test]
+    generator = torch.Generator().manual_seed(cfg.seed)  # drawn in the held-out rows' order
     random_choice = torch.randint(0, n, (len(data.ids),), generator=generator)
-    decisions["random"] = random_choice
-    results["random"] = {
-        "routing_accuracy": accuracy(random_choice[test], data.labels[test]),
-        "confusion": confusion(random_choice[test], data.labels[test], n),
-    }
-    calibrations = [m for m in SEQR_CALIBRATIONS if m in results]
-    selected = max(calibrations, key=lambda m: max(results[m]["validation_accuracy"].values()))
-    agreement = float((decisions["seqr"][test] == decisions["brute_force"][test]).double().mean())
-    brute_force = recalibrate(
-        scores["brute_force"].sequence_modules(), methods["brute_force"], methods[selected]
+    decisions["random"] = torch.cat([random_choice[val], random_choice[test]])
+    for method, choice in decisions.items():
+        entry = results.setdefault(method, {})
+        entry.setdefault("routing_accuracy", accuracy(choice[is_test], test_labels))
+        entry.setdefault("confusion", confusion(choice[is_test], test_labels, n))
+        entry.update(with_interval(choice[is_test], test_labels))
+        entry["per_domain"] = per_domain(choice[is_test], test_labels, adapters)
+    selected = max(
+        [m for m in SEQR_CALIBRATIONS if m in results],
+        key=lambda m: max(results[m]["validation_accuracy"].values()),
     )
-    brute_force_selected = decide(brute_force, masks_for(layers)[results[selected]["layers"]])
-    selected_agreement = float((decisions[selected] == brute_force_selected)[test].double().mean())
-    token_choices = {
-        m: torch.cat(scores[m].token_means).argmax(-1) for m in ("seqr", "brute_force")
-    }
-    token_agreement = float((token_choices["seqr"] == token_choices["brute_force"]).double().mean())
-    losses = _losses(library, data, decisions, cfg, arrow_model) if cfg.losses else {}
-    for method, loss in losses.items():
+    alternatives = [m for m in SEQR_CALIBRATIONS if m in results and m != selected]
+    best_other = max(alternatives, key=lambda m: max(results[m]["validation_accuracy"].values()))
+    right = {m: (c[is_test] == test_labels).tolist() for m, c in decisions.items()}
+    significance = [
+        {"first": selected, "second": other, **vars(mcnemar_exact(right[selected], right[other]))}
+        for other in (best_other, "arrow", "peft_arrow")
+        if other in right
+    ]
+    agreement = _agreements(scores, decisions, results, selected, is_test)
+    losses: dict[str, Any] = {}
+    if cfg.losses:
+        plans = {m: decisions[m][is_test] for m in (*SEQR_CALIBRATIONS, "arrow") if m in decisions}
+        losses = heldout_losses(library, data.ids[test], test_labels, plans, cfg, arrow_model,
+                                base_loss=scores.base_loss, stage=stage)  # fmt: skip
+    for method, loss in losses.get("mean", {}).items():
         results.setdefault(method, {})["heldout_loss"] = loss
         results[method]["perplexity"] = float(np.exp(loss))
+        results[method]["heldout_loss_per_domain"] = losses["per_domain"][method]
+    test_per_domain = {a: int((test_labels == i).sum()) for i, a in enumerate(adapters)}
     return {
         "adapters": list(adapters),
-        "test_sequences": int(test.sum()),
-        "validation_sequences": int(val.sum()),
+        "test_sequences": int(is_test.sum()),
+        "validation_sequences": int((~is_test).sum()),
+        "test_sequences_per_domain": test_per_domain,
         "sequence_tokens": int(data.ids.shape[1]),
         "methods": results,
         "seqr_selected": selected,
+        "seqr_best_alternative": best_other,
+        "significance": significance,
+        **agreement,
+    }
+
+
+def _all_routing_metrics(
+    scores: HeldOutScores, labels: torch.Tensor, is_test: torch.Tensor, n: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    """Each method's per-sequence scores -> its metrics and decisions (every row)."""
+    raw = scores.module_means
+    own = scores.calibrations["seqr"]
+    per_sequence: dict[str, torch.Tensor] = {
+        **{label: cal.z(raw["seqr"]) for label, cal in scores.calibrations.items()},
+        **{m: v for m, v in raw.items() if m not in ("seqr", "brute_force")},
+        "spectr": raw["seqr_raw"],  # SpectR's score is the raw norm: computed once for both
+    }
+    token = {m: v for m, v in scores.token_means.items() if m != "brute_force_z"}
+    token["spectr"] = token["seqr_raw"]
+    rows = {m: (scores.rows if m not in TEST_ONLY else int(is_test.sum())) for m in raw}
+    results, decisions = {}, {}
+    for method, module_means in per_sequence.items():
+        results[method], decisions[method] = _routing_metrics(
+            module_means, token.get(method), scores.module_layers, labels, is_test, n
+        )
+        if method != "spectr":  # its speed: the routing-time benchmark
+            seconds = scores.seconds.get(method, scores.seconds["seqr"])
+            results[method]["routing_seconds_per_sequence"] = seconds / max(scores.rows, 1)
+    # Brute force, test rows only, z-scored with the adapters' own statistics and aggregated
+    # over the layers SEQR chose: the same scores as "seqr", computed directly (exactness).
+    layers = results["seqr"]["layers"]
+    brute = decide(own.z(raw["brute_force"]), masks_for(scores.module_layers)[layers])
+    decisions["brute_force"] = torch.full_like(labels, -1).masked_scatter(is_test, brute)
+    token_brute = scores.token_means["brute_force_z"].argmax(dim=-1)
+    results["brute_force"] = {
+        "routing_accuracy": accuracy(brute, labels[is_test]),
+        "aggregation": f"mean of token scores over {layers} (SEQR's choice)",
+        "layers": layers,
+        "confusion": confusion(brute, labels[is_test], n),
+        "per_token_routing_accuracy": float((token_brute == labels[is_test, None]).double().mean()),
+        "routing_seconds_per_sequence": scores.seconds["brute_force"] / max(rows["brute_force"], 1),
+    }
+    return results, decisions
+
+
+def _routing_metrics(
+    module_means: torch.Tensor,
+    token_means: torch.Tensor | None,
+    layers: list[int | None],
+    labels: torch.Tensor,
+    is_test: torch.Tensor,
+    n: int,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    masks = masks_for(layers)
+    val = ~is_test
+    val_acc = {
+        label: accuracy(decide(module_means[val], m), labels[val]) for label, m in masks.items()
+    }
+    chosen = max(val_acc, key=lambda label: (val_acc[label], -list(masks).index(label)))
+    choice = decide(module_means, masks[chosen])
+    out: dict[str, Any] = {
+        "routing_accuracy": accuracy(choice[is_test], labels[is_test]),
+        "validation_accuracy": val_acc,
+        "aggregation": f"mean of token scores over {chosen}",
+        "layers": chosen,
+        "confusion": confusion(choice[is_test], labels[is_test], n),
+    }
+    if token_means is not None:  # test rows only, (S_test, T, N)
+        token_choice = token_means.argmax(dim=-1)
+        token_acc = (token_choice == labels[is_test, None]).double().mean()
+        out["per_token_routing_accuracy"] = float(token_acc)
+    return out, choice
+
+
+def _agreements(
+    scores: HeldOutScores,
+    decisions: Mapping[str, torch.Tensor],
+    results: Mapping[str, Mapping[str, Any]],
+    selected: str,
+    is_test: torch.Tensor,
+) -> dict[str, float]:
+    """SEQR's choices against brute force's, under own and under the selected statistics."""
+    test = is_test
+    agreement = float((decisions["seqr"][test] == decisions["brute_force"][test]).double().mean())
+    # Brute force z-scored with the selected calibration's statistics, same layers as SEQR's.
+    brute = scores.calibrations[selected].z(scores.module_means["brute_force"])  # test rows
+    brute_choice = decide(brute, masks_for(scores.module_layers)[results[selected]["layers"]])
+    selected_agreement = float((decisions[selected][test] == brute_choice).double().mean())
+    tokens = scores.token_means
+    token_agreement = float(
+        (tokens["seqr"].argmax(-1) == tokens["brute_force_z"].argmax(-1)).double().mean()
+    )
+    return {
         "agreement_seqr_brute_force": agreement,
         "agreement_seqr_brute_force_per_token": token_agreement,
         "agreement_selected_brute_force": selected_agreement,
     }
-
-
-def _routing_metrics(
-    scores: MethodScores,
-    layers: list[int | None],
-    data: HeldOut,
-    n: int,
-    val: torch.Tensor,
-    test: torch.Tensor,
-) -> tuple[dict[str, Any], torch.Tensor]:
-    module_means = scores.sequence_modules()
-    masks = masks_for(layers)
-    val_acc = {
-        label: accuracy(decide(module_means[val], m), data.labels[val])
-        for label, m in masks.items()
-    }
-    chosen = max(val_acc, key=lambda label: (val_acc[label], -list(masks).index(label)))
-    choice = decide(module_means, masks[chosen])
-    token_choice = torch.cat(scores.token_means).argmax(dim=-1)  # (S, T)
-    token_acc = (token_choice[test] == data.labels[test, None]).double().mean()
-    return {
-        "routing_accuracy": accuracy(choice[test], data.labels[test]),
-        "validation_accuracy": val_acc,
-        "aggregation": f"mean of token scores over {chosen}",
-        "layers": chosen,
-        "per_token_routing_accuracy": float(token_acc),
-        "confusion": confusion(choice[test], data.labels[test], n),
-        "routing_seconds_per_sequence": scores.seconds / len(data.ids),
-    }, choice
-
-
-def _losses(
-    library: AdapterLibrary,
-    data: HeldOut,
-    decisions: Mapping[str, torch.Tensor],
-    cfg: EvalConfig,
-    arrow_model: Any,
-) -> dict[str, float]:
-    model, adapters = library.peft_model, library.adapters
-    ids = data.ids[data.is_test]
-    merged = add_uniform_merge(library)
-    rows = int(len(ids))
-    plans: dict[str, list[str]] = {
-        "oracle": [adapters[i] for i in data.labels[data.is_test].tolist()],
-        "base": ["__base__"] * rows,
-        "uniform_merge": [merged] * rows,
-    }
-    for method in (*SEQR_CALIBRATIONS, "seqr_raw", "arrow", "random"):
-        if method in decisions:
-            plans[method] = [adapters[i] for i in decisions[method][data.is_test].tolist()]
-    pair_loss = pair_losses(model, ids, plans.values(), cfg.batch_size)
-    losses = {
-        label: float(np.mean([pair_loss[row, name] for row, name in enumerate(names)]))
-        for label, names in plans.items()
-    }
-    routed = RoutedModel(
-        model,
-        ModelRoutingConfig(mode="per_token", top_k=cfg.per_token_top_k),
-        adapters=adapters,
-        stats=library.stats,
-    )
-    losses["seqr_per_token"] = float(
-        sequence_losses(lambda b, _: routed(b), ids, None, cfg.batch_size).mean()
-    )
-    if arrow_model is not None:
-        losses["peft_arrow_per_token"] = float(
-            sequence_losses(lambda b, _: arrow_model(input_ids=b), ids, None, cfg.batch_size).mean()
-        )
-    return losses
-
-
-def pair_losses(
-    model: Any, ids: torch.Tensor, plans: Iterable[list[str]], batch_size: int
-) -> dict[tuple[int, str], float]:
-    """Loss of every (sequence, adapter) pair some plan needs, each computed once.
-
-    Plans agree on most sequences (a good router picks the oracle's adapter), so this costs
-    about one pass per distinct choice instead of one pass per plan; each adapter's rows run
-    as single-adapter batches, peft's cheapest mixed-batch case.
-    """
-    rows_by_adapter: dict[str, set[int]] = {}
-    for names in plans:
-        for row, name in enumerate(names):
-            rows_by_adapter.setdefault(name, set()).add(row)
-
-    def with_adapter(batch: torch.Tensor, names: list[str] | None) -> Any:
-        return model(input_ids=batch, adapter_names=names)
-
-    out: dict[tuple[int, str], float] = {}
-    total = sum(len(rows) for rows in rows_by_adapter.values())
-    with tqdm(total=total, desc="held-out loss", unit="seq") as bar:
-        for name, row_set in rows_by_adapter.items():
-            rows = sorted(row_set)
-            losses = sequence_losses(with_adapter, ids[rows], [name] * len(rows), batch_size)
-            for row, loss in zip(rows, losses.tolist(), strict=True):
-                out[row, name] = float(loss)
-            bar.update(len(rows))
-    return out

@@ -51,7 +51,9 @@ class FederationResult:
             )
         data = json.loads(path.read_text())
         data["federation"] = FederationConfig.from_run_config(data["federation"])
-        return cls(**{**data, "registry": Path(data["registry"]), "work": Path(data["work"])})
+        # The run folder may have moved or been copied: its registry and work folder are the
+        # ones beside this file, not the paths recorded when it was written.
+        return cls(**{**data, "registry": work.parent / "registry", "work": work})
 
 
 def _partitions(work: Path, domains: list[Path]) -> Path:
@@ -66,7 +68,11 @@ def _partitions(work: Path, domains: list[Path]) -> Path:
     return parts
 
 
-def run_federation(cfg: Any, fed: Any, domains: list[Path]) -> FederationResult:
+def run_federation(
+    cfg: Any, fed: Any, domains: list[Path], progress_dir: Path | None = None
+) -> FederationResult:
+    """Set up the operator's side, then one Flower run; nodes write progress files into
+    ``progress_dir`` (seqr/node/progress.py) when it is given."""
     from seqr.core.base_model import load_base_model
     from seqr.operator.federation_setup import setup_federation
     from seqr.operator.registry_ops import init_registry, open_publisher
@@ -109,6 +115,9 @@ def run_federation(cfg: Any, fed: Any, domains: list[Path]) -> FederationResult:
         "min-nodes": len(domains),
         "train-timeout-s": float(SIMULATION_TIMEOUT_S),
     }
+    if progress_dir is not None:
+        progress_dir.mkdir(parents=True, exist_ok=True)
+        run_config["progress-dir"] = progress_dir.resolve()
     federation_config = {
         "num-supernodes": len(domains),
         "client-resources-num-cpus": cfg.client_cpus,

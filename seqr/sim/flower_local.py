@@ -41,6 +41,7 @@ CLIENT_KEYS = {
     "cache-dir": "",
     "work-dir": "",
     "signing-key-passphrase-env": "",
+    "progress-dir": "",
 }
 
 

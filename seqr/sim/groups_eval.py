@@ -209,7 +209,7 @@ def heldout_losses(
     import torch
 
     from seqr.core.base_model import load_base_model
-    from seqr.sim.evaluate import sequence_losses
+    from seqr.sim.eval_losses import sequence_losses
     from seqr.sim.library import load_library
 
     base = load_base_model(fed.base_model, expected_sha256=fed.base_model_sha256)

@@ -6,11 +6,13 @@ operator printed) comes first; the adapters evaluated are exactly the audited en
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from seqr.core.errors import DataError
 from seqr.sim.federation_run import FederationResult
 
 
@@ -33,19 +35,35 @@ def heldout_chunks(domains: list[Path], tokenizer: Any, fed: Any) -> dict[str, n
 def reference_chunks(
     data: Path, clients: list[Path], tokenizer: Any, fed: Any, per_domain: int = 16
 ) -> np.ndarray | None:
-    """Public reference text: chunks of every domain folder in --data that no client holds."""
-    from seqr.core.textdata import load_text_data
-
+    """Public reference text: the first ``per_domain`` training chunks of every domain folder
+    in --data that no client holds (split as a client would split that folder)."""
     held = {c.resolve() for c in clients}
     others = sorted(p for p in data.iterdir() if p.is_dir() and p.resolve() not in held
                     and not p.name.startswith("."))  # fmt: skip
-    parts = [
-        load_text_data(
-            p, tokenizer, seq_len=fed.train_seq_len, heldout_fraction=0.0, seed=fed.data_seed
-        ).train[:per_domain]  # fmt: skip
-        for p in others
-    ]
+    parts = [first_train_chunks(p, tokenizer, fed, per_domain) for p in others]
     return np.concatenate(parts) if parts else None
+
+
+def first_train_chunks(folder: Path, tokenizer: Any, fed: Any, count: int) -> np.ndarray:
+    """The folder's first ``count`` training chunks, tokenizing only as many files as needed.
+
+    Files are tokenized one by one and joined with EOS (seqr.core.textdata), so the chunks of
+    the first k files are the first chunks of the whole folder, and whether a chunk is held out
+    depends on its content only: the result equals load_text_data(folder).train[:count].
+    """
+    from seqr.core.textdata import heldout_mask, read_text_folder, tokenize_chunks
+
+    files = read_text_folder(folder)
+    for k in range(1, len(files) + 1):
+        try:
+            chunks = tokenize_chunks(files[:k], tokenizer, fed.train_seq_len)
+        except DataError:  # fewer tokens than one chunk so far
+            continue
+        # Every chunk of a prefix lies inside it (the tail shorter than a chunk is dropped).
+        train = chunks[~heldout_mask(chunks, fed.train_heldout_fraction, fed.data_seed)]
+        if len(train) >= count or k == len(files):
+            return train[:count]
+    raise DataError(f"reference folder {folder.name} holds fewer tokens than one chunk")
 
 
 def routing_timing(ns: tuple[int, ...], d_in: int, r: int) -> list[dict[str, Any]]:
@@ -56,13 +74,27 @@ def routing_timing(ns: tuple[int, ...], d_in: int, r: int) -> list[dict[str, Any
     return [row for n in ns for row in bench_point(n, d_in, r, cfg)]
 
 
-def evaluate_registry(cfg: Any, result: FederationResult, domains: list[Path]) -> dict[str, Any]:
+def evaluate_registry(
+    cfg: Any,
+    result: FederationResult,
+    domains: list[Path],
+    stage: Callable[[str, int], Callable[[int], None]] | None = None,
+) -> dict[str, Any]:
+    """Audit the registry as a client does, then evaluate its adapters on held-out text.
+
+    Only admitted adapters are evaluated (a client that failed or was refused has none); at
+    least two are needed to route. ``stage(name, total)`` is told each stage as it starts.
+    """
     from seqr.core.base_model import load_base_model
     from seqr.registry.audit import AuditConfig, audit_registry
     from seqr.sim.evaluate import EvalConfig, evaluate
     from seqr.sim.library import exports_from_audit, load_library, lora_shape
 
+    def begin(name: str, total: int = 0) -> Callable[[int], None]:
+        return stage(name, total) if stage is not None else (lambda done: None)
+
     fed = result.federation
+    begin("audit the published registry")
     verified = audit_registry(
         result.registry,
         result.work / "trusted_state",
@@ -70,18 +102,34 @@ def evaluate_registry(cfg: Any, result: FederationResult, domains: list[Path]) -
     )
     report = verified.report
     exports = exports_from_audit(verified, result.work / "adapters")  # named after the domains
+    not_admitted = sorted({d.name for d in domains} - set(exports))
+    if len(exports) < 2:
+        raise DataError(
+            f"only {len(exports)} of {len(domains)} clients were admitted ({sorted(exports)}); "
+            f"routing needs at least 2. Not admitted: {', '.join(not_admitted)} (see the "
+            "client lines above and status.json for each reason)"
+        )
+    begin("load the base model and the admitted adapters")
     base = load_base_model(fed.base_model, expected_sha256=fed.base_model_sha256)
     heldout = heldout_chunks([d for d in domains if d.name in exports], base.tokenizer, fed)
     library = load_library(base.model, exports)
     evaluation = evaluate(
         library,
         heldout,
-        EvalConfig(max_sequences_per_domain=cfg.eval_sequences_per_domain),
+        EvalConfig(
+            max_sequences_per_domain=cfg.eval_sequences_per_domain,
+            per_token_losses=cfg.per_token_losses,
+        ),
         make_base=lambda: load_base_model(fed.base_model).model,
         export_paths=[str(p) for p in exports.values()],
-        reference=reference_chunks(cfg.data, domains, base.tokenizer, fed),
+        reference=reference_chunks(
+            cfg.data, domains, base.tokenizer, fed, cfg.reference_chunks_per_domain
+        ),
+        stage=lambda name, total: begin(name, total),
     )
     r, d_in = lora_shape(library)
+    begin("routing time against the number of adapters")
+    timing = routing_timing(cfg.timing_ns, d_in, r)
     return {
         "evaluation": evaluation,
         "audit": {
@@ -90,6 +138,6 @@ def evaluate_registry(cfg: Any, result: FederationResult, domains: list[Path]) -
             "tree_size": report.tree_size,
             "seconds": report.seconds,
         },  # fmt: skip
-        "not_admitted": sorted({d.name for d in domains} - set(exports)),
-        "timing_rows": routing_timing(cfg.timing_ns, d_in, r),
+        "not_admitted": not_admitted,
+        "timing_rows": timing,
     }

@@ -1,12 +1,21 @@
-"""The simulation report: report.json, report.md and PNG plots people would rather look at."""
+"""The simulation report: report.json, report.md, report.html and PNG plots.
+
+The content is built once as a list of blocks (headings, sentences, tables, plots) and
+rendered twice: Markdown here, self-contained HTML in seqr/sim/report_html.py. Every section
+says in a sentence what its numbers mean.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from seqr.core.atomic_write import write_atomic
+from seqr.sim import report_plots as plots
 
 ACCURACY_ORDER = [
     "seqr_queries", "seqr_blend", "seqr_public", "seqr", "seqr_raw", "spectr", "brute_force",
@@ -16,201 +25,336 @@ LOSS_ORDER = [
     "oracle", "seqr_queries", "seqr_blend", "seqr_public", "seqr", "seqr_per_token", "seqr_raw",
     "arrow", "peft_arrow_per_token", "uniform_merge", "random", "base",
 ]  # fmt: skip
+METHOD_NOTES = {
+    "seqr": "SEQR, the adapters' own statistics",
+    "seqr_public": "SEQR, statistics measured on public reference text",
+    "seqr_blend": "SEQR, own and reference z-scores averaged",
+    "seqr_queries": "SEQR, statistics of unlabeled validation inputs",
+    "seqr_raw": "SEQR norms without z-scores",
+    "spectr": "SpectR: the same raw norms via the SVD (computed once with seqr_raw)",
+    "brute_force": "||B A x|| computed directly (checks SEQR)",
+    "arrow": "ARROW, our implementation",
+    "peft_arrow": "ARROW, peft's create_arrow_model",
+    "random": "a random adapter",
+    "oracle": "the true domain's adapter",
+    "base": "no adapter",
+    "uniform_merge": "the mean of all adapters",
+    "seqr_per_token": "SEQR per token (own statistics)",
+    "peft_arrow_per_token": "peft's ARROW per token",
+}
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_confusion(matrix: list[list[int]], names: list[str], title: str, path: Path) -> None:
-    plt = _plt()
-    size = max(4.0, 0.55 * len(names) + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(matrix, cmap="Blues")
-    ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="chosen adapter",
-           ylabel="true domain", title=title)  # fmt: skip
-    ax.set_xticklabels(names, rotation=60, ha="right")
-    ax.set_yticklabels(names)
-    top = max(max(row) for row in matrix) or 1
-    for i, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            if value:
-                color = "white" if value > top / 2 else "black"
-                ax.text(j, i, str(value), ha="center", va="center", color=color, fontsize=8)
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_bars(values: dict[str, float], ylabel: str, title: str, path: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(values) + 2), 3.8))
-    bars = ax.bar(list(values), list(values.values()), color="#4C72B0")
-    ax.bar_label(bars, fmt="%.3f", fontsize=8)
-    ax.set(ylabel=ylabel, title=title)
-    ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_routing_time(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in sorted({row["method"] for row in rows}):
-        pts = sorted((row["n"], row["us_per_token"]) for row in rows if row["method"] == method)
-        ax.plot(*zip(*pts, strict=True), marker="o", label=method)
-    ax.set(xscale="log", yscale="log", xlabel="adapters N", ylabel="µs per token", title=title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def selected_seqr(evaluation: dict[str, Any]) -> str:
-    """The SEQR calibration chosen on validation (reports before the choice: "seqr")."""
-    return str(evaluation.get("seqr_selected", "seqr"))
-
-
-def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The simulation issue's targets, each with the measured value and whether it is met."""
-    ev, run = report["evaluation"], report.get("run", {})
-    methods = ev["methods"]
-    selected = selected_seqr(ev)
-    seqr = methods.get(selected, {})
-    out = []
-
-    def add(name: str, value: float | None, met: bool | None) -> None:
-        out.append({"target": name, "value": value, "met": met})
-
-    acc = seqr.get("routing_accuracy")
-    arrows = [methods[m]["routing_accuracy"] for m in ("arrow", "peft_arrow") if m in methods]
-    add(f"SEQR ({selected}) routing accuracy >= 0.95", acc, None if acc is None else acc >= 0.95)
-    best_arrow = max(arrows, default=None)
-    add("SEQR accuracy >= ARROW's (ours and peft's)", best_arrow,
-        None if acc is None or best_arrow is None else acc >= best_arrow)  # fmt: skip
-    agree = ev.get("agreement_selected_brute_force")  # brute force under the same statistics
-    add(f"SEQR ({selected}) choices identical to brute force (share)", agree, agree == 1.0)
-    oracle, routed = methods.get("oracle", {}).get("heldout_loss"), seqr.get("heldout_loss")
-    rel = None if oracle is None or routed is None else (routed - oracle) / oracle
-    add("routed held-out loss within 2% of the oracle's", rel, None if rel is None else rel <= 0.02)
-    wall = run.get("wall_seconds")
-    limit = 300 if run.get("quick") else 3600
-    add(f"wall time <= {limit} s", wall, None if wall is None else wall <= limit)
-    return out
+@dataclass
+class Block:
+    kind: str  # "h1", "h2", "p", "table", "plot"
+    text: str = ""
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    plot: str = ""  # file name of the PNG
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
     return "—" if value is None else format(value, spec)
 
 
-def markdown(report: dict[str, Any]) -> str:
+def _ci(entry: dict[str, Any]) -> str:
+    low, high = entry.get("ci95", (None, None))
+    return "—" if low is None else f"{low:.3f}–{high:.3f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def selected_seqr(evaluation: dict[str, Any]) -> str:
+    return str(evaluation.get("seqr_selected", "seqr"))
+
+
+def build(report: dict[str, Any]) -> tuple[list[Block], dict[str, Callable[[], bytes]]]:
+    """The report's blocks, and the plots they name (file name -> draw to PNG bytes)."""
     ev, run = report["evaluation"], report.get("run", {})
-    methods = ev["methods"]
-    lines = [
-        "# seqr simulation report",
-        "",
-        f"{len(ev['adapters'])} clients, one private domain each: {', '.join(ev['adapters'])}.",
-        f"Held-out: {ev['validation_sequences']} validation and {ev['test_sequences']} test "
-        f"sequences of {ev['sequence_tokens']} tokens; settings chosen on validation only.",
-        "",
-    ]
-    if run:
-        lines += ["## Run", ""] + [f"- {k}: {v}" for k, v in run.items()] + [""]
-    lines += [
-        "## Routing accuracy (per sequence, test split)",
-        "",
-        "| method | accuracy | per-token accuracy | aggregation (chosen on validation) "
-        "| routing ms / sequence |",
-        "|---|---|---|---|---|",
-    ]
-    for name in [m for m in ACCURACY_ORDER if m in methods]:
+    methods, names = ev["methods"], ev["adapters"]
+    sel = selected_seqr(ev)
+    blocks: list[Block] = [Block("h1", "seqr simulation report")]
+    drawn: dict[str, Callable[[], bytes]] = {}
+    acc = methods.get(sel, {})
+    arrow = methods.get("arrow", {})
+    per_domain_tests = ev.get("test_sequences_per_domain", {})
+    blocks.append(Block("p", (
+        f"{len(names)} clients trained one adapter each on a private text domain "
+        f"({', '.join(names)}); the published registry was audited and its adapters routed "
+        f"on {ev['test_sequences']} held-out test sequences of {ev['sequence_tokens']} tokens "
+        f"({_range(per_domain_tests)} per domain). SEQR ({sel}) chose the right adapter for "
+        f"{_fmt(acc.get('routing_accuracy'))} of them (95% interval {_ci(acc)}), ARROW for "
+        f"{_fmt(arrow.get('routing_accuracy'))} ({_ci(arrow)})."
+    )))  # fmt: skip
+    blocks += _run_section(run, per_domain_tests, drawn)
+    blocks += _clients_section(report.get("clients", []), drawn)
+    blocks += _accuracy_section(ev, drawn)
+    blocks += _loss_section(ev, drawn)
+    if report.get("timing_plot"):
+        drawn["routing_time.png"] = report["timing_plot"]
+        blocks += [Block("h2", "Routing time"), Block("p", (
+            "Time to score one token in one LoRA module against N adapters, at the model's "
+            "module shape: SEQR grows with N far more slowly than SpectR and brute force."
+        )), Block("plot", "routing time per token and module against N",
+                  plot="routing_time.png")]  # fmt: skip
+    if report.get("notes"):
+        blocks += [Block("h2", "Notes")] + [Block("p", str(n)) for n in report["notes"]]
+    return blocks, drawn
+
+
+def _range(counts: dict[str, int]) -> str:
+    if not counts:
+        return "—"
+    low, high = min(counts.values()), max(counts.values())
+    return str(low) if low == high else f"{low}–{high}"
+
+
+def _run_section(run: dict[str, Any], per_domain_tests: dict[str, int], drawn: dict) -> list[Block]:
+    if not run:
+        return []
+    training = run.get("training", {})
+    rows = [
+        ["clients (one domain each)", str(run.get("clients", "—"))],
+        ["base model", str(run.get("base_model", "—"))],
+        ["training per client", f"{training.get('steps', '—')} steps of "
+         f"{training.get('batch_size', '—')} x {training.get('sequence_tokens', '—')} tokens"],
+        ["seed (shared A, data split and order)", str(run.get("seed", 0))],
+        ["held-out sequences per domain asked", f"{run.get('held_out_sequences_per_domain')} "
+         f"(half validation, half test; test used: {_range(per_domain_tests)})"],
+        ["mode", "quick" if run.get("quick") else "full"
+         + (", evaluation only (registry of an earlier run)" if run.get("evaluate_only") else "")],
+        ["federation wall time", _duration(run.get("federation_seconds"))],
+        ["evaluation wall time", _duration(run.get("evaluation_seconds"))],
+        ["peak memory: evaluation / one client / whole federation",
+         f"{run.get('peak_rss_mib_evaluation', '—')} / {run.get('peak_rss_mib_per_client', '—')}"
+         f" / {run.get('peak_rss_mib_federation_total', '—')} MiB"],
+        ["machine", str(run.get("machine", "—"))],
+    ]  # fmt: skip
+    blocks = [Block("h2", "Run"), Block("table", header=["setting", "value"], rows=rows)]
+    stages = run.get("stages", [])
+    if stages:
+        blocks += [
+            Block("h3", "Wall time per stage"),
+            Block("p", "Where the run's time went. The federation is every client's "
+                       "training, calibration and signing, one client per core at a time."),
+            Block("table", header=["stage", "wall time"],
+                  rows=[[str(s["stage"]), _duration(s["seconds"])] for s in stages]),
+            Block("plot", "wall time per stage", plot="stages.png"),
+        ]  # fmt: skip
+        drawn["stages.png"] = lambda: plots.stages_png(stages)
+    return blocks
+
+
+def _clients_section(clients: list[dict[str, Any]], drawn: dict) -> list[Block]:
+    if not clients:
+        return []
+    rows = []
+    for c in clients:
+        losses = c.get("losses") or []
+        rows.append([
+            c["client"], c["verdict"], c.get("reason") or "—",
+            _duration(c.get("stage_seconds", {}).get("training")),
+            _fmt(losses[0][1] if losses else None), _fmt(losses[-1][1] if losses else None),
+        ])  # fmt: skip
+    blocks = [
+        Block("h2", "Clients and admission"),
+        Block("p", "Each client's verdict from the server (the audited registry decides "
+                   "'admitted'); a client that failed or was refused is left out of the "
+                   "evaluation, which routes over the admitted adapters."),
+        Block("table", header=["client", "verdict", "reason", "training time",
+                               "first loss", "last loss"], rows=rows),
+    ]  # fmt: skip
+    curves = {c["client"]: c["losses"] for c in clients if c.get("losses")}
+    if curves:
+        drawn["training_loss.png"] = lambda: plots.loss_curves_png(curves)
+        blocks += [Block("p", "Training loss per step: every curve should fall; one that "
+                              "stays flat trained nothing useful."),
+                   Block("plot", "training loss per client", plot="training_loss.png")]  # fmt: skip
+    return blocks
+
+
+def _accuracy_section(ev: dict[str, Any], drawn: dict) -> list[Block]:
+    methods, names, sel = ev["methods"], ev["adapters"], selected_seqr(ev)
+    shown = [m for m in ACCURACY_ORDER if "routing_accuracy" in methods.get(m, {})]
+    rows = []
+    for name in shown:
         m = methods[name]
-        if "routing_accuracy" not in m:
-            continue
         ms = m.get("routing_seconds_per_sequence")
-        lines.append(
-            f"| {name} | {m['routing_accuracy']:.3f} | {_fmt(m.get('per_token_routing_accuracy'))}"
-            f" | {m.get('aggregation', '—')} | {_fmt(None if ms is None else ms * 1e3, '.2f')} |"
-        )
-    lines += [
-        "",
-        f"SEQR calibration chosen on validation: {selected_seqr(ev)} "
-        "(seqr: the adapters' own statistics; seqr_public: statistics the router measures on "
-        "public reference text; seqr_blend: both z-scores averaged; seqr_queries: sequence-level "
-        "statistics over unlabeled validation inputs, as over a router's own traffic).",
-        "",
-        f"SEQR and brute force chose the same adapter for "
-        f"{ev['agreement_seqr_brute_force']:.1%} of test sequences "
-        f"({ev['agreement_seqr_brute_force_per_token']:.1%} of tokens) with the adapters' own "
-        f"statistics, and {ev['agreement_selected_brute_force']:.1%} of test sequences with "
-        f"{selected_seqr(ev)}'s statistics.",
-        "",
-        "## Held-out loss (test split)",
-        "",
-        "| adapter choice | loss | perplexity | vs oracle |",
-        "|---|---|---|---|",
-    ]
+        rows.append([
+            name + (" (selected)" if name == sel else ""), METHOD_NOTES.get(name, ""),
+            f"{m['routing_accuracy']:.3f}", _ci(m), _fmt(m.get("per_token_routing_accuracy")),
+            m.get("layers", "—"), _fmt(None if ms is None else ms * 1e3, ".2f"),
+        ])  # fmt: skip
+    drawn["accuracy.png"] = lambda: plots.accuracy_png(
+        {n: (methods[n]["routing_accuracy"], *methods[n].get("ci95", (0, 0))) for n in shown},
+        "Per-sequence routing accuracy (test split)",
+    )
+    drawn["confusion_seqr.png"] = lambda: plots.confusion_png(
+        methods[sel]["confusion"], names, f"SEQR ({sel}), test split"
+    )
+    blocks = [
+        Block("h2", "Routing accuracy (per sequence, test split)"),
+        Block("p", "The share of test sequences routed to their own domain's adapter, with a "
+                   "Wilson 95% interval: intervals that overlap much mean the test cannot tell "
+                   "those methods apart. Layers and the SEQR calibration were chosen on the "
+                   "validation half only."),
+        Block("table", header=["method", "what", "accuracy", "95% interval", "per token",
+                               "layers (chosen on validation)", "ms / sequence"], rows=rows),
+        Block("plot", "routing accuracy with 95% intervals", plot="accuracy.png"),
+    ]  # fmt: skip
+    blocks += _per_domain_blocks(ev, drawn)
+    blocks += _significance_blocks(ev)
+    blocks += [
+        Block("h3", "Exactness"),
+        Block("p", (
+            f"SEQR and brute force chose the same adapter for "
+            f"{ev['agreement_seqr_brute_force']:.1%} of test sequences "
+            f"({ev['agreement_seqr_brute_force_per_token']:.1%} of tokens) with the adapters' "
+            f"own statistics, and {ev['agreement_selected_brute_force']:.1%} with {sel}'s: "
+            "SEQR computes the same norms as brute force, only faster (100% means exact)."
+        )),
+        Block("h3", "Confusion matrix"),
+        Block("p", "Rows: the true domain; columns: the adapter SEQR chose. Off-diagonal cells "
+                   "are the mistakes, and show which domains look alike to the router."),
+        Block("plot", f"confusion matrix of SEQR ({sel})", plot="confusion_seqr.png"),
+    ]  # fmt: skip
+    return blocks
+
+
+def _per_domain_blocks(ev: dict[str, Any], drawn: dict) -> list[Block]:
+    methods, names, sel = ev["methods"], ev["adapters"], selected_seqr(ev)
+    cols = [m for m in dict.fromkeys([sel, ev.get("seqr_best_alternative"), "arrow"])
+            if m and "per_domain" in methods.get(m, {})]  # fmt: skip
+    if not cols:
+        return []
+    rows = []
+    for name in names:
+        row = [name, str(methods[cols[0]]["per_domain"].get(name, {}).get("total", "—"))]
+        for m in cols:
+            d = methods[m]["per_domain"].get(name)
+            row.append("—" if d is None else f"{d['accuracy']:.3f} ({_ci(d)})")
+        rows.append(row)
+    drawn["accuracy_per_domain.png"] = lambda: plots.grouped_bars_png(
+        names,
+        {m: [methods[m]["per_domain"].get(n, {}).get("accuracy", 0.0) for n in names]
+         for m in cols},
+        "routing accuracy",
+        "Routing accuracy per domain (test split)",
+    )  # fmt: skip
+    return [
+        Block("h3", "Per domain"),
+        Block("p", "Accuracy on each domain's own test sequences: where routing fails, and "
+                   "for whom (with fewer sequences per domain, the intervals are wider)."),
+        Block("table", header=["domain", "test sequences", *cols], rows=rows),
+        Block("plot", "routing accuracy per domain", plot="accuracy_per_domain.png"),
+    ]  # fmt: skip
+
+
+def _significance_blocks(ev: dict[str, Any]) -> list[Block]:
+    tests = ev.get("significance", [])
+    if not tests:
+        return []
+    rows = [[t["first"], t["second"], str(t["first_only"]), str(t["second_only"]),
+             f"{t['p_value']:.3g}"] for t in tests]  # fmt: skip
+    return [
+        Block("h3", "Paired tests (McNemar)"),
+        Block("p", "On the same test sequences: how often only the first method was right, "
+                   "how often only the second, and the exact two-sided p-value that the two "
+                   "are equally accurate. p < 0.05: the difference is unlikely to be chance."),
+        Block("table", header=["first", "second", "only first right", "only second right",
+                               "p-value"], rows=rows),
+    ]  # fmt: skip
+
+
+def _loss_section(ev: dict[str, Any], drawn: dict) -> list[Block]:
+    methods, names, sel = ev["methods"], ev["adapters"], selected_seqr(ev)
     oracle = methods.get("oracle", {}).get("heldout_loss")
-    for name in [m for m in LOSS_ORDER if m in methods and "heldout_loss" in methods[m]]:
+    shown = [m for m in LOSS_ORDER if "heldout_loss" in methods.get(m, {})]
+    if not shown:
+        return []
+    rows = []
+    for name in shown:
         loss = methods[name]["heldout_loss"]
         rel = "—" if not oracle else f"{(loss - oracle) / oracle:+.2%}"
-        lines.append(f"| {name} | {loss:.4f} | {methods[name]['perplexity']:.2f} | {rel} |")
-    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
-    for t in report.get("targets", []):
-        met = {True: "yes", False: "**no**", None: "—"}[t["met"]]
-        lines.append(f"| {t['target']} | {_fmt(t['value'], '.4g')} | {met} |")
-    lines += ["", "## Plots", ""]
-    lines += [f"![{p}]({p})" for p in report.get("plots", [])]
-    if report.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
-    return "\n".join(lines) + "\n"
+        rows.append([name, METHOD_NOTES.get(name, ""), f"{loss:.4f}",
+                     f"{methods[name]['perplexity']:.2f}", rel])  # fmt: skip
+    blocks = [
+        Block("h2", "Held-out loss (test split)"),
+        Block("p", "Next-token cross-entropy on the test sequences with each way of choosing "
+                   "an adapter: routing is as good as its loss is close to the oracle's (the "
+                   "true domain's adapter), and worth it as far as it beats the base model and "
+                   "the merge of all adapters."),
+        Block("table", header=["adapter choice", "what", "loss", "perplexity", "vs oracle"],
+              rows=rows),
+    ]  # fmt: skip
+    per_domain = {m: methods[m].get("heldout_loss_per_domain", {}) for m in ("oracle", sel)}
+    if all(per_domain.values()):
+        routed, best = per_domain[sel], per_domain["oracle"]
+        rows = [[n, f"{best[n]:.4f}", f"{routed[n]:.4f}", f"{(routed[n] - best[n]) / best[n]:+.2%}"]
+                for n in names if n in best and n in routed]  # fmt: skip
+        drawn["loss_per_domain.png"] = lambda: plots.grouped_bars_png(
+            [r[0] for r in rows], {"oracle": [best[r[0]] for r in rows],
+                                   f"routed ({sel})": [routed[r[0]] for r in rows]},
+            "cross-entropy", "Routed vs oracle held-out loss per domain",
+        )  # fmt: skip
+        blocks += [
+            Block("h3", "Routed vs oracle loss per domain"),
+            Block("p", "A routing mistake costs loss only where the chosen adapter is worse on "
+                       "that text than the right one; this is where routing costs quality."),
+            Block("table", header=["domain", "oracle loss", f"routed ({sel})", "difference"],
+                  rows=rows),
+            Block("plot", "routed vs oracle loss per domain", plot="loss_per_domain.png"),
+        ]  # fmt: skip
+    return blocks
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None: report.json stays valid JSON
+    (a loss can be NaN when a domain had no held-out text)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def markdown(blocks: list[Block]) -> str:
+    lines: list[str] = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            lines += ["#" * int(b.kind[1]) + " " + b.text, ""]
+        elif b.kind == "p":
+            lines += [b.text, ""]
+        elif b.kind == "table":
+            lines += ["| " + " | ".join(b.header) + " |", "|" + "---|" * len(b.header)]
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in b.rows]
+            lines.append("")
+        elif b.kind == "plot":
+            lines += [f"![{b.text}]({b.plot})", ""]
+    return "\n".join(lines)
 
 
 def write_report(report: dict[str, Any], out: Path, timing_rows: list[dict[str, Any]]) -> None:
-    """report.json, report.md and the plots, each written atomically."""
+    """report.json, report.md, report.html and the plots, each written atomically."""
+    from seqr.sim.report_html import render_html
+
     out.mkdir(parents=True, exist_ok=True)
-    ev = report["evaluation"]
-    methods, names = ev["methods"], ev["adapters"]
-    selected = selected_seqr(ev)
-    plots = {
-        "confusion_seqr.png": lambda p: plot_confusion(
-            methods[selected]["confusion"], names, f"SEQR ({selected}), test split", p
-        ),
-        "accuracy.png": lambda p: plot_bars(
-            {
-                m: methods[m]["routing_accuracy"]
-                for m in ACCURACY_ORDER
-                if "routing_accuracy" in methods.get(m, {})
-            },
-            "routing accuracy",
-            "Per-sequence routing accuracy (test)",
-            p,
-        ),  # fmt: skip
-        "loss.png": lambda p: plot_bars(
-            {
-                m: methods[m]["heldout_loss"]
-                for m in LOSS_ORDER
-                if "heldout_loss" in methods.get(m, {})
-            },
-            "cross-entropy",
-            "Held-out loss by adapter choice (test)",
-            p,
-        ),  # fmt: skip
-    }
+    content = dict(report)
     if timing_rows:
-        plots["routing_time.png"] = lambda p: plot_routing_time(
-            timing_rows, p, "Routing time per token and module vs N"
+        content["timing_plot"] = lambda: plots.routing_time_png(
+            timing_rows, "Routing time per token and module vs N"
         )
-    for name, draw in plots.items():
-        draw(out / name)
-    report = {**report, "plots": list(plots), "targets": targets(report)}
-    write_atomic(out / "report.json", json.dumps(report, indent=2).encode())
-    write_atomic(out / "report.md", markdown(report).encode())
+    blocks, drawn = build(content)
+    images = {name: draw() for name, draw in drawn.items()}
+    for name, png in images.items():
+        write_atomic(out / name, png)
+    saved = finite_json({**report, "plots": list(images)})
+    write_atomic(out / "report.json", json.dumps(saved, indent=2, allow_nan=False).encode())
+    write_atomic(out / "report.md", markdown(blocks).encode())
+    write_atomic(out / "report.html", render_html(blocks, images).encode())

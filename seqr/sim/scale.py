@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
+from seqr.core.errors import DataError
 from seqr.sim.tiny_world import STDLIB, build_tiny_llama
 
 
@@ -26,7 +28,10 @@ def stdlib_domains(dest: Path, clients: int, files_per_client: int = 2) -> Path:
     )
     need = clients * files_per_client
     if len(sources) < need:
-        raise SystemExit(f"this Python has {len(sources)} suitable stdlib files; need {need}")
+        raise DataError(
+            f"this Python has {len(sources)} suitable stdlib files, enough for "
+            f"{len(sources) // files_per_client} clients; ask for fewer with --clients"
+        )
     for i in range(clients):
         folder = dest / f"client_{i:03d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -36,31 +41,37 @@ def stdlib_domains(dest: Path, clients: int, files_per_client: int = 2) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from seqr.sim.simulate import SimulateConfig, run
+    from seqr.core.errors import SeqrError
+    from seqr.sim.simulate import SimulateConfig, positive_int, run
 
     parser = argparse.ArgumentParser(prog="seqr simulate scale", description=__doc__)
-    parser.add_argument("--clients", type=int, default=100)
+    # Routing needs 2 adapters; the stdlib has a few hundred suitable files (2 per client).
+    parser.add_argument("--clients", type=positive_int(2, 1000), default=100)
     parser.add_argument("--out", type=Path, default=Path("runs/scale"))
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=positive_int(1, 10_000), default=2)
     args = parser.parse_args(argv)
     if args.out.exists():
-        print(f"seqr simulate scale: {args.out} exists; choose a new --out")
+        print(f"seqr simulate scale: {args.out} exists; choose a new --out", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    model = build_tiny_llama(args.out / "tiny-llama")
-    data = stdlib_domains(args.out / "data", args.clients)
-    cfg = SimulateConfig(
-        data=data,
-        out=args.out / "run",
-        domains=tuple(sorted(p.name for p in data.iterdir())),
-        base_model=str(model),
-        train_steps=args.steps,
-        train_seq_len=32,
-        train_batch_size=4,
-        eval_sequences_per_domain=4,
-        timing_ns=(4, 16, 64),
-    )
-    report = run(cfg)
+    try:
+        data = stdlib_domains(args.out / "data", args.clients)
+        model = build_tiny_llama(args.out / "tiny-llama")
+        cfg = SimulateConfig(
+            data=data,
+            out=args.out / "run",
+            domains=tuple(sorted(p.name for p in data.iterdir())),
+            base_model=str(model),
+            train_steps=args.steps,
+            train_seq_len=32,
+            train_batch_size=4,
+            eval_sequences_per_domain=4,
+            timing_ns=(4, 16, 64),
+        )
+        report = run(cfg)
+    except SeqrError as exc:
+        print(f"seqr simulate scale: {exc}", file=sys.stderr)
+        return 2
     summary = {
         "clients": args.clients,
         "admitted": report["audit"]["entries"],
