@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from tiny import copy_texts, tiny_model_dir
 
+from seqr.core.errors import AdmissionError
 from seqr.core.stats import NormStatistics
+from seqr.core.stats_plausibility import MAD_TO_STD, check_stats_plausible
 from seqr.sim.bench_hijack import BOUND, LIAR, main
 from seqr.sim.bench_hijack_lies import bound_stats, scaled_stats, sequence_scores
 
@@ -65,9 +67,16 @@ def test_bound_stats_sit_just_inside_both_bounds() -> None:
     norms = {"m": rng.gamma(4.0, 0.5, size=500)}
     stats = bound_stats(norms, max_mean_z=1.0, max_sigma_ratio=3.0)
     m = stats.modules["m"]
+    center = float(np.median(norms["m"]))
+    spread = MAD_TO_STD * float(np.median(np.abs(norms["m"] - center)))
+    assert center - spread < m.mean[0] < center - 0.999 * spread
+    assert spread / 3 < m.std[0] < 1.001 * spread / 3
+    check_stats_plausible(stats, norms, max_mean_z=1.0, max_sigma_ratio=3.0)  # accepted
+    for past in ({"past_mean": 0.05}, {"past_std": 0.05}):  # just beyond a bound: refused
+        with pytest.raises(AdmissionError):
+            beyond = bound_stats(norms, max_mean_z=1.0, max_sigma_ratio=3.0, **past)
+            check_stats_plausible(beyond, norms, max_mean_z=1.0, max_sigma_ratio=3.0)
     mu, sigma = norms["m"].mean(), norms["m"].std()
-    assert mu - sigma < m.mean[0] < mu - 0.999 * sigma
-    assert sigma / 3 < m.std[0] < 1.001 * sigma / 3
     honest = NormStatistics()
     honest.update("m", norms["m"])
     lie = scaled_stats(honest, 0.5, 0.1)

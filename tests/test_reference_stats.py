@@ -45,12 +45,14 @@ def test_reference_statistics_are_the_moments_of_each_adapters_direct_values(sco
             norms = (x @ a.T @ b.T).norm(dim=-1)
             if score == "gain":
                 norms = norms / (x @ a.T).norm(dim=-1)
+            # The token rule (seqr.core.measurement): not the first token of each sequence.
+            norms = norms.reshape(8, 10)[:, 1:]
             if per_sequence:  # query statistics: moments of each sequence's token mean
-                norms = norms.reshape(8, 10).mean(dim=1)
-            norms = norms.detach().numpy()
+                norms = norms.mean(dim=1)
+            norms = norms.reshape(-1).detach().numpy()
             moments = stats[adapter].modules[name]
             assert stats[adapter].score == score
-            assert moments.count == len(norms) == (8 if per_sequence else 80)
+            assert moments.count == len(norms) == (8 if per_sequence else 8 * 9)
             np.testing.assert_allclose(moments.mean, [norms.mean()], rtol=1e-5)
             np.testing.assert_allclose(moments.std, [norms.std()], rtol=1e-4)
 

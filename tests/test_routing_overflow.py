@@ -87,7 +87,7 @@ def test_per_sequence_decision_with_an_unscorable_adapter_and_padding() -> None:
     scores[1, 0, 0] = float("nan")  # garbage on padding must not leak into the sum
     sums = ScoreSums()
     sums.add("m", finite_or_lowest(scores), mask)
-    decision = decide(sums, mask, ModelRoutingConfig(), ("a", "b", "c"))
+    decision = decide(sums, ModelRoutingConfig(), ("a", "b", "c"))
     # Row 0: a (0.5 + 2.0 + 0.7) / 3 beats b (1.0 + 0.1 + 0.2) / 3. Row 1: a (2.0 + 0.7) / 2
     # beats b (0.1 + 0.2) / 2 only if the NaN on its padded token was dropped.
     assert decision.indices.tolist() == [0, 0]
@@ -100,5 +100,5 @@ def test_every_adapter_unscorable_gives_a_tie_not_nan() -> None:
     mask = torch.ones(1, 2, dtype=torch.long)
     sums = ScoreSums()
     sums.add("m", torch.full((1, 2, 3), float("-inf")), mask)
-    decision = decide(sums, mask, ModelRoutingConfig(), ("a", "b", "c"))
+    decision = decide(sums, ModelRoutingConfig(), ("a", "b", "c"))
     assert decision.margin.tolist() == [0.0]

@@ -46,9 +46,10 @@ def with_stats(adapter: AdmittedAdapter, stats: NormStatistics) -> AdmittedAdapt
     return replace(adapter, stats=stats)
 
 
-def test_probe_norms_equal_the_lora_layers_own_outputs(clients: list[Client]) -> None:
-    """Reference: peft's layer with the adapter on, minus its base layer, over alpha/r, on
-    each module's input recorded while the adapter is OFF (calibration's convention)."""
+def test_probe_scores_equal_the_lora_layers_own_outputs(clients: list[Client]) -> None:
+    """Reference: peft's layer with the adapter on, minus its base layer, over alpha/r, per
+    unit ||A x|| (the federation's gain), on each module's input recorded while the adapter
+    is OFF (calibration's convention), without the first token of each chunk (token rule)."""
     base = load_base_model(str(tiny_model_dir()))  # peft changes the model it wraps
     model = PeftModel.from_pretrained(base.model, str(clients[0].export_dir))
     chunks = probe_chunks(load_probe_texts(""), base.tokenizer, 32, 1024)
@@ -65,14 +66,18 @@ def test_probe_norms_equal_the_lora_layers_own_outputs(clients: list[Client]) ->
             model(input_ids=torch.from_numpy(chunks[i : i + 8]))
     for h in hooks:
         h.remove()
-    norms = probe().norms(admitted(clients[0]).tensors)
+    assert probe().score == "gain" and probe().tokens == chunks.size
+    scores = probe().scores(admitted(clients[0]).tensors)
     with torch.no_grad():
         for name, layer in layers.items():
-            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[name]])
+            x = torch.cat(inputs[name])  # (N, 32, d_in)
             delta = (layer(x) - layer.base_layer(x)) / layer.scaling["default"]
-            reference = delta.norm(dim=-1).double().numpy()
-            assert norms[name].shape == reference.shape == (probe().tokens,)
-            np.testing.assert_allclose(norms[name], reference, rtol=2e-4, atol=1e-7)
+            gains = delta.norm(dim=-1) / layer.lora_A["default"](x).norm(dim=-1)
+            reference = gains[:, 1:].reshape(-1).double().numpy()
+            assert scores[name].shape == reference.shape == (len(chunks) * 31,)
+            np.testing.assert_allclose(scores[name], reference, rtol=2e-4, atol=1e-7)
+            rows = probe().sequences[name]
+            assert rows.tolist() == np.repeat(np.arange(len(chunks)), 31).tolist()
 
 
 def test_honest_statistics_from_the_real_calibration_pass(clients: list[Client]) -> None:
@@ -105,7 +110,7 @@ def test_claimed_mean_far_above_the_probe_refused_with_its_own_message(
     adapter = admitted(clients[0])
     policy = federation_setup().policy({clients[0].public_hex})  # the defaults, as served
     probe().check(with_stats(adapter, lying_stats(adapter.stats, 3.0, 1.0)), **policy.plausibility)
-    with pytest.raises(AdmissionError, match="probe stds ABOVE the probe mean") as info:
+    with pytest.raises(AdmissionError, match="probe spreads ABOVE the probe median") as info:
         probe().check(
             with_stats(adapter, lying_stats(adapter.stats, 1e5, 1.0)), **policy.plausibility
         )

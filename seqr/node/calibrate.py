@@ -5,7 +5,10 @@ adapter's own training data. For every LoRA module, with x the module's input at
 the value recorded is ||B A x||_2 (divided by ||A x|| when FederationConfig.calib_score is
 "gain", the default: seqr.core.routing.gain): the stored lora_B and the shared lora_A, WITHOUT
 peft's alpha/r scaling (the router computes ||R (A x)|| from the published B). Keys are the base
-model's module names (``model.layers.0.self_attn.q_proj``), as in shared_a.py.
+model's module names (``model.layers.0.self_attn.q_proj``), as in shared_a.py. The values and
+the tokens that count (not the first token of a chunk; for gains, no token with a near-zero
+||A x||) come from the one measurement every party uses, seqr.core.measurement, so the
+server's probe recomputes exactly these numbers on public text.
 
 Documented choice (FederationConfig.calib_lora_active, default False): the calibration forward
 runs with the adapter DISABLED, so x is what the base model feeds each module. A router scoring
@@ -16,11 +19,12 @@ adapter to be active.
 Differential privacy (calib_dp): each token norm is clipped to C, then the Gaussian mechanism
 is applied to every module's (count, sum, sum of squares). Privacy unit: one calibration
 sequence (a chunk of T = train_seq_len tokens). Adding or removing one changes each module's
-count by T, sum by at most T*C and sum of squares by at most T*C^2; scaling those three by
-(T, T*C, T*C^2) gives a vector over M modules with L2 sensitivity sqrt(3 M). The noise scale is
-the analytic Gaussian mechanism's (Balle & Wang, ICML 2018, Thm 8). Mean and variance are
-post-processing (clamped to [0, C] and [(1e-3 C)^2, C^2/4]). DP covers the statistics only,
-not the adapter weights (training is not DP-SGD).
+count by at most T (the token rule leaves some of its tokens out), sum by at most T*C and sum
+of squares by at most T*C^2; scaling those three by (T, T*C, T*C^2) gives a vector over M
+modules with L2 sensitivity sqrt(3 M). The noise scale is the analytic Gaussian mechanism's
+(Balle & Wang, ICML 2018, Thm 8). Mean and variance are post-processing (clamped to [0, C]
+and [(1e-3 C)^2, C^2/4]). DP covers the statistics only, not the adapter weights (training is
+not DP-SGD).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 
 from seqr.core.errors import ValueCheckError
 from seqr.core.federation import FederationConfig
-from seqr.core.routing.gain import score_values
+from seqr.core.measurement import adapter_router, measured_tokens, project, token_scores
 from seqr.core.shared_a import lora_layers
 from seqr.core.stats import NormStatistics, RunningMoments
 from seqr.node.train import ADAPTER
@@ -111,13 +115,20 @@ def calibrate(
     stats = NormStatistics(score=fed.calib_score)
 
     def hook_for(name: str, layer: Any) -> Any:
+        a = layer.lora_A[ADAPTER].weight.detach()  # (r, d_in), the shared A
+        router = adapter_router(layer.lora_B[ADAPTER].weight.detach())  # B (d_out, r)
+
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
-            x = args[0].detach()
-            a = layer.lora_A[ADAPTER].weight.detach()  # (r, d_in), the shared A
-            b = layer.lora_B[ADAPTER].weight.detach()  # (d_out, r)
-            h = x @ a.T
-            norms = score_values((h @ b.T).norm(dim=-1, keepdim=True), h, fed.calib_score)
-            norms = norms.reshape(-1).double()  # (batch * T,)
+            x = args[0].detach()  # (batch, T, d_in)
+            h = project(x, a)
+            keep = measured_tokens(x, h, None, fed.calib_score)  # the token rule
+            values = token_scores(router, h[keep], fed.calib_score)[:, 0]
+            if not torch.isfinite(values).all():
+                raise ValueCheckError(
+                    f"the adapter's scores on module {name} overflow float32, the dtype "
+                    "routers compute in: its B is too large; train with a lower learning rate"
+                )
+            norms = values.double()  # (measured tokens,)
             if fed.calib_dp:
                 c = norms.clamp(max=clip)
                 sums[name] += [c.numel(), float(c.sum()), float((c * c).sum())]

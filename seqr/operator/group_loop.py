@@ -40,7 +40,6 @@ from seqr.core.atomic_write import write_atomic
 from seqr.core.errors import AdmissionError, KeyFileError, SeqrError
 from seqr.core.printable import printable
 from seqr.core.signing import PRIVATE_KEY_NAME, SigningKeyFile, check_public_key
-from seqr.core.stats_plausibility import check_stats_plausible
 from seqr.core.value_bounds import check_statistics
 from seqr.operator.group_export import build_group_export
 from seqr.operator.group_membership import discover_members
@@ -220,7 +219,7 @@ def run_group(
         )  # fmt: skip
         try:  # the same bounds and probe as any admitted adapter
             check_statistics(merged, policy.stats_bounds)
-            check_stats_plausible(merged, runner.probe.norms(state.b), **policy.plausibility)
+            runner.probe.check_claim(merged, state.b, **policy.plausibility)
         except AdmissionError:
             raise
         except SeqrError as exc:

@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from seqr.core import signing
+from seqr.core.admission_policy import AdmissionPolicy
 from seqr.core.errors import ConfigError, SeqrError
 from seqr.core.federation import FederationConfig
 from seqr.core.manifest import NORM_STATS_NAME, read_export
@@ -68,8 +69,8 @@ class HijackBenchConfig:
     std_factor: float = 0.05  # claimed std = factor x honest std
     probe_text: str = ""  # server probe text ("" = the server's built-in default)
     probe_tokens: int = 4096
-    max_mean_z: float = 2.0
-    max_sigma_ratio: float = 3.0
+    max_mean_z: float = AdmissionPolicy.max_mean_z
+    max_sigma_ratio: float = AdmissionPolicy.max_sigma_ratio
     out: Path = field(default_factory=lambda: Path("runs/bench_hijack"))
 
     def __post_init__(self) -> None:
@@ -234,7 +235,7 @@ def run(cfg: HijackBenchConfig) -> dict[str, Any]:
     lie = scaled_stats(own, cfg.mean_factor, cfg.std_factor)
     score = setup.federation.calib_score  # what statistics (and so the probe values) measure
     subs[LIAR] = resign(exports[cfg.liar], work / "exports" / LIAR, key, lie, 1)
-    liar_public = probe.norms(_tensors(subs[LIAR]), score)
+    liar_public = probe.scores(_tensors(subs[LIAR]))
     bound = bound_stats(liar_public, cfg.max_mean_z, cfg.max_sigma_ratio, score)
     subs[BOUND] = resign(exports[cfg.liar], work / "exports" / BOUND, key, bound, 2)
     admission = admit_all(cfg, subs, setup, probe, work)
@@ -253,17 +254,15 @@ def run(cfg: HijackBenchConfig) -> dict[str, Any]:
             scores, truth, names, [*honest, BOUND], cfg.honest
         ),
     }
-    # The sweep computes the bound liar's scores from its norms; check it against RoutedModel.
-    seq_len = setup.federation.train_seq_len
-    liar_eval = eval_probe.norms(_tensors(subs[LIAR]), score)
-    per_seq = {m: v.reshape(-1, seq_len).mean(axis=1) for m, v in liar_eval.items()}
+    # The sweep computes the bound liar's scores from its own; check it against RoutedModel.
+    per_seq = eval_probe.sequence_means(eval_probe.scores(_tensors(subs[LIAR])))
     parity = float(np.abs(sequence_scores(per_seq, bound) - scores[:, names.index(BOUND)]).max())
     honest_best = scores[:, [names.index(d) for d in honest]].max(axis=1)
     sweep = bound_sweep(
         liar_public,
         per_seq,
         honest_best,
-        {d: (stats[d], probe.norms(_tensors(subs[d]), score)) for d in honest},
+        {d: (stats[d], probe.scores(_tensors(subs[d]))) for d in honest},
     )
     result = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},

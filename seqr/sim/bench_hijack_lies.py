@@ -2,13 +2,14 @@
 
 A liar keeps its honestly trained B and re-signs its export with other statistics:
 ``scaled_stats`` (the plain lie: mean and std scaled down) or ``bound_stats`` (the largest lie
-check_stats_plausible still accepts: mean = mu_p - max_mean_z sigma_p, std = sigma_p /
-max_sigma_ratio, from the adapter's own norms on the server's public probe).
+check_stats_plausible still accepts: mean = c_p - max_mean_z s_p, std = s_p / max_sigma_ratio,
+with c_p, s_p the median and robust spread of the adapter's own scores on the server's public
+probe, seqr.core.stats_plausibility).
 
 ``bound_sweep`` measures, for a grid of bounds, what a bound-hugging liar captures and how many
 honest adapters the same bounds would refuse. It needs no routing pass per grid point: with
 mean aggregation a sequence's score is the mean over modules of (mean_t n_tm - mu_m) / sigma_m,
-so the liar's per-module, per-sequence mean norms give its score under any statistics.
+so the liar's per-module, per-sequence mean scores give its score under any statistics.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from seqr.core.errors import AdmissionError
 from seqr.core.manifest import NORM_STATS_NAME, parse_manifest, read_export, sign_export
 from seqr.core.stats import NormStatistics, RunningMoments
-from seqr.core.stats_plausibility import check_stats_plausible
+from seqr.core.stats_plausibility import check_stats_plausible, plausible_range
 
 SWEEP_MEAN_Z = (0.0, 0.5, 1.0, 2.0)
 SWEEP_SIGMA_RATIO = (1.0, 1.5, 3.0)
@@ -44,18 +45,24 @@ def scaled_stats(stats: NormStatistics, mean_factor: float, std_factor: float) -
 
 
 def bound_stats(
-    probe_norms: Mapping[str, np.ndarray],
+    probe_values: Mapping[str, np.ndarray],
     max_mean_z: float,
     max_sigma_ratio: float,
     score: str = "norm",
+    *,
+    past_mean: float = 0.0,
+    past_std: float = 0.0,
 ) -> NormStatistics:
-    """The largest lie the plausibility check accepts, per module (just inside both bounds);
-    ``probe_norms`` are the probe values of the kind the statistics measure (``score``)."""
+    """The largest lie the plausibility check accepts, per module (just inside both bounds,
+    from plausible_range on the adapter's probe values of the kind the statistics measure,
+    ``score``). ``past_mean`` > 0 moves the mean that many probe spreads below its bound,
+    ``past_std`` > 0 divides the std by (1 + past_std): the careful liar just beyond a bound."""
     out = NormStatistics(score=score)
-    for name, norms in probe_norms.items():
-        mu, sigma = float(norms.mean()), float(norms.std())
-        mean = max(mu - max_mean_z * sigma * (1 - 1e-6), 1e-12)
-        out.modules[name] = moments(mean, sigma / max_sigma_ratio * (1 + 1e-6), int(norms.size))
+    for name, values in probe_values.items():
+        allowed = plausible_range(values, max_sigma_ratio=max_sigma_ratio, max_mean_z=max_mean_z)
+        mean = allowed.center - (max_mean_z * (1 - 1e-6) + past_mean) * allowed.spread
+        std = allowed.min_std * (1 + 1e-6) / (1 + past_std)
+        out.modules[name] = moments(max(mean, 1e-12), std, int(np.size(values)))
     return out
 
 

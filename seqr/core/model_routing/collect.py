@@ -4,7 +4,9 @@ The scores are taken on each LoRA module's input while the model runs with no ad
 (``adapter_names=["__base__"] * batch``, peft's mixed-batch placeholder for the base model), the
 inputs on which calibration measures its statistics (federation ``calib_lora_active = False``).
 Hooks reduce each module's (B, T, N) scores to per-sequence sums at once, so memory stays
-O(modules B N) unless the full scores are recorded.
+O(modules B N) unless the full scores are recorded. Only the tokens the measurement's token
+rule counts enter the sums (seqr.core.measurement: no padding, not the first token, no gain
+at a near-zero ||A x||), as in the statistics they are z-scored with.
 """
 
 from __future__ import annotations
@@ -23,24 +25,28 @@ from seqr.core.model_routing.per_token import ModuleRecord
 
 @dataclass
 class ScoreSums:
-    """Per-sequence sums over valid tokens, accumulated over modules."""
+    """Per-sequence sums over measured tokens, accumulated over modules."""
 
     score_sum: torch.Tensor | None = None  # (B, N): sum over modules and tokens of the scores
     vote_sum: torch.Tensor | None = None  # (B, N): per-(token, module) argmax counts
+    count: torch.Tensor | None = None  # (B,): (token, module) pairs measured
     modules_seen: list[str] = field(default_factory=list)
     records: dict[str, ModuleRecord] = field(default_factory=dict)
 
     def add(self, name: str, scores: torch.Tensor, mask: torch.Tensor) -> None:
-        """scores (B, T, N); mask (B, T) in {0, 1}: padding adds nothing. A -inf score (an
-        adapter that cannot be scored, routing.base.finite_or_lowest) makes that adapter's
-        sum -inf; on padding it is dropped (where, not 0 * -inf = NaN)."""
+        """scores (B, T, N); mask (B, T) in {0, 1}: the module's measured tokens (padding
+        and the tokens the token rule leaves out add nothing). A -inf score (an adapter that
+        cannot be scored, routing.base.finite_or_lowest) makes that adapter's sum -inf; on
+        an unmeasured token it is dropped (where, not 0 * -inf = NaN)."""
         valid = mask.to(torch.bool).unsqueeze(-1)  # (B, T, 1)
         weights = valid.to(scores.dtype)
         summed = torch.where(valid, scores, torch.zeros((), dtype=scores.dtype)).sum(dim=1)
         votes = torch.nn.functional.one_hot(scores.argmax(dim=-1), scores.shape[-1])
         voted = (votes.to(scores.dtype) * weights).sum(dim=1)  # (B, N)
+        counted = weights.sum(dim=(1, 2))  # (B,)
         self.score_sum = summed if self.score_sum is None else self.score_sum + summed
         self.vote_sum = voted if self.vote_sum is None else self.vote_sum + voted
+        self.count = counted if self.count is None else self.count + counted
         self.modules_seen.append(name)
 
 
@@ -89,9 +95,11 @@ def collect_scores(
     def hook_for(module: RoutedModule) -> Any:
         def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
             x = args[0] if args else kwargs["x"]  # (B, T, d_in)
-            flat = x.reshape(-1, x.shape[-1]).to(module.A.dtype)  # a bf16 pass: score in fp32
-            scores = module.scores(flat, module.project(flat)).reshape(*x.shape[:-1], -1)
-            sums.add(module.name, scores, attention_mask.to(scores.device))
+            x = x.to(module.A.dtype)  # a bf16 pass: score in fp32
+            h = module.project(x)  # (B, T, r)
+            flat = x.reshape(-1, x.shape[-1])
+            scores = module.scores(flat, h.reshape(-1, h.shape[-1])).reshape(*x.shape[:-1], -1)
+            sums.add(module.name, scores, module.measured(x, h, attention_mask.to(x.device)))
             if record:
                 top = scores.argmax(dim=-1, keepdim=True)
                 sums.records[module.name] = ModuleRecord(

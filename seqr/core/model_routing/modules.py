@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from seqr.core.errors import ConfigError, SeqrError, ShapeError, ValueCheckError
+from seqr.core.measurement import measured_tokens, project, token_scores
 from seqr.core.routing import Router, SeqrRouter
-from seqr.core.routing.base import compute_dtype_for, finite_or_lowest
-from seqr.core.routing.gain import check_score_kind, input_energy
+from seqr.core.routing.base import compute_dtype_for
+from seqr.core.routing.gain import check_score_kind
 from seqr.core.stats import NormStatistics, RunningMoments
 
 RouterFactory = Callable[..., Router]
@@ -44,20 +45,17 @@ class RoutedModule:
     score: str = "norm"  # "gain": norms per unit ||A x|| (seqr.core.routing.gain)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """h = A x for flat rows (M, d_in): computed once, used to route and to apply."""
-        return x.to(self.A.dtype) @ self.A.T  # (M, r)
+        """h = A x for rows (..., d_in): computed once, used to route and to apply."""
+        return project(x, self.A)  # (..., r)
 
     def scores(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """(M, N) scores: z-scores with statistics, else norms (or gains: x and h scaled by
-        1 / ||h||, which every router's norm follows). SEQR reuses h (no extra A x)."""
-        if self.score == "gain":
-            energy = input_energy(h)
-            x, h = x / energy.to(x.dtype), h / energy
-        if isinstance(self.router, SeqrRouter):
-            out = self.router.scores_from_projection(h)
-        else:
-            out = self.router.scores(x)
-        return finite_or_lowest(out.to(self.A.dtype))  # an unscorable adapter ranks last
+        """(M, N) scores: z-scores with statistics, else norms (or gains); the one
+        measurement (seqr.core.measurement.token_scores). SEQR reuses h (no extra A x)."""
+        return token_scores(self.router, h, self.score, x)
+
+    def measured(self, x: torch.Tensor, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) bool: the tokens of x (B, T, d_in) whose scores count (the token rule)."""
+        return measured_tokens(x, h, mask, self.score)
 
 
 def transformers_model(peft_model: Any) -> nn.Module:

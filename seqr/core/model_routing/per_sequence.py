@@ -1,9 +1,10 @@
 """Per-sequence routing: module scores aggregated over layers and tokens into one adapter.
 
 SEQR.md ("Routing granularity"): serving users want one adapter per request. The mean of
-z-scores over (unpadded) tokens and modules is the default (92% in the project's measurement);
-a vote of every (token, module) argmax is the alternative. The batch then runs with mixed
-adapters through peft's ``adapter_names`` (one LoRA per row).
+z-scores over the measured tokens (unpadded; the token rule of seqr.core.measurement) and
+modules is the default (92% in the project's measurement); a vote of every (token, module)
+argmax is the alternative. The batch then runs with mixed adapters through peft's
+``adapter_names`` (one LoRA per row).
 """
 
 from __future__ import annotations
@@ -56,18 +57,15 @@ def check_batch(
 
 
 def decide(
-    sums: ScoreSums,
-    attention_mask: torch.Tensor,
-    config: ModelRoutingConfig,
-    adapters: tuple[str, ...],
+    sums: ScoreSums, config: ModelRoutingConfig, adapters: tuple[str, ...]
 ) -> RoutingDecision:
     """Aggregate per-sequence sums (collect.py) into one adapter per sequence."""
     total = sums.score_sum if config.aggregation == "mean" else sums.vote_sum
-    if total is None or not sums.modules_seen:
+    if total is None or sums.count is None or not sums.modules_seen:
         raise ShapeError("no routed module ran in the first pass; nothing to aggregate")
-    # Every module sees every token once, so dividing by tokens x modules gives the mean over
-    # all (token, module) pairs of the sequence.
-    count = attention_mask.sum(dim=1).to(total) * len(sums.modules_seen)  # (B,)
+    # The mean over the (token, module) pairs the token rule measured (at least one token
+    # per sequence and module: seqr.core.measurement, rule 4).
+    count = sums.count.to(total).clamp_min(1)  # (B,)
     scores = finite_or_lowest(total / count.unsqueeze(-1))  # (B, N); unscorable: -inf
     if scores.shape[-1] == 1:
         indices = torch.zeros(scores.shape[0], dtype=torch.int64, device=scores.device)

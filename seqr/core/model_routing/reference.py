@@ -49,8 +49,9 @@ def reference_statistics(
     per_sequence: bool = False,
 ) -> dict[str, NormStatistics]:
     """Per-module statistics of every adapter's ``score`` ("gain" or "norm", as the
-    federation's calib_score) on batches of token ids (no padding): of token scores, or with
-    ``per_sequence`` of each sequence's token-mean score (query statistics, module docstring).
+    federation's calib_score) on batches of token ids (no padding): of the token scores the
+    token rule counts (seqr.core.measurement, as calibration counts them), or with
+    ``per_sequence`` of each sequence's mean over those tokens (query statistics).
 
     An adapter whose scores are not finite in the router's dtype, or whose statistics are not
     usable there (std 0, 1/std overflowing), is left out of the result with a warning naming
@@ -61,11 +62,18 @@ def reference_statistics(
 
     def hook_for(module: RoutedModule) -> Any:
         def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            x = args[0] if args else kwargs["x"]
-            flat = x.reshape(-1, x.shape[-1]).to(module.A.dtype)
-            scores = module.scores(flat, module.project(flat))  # (B * T, N)
-            if per_sequence:
-                scores = scores.reshape(*x.shape[:-1], -1).mean(dim=1)  # (B, N)
+            x = (args[0] if args else kwargs["x"]).to(module.A.dtype)  # (B, T, d_in)
+            h = module.project(x)  # (B, T, r)
+            keep = module.measured(x, h, None)  # (B, T): the token rule
+            flat = x.reshape(-1, x.shape[-1])
+            scores = module.scores(flat, h.reshape(-1, h.shape[-1]))  # (B * T, N)
+            if per_sequence:  # each sequence's mean over its measured tokens
+                per_token = scores.reshape(*x.shape[:-1], -1)
+                kept = keep.unsqueeze(-1)
+                total = torch.where(kept, per_token, torch.zeros((), dtype=scores.dtype))
+                scores = total.sum(dim=1) / kept.sum(dim=1).to(scores.dtype)  # (B, N)
+            else:
+                scores = scores[keep.reshape(-1)]
             finite = torch.isfinite(scores)
             unscorable.logical_or_(~finite.all(dim=0).cpu())
             moments[module.name].update(torch.where(finite, scores, torch.zeros_like(scores)))
@@ -73,7 +81,6 @@ def reference_statistics(
         return hook
 
     handles = [m.layer.register_forward_hook(hook_for(m), with_kwargs=True) for m in modules]
-    seen = 0
     try:
         for input_ids in batches:
             peft_model(
@@ -81,12 +88,11 @@ def reference_statistics(
                 adapter_names=["__base__"] * int(input_ids.shape[0]),
                 logits_to_keep=1,
             )
-            seen += int(input_ids.shape[0] if per_sequence else input_ids.numel())
     finally:
         for handle in handles:
             handle.remove()
-    if seen < 2:
-        unit = "sequences" if per_sequence else "tokens"
+    if min(m.count for m in moments.values()) < 2:  # counted: sequences, or measured tokens
+        unit = "sequences" if per_sequence else "measured tokens"
         raise DataError(f"the corpus gave fewer than 2 {unit}; give more text")
     out = {}
     for i, adapter in enumerate(adapters):

@@ -88,7 +88,7 @@ class RoutedModel:
         )
         if self.config.record:
             self.records = sums.records
-        self.last_decision = decide(sums, attention_mask, self.config, self.adapters)
+        self.last_decision = decide(sums, self.config, self.adapters)
         return self.last_decision
 
     def _first_pass(self) -> tuple[Any, list[RoutedModule]]:
