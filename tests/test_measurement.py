@@ -55,8 +55,10 @@ def test_calibration_probe_and_reference_statistics_agree_to_1e6(
     for module, moments in claimed.modules.items():
         v = values[module]
         assert moments.count == v.size == measured.modules[module].count == 12 * 31
-        for other in (np.array([v.mean(), v.std()]), np.array([*measured.modules[module].mean,
-                                                                *measured.modules[module].std])):
+        for other in (
+            np.array([v.mean(), v.std()]),
+            np.array([*measured.modules[module].mean, *measured.modules[module].std]),
+        ):
             np.testing.assert_allclose([moments.mean[0], moments.std[0]], other, rtol=1e-6)
 
 
