@@ -72,16 +72,18 @@ def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
 
 
 def _direct_sequence_scores(model, routed_modules, batches):
-    """(S, M, N) token-mean z-scores of routers built with statistics, scored directly."""
+    """(S, M, N) z-scores of routers built with statistics, scored directly and averaged over
+    the tokens the routers' token rule measures (module.measured, as per-sequence routing)."""
     current, out = {}, []
 
     def hook_for(module):
         def hook(layer, args, kwargs, output):
             x = args[0] if args else kwargs["x"]
             flat = x.reshape(-1, x.shape[-1])
-            current[module.name] = module.scores(flat, module.project(flat)).reshape(
-                *x.shape[:-1], -1
-            )
+            h = module.project(flat)
+            keep = module.measured(x, h.reshape(*x.shape[:-1], -1), None).unsqueeze(-1)
+            scores = module.scores(flat, h).reshape(*x.shape[:-1], -1)
+            current[module.name] = (scores * keep).sum(1) / keep.sum(1)
 
         return hook
 
@@ -91,7 +93,7 @@ def _direct_sequence_scores(model, routed_modules, batches):
         with torch.no_grad():
             for batch in batches:
                 model(input_ids=batch, adapter_names=["__base__"] * len(batch), logits_to_keep=1)
-                out.append(torch.stack([current[m.name] for m in routed_modules], 1).mean(2))
+                out.append(torch.stack([current[m.name] for m in routed_modules], 1))
     finally:
         for handle in handles:
             handle.remove()
@@ -141,6 +143,15 @@ def test_shared_pass_equals_routers_built_with_each_calibration():
         model, build_routed_modules(model, ADAPTERS, router_factory=SpectrRouter), everything
     )
     torch.testing.assert_close(scores.module_means["seqr_raw"], spectr, rtol=1e-4, atol=1e-5)
+    # The mean over modules is what per-sequence routing decides on (collect_scores).
+    from seqr.core.model_routing.collect import base_pass, collect_scores
+
+    routed = build_routed_modules(model, ADAPTERS, stats=stats)
+    batch = torch.cat(test)
+    sums = collect_scores(base_pass(model), routed, batch, torch.ones_like(batch))
+    routed_mean = sums.score_sum / sums.count.unsqueeze(-1)
+    shared_own = scores.calibrations["seqr"].z(scores.module_means["seqr"])[-8:].mean(1)
+    torch.testing.assert_close(shared_own.float(), routed_mean, rtol=1e-4, atol=1e-4)
     own_brute = scores.calibrations["seqr"].z(scores.module_means["brute_force"])
     torch.testing.assert_close(own_brute.float(), brute, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(

@@ -14,8 +14,9 @@ single forward with hooks feeds every method. Work is shared wherever the maths 
 - The ARROWs score only held-out rows (not the reference text), and brute force, which is
   there to check SEQR's exactness on the test rows, only those.
 
-Per sequence each method keeps its raw token-mean score of every module, (S, M, N), so the
-aggregation can be chosen on validation afterwards; per token (test rows) the module-mean
+Per sequence each method keeps its raw mean score of every module over the tokens routers
+measure (seqr.core.measurement), (S, M, N), so the aggregation can be chosen on validation
+afterwards; per token (test rows) the module-mean
 score under each calibration, for per-token accuracy. Each method is timed on its own work.
 """
 
@@ -149,6 +150,7 @@ def score_heldout(
     phase = "reference"
     ref_moments = {n: RunningMoments(len(adapters)) for n in names}
     current: dict[str, dict[str, torch.Tensor]] = {}  # method -> module -> (B, T, N)
+    measured: dict[str, torch.Tensor] = {}  # module -> (B, T) bool: the token rule's tokens
     token_parts: dict[str, dict[str, torch.Tensor]] = {}  # label -> module -> (B, T, N)
 
     def add_token(label: str, module: str, values: torch.Tensor) -> None:
@@ -156,12 +158,16 @@ def score_heldout(
 
     def hook_for(index: int, module: RoutedModule) -> Any:
         def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            x = args[0] if args else kwargs["x"]
+            x = (args[0] if args else kwargs["x"]).to(module.A.dtype)
             shape = x.shape[:-1]
-            flat = x.reshape(-1, x.shape[-1]).to(module.A.dtype)
+            flat = x.reshape(-1, x.shape[-1])
             start = time.perf_counter()
             # One A x for every method: every router of this module holds the same shared A.
             h = module.project(flat)
+            # The tokens a sequence's mean and the statistics count, as routers count them
+            # (seqr.core.measurement's token rule); per-token scores keep every token.
+            keep = module.measured(x, h.reshape(*shape, -1), None)
+            measured[module.name] = keep
             router: Any = module.router  # a SeqrRouter without statistics: raw norms
             # The calibrated score exactly as RoutedModule.scores computes it (gain: h / ||h||),
             # without scaling x, which SEQR never reads.
@@ -169,7 +175,7 @@ def score_heldout(
             scaled = h / energy if score == "gain" else h
             raw = router.scores_from_projection(scaled).float()  # (B * T, N)
             if phase == "reference":
-                ref_moments[module.name].update(raw)
+                ref_moments[module.name].update(raw[keep.reshape(-1)])
                 return
             # seqr_raw: the paper's raw norm ||B_i A x|| = gain * ||A x|| (no z-score).
             norms = raw if score == "norm" else raw * energy.float()
@@ -219,6 +225,7 @@ def score_heldout(
         nonlocal rows
         for input_ids in batches:
             current.clear()
+            measured.clear()
             token_parts.clear()
             # Test rows keep every position's logits: the base model's held-out loss comes
             # from this same forward instead of a pass of its own (the same call, so the
@@ -232,9 +239,12 @@ def score_heldout(
                 base_losses.append(next_token_losses(output.logits, input_ids))
             if phase != "reference":
                 rows += int(input_ids.shape[0])
+                keep = torch.stack([measured[n] for n in names], dim=1).unsqueeze(-1)  # B,M,T,1
+                count = keep.sum(dim=2).float()  # (B, M, 1): >= 1 (measurement rule 4)
                 for method, per_module in current.items():
                     stacked = torch.stack([per_module[n] for n in names], dim=1)  # (B,M,T,N)
-                    module_means.setdefault(method, []).append(stacked.mean(dim=2))
+                    kept = torch.where(keep, stacked, torch.zeros((), dtype=stacked.dtype))
+                    module_means.setdefault(method, []).append(kept.sum(dim=2) / count)
             for label, parts in token_parts.items():
                 stacked = torch.stack([parts[n] for n in names], dim=1)  # (B, M, T, N)
                 token_means.setdefault(label, []).append(stacked.mean(dim=1))
