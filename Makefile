@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint simulate
+.PHONY: install test lint data demo simulate
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ test: lint
 
 # Data are prepared once (data prepare installs the Debian packages it reads); each run gets a
 # new timestamped folder, because a registry is never overwritten.
-simulate: install
+data: install
 	test -f data/domains/MANIFEST.json || $(BIN)/seqr data prepare --out data/domains
+
+# The quick simulation: proves the install end to end in minutes (README, Quick start).
+demo: data
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/seqr simulate --quick --data data/domains --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+simulate: data
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/seqr simulate --data data/domains --out runs/simulation-$$(date +%Y%m%d-%H%M%S)

@@ -75,7 +75,10 @@ def test_export_holds_exactly_the_five_signed_files(run) -> None:  # type: ignor
     assert manifest.a_seed == 5 and manifest.target_modules == ("q_proj", "v_proj")
     assert manifest.example_count == 12  # 3 steps x 4 sequences
     stats = NormStatistics.from_json_bytes(files["norm_stats.json"])
-    assert len(stats.modules) == 4 and all(m.count == 8 * 32 for m in stats.modules.values())
+    # 8 sequences of 32 tokens, each measured without its first token (seqr.core.measurement)
+    # and, for gains, without tokens where ||A x|| is rounding noise (none or a few).
+    counts = [m.count for m in stats.modules.values()]
+    assert len(counts) == 4 and all(8 * 31 - 4 <= c <= 8 * 31 for c in counts), counts
     assert not checkpoint_dir_for(run.out_dir).exists()  # optimizer state is gone
 
 

@@ -64,8 +64,9 @@ def test_merged_partial_statistics_equal_the_pooled_statistics(tmp_path: Path) -
     # Assert: the same count, mean and M2 per module as one pass over the pooled data.
     assert set(merged.modules) == set(pooled.modules) == set(MODULES)
     for module, moments in pooled.modules.items():
-        assert merged.modules[module].count == moments.count == chunks.size
-        np.testing.assert_allclose(merged.modules[module].mean, moments.mean, rtol=1e-12)
+        assert merged.modules[module].count == moments.count  # the same measured tokens
+        assert moments.count <= chunks.size - len(chunks)  # never a chunk's first token
+        np.testing.assert_allclose(merged.modules[module].mean, moments.mean, rtol=1e-10)
         np.testing.assert_allclose(merged.modules[module].m2, moments.m2, rtol=1e-9)
     assert len({p for p in partials.values()}) == 3  # the parts really differ
 

@@ -60,9 +60,10 @@ def test_route_picks_the_adapter_of_each_domain(world: RouteWorld) -> None:
 
 @torch.no_grad()
 def reference_scores(world: RouteWorld, text: str) -> dict[str, float]:
-    """Mean over tokens and LoRA modules of (value - mean) / std, value = ||B A x|| or, for
-    gain statistics, ||B A x|| / ||A x||: straight from the registry's files and a plain
-    transformers model (no peft, no seqr routing code)."""
+    """Mean over LoRA modules of the mean over tokens of (value - mean) / std, value =
+    ||B A x|| or, for gain statistics, ||B A x|| / ||A x||, at the tokens the token rule
+    counts (not the first; for gains not where ||A x|| <= 1e-4 ||x||): straight from the
+    registry's files and a plain transformers model (no peft, no seqr routing code)."""
     verified = audit_registry(world.registry)
     tensors = load(verified.adapters[0].files["adapter_model.safetensors"])
     lora = {k.split(".lora_A.")[0] for k in tensors if ".lora_A." in k}  # peft module names
@@ -88,10 +89,12 @@ def reference_scores(world: RouteWorld, text: str) -> dict[str, float]:
             a = tensors[f"base_model.model.{name}.lora_A.weight"]
             b = tensors[f"base_model.model.{name}.lora_B.weight"]
             moments = stats.modules[name]
+            x = x[1:]  # the first token's massive activation is not measured
             value = (x @ a.T @ b.T).norm(dim=-1)
             if stats.score == "gain":
-                value = value / (x @ a.T).norm(dim=-1)
-            z.append((value - moments.mean[0]) / moments.std[0])
+                energy = (x @ a.T).norm(dim=-1)
+                value = (value / energy)[energy > 1e-4 * x.norm(dim=-1)]
+            z.append(((value - moments.mean[0]) / moments.std[0]).mean())
         scores[entry.name] = float(torch.stack(z).mean())
     return scores
 

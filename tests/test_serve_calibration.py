@@ -129,8 +129,10 @@ def test_repr_shows_no_scores() -> None:
 
 @torch.no_grad()
 def brute_force(version: Any, ids: list[int], mean: torch.Tensor, std: torch.Tensor) -> Any:
-    """Mean over tokens and modules of (||B_i A x|| [/ ||A x||] - mu) / sigma, with B_i and A
-    read from each peft LoRA layer and multiplied out: no QR, no seqr routing code."""
+    """Mean over modules of the token mean of (||B_i A x|| [/ ||A x||] - mu) / sigma at the
+    tokens the token rule counts (not the first; for gains not where ||A x|| <= 1e-4 ||x||),
+    with B_i and A read from each peft LoRA layer and multiplied out: no QR, no seqr routing
+    code."""
     model = version.peft_model
     inputs: dict[str, torch.Tensor] = {}
     handles = [
@@ -143,13 +145,14 @@ def brute_force(version: Any, ids: list[int], mean: torch.Tensor, std: torch.Ten
         handle.remove()
     z = torch.zeros(len(version.first_pass[1]), len(version.names), dtype=torch.float64)
     for m_index, module in enumerate(version.first_pass[1]):
-        x = inputs[module.name].double()
+        x = inputs[module.name].double()[1:]  # not the first token (massive activation)
         for i in range(len(version.names)):
             a = module.layer.lora_A[f"a{i}"].weight.double()
             b = module.layer.lora_B[f"a{i}"].weight.double()
             value = (x @ a.T @ b.T).norm(dim=-1)
             if module.score == "gain":
-                value = value / (x @ a.T).norm(dim=-1)
+                energy = (x @ a.T).norm(dim=-1)
+                value = (value / energy)[energy > 1e-4 * x.norm(dim=-1)]
             z[m_index, i] = (value.mean() - mean[m_index, i]) / std[m_index, i]
     return z.mean(dim=0)
 

@@ -13,6 +13,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     # "command words": ("module:function", "one-line help")
     "bench hijack": ("seqr.sim.bench_hijack:main", "routing hijack by lying norm statistics"),
+    "bench plausibility": (
+        "seqr.sim.bench_plausibility:main",
+        "honest adapters refused and liars admitted by the plausibility check",
+    ),
     "bench routing": (
         "seqr.sim.bench_routing:main",
         "time SEQR against SpectR/ARROW/brute force",

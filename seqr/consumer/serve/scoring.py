@@ -85,25 +85,27 @@ def module_names(modules: list[RoutedModule]) -> tuple[str, ...]:
 
 @torch.no_grad()
 def sequence_scores(first_pass: FirstPass, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, M, N) float64: each sequence's mean raw score per module over its valid tokens."""
+    """(B, M, N) float64: each sequence's mean raw score per module over the tokens the token
+    rule measures (seqr.core.measurement, as RoutedModel and every statistic count them)."""
     run, modules = first_pass
     for module in modules:
         if not isinstance(module.router, SeqrRouter):
             raise ShapeError(f"module {module.name} is not routed by SEQR")
     out = torch.zeros(ids.shape[0], len(modules), len(modules[0].router), dtype=torch.float64)
-    weights = mask.to(torch.float64).unsqueeze(-1)  # (B, T, 1): padding adds nothing
-    tokens = weights.sum(dim=1)  # (B, 1)
 
     def hook_for(index: int, module: RoutedModule) -> Any:
         router: SeqrRouter = module.router  # type: ignore[assignment]
 
         def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            x = args[0] if args else kwargs["x"]  # (B, T, d_in)
-            h = module.project(x.reshape(-1, x.shape[-1]))  # (B T, r) = A x
+            x = (args[0] if args else kwargs["x"]).to(module.A.dtype)  # (B, T, d_in)
+            h = module.project(x)  # (B, T, r) = A x
+            keep = module.measured(x, h, mask.to(x.device)).unsqueeze(-1)  # (B, T, 1)
             if module.score == "gain":
                 h = h / input_energy(h)
-            norms = router.norms_from_projection(h).reshape(*x.shape[:-1], -1)  # (B, T, N)
-            out[:, index] = (norms.double() * weights.to(norms.device)).sum(dim=1).cpu() / tokens
+            norms = router.norms_from_projection(h.reshape(-1, h.shape[-1]))
+            norms = norms.reshape(*x.shape[:-1], -1).double()  # (B, T, N)
+            kept = torch.where(keep, norms, torch.zeros((), dtype=norms.dtype)).sum(dim=1)
+            out[:, index] = (kept / keep.sum(dim=1).clamp_min(1)).cpu()
 
         return hook
 

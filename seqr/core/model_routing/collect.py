@@ -25,28 +25,31 @@ from seqr.core.model_routing.per_token import ModuleRecord
 
 @dataclass
 class ScoreSums:
-    """Per-sequence sums over measured tokens, accumulated over modules."""
+    """Per-sequence scores over measured tokens, accumulated over modules."""
 
-    score_sum: torch.Tensor | None = None  # (B, N): sum over modules and tokens of the scores
+    score_sum: torch.Tensor | None = None  # (B, N): sum over modules of the token-mean score
     vote_sum: torch.Tensor | None = None  # (B, N): per-(token, module) argmax counts
-    count: torch.Tensor | None = None  # (B,): (token, module) pairs measured
+    votes_cast: torch.Tensor | None = None  # (B,): (token, module) pairs that voted
     modules_seen: list[str] = field(default_factory=list)
     records: dict[str, ModuleRecord] = field(default_factory=dict)
 
     def add(self, name: str, scores: torch.Tensor, mask: torch.Tensor) -> None:
         """scores (B, T, N); mask (B, T) in {0, 1}: the module's measured tokens (padding
-        and the tokens the token rule leaves out add nothing). A -inf score (an adapter that
-        cannot be scored, routing.base.finite_or_lowest) makes that adapter's sum -inf; on
-        an unmeasured token it is dropped (where, not 0 * -inf = NaN)."""
+        and the tokens the token rule leaves out add nothing). Each module adds its mean over
+        those tokens, so every module weighs the same, as in the statistics (a module's
+        sequence mean) and the evaluation. A -inf score (an adapter that cannot be scored,
+        routing.base.finite_or_lowest) makes that adapter's sum -inf; on an unmeasured token
+        it is dropped (where, not 0 * -inf = NaN)."""
         valid = mask.to(torch.bool).unsqueeze(-1)  # (B, T, 1)
         weights = valid.to(scores.dtype)
         summed = torch.where(valid, scores, torch.zeros((), dtype=scores.dtype)).sum(dim=1)
+        mean = summed / weights.sum(dim=1).clamp_min(1)  # (B, N); >= 1 token: rule 4
         votes = torch.nn.functional.one_hot(scores.argmax(dim=-1), scores.shape[-1])
         voted = (votes.to(scores.dtype) * weights).sum(dim=1)  # (B, N)
-        counted = weights.sum(dim=(1, 2))  # (B,)
-        self.score_sum = summed if self.score_sum is None else self.score_sum + summed
+        self.score_sum = mean if self.score_sum is None else self.score_sum + mean
         self.vote_sum = voted if self.vote_sum is None else self.vote_sum + voted
-        self.count = counted if self.count is None else self.count + counted
+        cast = weights.sum(dim=(1, 2))  # (B,)
+        self.votes_cast = cast if self.votes_cast is None else self.votes_cast + cast
         self.modules_seen.append(name)
 
 

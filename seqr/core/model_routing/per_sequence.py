@@ -61,11 +61,14 @@ def decide(
 ) -> RoutingDecision:
     """Aggregate per-sequence sums (collect.py) into one adapter per sequence."""
     total = sums.score_sum if config.aggregation == "mean" else sums.vote_sum
-    if total is None or sums.count is None or not sums.modules_seen:
+    if total is None or not sums.modules_seen:
         raise ShapeError("no routed module ran in the first pass; nothing to aggregate")
-    # The mean over the (token, module) pairs the token rule measured (at least one token
-    # per sequence and module: seqr.core.measurement, rule 4).
-    count = sums.count.to(total).clamp_min(1)  # (B,)
+    # mean: over modules, of each module's mean over the tokens the token rule measured
+    # (seqr.core.measurement); vote: the share of (token, module) votes.
+    if config.aggregation == "mean" or sums.votes_cast is None:
+        count = torch.full((total.shape[0],), len(sums.modules_seen)).to(total)  # (B,)
+    else:
+        count = sums.votes_cast.to(total).clamp_min(1)
     scores = finite_or_lowest(total / count.unsqueeze(-1))  # (B, N); unscorable: -inf
     if scores.shape[-1] == 1:
         indices = torch.zeros(scores.shape[0], dtype=torch.int64, device=scores.device)
