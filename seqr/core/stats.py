@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -94,11 +94,11 @@ class RunningMoments:
         """Population variance (M2 / count)."""
         if self.count == 0:
             raise ValueCheckError("no values were seen yet; run calibration on some data first")
-        return self.m2 / self.count
+        return np.asarray(self.m2 / self.count)
 
     @property
     def std(self) -> np.ndarray:
-        return np.sqrt(self.variance)
+        return np.asarray(np.sqrt(self.variance))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -237,10 +237,12 @@ def _check_privacy(privacy: Any) -> dict[str, Any]:
     mechanism, eps, delta = privacy.get("mechanism"), privacy.get("epsilon"), privacy.get("delta")
     if not isinstance(mechanism, str) or not mechanism:
         raise FormatError("privacy.mechanism must name the mechanism")
-    for key, value, ok in (
-        ("epsilon", eps, lambda v: v > 0),
-        ("delta", delta, lambda v: 0 <= v < 1),
-    ):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
-            raise FormatError(f"privacy.{key} = {value!r} is out of range")
+    if not (_is_number(eps) and eps > 0):
+        raise FormatError(f"privacy.epsilon = {eps!r} is out of range")
+    if not (_is_number(delta) and 0 <= delta < 1):
+        raise FormatError(f"privacy.delta = {delta!r} is out of range")
     return dict(privacy)
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -7,10 +7,14 @@ default probe text, admission then the probe exactly as a round runs them
 
 1. honest: one adapter per prepared domain (every subfolder of ``--data``), trained and
    calibrated by the real client pipeline (seqr.node.task.run_client) with the federation's
-   default settings. Exports are kept in ``--out``/exports and reused by the next run;
+   default settings. Exports are kept in ``--out``/exports and reused by the next run.
+   ``--trained DIR`` reuses B matrices trained earlier (any folders below DIR holding a
+   manifest.json naming the domain and its adapter_model.safetensors, e.g. a registry's
+   adapters): only calibration, export and signing run then, with today's code;
 2. liars, each made from an honest adapter and signed again by its own key (its weights stay
    honest, only its statistics lie): "gross" claims mean x0.5 and std x0.05 (seqr bench
-   hijack's lie), "swap" claims another domain's honest statistics, "careful" claims just
+   hijack's lie), "swap" claims the honest statistics of the other domain that would raise
+   its z-scores most (the most harmful swap on offer), "careful" claims just
    beyond the largest lie the bounds accept (half a probe spread below the mean bound, std
    10% below its bound: bench_hijack_lies.bound_stats);
 3. task groups: ``--groups RUN ...`` adds the verdicts of ``seqr simulate groups`` runs (their
@@ -31,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from seqr.core import signing
@@ -48,6 +53,7 @@ class PlausibilityBenchConfig:
     model: str = DEFAULT_BASE_MODEL
     data: Path = Path("data/domains")  # one subfolder of text per domain (seqr data prepare)
     domains: tuple[str, ...] = ()  # () = every subfolder of data
+    trained: Path | None = None  # folders of adapters trained earlier (their B is reused)
     steps: int | None = None  # None: the federation's default training
     groups: tuple[Path, ...] = ()  # `seqr simulate groups` output folders
     out: Path = field(default_factory=lambda: Path("runs/bench_plausibility"))
@@ -68,18 +74,69 @@ class PlausibilityBenchConfig:
 
 
 def honest_exports(cfg: PlausibilityBenchConfig, fed: FederationConfig) -> dict[str, Path]:
-    """Each domain's signed export, trained now unless a previous run left it."""
+    """Each domain's signed export, made now unless a previous run left it."""
     from seqr.node.task import run_client
 
+    earlier = trained_weights(cfg.trained) if cfg.trained is not None else {}
     exports = {}
     for folder in tqdm(cfg.domain_folders(), desc="honest adapters", unit="domain"):
         out, keys = cfg.out / "exports" / folder.name, cfg.out / "keys" / folder.name
         if not (out / "manifest.json").is_file():
             if not (keys / signing.PRIVATE_KEY_NAME).is_file():
                 signing.write_keypair(keys)
-            run_client(folder, keys / signing.PRIVATE_KEY_NAME, out, fed, progress=False)
+            key = keys / signing.PRIVATE_KEY_NAME
+            if folder.name in earlier:
+                recalibrate(folder, earlier[folder.name], key, out, fed)
+            else:
+                run_client(folder, key, out, fed, progress=False)
         exports[folder.name] = out
     return exports
+
+
+def trained_weights(root: Path) -> dict[str, Path]:
+    """domain -> adapter_model.safetensors of the adapters found below ``root``."""
+    found = {}
+    for manifest in sorted(root.glob("*/manifest.json")):
+        weights = manifest.parent / "adapter_model.safetensors"
+        name = json.loads(manifest.read_text()).get("name")
+        if isinstance(name, str) and weights.is_file():
+            found[name] = weights
+    return found
+
+
+def recalibrate(folder: Path, weights: Path, key: Path, out: Path, fed: FederationConfig) -> None:
+    """The client pipeline after training, on a B trained earlier: load B (its A must be the
+    shared A), calibrate on the domain's text, export and sign."""
+    import torch
+    from safetensors.torch import load_file
+
+    from seqr.node.calibrate import calibrate
+    from seqr.node.export import export_adapter
+    from seqr.node.task import load_model_and_data
+    from seqr.node.train import ADAPTER, make_lora_model
+
+    base, data = load_model_and_data(folder, fed)
+    peft_model, a_sha256 = make_lora_model(base.model, fed)
+    params = dict(peft_model.named_parameters())
+    for name, tensor in load_file(str(weights)).items():
+        target = params[name.replace(".weight", f".{ADAPTER}.weight")]
+        if ".lora_A." in name and not torch.equal(target.data, tensor.to(target.dtype)):
+            raise ConfigError(f"{weights}: {name} is not this federation's shared A")
+        target.data.copy_(tensor)
+    calibration = calibrate(peft_model, data.train, fed, progress=False)
+    key_file = signing.SigningKeyFile.open(key)
+    examples = min(len(data.train), fed.steps * fed.train_batch_size)
+    export_adapter(
+        peft_model,
+        calibration.stats,
+        out,
+        key_file,
+        fed=fed,
+        a_sha256=a_sha256,
+        base_model_sha256=base.sha256,
+        name=folder.name,
+        example_count=examples,
+    )
 
 
 def verdict(files: dict[str, bytes], setup: Any, probe: Any) -> dict[str, Any]:
@@ -138,16 +195,16 @@ def run(cfg: PlausibilityBenchConfig) -> dict[str, Any]:
     names = list(exports)
     lies: dict[str, dict[str, Any]] = {lie: {} for lie in LIES}
     with tempfile.TemporaryDirectory(prefix="seqr-bench-plausibility-") as tmp:
-        for i, domain in enumerate(tqdm(names, desc="liars", unit="domain")):
+        for domain in tqdm(names, desc="liars", unit="domain"):
             key_file = cfg.out / "keys" / domain / signing.PRIVATE_KEY_NAME
             key = signing.SigningKeyFile.open(key_file)
             public = probe.scores(load(read_export(exports[domain])["adapter_model.safetensors"]))
             claims = {
                 "gross": scaled_stats(own[domain], 0.5, 0.05),
-                "swap": own[names[(i + 1) % len(names)]],
-                "careful": bound_stats(public, setup_policy_bound(setup, "max_mean_z"),
-                                       setup_policy_bound(setup, "max_sigma_ratio"),
-                                       probe.score, past_mean=0.5, past_std=0.1),
+                "swap": own[most_harmful_swap(public, own, domain)],
+                "careful": bound_stats(public, default_bound("max_mean_z"),
+                                       default_bound("max_sigma_ratio"), probe.score,
+                                       past_mean=0.5, past_std=0.1),
             }  # fmt: skip
             for seconds, (lie, stats) in enumerate(claims.items(), start=1):
                 dest = Path(tmp) / lie / domain
@@ -158,7 +215,7 @@ def run(cfg: PlausibilityBenchConfig) -> dict[str, Any]:
     refused = sorted(n for n, v in everyone_honest.items() if not v["admitted"])
     result = {
         "probe": {"tokens": probe.tokens, "text_sha256": probe.text_sha256},
-        "bounds": {k: setup_policy_bound(setup, k) for k in
+        "bounds": {k: default_bound(k) for k in
                    ("max_mean_z", "max_mean_z_above", "max_sigma_ratio")},  # fmt: skip
         "honest": everyone_honest,
         "false_rejection": {"refused": len(refused), "of": len(everyone_honest),
@@ -176,9 +233,24 @@ def run(cfg: PlausibilityBenchConfig) -> dict[str, Any]:
     return result
 
 
-def setup_policy_bound(setup: Any, name: str) -> float:
+def most_harmful_swap(public: dict[str, Any], own: dict[str, NormStatistics], liar: str) -> str:
+    """The other domain whose statistics give the liar's adapter the highest mean z-score on
+    the probe text (its median value per module, z-scored with those statistics)."""
+
+    def z(stats: NormStatistics) -> float:
+        return float(
+            np.mean([(np.median(v) - stats.modules[m].mean[0]) / stats.modules[m].std[0]
+                     for m, v in public.items()])
+        )  # fmt: skip
+
+    return max((d for d in own if d != liar), key=lambda d: z(own[d]))
+
+
+def default_bound(name: str) -> float:
     """A default plausibility bound of the server's admission policy."""
-    return float(setup.policy(()).plausibility[name])
+    from seqr.core.admission_policy import AdmissionPolicy
+
+    return float(getattr(AdmissionPolicy, name))
 
 
 def table(result: dict[str, Any]) -> str:
@@ -206,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=d.data, help="folder of domain subfolders")
     p.add_argument("--domains", nargs="*", default=[], help="subfolders (default: all)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: federation)")
+    p.add_argument("--trained", type=Path, default=None,
+                   help="adapters trained earlier: reuse their B, calibrate anew")  # fmt: skip
     p.add_argument("--groups", nargs="*", type=Path, default=[],
                    help="`seqr simulate groups` output folders to include")  # fmt: skip
     p.add_argument("--out", type=Path, default=d.out)
@@ -213,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = PlausibilityBenchConfig(
             model=args.model, data=args.data, domains=tuple(args.domains), steps=args.steps,
-            groups=tuple(args.groups), out=args.out,
+            trained=args.trained, groups=tuple(args.groups), out=args.out,
         )  # fmt: skip
         result = run(cfg)
     except SeqrError as exc:

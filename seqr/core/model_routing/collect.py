@@ -96,7 +96,7 @@ def collect_scores(
     sums = ScoreSums()
 
     def hook_for(module: RoutedModule) -> Any:
-        def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        def hook(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             x = args[0] if args else kwargs["x"]  # (B, T, d_in)
             x = x.to(module.A.dtype)  # a bf16 pass: score in fp32
             h = module.project(x)  # (B, T, r)

@@ -70,7 +70,8 @@ def transformers_model(peft_model: Any) -> nn.Module:
             f"expected a peft PeftModel holding LoRA adapters, got {type(peft_model).__name__}; "
             "wrap the model with peft.get_peft_model(model, LoraConfig(...)) first"
         )
-    return peft_model.model
+    model: nn.Module = peft_model.model
+    return model
 
 
 def _layer_index(name: str) -> int | None:
@@ -82,7 +83,8 @@ def _layer_index(name: str) -> int | None:
 
 def _weight(layer: Any, kind: str, adapter: str) -> torch.Tensor:
     """``layer.lora_A[adapter].weight`` (kind "lora_A") or lora_B's, detached."""
-    return getattr(layer, kind)[adapter].weight.detach()
+    weight: torch.Tensor = getattr(layer, kind)[adapter].weight
+    return weight.detach()
 
 
 def _check_layer(name: str, layer: Any, adapters: Sequence[str]) -> float:

@@ -85,13 +85,17 @@ def per_token_routing(
 ) -> Iterator[None]:
     """Within the block, every module adds its own routed delta instead of peft's adapters."""
 
-    def base_only(layer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def base_only(
+        layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         x = args[0] if args else kwargs["x"]
         kwargs["adapter_names"] = ["__base__"] * len(x)
         return args, kwargs
 
     def add_delta(module: RoutedModule) -> Any:
-        def hook(layer: Any, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        def hook(
+            layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
+        ) -> torch.Tensor:
             x = args[0] if args else kwargs["x"]
             delta, record = routed_delta(module, x, config)
             if records is not None:

@@ -61,7 +61,7 @@ def reference_statistics(
     unscorable = torch.zeros(len(adapters), dtype=torch.bool)
 
     def hook_for(module: RoutedModule) -> Any:
-        def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        def hook(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             x = (args[0] if args else kwargs["x"]).to(module.A.dtype)  # (B, T, d_in)
             h = module.project(x)  # (B, T, r)
             keep = module.measured(x, h, None)  # (B, T): the token rule

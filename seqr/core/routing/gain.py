@@ -26,7 +26,8 @@ def check_score_kind(kind: object, where: str) -> str:
 
 def input_energy(h: torch.Tensor) -> torch.Tensor:
     """(..., 1) ||A x|| per row of h = A x, floored so an all-zero input gains 0, not NaN."""
-    return torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+    norm: torch.Tensor = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+    return norm.clamp_min(torch.finfo(h.dtype).tiny)
 
 
 def score_values(norms: torch.Tensor, h: torch.Tensor, kind: str) -> torch.Tensor:

@@ -20,7 +20,8 @@ from seqr.core.routing.base import Factors, Router, finite_or_lowest
 
 
 def _triu_index(r: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(torch.triu_indices(r, r, device=device))  # type: ignore[return-value]
+    rows, cols = torch.triu_indices(r, r, device=device)
+    return rows, cols
 
 
 class SeqrRouter(Router):
