@@ -684,3 +684,15 @@ def test_policy_normalises_key_case_and_order(key: Key) -> None:
     assert replace(policy, rank=RANK) == policy
     with_a = make_policy(key, expected_a=shared_a())
     assert with_a == make_policy(key, expected_a=shared_a())  # arrays are not compared
+
+
+def test_every_rejection_reason_is_one_of_the_listed_reasons_and_each_is_used() -> None:
+    """RejectionReason lists every cause a verdict can carry (mypy checks each call site);
+    a reason nobody raises any more is dropped from the list rather than documented."""
+    import re
+
+    from seqr.core.errors import REJECTION_REASONS
+
+    source = "".join(p.read_text() for p in Path("seqr").rglob("*.py"))
+    used = set(re.findall(r'(?:AdmissionError|_reject)\(\s*"([a-z_]+)"', source))
+    assert used == REJECTION_REASONS

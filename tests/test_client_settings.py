@@ -103,3 +103,19 @@ def test_operator_cannot_choose_where_a_real_node_writes(node, tmp_path):
     reply = _train({"data-dir": str(node["data"]), "signing-key": str(node["key"])}, run_config)
     assert not reply.has_error()
     assert not target.exists()
+
+
+def test_progress_dir_comes_from_the_operator_only_in_simulation() -> None:
+    """Where a node WRITES is the node's own choice: a real node ignores a progress-dir in the
+    run config (the operator's), a simulated one (partition-id set) takes it."""
+    from types import SimpleNamespace
+
+    from seqr.node.settings import NodeSettings
+
+    run = {"progress-dir": "/tmp/operator-chosen", "cache-dir": "/tmp/cache", "work-dir": ""}
+    real = NodeSettings.from_context(SimpleNamespace(node_config={}, run_config=run))
+    assert real.progress_dir is None and real.cache_dir == "/tmp/cache" and real.work_dir is None
+    simulated = SimpleNamespace(node_config={"partition-id": 1}, run_config=run)
+    settings = NodeSettings.from_context(simulated)
+    assert settings.progress_dir == "/tmp/operator-chosen" and settings.partition_id == 1
+    assert set(NodeSettings.names()) <= set(run_config_defaults())  # declared to Flower

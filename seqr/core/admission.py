@@ -22,7 +22,13 @@ from typing import Any, NoReturn
 import numpy as np
 
 from seqr.core.admission_policy import AdmissionPolicy, SeenSubmissions
-from seqr.core.errors import AdmissionError, FormatError, SignatureError, ValueCheckError
+from seqr.core.errors import (
+    AdmissionError,
+    FormatError,
+    RejectionReason,
+    SignatureError,
+    ValueCheckError,
+)
 from seqr.core.manifest import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -375,5 +381,5 @@ def _check_stats(data: bytes, policy: AdmissionPolicy) -> NormStatistics:
     return stats
 
 
-def _reject(reason: str, message: str) -> NoReturn:
+def _reject(reason: RejectionReason, message: str) -> NoReturn:
     raise AdmissionError(reason, message)

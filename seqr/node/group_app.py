@@ -48,6 +48,7 @@ from flwr.app import (
 
 from seqr.core.errors import ConfigError, SeqrError
 from seqr.core.federation import FederationConfig
+from seqr.node.settings import NodeSettings
 
 log = logging.getLogger("seqr.client.group")
 
@@ -68,10 +69,9 @@ def membership(msg: Message, context: Context) -> Message:
     try:
         from seqr.core.export_folder import check_file_name
         from seqr.core.signing import public_key_bytes
-        from seqr.node.client_app import node_inputs
         from seqr.registry.contributions import sign_membership
 
-        data_dir, _, name = node_inputs(context)
+        data_dir, _, name = NodeSettings.from_context(context).inputs()
         name = name or data_dir.name
         check_file_name(name, where="adapter name")
         query = msg.content.config_records.get(QUERY_RECORD, ConfigRecord())
@@ -92,7 +92,8 @@ def _work_at_global_b(msg: Message, context: Context) -> tuple[dict[str, Any], A
     from seqr.node.group_train import load_group_work, set_b
 
     fed, group = _read_config(msg)
-    work = load_group_work(_data_dir(context), fed, _setting(context, "cache-dir"))
+    settings = NodeSettings.from_context(context)
+    work = load_group_work(settings.inputs()[0], fed, settings.cache_dir)
     set_b(work.peft_model, _numpy(msg.content[ARRAYS_RECORD]))
     return group, work
 
@@ -218,23 +219,12 @@ def _finite(value: float) -> float:
     return float(value) if np.isfinite(value) else -1.0
 
 
-def _setting(context: Context, key: str) -> str | None:
-    value = context.node_config.get(key, context.run_config.get(key))
-    return None if value is None or value == "" else str(value)
-
-
-def _data_dir(context: Context) -> Any:
-    from seqr.node.client_app import node_inputs
-
-    return node_inputs(context)[0]
-
-
 def _signing_key(context: Context) -> Any:
     from seqr.core.signing import load_private_key
-    from seqr.node.client_app import node_inputs
 
-    _, key_path, _ = node_inputs(context)
-    env = _setting(context, "signing-key-passphrase-env")
+    settings = NodeSettings.from_context(context)
+    _, key_path, _ = settings.inputs()
+    env = settings.signing_key_passphrase_env
     passphrase = os.environ[env].encode() if env and env in os.environ else None
     return load_private_key(key_path, passphrase)
 

@@ -181,6 +181,7 @@ def run(cfg: PlausibilityBenchConfig) -> dict[str, Any]:
     from seqr.operator.federation_setup import setup_federation
     from seqr.operator.probe import Probe, load_probe_texts
 
+    cfg.domain_folders()  # a missing data folder is named before any model loads
     fed = FederationConfig(base_model=cfg.model)
     if cfg.steps is not None:
         fed = replace(fed, train_steps=cfg.steps, train_tokens=0)

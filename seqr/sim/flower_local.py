@@ -33,16 +33,6 @@ APP_PACKAGES = ("seqr",)
 # default (3600 s) that suits a real federation where every node trains at once. On a slower
 # machine, 3600 s timed out the last waves of the 10-domain run.
 SIMULATION_TIMEOUT_S = 6 * 3600
-# ClientApp node settings that may also come from the run config (seqr/node/client_app.py).
-CLIENT_KEYS = {
-    "data-dir": "",
-    "signing-key": "",
-    "adapter-name": "",
-    "cache-dir": "",
-    "work-dir": "",
-    "signing-key-passphrase-env": "",
-    "progress-dir": "",
-}
 
 
 class FlowerRunError(SeqrError):
@@ -51,6 +41,7 @@ class FlowerRunError(SeqrError):
 
 def run_config_defaults() -> dict[str, Any]:
     """Every run-config key the app reads, with its default (Flower refuses undeclared keys)."""
+    from seqr.node.settings import NodeSettings
     from seqr.operator.groups import GroupSettings
     from seqr.operator.settings import ServerSettings
 
@@ -59,7 +50,8 @@ def run_config_defaults() -> dict[str, Any]:
         for cls in (ServerSettings, GroupSettings)
         for f in fields(cls)
     }
-    return {**server, **FederationConfig().to_run_config(), **CLIENT_KEYS}
+    node = dict.fromkeys(NodeSettings.names(), "")  # node settings a run config may carry
+    return {**server, **FederationConfig().to_run_config(), **node}
 
 
 def _toml_value(value: Any) -> str:
