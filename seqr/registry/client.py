@@ -400,18 +400,10 @@ def _check(
     record, files = job
     try:
         return verify_adapter(
-            record, files, document, is_server_key=lambda public: _is_root_key(root, public)
+            record, files, document, is_server_key=lambda public: roles.is_root_key(root, public)
         )
     except SeqrError as exc:
         return str(exc)
-
-
-def _is_root_key(root: Root, public: bytes) -> bool:
-    try:
-        key = roles.tuf_key(public)
-    except SeqrError:
-        return False
-    return any(k.keytype == key.keytype and k.keyval == key.keyval for k in root.keys.values())
 
 
 def _write_mirror(mirror: Path, session: TrustSession, result: _Refresh) -> None:

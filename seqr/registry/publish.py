@@ -13,7 +13,6 @@ meet its threshold, so a command given the wrong key fails before it changes any
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
@@ -28,10 +27,8 @@ from tuf.api.metadata import (
     TOP_LEVEL_ROLE_NAMES,
     Metadata,
     Root,
-    Snapshot,
     TargetFile,
     Targets,
-    Timestamp,
 )
 
 from seqr.core import signing
@@ -42,7 +39,7 @@ from seqr.core.manifest import (
     NORM_STATS_NAME,
     verify_export_files,
 )
-from seqr.registry import layout, log, repository, roles, staging, store
+from seqr.registry import commit, layout, repository, roles, staging, store
 from seqr.registry.adapter_check import check_adapter_weights
 from seqr.registry.config import PublisherConfig
 from seqr.registry.contributions import verify_contributions
@@ -81,7 +78,7 @@ class Publisher:
     ) -> None:
         self.path = Path(path)
         self.config = config or PublisherConfig()
-        self._lock_fd: int | None = _lock(self.path)
+        self._lock_fd: int | None = commit.lock_registry(self.path)
         try:
             self._signers = [roles.signer_for(k) for k in signing_keys]
             self._queue = StagingQueue(self.path / layout.STAGING)
@@ -130,7 +127,7 @@ class Publisher:
             state = RegistryState(RegistryDocument(config.federation, config.tensor_spec), {})
             targets = repository.build_targets(tmp, state, 1, when + config.targets_expires)
             targets_data = repository.write_role(tmp, root.signed, signers, targets)
-            _finish(tmp, root.signed, signers, config, when, targets_data, [], None)
+            commit.write_commit(tmp, root.signed, signers, config, when, targets_data, [], None)
             store.ensure_dir(tmp / layout.STAGING)
             if path.exists():
                 path.rmdir()  # the empty folder we checked above
@@ -236,7 +233,7 @@ class Publisher:
         keys: dict[str, bytes] = {manifest.fingerprint: manifest.public_key_bytes}
         contributors = None
         if group:
-            if not _is_server_key(root, manifest.public_key_bytes):
+            if not roles.is_root_key(root, manifest.public_key_bytes):
                 raise AdmissionError(
                     "not_server_key",
                     f"a group adapter must be signed by a server key; {manifest.fingerprint} "
@@ -284,7 +281,7 @@ class Publisher:
             record,
             files,
             self._staged_state().document,
-            is_server_key=lambda public: _is_server_key(root, public),
+            is_server_key=lambda public: roles.is_root_key(root, public),
         )
         for name, data in files.items():
             repository.write_target(self.path, layout.adapter_target(adapter_id, name), data)
@@ -311,7 +308,9 @@ class Publisher:
             )
             targets_data = repository.write_role(self.path, root, self._signers, targets)
         leaves = repository.read_leaves(self.path, before.targets.signed.version)
-        _finish(self.path, root, self._signers, self.config, when, targets_data, leaves, before)
+        commit.write_commit(
+            self.path, root, self._signers, self.config, when, targets_data, leaves, before
+        )
         if records:
             self._queue.clear(records[-1][0])
         return self._published(before)
@@ -381,7 +380,7 @@ class Publisher:
         if data is not None:
             roles.check_signed(root, Targets.type, roles.parse(data, Targets, name), name)
         leaves = repository.read_leaves(self.path, before.targets.signed.version)
-        _finish(self.path, root, self._signers, self.config, when, data, leaves, before)
+        commit.write_commit(self.path, root, self._signers, self.config, when, data, leaves, before)
 
     def _check_signers(self, root: Root) -> None:
         """Every given key is a key of ``root`` and together they meet each role's
@@ -427,83 +426,6 @@ class Publisher:
             added=tuple(sorted(new - old)),
             removed=tuple(sorted(old - new)),
         )
-
-
-def _finish(
-    path: Path,
-    root: Root,
-    signers: Sequence[Any],
-    config: PublisherConfig,
-    when: datetime,
-    targets_data: bytes | None,
-    leaves: list[bytes],
-    before: repository.Committed | None,
-) -> None:
-    """Write the snapshot (when targets changed or it would expire before the new timestamp)
-    and then the timestamp, the commit point. ``targets_data``: a targets version already
-    written but not yet committed; ``leaves``: the log's leaves before it."""
-    version = 1 if before is None else before.snapshot.signed.version + 1
-    name = layout.versioned_name("snapshot", version)
-    snapshot_data = None if before is None else repository.read_metadata(path, name)
-    if targets_data is not None:
-        targets = roles.parse(targets_data, Targets, "targets").signed
-        meta = roles.meta_file(targets.version, targets_data)
-        head = log.TreeHead.of([*leaves, log.leaf_of(targets_data)], when)
-    elif before is not None:
-        meta, head = before.snapshot.signed.meta["targets.json"], before.head
-    else:
-        raise RegistryError("a new registry needs its first targets version")
-    if snapshot_data is not None:  # written before a crash: complete it, never re-sign it
-        snapshot = roles.parse(snapshot_data, Snapshot, name)
-        roles.check_signed(root, Snapshot.type, snapshot, name)
-        if snapshot.signed.meta["targets.json"].version != meta.version:
-            raise RegistryError(f"{name} was written for another targets version")
-    elif (
-        before is None
-        or targets_data is not None
-        or (before.snapshot.signed.expires < when + config.timestamp_expires)
-    ):
-        snapshot_data = repository.write_role(path, root, signers, Snapshot(
-            version=version,
-            expires=when + config.snapshot_expires,
-            meta={"targets.json": meta},
-            unrecognized_fields={layout.LOG_FIELD: head.to_field()},
-        ))  # fmt: skip
-    else:
-        version -= 1
-        snapshot_data = repository.read_metadata(path, layout.versioned_name("snapshot", version))
-        if snapshot_data is None:
-            raise RegistryError(f"snapshot version {version} is missing")
-    timestamp = Timestamp(
-        version=1 if before is None else before.timestamp.signed.version + 1,
-        expires=when + config.timestamp_expires,
-        snapshot_meta=roles.meta_file(version, snapshot_data),
-    )
-    repository.write_role(path, root, signers, timestamp)
-
-
-def _is_server_key(root: Root, public: bytes) -> bool:
-    try:
-        key = roles.tuf_key(public)
-    except KeyFileError:
-        return False
-    return any(k.keyval == key.keyval and k.keytype == key.keytype for k in root.keys.values())
-
-
-def _lock(path: Path) -> int:
-    """An exclusive flock on the registry folder itself (the folder must exist)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as exc:
-        raise RegistryError(
-            f"{path} is not a registry folder ({exc.strerror}); create one with `seqr server init`"
-        ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RegistryError(f"another publisher is writing {path}; one at a time") from None
-    return fd
 
 
 def _plain(value: Any) -> Any:

@@ -113,3 +113,12 @@ def meta_file(version: int, data: bytes) -> MetaFile:
     """Version, length and SHA-256 of a metadata file (spec 4.4: length and hashes optional;
     both given, so a client bounds the download and checks it before parsing)."""
     return MetaFile.from_data(version, data, ["sha256"])
+
+
+def is_root_key(root: Root, public: bytes) -> bool:
+    """Whether ``public`` (DER) is one of the root's keys: a server key of this registry."""
+    try:
+        key = tuf_key(public)
+    except KeyFileError:
+        return False
+    return any(k.keytype == key.keytype and k.keyval == key.keyval for k in root.keys.values())
