@@ -39,3 +39,11 @@ def test_too_small_domains_and_bad_settings_are_refused(tmp_path) -> None:
         split_domain(_domain(tmp_path / "tiny", 5), tmp_path / "work", 4)
     with pytest.raises(ConfigError, match="needs >= 2 clients"):
         GroupsEvalConfig(tmp_path, tmp_path / "out", clients=1)
+
+
+def test_only_the_domains_parts_are_group_members_and_others_keep_the_registry_flow() -> None:
+    from seqr.sim.groups_eval import group_members
+
+    fingerprints = {"wiki_part1": "sha256:b", "wiki_part0": "sha256:a", "code": "sha256:c",
+                    "wikipedia": "sha256:d"}  # fmt: skip
+    assert group_members("wiki", fingerprints) == "wiki_part0@sha256:a,wiki_part1@sha256:b"

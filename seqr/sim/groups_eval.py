@@ -104,6 +104,14 @@ def split_domain(domain: Path, dest: Path, k: int) -> tuple[list[Path], Path, Pa
     return parts, pooled, held
 
 
+def group_members(domain: str, fingerprints: dict[str, str]) -> str:
+    """The task group's slots, each bound to its member's signing key (seqr.operator.groups):
+    ``name@fingerprint`` for the domain's parts only; the other domains' clients keep the
+    registry flow."""
+    parts = sorted(n for n in fingerprints if n.startswith(f"{domain}_part"))
+    return ",".join(f"{name}@{fingerprints[name]}" for name in parts)
+
+
 def run_group_federation(cfg: GroupsEvalConfig, fed: Any, work: Path) -> dict[str, Any]:
     """Operator set-up (keys, registry, enrolment) and one real Flower run."""
     from seqr.core.base_model import load_base_model
@@ -134,8 +142,7 @@ def run_group_federation(cfg: GroupsEvalConfig, fed: Any, work: Path) -> dict[st
             public = load_public_key(work / "client-keys" / part.name / PUBLIC_KEY_NAME)
             publisher.enrol_client(public)
         publisher.publish()
-    # Each slot is bound to the member's signing key (seqr.operator.groups): name@fingerprint.
-    members = ",".join(f"{name}@{fp}" for name, fp in sorted(fingerprints.items()))
+    members = group_members(cfg.domain, fingerprints)
     run_config = {
         **setup.federation.to_run_config(),
         "registry-dir": registry.resolve(), "server-keys": (work / "server-key").resolve(),
