@@ -104,7 +104,8 @@ def audited_adapters(verified: VerifiedRegistry) -> list[AuditedAdapter]:
     """The audit's verified adapters, each under a unique name (step 2 above)."""
     adapters: list[AuditedAdapter] = []
     names: set[str] = set()
-    for adapter in verified.adapters:
+    # By name, then key: the same order (and internal ids) whatever order the registry lists.
+    for adapter in sorted(verified.adapters, key=lambda a: (a.entry.name, a.entry.client)):
         entry = adapter.entry
         name = entry.name if entry.name not in names else f"{entry.name}-{entry.client[7:15]}"
         while name in names:  # the same client reused a name: number the later ones
