@@ -65,7 +65,7 @@ def test_page_shows_the_registry_and_routes_a_typed_prompt(
         json={"model": "auto", "prompt": digits, "max_tokens": 32, "temperature": 0},
     ).json()["choices"][0]["text"]
     assert continuation.strip() == expected.strip() != ""
-    counts = {e.name: i for i, e in enumerate(report.entries)}
+    counts = {n: i for i, n in enumerate(sorted(e.name for e in report.entries))}  # by name
     wait.until(lambda b: b.find_element(By.ID, f"count-{counts['digits']}").text not in ("", "0"))
     screenshot()
 
