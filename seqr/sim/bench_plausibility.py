@@ -43,6 +43,7 @@ from seqr.core.errors import AdmissionError, ConfigError, SeqrError
 from seqr.core.federation import DEFAULT_BASE_MODEL, FederationConfig
 from seqr.core.manifest import NORM_STATS_NAME, parse_manifest, read_export
 from seqr.core.stats import NormStatistics
+from seqr.core.strict_json import loads_strict
 from seqr.sim.bench_hijack_lies import bound_stats, resign, scaled_stats
 
 LIES = ("gross", "swap", "careful")
@@ -98,7 +99,9 @@ def trained_weights(root: Path) -> dict[str, Path]:
     found = {}
     for manifest in sorted(root.glob("*/manifest.json")):
         weights = manifest.parent / "adapter_model.safetensors"
-        name = json.loads(manifest.read_text()).get("name")
+        name = loads_strict(manifest.read_bytes(), what=str(manifest), max_bytes=1 << 20).get(
+            "name"
+        )
         if isinstance(name, str) and weights.is_file():
             found[name] = weights
     return found
@@ -165,7 +168,7 @@ def group_verdicts(runs: tuple[Path, ...]) -> dict[str, dict[str, Any]]:
         if not summaries:
             raise ConfigError(f"--groups {run}: no group summary; is it a simulate groups run?")
         for path in summaries:
-            summary = json.loads(path.read_text())
+            summary = loads_strict(path.read_bytes(), what=str(path), max_bytes=1 << 20)
             out[f"group:{path.stem}"] = {
                 "admitted": summary["status"] == "admitted",
                 "reason": summary["status"],
