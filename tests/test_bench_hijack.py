@@ -13,7 +13,7 @@ from tiny import copy_texts, tiny_model_dir
 from seqr.core.errors import AdmissionError
 from seqr.core.stats import NormStatistics
 from seqr.core.stats_plausibility import MAD_TO_STD, check_stats_plausible
-from seqr.sim.bench_hijack import BOUND, LIAR, main
+from seqr.sim.bench_hijack import BOUND, LIAR, main, query_scores
 from seqr.sim.bench_hijack_lies import bound_stats, scaled_stats, sequence_scores
 
 DOMAINS = {
@@ -85,3 +85,15 @@ def test_bound_stats_sit_just_inside_both_bounds() -> None:
     # A sequence whose module mean equals mu scores (mu - mean) / std.
     score = sequence_scores({"m": np.array([mu])}, lie)
     assert score[0] == pytest.approx(0.5 * mu / (0.1 * sigma))
+
+
+def test_query_statistics_ignore_any_rescaling_of_an_adapters_scores(result) -> None:  # type: ignore[no-untyped-def]
+    """Query statistics are measured on the routed sequences, so neither a claimed (mu, sigma)
+    nor a per-module affine change of an adapter's scores (a scaled B) moves its z-scores."""
+    rng = np.random.default_rng(1)
+    honest = {"m1": rng.gamma(4.0, 0.5, 40), "m2": rng.gamma(2.0, 1.0, 40)}
+    liar = {"m1": rng.gamma(3.0, 0.5, 40), "m2": rng.gamma(5.0, 1.0, 40)}
+    bent = {"m1": 1e3 * liar["m1"] + 7.0, "m2": 0.01 * liar["m2"] - 2.0}
+    assert np.allclose(query_scores([honest, liar]), query_scores([honest, bent]))
+    row = result[0]["scenarios"]["liar, query statistics (any claim)"]
+    assert row["adapters"][-1] == LIAR and 0.0 <= row["capture_share"] <= 1.0

@@ -26,6 +26,7 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -193,6 +194,17 @@ def route_scores(
     return np.concatenate(rows), np.asarray(truth), names, eval_probe
 
 
+def query_scores(per_sequence: list[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """(S, N) mean over modules of z-scores by query statistics: each adapter's per-module
+    moments over the routed sequences themselves (as seqr serve's pool measures them, without
+    its decay and caps: every domain here has the same number of sequences)."""
+    cols = []
+    for norms in per_sequence:
+        parts = [(v - v.mean()) / max(float(v.std()), 1e-12) for v in norms.values()]
+        cols.append(np.mean(parts, axis=0))
+    return np.stack(cols, axis=1)
+
+
 def scenario(
     scores: np.ndarray,
     truth: np.ndarray,
@@ -256,6 +268,12 @@ def run(cfg: HijackBenchConfig) -> dict[str, Any]:
     }
     # The sweep computes the bound liar's scores from its own; check it against RoutedModel.
     per_seq = eval_probe.sequence_means(eval_probe.scores(_tensors(subs[LIAR])))
+    # Query statistics (seqr serve's default) ignore every claim: the liar's weights only.
+    queried = [*honest, LIAR]
+    raw = [eval_probe.sequence_means(eval_probe.scores(_tensors(subs[n]))) for n in queried]
+    scenarios["liar, query statistics (any claim)"] = scenario(
+        query_scores(raw), truth, queried, queried, cfg.honest
+    )
     parity = float(np.abs(sequence_scores(per_seq, bound) - scores[:, names.index(BOUND)]).max())
     honest_best = scores[:, [names.index(d) for d in honest]].max(axis=1)
     sweep = bound_sweep(
