@@ -68,15 +68,15 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def selected_seqr(evaluation: dict[str, Any]) -> str:
-    return str(evaluation.get("seqr_selected", "seqr"))
+def default_seqr(evaluation: dict[str, Any]) -> str:
+    return str(evaluation.get("seqr_default", "seqr"))
 
 
 def build(report: dict[str, Any]) -> tuple[list[Block], dict[str, Callable[[], bytes]]]:
     """The report's blocks, and the plots they name (file name -> draw to PNG bytes)."""
     ev, run = report["evaluation"], report.get("run", {})
     methods, names = ev["methods"], ev["adapters"]
-    sel = selected_seqr(ev)
+    sel = default_seqr(ev)
     blocks: list[Block] = [Block("h1", "seqr simulation report")]
     drawn: dict[str, Callable[[], bytes]] = {}
     acc = methods.get(sel, {})
@@ -178,14 +178,14 @@ def _clients_section(clients: list[dict[str, Any]], drawn: dict) -> list[Block]:
 
 
 def _accuracy_section(ev: dict[str, Any], drawn: dict) -> list[Block]:
-    methods, names, sel = ev["methods"], ev["adapters"], selected_seqr(ev)
+    methods, names, sel = ev["methods"], ev["adapters"], default_seqr(ev)
     shown = [m for m in ACCURACY_ORDER if "routing_accuracy" in methods.get(m, {})]
     rows = []
     for name in shown:
         m = methods[name]
         ms = m.get("routing_seconds_per_sequence")
         rows.append([
-            name + (" (selected)" if name == sel else ""), METHOD_NOTES.get(name, ""),
+            name + (" (default)" if name == sel else ""), METHOD_NOTES.get(name, ""),
             f"{m['routing_accuracy']:.3f}", _ci(m), _fmt(m.get("per_token_routing_accuracy")),
             m.get("layers", "—"), _fmt(None if ms is None else ms * 1e3, ".2f"),
         ])  # fmt: skip
@@ -200,10 +200,10 @@ def _accuracy_section(ev: dict[str, Any], drawn: dict) -> list[Block]:
         Block("h2", "Routing accuracy (per sequence, test split)"),
         Block("p", "The share of test sequences routed to their own domain's adapter, with a "
                    "Wilson 95% interval: intervals that overlap much mean the test cannot tell "
-                   "those methods apart. Layers and the SEQR calibration were chosen on the "
-                   "validation half only."),
+                   "those methods apart. Every method aggregates all layers; the default SEQR "
+                   "calibration (query statistics) is fixed, not chosen on this run."),
         Block("table", header=["method", "what", "accuracy", "95% interval", "per token",
-                               "layers (chosen on validation)", "ms / sequence"], rows=rows),
+                               "layers", "ms / sequence"], rows=rows),
         Block("plot", "routing accuracy with 95% intervals", plot="accuracy.png"),
     ]  # fmt: skip
     blocks += _per_domain_blocks(ev, drawn)
@@ -214,7 +214,7 @@ def _accuracy_section(ev: dict[str, Any], drawn: dict) -> list[Block]:
             f"SEQR and brute force chose the same adapter for "
             f"{ev['agreement_seqr_brute_force']:.1%} of test sequences "
             f"({ev['agreement_seqr_brute_force_per_token']:.1%} of tokens) with the adapters' "
-            f"own statistics, and {ev['agreement_selected_brute_force']:.1%} with {sel}'s: "
+            f"own statistics, and {ev['agreement_default_brute_force']:.1%} with {sel}'s: "
             "SEQR computes the same norms as brute force, only faster (100% means exact)."
         )),
         Block("h3", "Confusion matrix"),
@@ -226,7 +226,7 @@ def _accuracy_section(ev: dict[str, Any], drawn: dict) -> list[Block]:
 
 
 def _per_domain_blocks(ev: dict[str, Any], drawn: dict) -> list[Block]:
-    methods, names, sel = ev["methods"], ev["adapters"], selected_seqr(ev)
+    methods, names, sel = ev["methods"], ev["adapters"], default_seqr(ev)
     cols = [m for m in dict.fromkeys([sel, ev.get("seqr_best_alternative"), "arrow"])
             if m and "per_domain" in methods.get(m, {})]  # fmt: skip
     if not cols:
@@ -271,7 +271,7 @@ def _significance_blocks(ev: dict[str, Any]) -> list[Block]:
 
 
 def _loss_section(ev: dict[str, Any], drawn: dict) -> list[Block]:
-    methods, names, sel = ev["methods"], ev["adapters"], selected_seqr(ev)
+    methods, names, sel = ev["methods"], ev["adapters"], default_seqr(ev)
     oracle = methods.get("oracle", {}).get("heldout_loss")
     shown = [m for m in LOSS_ORDER if "heldout_loss" in methods.get(m, {})]
     if not shown:

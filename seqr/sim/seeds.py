@@ -61,12 +61,12 @@ def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
             pairs.setdefault(f"{t['first']} vs {t['second']}", []).append(t["p_value"])
     return {
         "seeds": len(reports),
-        "selected_per_seed": [e["seqr_selected"] for e in evals],
+        "default_per_seed": [e["seqr_default"] for e in evals],
         "test_sequences_per_seed": [e["test_sequences"] for e in evals],
         "accuracy": accuracy,
         "heldout_loss_vs_oracle": loss_vs_oracle,
-        "agreement_selected_brute_force": mean_and_spread(
-            [e["agreement_selected_brute_force"] for e in evals]
+        "agreement_default_brute_force": mean_and_spread(
+            [e["agreement_default_brute_force"] for e in evals]
         ),
         "mcnemar_p_values": pairs,
         "wall_seconds": mean_and_spread(
@@ -86,8 +86,8 @@ def summary_blocks(summary: dict[str, Any]) -> list[Block]:
         Block("h1", f"seqr simulation over {n} seeds"),
         Block("p", f"The whole simulation ran {n} times (seeds 0..{n - 1} of the shared A and "
                    "of the data split and order); each seed's own report is in seed-K/. "
-                   "Selected SEQR calibration per seed: "
-                   + ", ".join(summary["selected_per_seed"]) + "."),
+                   "Default SEQR calibration per seed: "
+                   + ", ".join(summary["default_per_seed"]) + "."),
         Block("h2", "Routing accuracy over seeds (test split)"),
         Block("p", "Mean, sample standard deviation and range over seeds: a difference between "
                    "two methods smaller than their spread depends on the seed."),
@@ -114,7 +114,7 @@ def summary_blocks(summary: dict[str, Any]) -> list[Block]:
                   rows=[[k, ", ".join(f"{p:.3g}" for p in v)]
                         for k, v in summary["mcnemar_p_values"].items()]),
         ]  # fmt: skip
-    agree = summary["agreement_selected_brute_force"]
+    agree = summary["agreement_default_brute_force"]
     blocks.append(Block("p", f"SEQR equal to brute force: {agree['min']:.1%} of test sequences "
                              "or more in every seed."))  # fmt: skip
     return blocks
