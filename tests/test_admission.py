@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from safetensors.numpy import save
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.admission import (
     REASONS,
     AdmissionPolicy,
@@ -51,7 +51,7 @@ from seqr.core.safetensors_check import load_float_tensors, parse_safetensors_he
 from seqr.core.stats import NormStatistics, RunningMoments
 
 NOW = CREATED + timedelta(minutes=1)
-Key = signing.SigningKeyFile
+Key = key_files.SigningKeyFile
 
 
 @pytest.fixture

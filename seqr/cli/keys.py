@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from seqr.core.errors import KeyFileError, SeqrError
-from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, write_keypair
+from seqr.core.key_files import write_keypair
+from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
 
 MAX_PASSPHRASE_FILE_BYTES = 4096  # bytes
 

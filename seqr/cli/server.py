@@ -20,7 +20,8 @@ from pathlib import Path
 from seqr.cli.keys import read_passphrase
 from seqr.core.admission_policy import WEIGHT_DTYPES
 from seqr.core.errors import ConfigError, KeyFileError, SeqrError
-from seqr.core.signing import FINGERPRINT_PREFIX, fingerprint, load_public_key, parse_public_key
+from seqr.core.key_files import load_public_key
+from seqr.core.signing import FINGERPRINT_PREFIX, fingerprint, parse_public_key
 from seqr.operator.registry_ops import init_registry, load_server_keys, open_publisher
 
 __all__ = ["init_main", "enrol_main", "revoke_main", "refresh_main"]

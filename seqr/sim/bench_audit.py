@@ -29,7 +29,7 @@ import numpy as np
 from safetensors.numpy import save
 from tqdm import tqdm
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.errors import ConfigError
 from seqr.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
 from seqr.core.model_signature import sign_files
@@ -92,7 +92,7 @@ def _shared_a(cfg: AuditBenchConfig) -> dict[str, np.ndarray]:
 
 def _export(
     cfg: AuditBenchConfig,
-    key: signing.SigningKeyFile,
+    key: key_files.SigningKeyFile,
     index: int,
     shared: dict[str, np.ndarray],
     pin: FederationPin,
@@ -142,8 +142,8 @@ def build_registry(cfg: AuditBenchConfig, path: Path) -> dict[str, Any]:
     keys = Path(tempfile.mkdtemp(prefix="seqr-bench-keys-"))
     with Publisher.create(path, [server], config=config, now=T0) as pub:
         for i in tqdm(range(cfg.adapters), desc="build registry", unit="adapter"):
-            signing.write_keypair(keys / f"{i:05d}")  # one client per adapter
-            client = signing.SigningKeyFile.open(keys / f"{i:05d}" / signing.PRIVATE_KEY_NAME)
+            key_files.write_keypair(keys / f"{i:05d}")  # one client per adapter
+            client = key_files.SigningKeyFile.open(keys / f"{i:05d}" / signing.PRIVATE_KEY_NAME)
             pub.stage_adapter(_export(cfg, client, i, shared, pin), admitted=T0)
             if (i + 1) % cfg.per_version == 0 or i + 1 == cfg.adapters:
                 pub.publish(now=T0 + timedelta(seconds=i + 1))

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.admission_policy import AdmissionPolicy
 from seqr.core.errors import ConfigError, SeqrError
 from seqr.core.federation import FederationConfig
@@ -110,7 +110,7 @@ def train_exports(cfg: HijackBenchConfig, fed: FederationConfig, work: Path) -> 
         data.mkdir(parents=True)
         for path in files[: cfg.max_files]:
             shutil.copyfile(path, data / path.name)
-        signing.write_keypair(work / "keys" / domain)
+        key_files.write_keypair(work / "keys" / domain)
         key = work / "keys" / domain / signing.PRIVATE_KEY_NAME
         run_client(data, key, work / "exports" / domain, fed, name=domain, progress=False)
         exports[domain] = work / "exports" / domain
@@ -230,7 +230,7 @@ def run(cfg: HijackBenchConfig) -> dict[str, Any]:
     del base
     exports = train_exports(cfg, setup.federation, work)
     subs = {d: read_export(exports[d]) for d in cfg.honest}
-    key = signing.SigningKeyFile.open(work / "keys" / cfg.liar / signing.PRIVATE_KEY_NAME)
+    key = key_files.SigningKeyFile.open(work / "keys" / cfg.liar / signing.PRIVATE_KEY_NAME)
     own = NormStatistics.from_json_bytes(read_export(exports[cfg.liar])[NORM_STATS_NAME])
     lie = scaled_stats(own, cfg.mean_factor, cfg.std_factor)
     score = setup.federation.calib_score  # what statistics (and so the probe values) measure

@@ -115,13 +115,8 @@ def group_members(domain: str, fingerprints: dict[str, str]) -> str:
 def run_group_federation(cfg: GroupsEvalConfig, fed: Any, work: Path) -> dict[str, Any]:
     """Operator set-up (keys, registry, enrolment) and one real Flower run."""
     from seqr.core.base_model import load_base_model
-    from seqr.core.signing import (
-        PRIVATE_KEY_NAME,
-        PUBLIC_KEY_NAME,
-        load_private_key,
-        load_public_key,
-        write_keypair,
-    )
+    from seqr.core.key_files import load_private_key, load_public_key, write_keypair
+    from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
     from seqr.operator.federation_setup import setup_federation
     from seqr.operator.registry_ops import init_registry, open_publisher
     from seqr.sim.flower_local import SIMULATION_TIMEOUT_S, flwr_run, local_superlink
@@ -183,7 +178,8 @@ def train_baselines(
     cfg: GroupsEvalConfig, fed: Any, parts: list[Path], pooled: Path, work: Path
 ) -> dict[str, Path]:
     """Local-only adapters (each part alone) and the centrally trained reference, in-process."""
-    from seqr.core.signing import PRIVATE_KEY_NAME, write_keypair
+    from seqr.core.key_files import write_keypair
+    from seqr.core.signing import PRIVATE_KEY_NAME
     from seqr.node.task import run_client
 
     key = work / "baseline-key" / PRIVATE_KEY_NAME
