@@ -29,6 +29,7 @@ import numpy as np
 from safetensors.numpy import save
 from tqdm import tqdm
 
+from seqr.cli.help import DefaultsHelpFormatter
 from seqr.core import key_files, signing
 from seqr.core.errors import ConfigError
 from seqr.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
@@ -206,18 +207,25 @@ def run(cfg: AuditBenchConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="seqr bench audit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="seqr bench audit", description=__doc__, formatter_class=DefaultsHelpFormatter
+    )
     defaults = AuditBenchConfig()
-    parser.add_argument("--adapters", type=int, default=defaults.adapters)
-    parser.add_argument("--per-version", type=int, default=defaults.per_version)
-    parser.add_argument("--layers", type=int, default=defaults.layers)
-    parser.add_argument("--rank", type=int, default=defaults.rank)
-    parser.add_argument("--d-model", type=int, default=defaults.d_model)
-    parser.add_argument("--d-kv", type=int, default=defaults.d_kv)
-    parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--repeats", type=int, default=defaults.repeats)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--out", type=Path, default=defaults.out)
+    helps = {
+        "adapters": "adapters in the registry",
+        "per_version": "adapters published per registry version (a Flower round)",
+        "layers": "LoRA layers per adapter",
+        "rank": "LoRA rank",
+        "d_model": "hidden size (q_proj in and out, v_proj in)",
+        "d_kv": "v_proj output size",
+        "workers": "threads checking adapters",
+        "repeats": "timed audits",
+        "seed": "random seed of the synthetic adapters",
+    }
+    for name, text in helps.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, default=getattr(defaults, name), help=text)
+    parser.add_argument("--out", type=Path, default=defaults.out, help="folder for the results")
     parser.add_argument("--keep", action="store_true", help="keep the registry for reruns")
     args = parser.parse_args(argv)
     try:

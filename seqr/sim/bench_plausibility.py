@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from seqr.cli.help import BASE_MODEL_HELP, DefaultsHelpFormatter, add_old_spelling
 from seqr.core import key_files, signing
 from seqr.core.errors import AdmissionError, ConfigError, SeqrError
 from seqr.core.federation import DEFAULT_BASE_MODEL, FederationConfig
@@ -277,16 +278,23 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     d = PlausibilityBenchConfig()
-    p = argparse.ArgumentParser(prog="seqr bench plausibility", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=d.model, help="base model name or folder")
+    p = argparse.ArgumentParser(
+        prog="seqr bench plausibility",
+        description=__doc__.split("\n")[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
+    p.add_argument("--base-model", dest="model", default=d.model, help=BASE_MODEL_HELP)
+    add_old_spelling(p, "--model", "model")
     p.add_argument("--data", type=Path, default=d.data, help="folder of domain subfolders")
-    p.add_argument("--domains", nargs="*", default=[], help="subfolders (default: all)")
+    p.add_argument(
+        "--domains", nargs="*", default=[], help="subfolders of --data (none given: all)"
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: federation)")
     p.add_argument("--trained", type=Path, default=None,
                    help="adapters trained earlier: reuse their B, calibrate anew")  # fmt: skip
     p.add_argument("--groups", nargs="*", type=Path, default=[],
                    help="`seqr simulate groups` output folders to include")  # fmt: skip
-    p.add_argument("--out", type=Path, default=d.out)
+    p.add_argument("--out", type=Path, default=d.out, help="folder for the results")
     args = p.parse_args(argv)
     try:
         cfg = PlausibilityBenchConfig(

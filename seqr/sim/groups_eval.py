@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from seqr.cli.help import RawDefaultsHelpFormatter
 from seqr.core.errors import ConfigError, DataError, SeqrError
 from seqr.sim.groups_report import write_report
 
@@ -294,19 +295,55 @@ def run(cfg: GroupsEvalConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="seqr simulate groups", description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/domains"))
-    parser.add_argument("--out", type=Path, default=Path("runs/groups"))
-    parser.add_argument("--domain", default=None, help="the domain split across the group")
-    parser.add_argument("--others", default=None, help="comma-separated single-client domains")
-    parser.add_argument("--base-model", default=None)
-    for name in ("clients", "rounds", "local-steps", "seq-len", "batch-size", "eval-sequences",
-                 "calib-sequences"):  # fmt: skip
-        parser.add_argument(f"--{name}", type=int, default=None)
-    parser.add_argument("--aggregation", default=None, help="fedavg|fedtrimmedavg|fedmedian|krum")
-    parser.add_argument("--dp", default=None, help="none|server|client")
-    parser.add_argument("--dp-noise-multiplier", type=float, default=None)
-    parser.add_argument("--dp-clip", type=float, default=None)
+    d = GroupsEvalConfig(Path("data/domains"), Path("runs/groups"))
+    parser = argparse.ArgumentParser(
+        prog="seqr simulate groups", description=__doc__, formatter_class=RawDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=d.data,
+        help="one folder of text per domain (seqr data prepare)",
+    )
+    parser.add_argument("--out", type=Path, default=d.out, help="run folder to create")
+    parser.add_argument(
+        "--domain", default=None, help=f"the domain split across the group (default: {d.domain})"
+    )
+    parser.add_argument(
+        "--others",
+        default=None,
+        help=f"comma-separated single-client domains (default: {','.join(d.others)})",
+    )
+    parser.add_argument(
+        "--base-model", default=None, help=f"known model name or local model folder (default: "
+        f"{d.base_model})"
+    )  # fmt: skip
+    helps = {
+        "clients": "K: clients the domain is split across",
+        "rounds": "R: rounds of FedAvg on B",
+        "local_steps": "L: local steps per round",
+        "seq_len": "tokens per training sequence",
+        "batch_size": "sequences per step and client",
+        "eval_sequences": "held-out chunks per domain for losses and routing",
+        "calib_sequences": "sequences each client calibrates its statistics on",
+    }
+    quick = {"rounds": 2, "local_steps": 3, "seq_len": 48, "eval_sequences": 12}
+    for name, text in helps.items():
+        also = f"; --quick: {quick[name]}" if name in quick else ""
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                            help=f"{text} (default: {getattr(d, name)}{also})")  # fmt: skip
+    parser.add_argument("--aggregation", default=None, help="fedavg|fedtrimmedavg|fedmedian|krum "
+                        f"(default: {d.aggregation})")  # fmt: skip
+    parser.add_argument("--dp", default=None, help=f"none|server|client (default: {d.dp})")
+    parser.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        default=None,
+        help=f"noise multiplier of DP (default: {d.dp_noise_multiplier})",
+    )
+    parser.add_argument(
+        "--dp-clip", type=float, default=None, help=f"clipping norm of DP (default: {d.dp_clip})"
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds of 3 steps, short text")
     parser.add_argument(
         "--resume", action="store_true", help="reuse the registry and baselines already in --out"
@@ -317,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         overrides["resume"] = True
     if args.quick:
-        overrides.update(rounds=2, local_steps=3, seq_len=48, eval_sequences=12)
+        overrides.update(quick)
     for f in fields(GroupsEvalConfig):
         value = getattr(args, f.name, None)
         if value is not None and f.name not in ("data", "out"):

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seqr.cli.help import CACHE_DIR_HELP, CONSUMER_BASE_MODEL_HELP, RawDefaultsHelpFormatter
 from seqr.consumer.serve.bench_load import compare, run_level
 from seqr.consumer.serve.bench_report import TARGET, TARGET_LEVELS, plot, table
 from seqr.core.errors import ConfigError, DataError
@@ -256,17 +257,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="seqr bench serve",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDefaultsHelpFormatter,
     )
-    p.add_argument("--registry", type=Path, required=True, help="registry folder to serve")
+    p.add_argument(
+        "--registry", type=Path, required=True, metavar="DIR", help="registry folder to serve"
+    )
     p.add_argument(
         "--data",
         type=Path,
         default=Path("data/domains"),
         help="one folder of text per adapter name (held-out chunks become prompts)",
     )
-    p.add_argument("--base-model", default=None)
-    p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help=CONSUMER_BASE_MODEL_HELP,
+    )
+    p.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
     p.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
     p.add_argument(
         "--requests-per-client",
@@ -274,18 +281,26 @@ def main(argv: list[str] | None = None) -> int:
         default=4,
         help="per level, mode and repeat (at least --min-requests in all)",
     )
-    p.add_argument("--min-requests", type=int, default=16)
+    p.add_argument(
+        "--min-requests", type=int, default=16, help="requests per level, mode and repeat, at least"
+    )
     p.add_argument("--max-tokens", type=int, default=32, help="generated per request, exactly")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="held-out tokens per prompt")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="fixed/auto pairs per level, in ABBA order"
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="the server's torch threads (0: torch's default)"
+    )
     p.add_argument(
         "--first-pass-dtype",
         choices=("bfloat16", "float16"),
         default=None,
         help="the server's routing pass dtype (seqr serve --first-pass-dtype)",
     )
-    p.add_argument("--out", type=Path, default=Path("runs/bench_serve"))
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/bench_serve"), help="folder for the results"
+    )
     args = p.parse_args(argv)
     try:
         clients = tuple(int(c) for c in args.clients.split(",") if c.strip())
