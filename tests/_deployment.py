@@ -22,7 +22,7 @@ from pathlib import Path
 from tiny import copy_texts
 
 from seqr.cli.server import enrol_main, init_main
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY, make_certs
 from seqr.deploy.node_keys import make_node_key
 from seqr.sim.flower_local import descendants, free_port, stop_process_tree, write_app
@@ -125,7 +125,7 @@ class Deployment:
     def new_registry(self, folder: Path, nodes: list[Node]) -> tuple[Path, Path]:
         """`seqr keys generate` + `seqr server init --federation` + `seqr server enrol`."""
         key = folder / "server-key"
-        signing.write_keypair(key)
+        key_files.write_keypair(key)
         registry = folder / "registry"
         args = ["--registry", str(registry), "--key", str(key)]
         if init_main([*args, "--federation", str(self.federation_file)]) != 0:
@@ -143,7 +143,7 @@ class Deployment:
     def new_node(self, name: str, files: tuple[str, ...]) -> Node:
         """A client's keys and data (`seqr keys generate`, `seqr deploy node-key`)."""
         folder = self.root / "nodes" / name
-        signing.write_keypair(folder / "signing-key")
+        key_files.write_keypair(folder / "signing-key")
         private, _ = make_node_key(folder, "node")
         return Node(name, copy_texts(folder / "data", files),
                     folder / "signing-key" / signing.PRIVATE_KEY_NAME, private)  # fmt: skip

@@ -21,7 +21,7 @@ import torch
 from _server_world import federation_setup
 from tiny import copy_texts, stdlib_texts, tiny_model_dir
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.base_model import load_base_model
 from seqr.core.export_folder import read_export
 from seqr.core.manifest import parse_manifest
@@ -120,8 +120,8 @@ def build_exports(root: Path) -> dict[str, Path]:
                 layer.lora_B[ADAPTER].weight.copy_(b)
         stats = calibrate(peft_model, chunks[domain], fed, progress=False).stats
         key_dir = root / "keys" / domain
-        signing.write_keypair(key_dir)
-        key = signing.SigningKeyFile.open(key_dir / signing.PRIVATE_KEY_NAME)
+        key_files.write_keypair(key_dir)
+        key = key_files.SigningKeyFile.open(key_dir / signing.PRIVATE_KEY_NAME)
         exports[domain] = root / "exports" / domain
         export_adapter(peft_model, stats, exports[domain], key, fed=fed, a_sha256=a_sha256,
                        base_model_sha256=base.sha256, name=domain,
@@ -133,8 +133,8 @@ def publish_registry(
     registry: Path, server_key: Path, exports: dict[str, Path], *, names: tuple[str, ...] = DOMAINS
 ) -> Path:
     """Version 1 (empty), then version 2 holding the exports of ``names``."""
-    signing.write_keypair(server_key)
-    keys = [signing.load_private_key(server_key / signing.PRIVATE_KEY_NAME)]
+    key_files.write_keypair(server_key)
+    keys = [key_files.load_private_key(server_key / signing.PRIVATE_KEY_NAME)]
     init_registry(registry, keys, setup=federation_setup())
     with open_publisher(registry, keys, federation_setup()) as publisher:
         for domain in names:

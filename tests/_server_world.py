@@ -15,7 +15,7 @@ from typing import Any
 
 from tiny import copy_texts, tiny_model_dir
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.base_model import BaseModel, load_base_model
 from seqr.core.federation import FederationConfig
 from seqr.core.manifest import NORM_STATS_NAME, parse_manifest, read_export, sign_export
@@ -72,7 +72,7 @@ class Client:
 
     @property
     def key(self) -> Any:
-        return signing.load_private_key(self.key_dir / signing.PRIVATE_KEY_NAME)
+        return key_files.load_private_key(self.key_dir / signing.PRIVATE_KEY_NAME)
 
     @property
     def public_hex(self) -> str:
@@ -91,7 +91,7 @@ def make_client(root: Path, index: int, *, files: tuple[str, ...] | None = None)
     from seqr.node.task import run_client
 
     key_dir = root / f"client{index}-key"
-    signing.write_keypair(key_dir)
+    key_files.write_keypair(key_dir)
     data = copy_texts(root / f"client{index}-data", files or CLIENT_FILES[index])
     out = root / f"client{index}-export"
     run_client(
@@ -116,7 +116,7 @@ def resign(
         (dest / NORM_STATS_NAME).write_bytes(stats.to_json_bytes())
     sign_export(
         dest,
-        signing.SigningKeyFile.open(client.key_dir / signing.PRIVATE_KEY_NAME),
+        key_files.SigningKeyFile.open(client.key_dir / signing.PRIVATE_KEY_NAME),
         name=manifest.name,
         base_model_sha256=manifest.base_model_sha256,
         a_seed=manifest.a_seed,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.manifest import Manifest, sign_export
 from seqr.core.stats import NormStatistics
 
@@ -30,10 +30,10 @@ CREATED = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 STATS_MODULES = tuple(f"model.layers.0.self_attn.{m}" for m in TARGETS)
 
 
-def make_key(folder: Path, passphrase: bytes | None = None) -> signing.SigningKeyFile:
+def make_key(folder: Path, passphrase: bytes | None = None) -> key_files.SigningKeyFile:
     """A new key pair in ``folder`` (as `seqr keys generate` writes it), opened for signing."""
-    signing.write_keypair(folder, passphrase)
-    return signing.SigningKeyFile.open(folder / signing.PRIVATE_KEY_NAME, passphrase)
+    key_files.write_keypair(folder, passphrase)
+    return key_files.SigningKeyFile.open(folder / signing.PRIVATE_KEY_NAME, passphrase)
 
 
 def tensor_name(module: str, which: str) -> str:
@@ -109,7 +109,7 @@ def write_payload(
 
 def make_export(
     folder: Path,
-    key: signing.SigningKeyFile,
+    key: key_files.SigningKeyFile,
     *,
     tensors: Mapping[str, np.ndarray] | None = None,
     weights: bytes | None = None,

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 from safetensors.numpy import save
 from tuf.api.metadata import Metadata, Snapshot, TargetFile, Targets, Timestamp
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.manifest import Manifest
 from seqr.core.model_signature import sign_files
 from seqr.core.shared_a import generate_shared_a, shared_a_sha256
@@ -87,7 +87,7 @@ _KEY_FILES = Path(tempfile.mkdtemp(prefix="seqr-test-keys-"))
 atexit.register(shutil.rmtree, _KEY_FILES, True)
 
 
-def key_file(key: EllipticCurvePrivateKey) -> signing.SigningKeyFile:
+def key_file(key: EllipticCurvePrivateKey) -> key_files.SigningKeyFile:
     """``key`` as a key file: model-signing signs from a file (test keys only, 0600, removed
     at exit)."""
     path = _KEY_FILES / (signing.fingerprint(signing.public_key_bytes(key))[7:23] + ".pem")
@@ -99,7 +99,7 @@ def key_file(key: EllipticCurvePrivateKey) -> signing.SigningKeyFile:
         )
         path.touch(mode=0o600)
         path.write_bytes(pem)
-    return signing.SigningKeyFile.open(path)
+    return key_files.SigningKeyFile.open(path)
 
 
 def manifest_bytes(key: EllipticCurvePrivateKey, *, name: str = "adapter", **over: Any) -> bytes:

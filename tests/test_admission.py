@@ -1,4 +1,4 @@
-"""Server admission: one test per attack, each asserting the replay state did not change."""
+"""Server admission: one case per attack (tables), each asserting the replay state is unchanged."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from safetensors.numpy import save
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.admission import (
     REASONS,
     AdmissionPolicy,
@@ -51,7 +51,7 @@ from seqr.core.safetensors_check import load_float_tensors, parse_safetensors_he
 from seqr.core.stats import NormStatistics, RunningMoments
 
 NOW = CREATED + timedelta(minutes=1)
-Key = signing.SigningKeyFile
+Key = key_files.SigningKeyFile
 
 
 @pytest.fixture
@@ -186,52 +186,30 @@ def test_matching_shared_a_tensors_admitted(tmp_path: Path, key: Key) -> None:
     admit(submission(tmp_path, key), policy, seen=SeenSubmissions(), now=NOW)
 
 
-# --- files, sizes, manifest, signature, keys ----------------------------------------------
+# --- one export bent one way: the reason it is refused (state unchanged) --------------------
+
+Bend = Callable[[Path, Key], tuple[dict[str, bytes], AdmissionPolicy]]
 
 
-def test_extra_file_smuggled_into_submission_rejected(
-    tmp_path: Path, key: Key, policy: AdmissionPolicy
-) -> None:
-    files = submission(tmp_path, key)
-    files["setup.py"] = b"import os"
-    assert_rejected(files, policy, "wrong_files", match="setup.py")
+def _edited(change: Callable[[dict[str, bytes]], Any], **policy: Any) -> Bend:
+    """The honest export with its files changed in place by ``change``."""
+
+    def bend(tmp_path: Path, key: Key) -> tuple[dict[str, bytes], AdmissionPolicy]:
+        files = submission(tmp_path, key)
+        change(files)
+        return files, make_policy(key, **policy)
+
+    return bend
 
 
-def test_missing_stats_file_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    files = submission(tmp_path, key)
-    del files["norm_stats.json"]
-    assert_rejected(files, policy, "wrong_files", match="norm_stats.json")
+def _exported(policy: dict[str, Any] | None = None, **export: Any) -> Bend:
+    """An export made wrong by its maker (``make_export`` arguments), signed validly."""
 
+    def bend(tmp_path: Path, key: Key) -> tuple[dict[str, bytes], AdmissionPolicy]:
+        made = {n: v() if callable(v) else v for n, v in export.items()}
+        return submission(tmp_path, key, **made), make_policy(key, **(policy or {}))
 
-def test_oversized_adapter_rejected(tmp_path: Path, key: Key) -> None:
-    files = submission(tmp_path, key)
-    policy = make_policy(key, max_adapter_bytes=100)
-    assert_rejected(files, policy, "too_large", match="adapter_model.safetensors is")
-
-
-def test_oversized_stats_rejected(tmp_path: Path, key: Key) -> None:
-    files = submission(tmp_path, key)
-    assert_rejected(files, make_policy(key, max_stats_bytes=10), "too_large")
-
-
-def test_malformed_manifest_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    files = submission(tmp_path, key)
-    files[MANIFEST_NAME] = b'{"format_version": 2}'
-    assert_rejected(files, policy, "bad_manifest", match="missing")
-
-
-def test_manifest_listing_other_files_rejected(
-    tmp_path: Path, key: Key, policy: AdmissionPolicy
-) -> None:
-    # A validly signed manifest that leaves the statistics out of what it covers.
-    folder = tmp_path / "export"
-    make_export(folder, key)
-    stats = (folder / "norm_stats.json").read_bytes()
-    (folder / "norm_stats.json").unlink()
-    make_export(folder, key, sign_only=True)  # re-sign without the statistics
-    files = read_export(folder)
-    files["norm_stats.json"] = stats
-    assert_rejected(files, policy, "bad_manifest", match="not signed \\['norm_stats.json'\\]")
+    return bend
 
 
 def _flip_signature(bundle: bytes) -> bytes:
@@ -243,86 +221,184 @@ def _flip_signature(bundle: bytes) -> bytes:
     return json.dumps(obj).encode()
 
 
-def test_forged_signature_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    files = submission(tmp_path, key)
-    files[SIGNATURE_NAME] = _flip_signature(files[SIGNATURE_NAME])
-    assert_rejected(files, policy, "bad_signature", match="does not verify")
+def _manifest_listing_other_files(tmp_path: Path, key: Key) -> tuple[dict[str, bytes], Any]:
+    # A validly signed manifest that leaves the statistics out of what it covers.
+    folder = tmp_path / "export"
+    make_export(folder, key)
+    stats = (folder / "norm_stats.json").read_bytes()
+    (folder / "norm_stats.json").unlink()
+    make_export(folder, key, sign_only=True)  # re-sign without the statistics
+    files = read_export(folder)
+    files["norm_stats.json"] = stats
+    return files, make_policy(key)
 
 
-def test_manifest_edited_after_signing_rejected(
-    tmp_path: Path, key: Key, policy: AdmissionPolicy
-) -> None:
-    files = submission(tmp_path, key)
-    files[MANIFEST_NAME] = files[MANIFEST_NAME].replace(b"python-stdlib", b"python-stdlic")
-    assert_rejected(files, policy, "hash_mismatch", match="manifest.json has sha256")
-
-
-def test_impersonation_with_attackers_signature_rejected(
-    tmp_path: Path, key: Key, policy: AdmissionPolicy
-) -> None:
+def _impersonation(tmp_path: Path, key: Key) -> tuple[dict[str, bytes], AdmissionPolicy]:
     # The attacker keeps the victim's manifest (her enrolled key) and signs every file himself.
     attacker = make_key(tmp_path / "attacker")
     files = submission(tmp_path, key)
     signed = {n: b for n, b in files.items() if n != SIGNATURE_NAME}
     files[SIGNATURE_NAME] = sign_files(signed, attacker, name="export")
-    assert_rejected(files, policy, "bad_signature", match="another key")
+    return files, make_policy(key)
 
 
-def test_swapped_bundle_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    """The bundle of another submission by the same enrolled key, over this one's files."""
+def _swapped_bundle(tmp_path: Path, key: Key) -> tuple[dict[str, bytes], AdmissionPolicy]:
+    # The bundle of another submission by the same enrolled key, over this one's files.
     files = submission(tmp_path, key, "mine")
     other = submission(tmp_path, key, "other", stats=make_stats(mean=9.0).to_json_bytes())
     files[SIGNATURE_NAME] = other[SIGNATURE_NAME]
-    assert_rejected(files, policy, "hash_mismatch", match="has sha256")
+    return files, make_policy(key)
 
 
-def test_bundle_that_leaves_the_manifest_unsigned_rejected(
-    tmp_path: Path, key: Key, policy: AdmissionPolicy
-) -> None:
+def _bundle_leaving_manifest_unsigned(tmp_path: Path, key: Key) -> tuple[dict[str, bytes], Any]:
     files = submission(tmp_path, key)
     payload = {n: b for n, b in files.items() if n not in (SIGNATURE_NAME, MANIFEST_NAME)}
     files[SIGNATURE_NAME] = sign_files(payload, key, name="export")
-    assert_rejected(files, policy, "bad_signature", match="does not sign manifest.json")
+    return files, make_policy(key)
 
 
-def test_missing_signature_bytes_rejected(
-    tmp_path: Path, key: Key, policy: AdmissionPolicy
-) -> None:
-    files = submission(tmp_path, key)
-    files[SIGNATURE_NAME] = b""
-    assert_rejected(files, policy, "bad_signature", match="model.sig is not valid JSON")
-
-
-def test_oversized_bundle_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    files = submission(tmp_path, key)
-    files[SIGNATURE_NAME] = b" " * (MAX_BUNDLE_BYTES + 1)
-    assert_rejected(files, policy, "too_large", match="model.sig is")
-
-
-def test_manifest_naming_a_small_order_ed25519_key_rejected(
-    tmp_path: Path, key: Key, policy: AdmissionPolicy
-) -> None:
+def _small_order_ed25519_key(files: dict[str, bytes]) -> None:
     identity = ed25519.Ed25519PublicKey.from_public_bytes(bytes([1]) + bytes(31))
     der = identity.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    files = submission(tmp_path, key)
     obj = json.loads(files[MANIFEST_NAME])
     obj["public_key"] = der.hex()
     files[MANIFEST_NAME] = json.dumps(obj, sort_keys=True).encode()
-    assert_rejected(files, policy, "bad_manifest", match="Ed25519 key")
 
 
-def test_unknown_key_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
+def _stranger(tmp_path: Path, key: Key) -> tuple[dict[str, bytes], AdmissionPolicy]:
     stranger = make_key(tmp_path / "stranger")
-    files = submission(tmp_path, stranger)
-    assert_rejected(files, policy, "unknown_key", match="not enrolled")
+    return submission(tmp_path, stranger), make_policy(key)
 
 
-def test_revoked_key_rejected(tmp_path: Path, key: Key) -> None:
+def _revoked(tmp_path: Path, key: Key) -> tuple[dict[str, bytes], AdmissionPolicy]:
     hex_key = key.public.hex()
     policy = make_policy(key, revoked_keys=frozenset({hex_key}))  # still on the allow-list
-    assert_rejected(submission(tmp_path, key), policy, "revoked_key", match="revoked")
+    return submission(tmp_path, key), policy
+
+
+def _tamper_weights(files: dict[str, bytes]) -> None:
+    weights = bytearray(files["adapter_model.safetensors"])
+    weights[-2] ^= 0x40
+    files["adapter_model.safetensors"] = bytes(weights)
+
+
+def _tensors(change: Callable[[dict[str, np.ndarray]], Any]) -> Callable[[], Any]:
+    """make_export's tensors, changed by ``change``."""
+
+    def make() -> dict[str, np.ndarray]:
+        tensors = make_tensors()
+        change(tensors)
+        return tensors
+
+    return make
+
+
+def _pickle_payload() -> bytes:
+    class Boom:  # what an attacker's pickle would run on load; never loaded here
+        def __reduce__(self) -> tuple[Callable[..., Any], tuple[str]]:
+            return (print, ("pwned",))
+
+    return pickle.dumps({"tensors": make_tensors(), "x": Boom()}, protocol=4)
+
+
+def _torch_save_archive() -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({n: torch.from_numpy(a) for n, a in make_tensors().items()}, buffer)
+    return buffer.getvalue()
+
+
+def _integer_tensors() -> bytes:
+    entries = [(name, "I32", shape, data) for name, _, shape, data in tensor_entries()]
+    return raw_safetensors(entries)
+
+
+A_Q, B_Q, B_V = tensor_name("q_proj", "A"), tensor_name("q_proj", "B"), tensor_name("v_proj", "B")
+
+# case name -> (how the export is bent, expected reason, what the message must say or None)
+BENT: dict[str, tuple[Bend, str, str | None]] = {
+    # files, sizes, manifest, signature, keys
+    "extra_file_smuggled_into_submission": (
+        _edited(lambda f: f.update({"setup.py": b"import os"})), "wrong_files", "setup.py"),
+    "missing_stats_file": (
+        _edited(lambda f: f.pop("norm_stats.json")), "wrong_files", "norm_stats.json"),
+    "oversized_adapter": (
+        _edited(lambda f: None, max_adapter_bytes=100), "too_large",
+        "adapter_model.safetensors is"),
+    "oversized_stats": (_edited(lambda f: None, max_stats_bytes=10), "too_large", None),
+    "malformed_manifest": (
+        _edited(lambda f: f.update({MANIFEST_NAME: b'{"format_version": 2}'})), "bad_manifest",
+        "missing"),
+    "manifest_listing_other_files": (
+        _manifest_listing_other_files, "bad_manifest", "not signed \\['norm_stats.json'\\]"),
+    "forged_signature": (
+        _edited(lambda f: f.update({SIGNATURE_NAME: _flip_signature(f[SIGNATURE_NAME])})),
+        "bad_signature", "does not verify"),
+    "manifest_edited_after_signing": (
+        _edited(lambda f: f.update(
+            {MANIFEST_NAME: f[MANIFEST_NAME].replace(b"python-stdlib", b"python-stdlic")})),
+        "hash_mismatch", "manifest.json has sha256"),
+    "impersonation_with_attackers_signature": (_impersonation, "bad_signature", "another key"),
+    "swapped_bundle": (_swapped_bundle, "hash_mismatch", "has sha256"),
+    "bundle_that_leaves_the_manifest_unsigned": (
+        _bundle_leaving_manifest_unsigned, "bad_signature", "does not sign manifest.json"),
+    "missing_signature_bytes": (
+        _edited(lambda f: f.update({SIGNATURE_NAME: b""})), "bad_signature",
+        "model.sig is not valid JSON"),
+    "oversized_bundle": (
+        _edited(lambda f: f.update({SIGNATURE_NAME: b" " * (MAX_BUNDLE_BYTES + 1)})),
+        "too_large", "model.sig is"),
+    "manifest_naming_a_small_order_ed25519_key": (
+        _edited(_small_order_ed25519_key), "bad_manifest", "Ed25519 key"),
+    "unknown_key": (_stranger, "unknown_key", "not enrolled"),
+    "revoked_key": (_revoked, "revoked_key", "revoked"),
+    # time
+    "future_dated_submission": (
+        _exported(created=NOW + timedelta(hours=1)), "future", "clock"),
+    "stale_submission": (_exported(created=NOW - timedelta(days=30)), "stale", None),
+    # files and federation
+    "tampered_weights": (_edited(_tamper_weights), "hash_mismatch", "changed after signing"),
+    "wrong_base_model": (_exported(base_model_sha256="ab" * 32), "wrong_base_model", None),
+    "wrong_shared_a_seed": (_exported(a_seed=A_SEED + 1), "wrong_a", "seed"),
+    # The manifest claims the federation's A, but the file carries another one.
+    "substituted_shared_a_tensors": (
+        _exported({"expected_a": shared_a()}, tensors=_tensors(
+            lambda t: t.update({A_Q: t[A_Q] * 2}))), "wrong_a", "q_proj"),
+    "malformed_adapter_config": (
+        _exported(config=make_config(peft_type="IA3")), "bad_config", "LORA"),
+    # the weights file
+    "pickle_payload": (_exported(weights=_pickle_payload), "pickle_payload", "pickle"),
+    "torch_save_archive": (_exported(weights=_torch_save_archive), "pickle_payload", None),
+    "integer_tensors": (_exported(weights=_integer_tensors), "wrong_tensors", "I32"),
+    "extra_backdoor_tensor": (
+        _exported(tensors=_tensors(lambda t: t.update(
+            {"base_model.model.lm_head.lora_B.weight": np.ones((4, 2), np.float32)}))),
+        "wrong_tensors", "unexpected"),
+    "missing_tensor": (_exported(tensors=_tensors(lambda t: t.pop(B_V))), "wrong_tensors", None),
+    "wrong_tensor_shape": (
+        _exported(tensors=_tensors(lambda t: t.update({B_Q: np.ones((4, 3), np.float32)}))),
+        "wrong_tensors", r"\[4, 3\], expected F32 \[4, 2\]"),
+    "wrong_tensor_dtype": (
+        _exported(tensors=lambda: {n: a.astype(np.float16) for n, a in make_tensors().items()}),
+        "wrong_tensors", "F16"),
+    # statistics
+    "statistics_of_another_score_than_the_federations": (  # the export's are norm statistics
+        _exported({"stats_score": "gain"}), "bad_stats", "calib_score"),
+    "too_few_calibration_values": (
+        _exported({"min_stats_count": 100}, stats=lambda: make_stats(count=8).to_json_bytes()),
+        "bad_stats", "fewer"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BENT))
+def test_bent_export_rejected(tmp_path: Path, key: Key, case: str) -> None:
+    """Each way of bending one export is refused for its own reason, the state unchanged."""
+    bend, reason, match = BENT[case]
+    files, policy = bend(tmp_path, key)
+    assert_rejected(files, policy, reason, match=match)
 
 
 # --- replay and time ------------------------------------------------------------------------
@@ -350,18 +426,6 @@ def test_same_timestamp_resubmission_rejected(
     admit(submission(tmp_path, key, "a"), policy, seen=seen, now=NOW).record_in(seen)
     other = submission(tmp_path, key, "b", name="other-domain")  # same created time
     assert_rejected(other, policy, "replay", seen=seen)
-
-
-def test_future_dated_submission_rejected(
-    tmp_path: Path, key: Key, policy: AdmissionPolicy
-) -> None:
-    files = submission(tmp_path, key, created=NOW + timedelta(hours=1))
-    assert_rejected(files, policy, "future", match="clock")
-
-
-def test_stale_submission_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    files = submission(tmp_path, key, created=NOW - timedelta(days=30))
-    assert_rejected(files, policy, "stale")
 
 
 def test_naive_now_refused(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
@@ -400,40 +464,6 @@ def test_malformed_replay_state_rejected(data: bytes) -> None:
 # --- files and federation -----------------------------------------------------------------
 
 
-def test_tampered_weights_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    files = submission(tmp_path, key)
-    weights = bytearray(files["adapter_model.safetensors"])
-    weights[-2] ^= 0x40
-    files["adapter_model.safetensors"] = bytes(weights)
-    assert_rejected(files, policy, "hash_mismatch", match="changed after signing")
-
-
-def test_wrong_base_model_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    files = submission(tmp_path, key, base_model_sha256="ab" * 32)
-    assert_rejected(files, policy, "wrong_base_model")
-
-
-def test_wrong_shared_a_seed_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    files = submission(tmp_path, key, a_seed=A_SEED + 1)
-    assert_rejected(files, policy, "wrong_a", match="seed")
-
-
-def test_substituted_shared_a_tensors_rejected(tmp_path: Path, key: Key) -> None:
-    # The manifest claims the federation's A, but the file carries another one.
-    tensors = make_tensors()
-    name = tensor_name("q_proj", "A")
-    tensors[name] = tensors[name] * 2
-    files = submission(tmp_path, key, tensors=tensors)
-    assert_rejected(files, make_policy(key, expected_a=shared_a()), "wrong_a", match="q_proj")
-
-
-def test_malformed_adapter_config_rejected(
-    tmp_path: Path, key: Key, policy: AdmissionPolicy
-) -> None:
-    files = submission(tmp_path, key, config=make_config(peft_type="IA3"))
-    assert_rejected(files, policy, "bad_config", match="LORA")
-
-
 @pytest.mark.parametrize(
     ("config", "manifest", "policy_changes", "match"),
     [
@@ -452,25 +482,6 @@ def test_wrong_lora_config_rejected(
 
 
 # --- the weights file -----------------------------------------------------------------------
-
-
-def test_pickle_payload_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    class Boom:  # what an attacker's pickle would run on load; never loaded here
-        def __reduce__(self) -> tuple[Callable[..., Any], tuple[str]]:
-            return (print, ("pwned",))
-
-    weights = pickle.dumps({"tensors": make_tensors(), "x": Boom()}, protocol=4)
-    files = submission(tmp_path, key, weights=weights)
-    assert_rejected(files, policy, "pickle_payload", match="pickle")
-
-
-def test_torch_save_archive_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save({n: torch.from_numpy(a) for n, a in make_tensors().items()}, buffer)
-    files = submission(tmp_path, key, weights=buffer.getvalue())
-    assert_rejected(files, policy, "pickle_payload")
 
 
 def _header_with(change: Callable[[dict], None]) -> bytes:
@@ -529,12 +540,6 @@ def test_loader_refuses_non_float_tensors() -> None:
         load_float_tensors(data, parse_safetensors_header(data))
 
 
-def test_integer_tensors_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    entries = [(name, "I32", shape, data) for name, _, shape, data in tensor_entries()]
-    files = submission(tmp_path, key, weights=raw_safetensors(entries))
-    assert_rejected(files, policy, "wrong_tensors", match="I32")
-
-
 def test_handbuilt_safetensors_matches_library_format(
     tmp_path: Path, key: Key, policy: AdmissionPolicy
 ) -> None:
@@ -548,33 +553,6 @@ def test_metadata_padded_library_file_admitted(
 ) -> None:
     weights = save(make_tensors(), metadata={"format": "pt"})
     admit(submission(tmp_path, key, weights=weights), policy, seen=SeenSubmissions(), now=NOW)
-
-
-def test_extra_backdoor_tensor_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    tensors = make_tensors()
-    tensors["base_model.model.lm_head.lora_B.weight"] = np.ones((4, 2), np.float32)
-    files = submission(tmp_path, key, tensors=tensors)
-    assert_rejected(files, policy, "wrong_tensors", match="unexpected")
-
-
-def test_missing_tensor_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    tensors = make_tensors()
-    del tensors[tensor_name("v_proj", "B")]
-    assert_rejected(submission(tmp_path, key, tensors=tensors), policy, "wrong_tensors")
-
-
-def test_wrong_tensor_shape_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    tensors = make_tensors()
-    tensors[tensor_name("q_proj", "B")] = np.ones((4, 3), np.float32)
-    files = submission(tmp_path, key, tensors=tensors)
-    assert_rejected(files, policy, "wrong_tensors", match=r"\[4, 3\], expected F32 \[4, 2\]")
-
-
-def test_wrong_tensor_dtype_rejected(tmp_path: Path, key: Key, policy: AdmissionPolicy) -> None:
-    tensors = {n: a.astype(np.float16) for n, a in make_tensors().items()}
-    assert_rejected(
-        submission(tmp_path, key, tensors=tensors), policy, "wrong_tensors", match="F16"
-    )
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -632,18 +610,6 @@ def test_bad_stats_rejected(
 ) -> None:
     files = submission(tmp_path, key, stats=stats())
     assert_rejected(files, policy, "bad_stats", match=match)
-
-
-def test_statistics_of_another_score_than_the_federations_rejected(
-    tmp_path: Path, key: Key
-) -> None:
-    files = submission(tmp_path, key)  # norm statistics
-    assert_rejected(files, make_policy(key, stats_score="gain"), "bad_stats", match="calib_score")
-
-
-def test_too_few_calibration_values_rejected(tmp_path: Path, key: Key) -> None:
-    files = submission(tmp_path, key, stats=make_stats(count=8).to_json_bytes())
-    assert_rejected(files, make_policy(key, min_stats_count=100), "bad_stats", match="fewer")
 
 
 # --- the policy itself ----------------------------------------------------------------------

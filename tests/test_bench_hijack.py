@@ -30,7 +30,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:  # ty
     for name, files in DOMAINS.items():
         copy_texts(root / "domains" / name, files)
     argv = [
-        "--model", str(tiny_model_dir()), "--data", str(root / "domains"),
+        "--base-model", str(tiny_model_dir()), "--data", str(root / "domains"),
         "--honest", "a", "b", "c", "--liar", "d", "--max-files", "2", "--rank", "4",
         "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--calib-sequences", "8",
         "--eval-sequences", "8", "--probe-tokens", "1024", "--out", str(root / "out"),

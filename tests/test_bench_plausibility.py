@@ -24,7 +24,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:  # type:
     root = tmp_path_factory.mktemp("plausibility")
     for name, files in DOMAINS.items():
         copy_texts(root / "domains" / name, files)
-    argv = ["--model", str(tiny_model_dir()), "--data", str(root / "domains"), "--steps", "3",
+    argv = ["--base-model", str(tiny_model_dir()), "--data", str(root / "domains"), "--steps", "3",
             "--out", str(root / "out")]  # fmt: skip
     assert main(argv) == 0
     return json.loads((root / "out" / "plausibility.json").read_text()), root
@@ -41,8 +41,9 @@ def test_honest_adapters_pass_and_gross_and_careful_liars_are_refused(run) -> No
 
 def test_trained_adapters_are_recalibrated_with_their_b_unchanged(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, root = run
-    argv = ["--model", str(tiny_model_dir()), "--data", str(root / "domains"), "--domains", "a",
-            "b", "--trained", str(root / "out" / "exports"), "--out", str(tmp_path)]  # fmt: skip
+    argv = ["--base-model", str(tiny_model_dir()), "--data", str(root / "domains"),
+            "--domains", "a", "b", "--trained", str(root / "out" / "exports"),
+            "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     for domain in ("a", "b"):
         before = load_file(root / "out" / "exports" / domain / "adapter_model.safetensors")

@@ -1,9 +1,11 @@
 """The `seqr` dispatcher: every registered command resolves, unknown ones fail clearly."""
 
+import argparse
 import importlib
 
 import pytest
 
+from seqr.cli.help import shows_default
 from seqr.cli.main import COMMANDS, main
 
 
@@ -40,3 +42,39 @@ def test_every_command_has_help_that_exits_0(name, capsys):
         main([*name.split(), "--help"])
     assert exc.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+class _Parsed(Exception):
+    """Raised in place of parsing: carries the command's parser out of its main()."""
+
+
+def _parser_of(name: str, monkeypatch: pytest.MonkeyPatch) -> argparse.ArgumentParser:
+    """The parser a registered command builds, caught when it starts parsing (nothing runs)."""
+
+    def catch(parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        raise _Parsed(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
+    with pytest.raises(_Parsed) as caught:
+        main(name.split())
+    monkeypatch.undo()
+    return caught.value.args[0]
+
+
+def test_every_option_of_every_command_has_help_showing_its_default(monkeypatch):
+    """Issue 15: one coherent CLI. Every option says what it does, and one that takes a value
+    with a default other than None says that default (seqr.cli.help's formatters)."""
+    missing, hidden_default = [], []
+    for name in sorted(COMMANDS):
+        parser = _parser_of(name, monkeypatch)
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            label = f"seqr {name} {'/'.join(action.option_strings) or action.dest}"
+            if not (action.help or "").strip():
+                missing.append(label)
+            elif shows_default(action) and action.help is not argparse.SUPPRESS:
+                shown = formatter._get_help_string(action) or ""
+                if "%(default)" not in shown:
+                    hidden_default.append(label)
+    assert missing == [], f"options without help: {missing}"
+    assert hidden_default == [], f"options whose help hides the default: {hidden_default}"

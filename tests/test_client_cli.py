@@ -11,8 +11,9 @@ from tiny import copy_texts, tiny_model_dir
 
 from seqr.cli.main import main as seqr
 from seqr.core.export_folder import read_export
+from seqr.core.key_files import write_keypair
 from seqr.core.manifest import verify_export_files
-from seqr.core.signing import PRIVATE_KEY_NAME, write_keypair
+from seqr.core.signing import PRIVATE_KEY_NAME
 
 
 @pytest.fixture

@@ -18,15 +18,10 @@ from transformers import AutoModelForCausalLM
 from seqr.core.errors import ConfigError, DataError, KeyFileError, ModelError
 from seqr.core.export_folder import read_export
 from seqr.core.federation import FederationConfig
+from seqr.core.key_files import write_keypair
 from seqr.core.manifest import verify_export_files
 from seqr.core.shared_a import generate_shared_a
-from seqr.core.signing import (
-    PRIVATE_KEY_NAME,
-    PUBLIC_KEY_NAME,
-    fingerprint,
-    public_key_bytes,
-    write_keypair,
-)
+from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, fingerprint, public_key_bytes
 from seqr.core.stats import NormStatistics
 from seqr.node import export as node_export
 from seqr.node.task import checkpoint_dir_for, run_client
@@ -198,7 +193,7 @@ def test_failure_while_signing_leaves_no_export(
 
 
 def test_manifest_is_signed_by_the_given_key(run, key: Path) -> None:  # type: ignore[no-untyped-def]
-    from seqr.core.signing import load_private_key, load_public_key
+    from seqr.core.key_files import load_private_key, load_public_key
 
     assert run.manifest.public_key_bytes == public_key_bytes(load_private_key(key))
     assert run.manifest.public_key_bytes == load_public_key(key.parent / PUBLIC_KEY_NAME)

@@ -13,8 +13,9 @@ from safetensors.numpy import load as load_safetensors
 from tiny import copy_texts, tiny_model_dir
 
 from seqr.core.federation import FederationConfig
+from seqr.core.key_files import write_keypair
 from seqr.core.manifest import verify_export_files
-from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_BYTES, write_keypair
+from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_BYTES
 from seqr.core.stats import NormStatistics
 from seqr.node.client_app import app
 

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from seqr.core.base_model import load_base_model
 from seqr.core.federation import FederationConfig
+from seqr.core.key_files import write_keypair
 from seqr.core.shared_a import generate_shared_a
-from seqr.core.signing import PRIVATE_KEY_NAME, write_keypair
+from seqr.core.signing import PRIVATE_KEY_NAME
 from seqr.node.task import run_client
 
 

@@ -17,8 +17,9 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, Reco
 from tiny import copy_texts, tiny_model_dir
 
 from seqr.core.federation import FederationConfig
+from seqr.core.key_files import write_keypair
 from seqr.core.manifest import verify_export_files
-from seqr.core.signing import PRIVATE_KEY_NAME, write_keypair
+from seqr.core.signing import PRIVATE_KEY_NAME
 from seqr.node.client_app import app
 from seqr.sim.flower_local import run_config_defaults
 

@@ -11,7 +11,7 @@ import pytest
 
 from seqr.cli.client import main as client_main
 from seqr.cli.server import init_main
-from seqr.core import signing
+from seqr.core import key_files
 from seqr.core.errors import ConfigError
 from seqr.core.federation import MAX_FEDERATION_BYTES, FederationConfig
 
@@ -76,7 +76,7 @@ def test_client_train_with_a_bad_federation_path_leaves_nothing(
 def test_server_init_with_a_bad_federation_path_creates_no_registry(
     tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    signing.write_keypair(tmp_path / "server-key")
+    key_files.write_keypair(tmp_path / "server-key")
     path = _case(tmp_path, case)
     registry = tmp_path / "registry"
     code = init_main(["--registry", str(registry), "--key", str(tmp_path / "server-key"),

@@ -14,13 +14,8 @@ from tiny import copy_texts, tiny_model_dir
 from seqr.core.base_model import load_base_model
 from seqr.core.errors import AdmissionError
 from seqr.core.federation import FederationConfig
-from seqr.core.signing import (
-    PRIVATE_KEY_NAME,
-    generate_private_key,
-    load_private_key,
-    public_key_bytes,
-    write_keypair,
-)
+from seqr.core.key_files import load_private_key, write_keypair
+from seqr.core.signing import PRIVATE_KEY_NAME, generate_private_key, public_key_bytes
 from seqr.core.textdata import read_text_folder, tokenize_chunks
 from seqr.node.calibrate import calibrate
 from seqr.node.client_app import app

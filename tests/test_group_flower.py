@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tiny import build_tiny_llama, copy_texts
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.base_model import load_base_model
 from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
 from seqr.operator.federation_setup import setup_federation
@@ -34,11 +34,11 @@ def test_group_of_three_federates_one_audited_adapter_over_two_rounds(tmp_path: 
     fingerprints = {}
     for name, files in PARTS.items():
         copy_texts(data / name, files)
-        fingerprints[name] = signing.write_keypair(keys / name)
+        fingerprints[name] = key_files.write_keypair(keys / name)
     # Slots are bound to the members' keys (name@fingerprint), never to names alone.
     slots = ",".join(f"{n}@{fingerprints[n]}" for n in ("g_part0", "g_part1", "g_part2"))
-    signing.write_keypair(tmp_path / "server-key")
-    server_keys = [signing.load_private_key(tmp_path / "server-key" / PRIVATE_KEY_NAME)]
+    key_files.write_keypair(tmp_path / "server-key")
+    server_keys = [key_files.load_private_key(tmp_path / "server-key" / PRIVATE_KEY_NAME)]
     fed = federation_from_run_config({**FEDERATION, "base-model": str(model)})
     base = load_base_model(str(model))
     setup = setup_federation(fed, base.model, base.sha256)
@@ -46,7 +46,7 @@ def test_group_of_three_federates_one_audited_adapter_over_two_rounds(tmp_path: 
     init_registry(registry, server_keys, setup=setup)
     with open_publisher(registry, server_keys, None) as publisher:
         for name in PARTS:
-            publisher.enrol_client(signing.load_public_key(keys / name / PUBLIC_KEY_NAME))
+            publisher.enrol_client(key_files.load_public_key(keys / name / PUBLIC_KEY_NAME))
         publisher.publish()
     run_config = {**FEDERATION, "base-model": str(model), "registry-dir": str(registry),
                   "server-keys": str(tmp_path / "server-key"), "data-dir": str(data),
@@ -65,7 +65,7 @@ def test_group_of_three_federates_one_audited_adapter_over_two_rounds(tmp_path: 
     report = audit_registry(registry).report
     by_name = {e.name: e for e in report.entries}
     assert sorted(by_name) == ["g", "solo"]
-    members = {signing.fingerprint(signing.load_public_key(keys / n / PUBLIC_KEY_NAME))
+    members = {signing.fingerprint(key_files.load_public_key(keys / n / PUBLIC_KEY_NAME))
                for n in ("g_part0", "g_part1", "g_part2")}  # fmt: skip
     assert set(by_name["g"].contributors) == members and by_name["g"].group_rounds == 2
     server = signing.fingerprint(signing.public_key_bytes(server_keys[0]))

@@ -20,7 +20,7 @@ from _signed_export import A_SHA, BASE_SHA, CREATED, TARGETS, make_export, make_
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.errors import FormatError, SignatureError
 from seqr.core.manifest import (
     EXPORT_FILE_NAMES,
@@ -38,12 +38,12 @@ from seqr.core.model_signature import MAX_BUNDLE_BYTES
 
 
 @pytest.fixture
-def key(tmp_path: Path) -> signing.SigningKeyFile:
+def key(tmp_path: Path) -> key_files.SigningKeyFile:
     return make_key(tmp_path / "key")
 
 
 @pytest.fixture
-def export(tmp_path: Path, key: signing.SigningKeyFile) -> Path:
+def export(tmp_path: Path, key: key_files.SigningKeyFile) -> Path:
     make_export(tmp_path / "export", key)
     return tmp_path / "export"
 
@@ -55,7 +55,7 @@ def _manifest_dict(folder: Path) -> dict[str, Any]:
 # --- happy path ---------------------------------------------------------------------------
 
 
-def test_signed_export_verifies(export: Path, key: signing.SigningKeyFile) -> None:
+def test_signed_export_verifies(export: Path, key: key_files.SigningKeyFile) -> None:
     manifest = verify_export_files(read_export(export))
     assert manifest.public_key == key.public.hex()
     assert manifest.fingerprint == signing.fingerprint(key.public)
@@ -85,7 +85,7 @@ def test_bundle_signs_every_file_including_the_manifest(export: Path) -> None:
     assert statement["predicateType"] == "https://model_signing/signature/v1.0"
 
 
-def test_sign_export_returns_what_it_wrote(tmp_path: Path, key: signing.SigningKeyFile) -> None:
+def test_sign_export_returns_what_it_wrote(tmp_path: Path, key: key_files.SigningKeyFile) -> None:
     written = make_export(tmp_path / "export", key)
     data = (tmp_path / "export" / MANIFEST_NAME).read_bytes()
     assert data == written.to_bytes()
@@ -114,7 +114,7 @@ def test_manifest_bytes_are_deterministic_sorted_compact(export: Path) -> None:
 
 
 def test_alpha_is_the_only_float_and_int_alpha_accepted(
-    tmp_path: Path, key: signing.SigningKeyFile
+    tmp_path: Path, key: key_files.SigningKeyFile
 ) -> None:
     manifest = make_export(tmp_path / "export", key, alpha=16)
     assert manifest.alpha == 16.0 and isinstance(manifest.alpha, float)
@@ -124,7 +124,7 @@ def test_alpha_is_the_only_float_and_int_alpha_accepted(
 
 
 def test_resigning_replaces_manifest_without_leftovers(
-    export: Path, key: signing.SigningKeyFile
+    export: Path, key: key_files.SigningKeyFile
 ) -> None:
     later = CREATED + timedelta(seconds=1)
     make_export(export, key, created=later)
@@ -141,7 +141,7 @@ def test_manifest_hash_names_exact_bytes(export: Path) -> None:
     assert len(manifest_sha256(data)) == 64
 
 
-def test_non_utc_aware_time_is_stored_as_utc(tmp_path: Path, key: signing.SigningKeyFile) -> None:
+def test_non_utc_aware_time_is_stored_as_utc(tmp_path: Path, key: key_files.SigningKeyFile) -> None:
     plus_two = datetime(2025, 6, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
     manifest = make_export(tmp_path / "export", key, created=plus_two)
     assert manifest.created_iso == "2025-06-01T12:00:00.000000Z"
@@ -324,13 +324,15 @@ def test_garbage_manifest_rejected(data: bytes, match: str) -> None:
         parse_manifest(data)
 
 
-def test_naive_created_time_rejected(tmp_path: Path, key: signing.SigningKeyFile) -> None:
+def test_naive_created_time_rejected(tmp_path: Path, key: key_files.SigningKeyFile) -> None:
     with pytest.raises(FormatError, match="timezone-aware"):
         make_export(tmp_path / "export", key, created=datetime(2025, 1, 1))
     assert not (tmp_path / "export" / MANIFEST_NAME).exists()
 
 
-def test_sign_export_rejects_bad_hash_argument(tmp_path: Path, key: signing.SigningKeyFile) -> None:
+def test_sign_export_rejects_bad_hash_argument(
+    tmp_path: Path, key: key_files.SigningKeyFile
+) -> None:
     with pytest.raises(FormatError, match="base_model_sha256"):
         make_export(tmp_path / "export", key, base_model_sha256="not-a-hash")
 
@@ -375,7 +377,9 @@ def test_missing_export_folder_rejected(tmp_path: Path) -> None:
         read_export(tmp_path / "nope")
 
 
-def test_sign_export_refuses_symlinked_payload(tmp_path: Path, key: signing.SigningKeyFile) -> None:
+def test_sign_export_refuses_symlinked_payload(
+    tmp_path: Path, key: key_files.SigningKeyFile
+) -> None:
     folder = tmp_path / "export"
     folder.mkdir()
     (tmp_path / "real.json").write_text("{}")

@@ -21,7 +21,7 @@ from _signed_export import make_export, make_key
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.errors import FormatError, SignatureError
 from seqr.core.manifest import SIGNATURE_NAME, read_export, verify_export_files
 from seqr.core.model_signature import (
@@ -32,12 +32,12 @@ from seqr.core.model_signature import (
 
 
 @pytest.fixture
-def key(tmp_path: Path) -> signing.SigningKeyFile:
+def key(tmp_path: Path) -> key_files.SigningKeyFile:
     return make_key(tmp_path / "key")
 
 
 @pytest.fixture
-def export(tmp_path: Path, key: signing.SigningKeyFile) -> Path:
+def export(tmp_path: Path, key: key_files.SigningKeyFile) -> Path:
     make_export(tmp_path / "export", key)
     return tmp_path / "export"
 
@@ -51,7 +51,7 @@ def _statement(bundle: dict[str, Any]) -> dict[str, Any]:
 
 
 def _signed_bundle(
-    bundle: dict[str, Any], statement: dict[str, Any], key: signing.SigningKeyFile
+    bundle: dict[str, Any], statement: dict[str, Any], key: key_files.SigningKeyFile
 ) -> bytes:
     """``bundle`` carrying ``statement``, validly signed by ``key`` (DSSE PAE, ECDSA-SHA256)."""
     out = copy.deepcopy(bundle)
@@ -77,7 +77,7 @@ def _refused(export: Path, bundle: bytes, error: type[Exception], match: str) ->
     assert read_export(export) == before
 
 
-def test_bundle_names_exactly_the_signed_files(export: Path, key: signing.SigningKeyFile) -> None:
+def test_bundle_names_exactly_the_signed_files(export: Path, key: key_files.SigningKeyFile) -> None:
     files = read_export(export)
     signed = verify_bundle(files[SIGNATURE_NAME], key.public)
     assert dict(signed) == {
@@ -85,7 +85,9 @@ def test_bundle_names_exactly_the_signed_files(export: Path, key: signing.Signin
     }
 
 
-def test_library_verifier_accepts_a_seqr_export(export: Path, key: signing.SigningKeyFile) -> None:
+def test_library_verifier_accepts_a_seqr_export(
+    export: Path, key: key_files.SigningKeyFile
+) -> None:
     """Parity: model-signing's own Python verifier accepts what seqr writes."""
     from model_signing import verifying
 
@@ -95,7 +97,7 @@ def test_library_verifier_accepts_a_seqr_export(export: Path, key: signing.Signi
     )
 
 
-def test_sign_files_bundle_verifies_in_memory(key: signing.SigningKeyFile) -> None:
+def test_sign_files_bundle_verifies_in_memory(key: key_files.SigningKeyFile) -> None:
     files = {"a.bin": b"\x00\x01", "manifest.json": b"{}"}
     bundle = sign_files(files, key, name="group-x")
     assert dict(verify_bundle(bundle, key.public)) == {
@@ -108,7 +110,7 @@ def test_sign_files_bundle_verifies_in_memory(key: signing.SigningKeyFile) -> No
 
 
 def test_swapped_bundle_from_another_export_by_the_same_key_rejected(
-    tmp_path: Path, export: Path, key: signing.SigningKeyFile
+    tmp_path: Path, export: Path, key: key_files.SigningKeyFile
 ) -> None:
     other = tmp_path / "other"
     make_export(other, key, tensors=None, name="other-adapter")
@@ -125,7 +127,7 @@ def test_swapped_bundle_by_another_key_over_the_same_files_rejected(
 
 
 def test_bundle_with_hint_forged_to_the_victims_key_rejected(
-    tmp_path: Path, export: Path, key: signing.SigningKeyFile
+    tmp_path: Path, export: Path, key: key_files.SigningKeyFile
 ) -> None:
     attacker = make_key(tmp_path / "attacker")
     bundle = _bundle(export)
@@ -148,7 +150,7 @@ def test_statement_changed_under_the_signature_rejected(export: Path) -> None:
 
 
 def test_statement_ignoring_a_payload_file_rejected(
-    export: Path, key: signing.SigningKeyFile
+    export: Path, key: key_files.SigningKeyFile
 ) -> None:
     """The CLI ignores what the signed statement says to ignore: a signer could leave the
     statistics unsigned and let anyone change them. seqr refuses such a statement."""
@@ -221,7 +223,7 @@ def _root_not_updated(s: dict[str, Any]) -> None:
 )
 def test_validly_signed_but_malformed_statement_rejected(
     export: Path,
-    key: signing.SigningKeyFile,
+    key: key_files.SigningKeyFile,
     change: Callable[[dict[str, Any]], None],
     error: type[Exception],
     match: str,

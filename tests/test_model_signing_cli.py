@@ -26,9 +26,10 @@ from tiny import copy_texts, tiny_model_dir
 from seqr.core.errors import FormatError, SignatureError
 from seqr.core.export_folder import read_export
 from seqr.core.federation import FederationConfig
+from seqr.core.key_files import SigningKeyFile, write_keypair
 from seqr.core.manifest import SIGNATURE_NAME, verify_export_files
 from seqr.core.model_signature import sign_files
-from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, SigningKeyFile, write_keypair
+from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
 from seqr.node.task import run_client
 
 CLI = Path(sys.executable).with_name("model_signing")  # the venv's console script

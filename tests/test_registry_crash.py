@@ -17,7 +17,7 @@ from pathlib import Path
 
 from registry_fixtures import FEDERATION, make_export
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.registry import repository
 from seqr.registry.audit import audit_registry
 from seqr.registry.config import PublisherConfig
@@ -34,7 +34,7 @@ WORKER = """
 import os, signal, sys
 from pathlib import Path
 from registry_fixtures import FEDERATION, make_export
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.registry import store
 from seqr.registry.config import PublisherConfig
 from seqr.registry.publish import Publisher
@@ -64,8 +64,8 @@ def write_file(path, data):
         die()  # committed, staging records not yet dropped
 
 store.write_new_file, store.write_file = write_new_file, write_file
-server = signing.load_private_key(keys / "server" / signing.PRIVATE_KEY_NAME)
-client = signing.load_private_key(keys / "client" / signing.PRIVATE_KEY_NAME)
+server = key_files.load_private_key(keys / "server" / signing.PRIVATE_KEY_NAME)
+client = key_files.load_private_key(keys / "client" / signing.PRIVATE_KEY_NAME)
 pub = Publisher(reg, [server], PublisherConfig(federation=FEDERATION))
 print("ready", pub.version, flush=True)
 armed = True
@@ -112,10 +112,10 @@ def _pointer(reg: Path) -> int:
 
 def test_kill_9_mid_publish_loses_nothing(tmp_path: Path) -> None:
     reg, keys, state = tmp_path / "registry", tmp_path / "keys", tmp_path / "state"
-    signing.write_keypair(keys / "server")
-    signing.write_keypair(keys / "client")
-    server = signing.load_private_key(keys / "server" / signing.PRIVATE_KEY_NAME)
-    client = signing.load_private_key(keys / "client" / signing.PRIVATE_KEY_NAME)
+    key_files.write_keypair(keys / "server")
+    key_files.write_keypair(keys / "client")
+    server = key_files.load_private_key(keys / "server" / signing.PRIVATE_KEY_NAME)
+    client = key_files.load_private_key(keys / "client" / signing.PRIVATE_KEY_NAME)
     config = PublisherConfig(federation=FEDERATION)
     with Publisher.create(reg, [server], config=config) as pub:
         pub.enrol_client(signing.public_key_bytes(client))

@@ -17,7 +17,7 @@ from tiny import build_tiny_llama
 
 from seqr.cli.route import main
 from seqr.consumer.router import RegistryRouter, RouterConfig
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.base_model import load_base_model
 from seqr.core.errors import ConfigError, DataError, ModelError, RegistryError
 from seqr.core.stats import NormStatistics
@@ -226,8 +226,8 @@ def test_a_base_model_other_than_the_adapters_one_is_refused(
 
 
 def test_a_registry_without_adapters_is_refused(tmp_path: Path) -> None:
-    signing.write_keypair(tmp_path / "key")
-    key = signing.load_private_key(tmp_path / "key" / signing.PRIVATE_KEY_NAME)
+    key_files.write_keypair(tmp_path / "key")
+    key = key_files.load_private_key(tmp_path / "key" / signing.PRIVATE_KEY_NAME)
     init_registry(tmp_path / "registry", [key])
     with pytest.raises(RegistryError, match="holds no adapters"):
         RegistryRouter.open(tmp_path / "registry")

@@ -20,7 +20,7 @@ from _serve_world import ServeWorld, held_out_prompts, registry_copy, serve_worl
 from _server_world import federation_setup
 from prometheus_client.parser import text_string_to_metric_families
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.export_folder import read_export
 from seqr.core.manifest import parse_manifest
 from seqr.operator.registry_ops import open_publisher
@@ -59,7 +59,7 @@ def start_cli(registry: Path, world: ServeWorld, tmp: Path) -> tuple[subprocess.
 
 
 def publish_upper(registry: Path, key_dir: Path, world: ServeWorld) -> None:
-    keys = [signing.load_private_key(key_dir / signing.PRIVATE_KEY_NAME)]
+    keys = [key_files.load_private_key(key_dir / signing.PRIVATE_KEY_NAME)]
     with open_publisher(registry, keys, federation_setup()) as publisher:
         files = read_export(world.route.exports["upper"])
         publisher.enrol_client(parse_manifest(files["manifest.json"]).public_key_bytes)

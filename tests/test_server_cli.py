@@ -8,7 +8,7 @@ import pytest
 from tiny import tiny_model_dir
 
 from seqr.cli.main import main
-from seqr.core import signing
+from seqr.core import key_files
 from seqr.core.signing import PUBLIC_KEY_NAME
 from seqr.operator.settings import state_dir_for
 from seqr.registry.audit import audit_registry
@@ -18,9 +18,9 @@ from seqr.registry.config import AuditConfig
 def test_init_enrol_revoke_publish_versions_an_auditor_accepts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    signing.write_keypair(tmp_path / "server-key")
-    fp_a = signing.write_keypair(tmp_path / "client-a")
-    fp_b = signing.write_keypair(tmp_path / "client-b")
+    key_files.write_keypair(tmp_path / "server-key")
+    fp_a = key_files.write_keypair(tmp_path / "client-a")
+    fp_b = key_files.write_keypair(tmp_path / "client-b")
     fed = tmp_path / "federation.toml"
     fed.write_text(f'[federation]\nbase-model = "{tiny_model_dir()}"\nlora-rank = 4\n')
     registry = tmp_path / "registry"
@@ -54,8 +54,8 @@ def test_errors_name_the_fix_exit_1_and_leave_nothing_behind(
     assert main(["server", "init", *registry, "--key", str(tmp_path / "nokey")]) == 1
     assert "seqr keys generate --out" in capsys.readouterr().err
     assert not (tmp_path / "registry").exists()
-    signing.write_keypair(tmp_path / "server-key")
-    signing.write_keypair(tmp_path / "client")
+    key_files.write_keypair(tmp_path / "server-key")
+    key_files.write_keypair(tmp_path / "client")
     client = ["--client", str(tmp_path / "client" / PUBLIC_KEY_NAME)]
     key = ["--key", str(tmp_path / "server-key")]
     assert main(["server", "enrol", *registry, *key, *client]) == 1
@@ -67,7 +67,7 @@ def test_errors_name_the_fix_exit_1_and_leave_nothing_behind(
     assert "--client value is neither PEM" in capsys.readouterr().err
     # A wrong server key is refused before anything is staged (hardening: an unauthorised
     # enrolment must never be published by the operator's next legitimate command).
-    signing.write_keypair(tmp_path / "wrong-key")
+    key_files.write_keypair(tmp_path / "wrong-key")
     wrong = ["--key", str(tmp_path / "wrong-key")]
     assert main(["server", "enrol", *registry, *wrong, *client]) == 1
     assert "not one of the keys" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tiny import build_tiny_llama, copy_texts
 
-from seqr.core import signing
+from seqr.core import key_files
 from seqr.core.base_model import load_base_model
 from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
 from seqr.operator.federation_setup import setup_federation
@@ -41,16 +41,16 @@ def test_flower_run_admits_enrolled_clients_and_publishes_an_auditable_registry(
     data, keys = tmp_path / "data", tmp_path / "keys"
     for i, names in enumerate([("bisect.py", "heapq.py"), ("textwrap.py",), ("colorsys.py",)]):
         copy_texts(data / f"p{i}", names)
-        signing.write_keypair(keys / f"p{i}")
-    signing.write_keypair(tmp_path / "server-key")
-    server_keys = [signing.load_private_key(tmp_path / "server-key" / PRIVATE_KEY_NAME)]
+        key_files.write_keypair(keys / f"p{i}")
+    key_files.write_keypair(tmp_path / "server-key")
+    server_keys = [key_files.load_private_key(tmp_path / "server-key" / PRIVATE_KEY_NAME)]
     base = load_base_model(str(model))
     fed = federation_from_run_config({**FEDERATION, "base-model": str(model)})
     registry = tmp_path / "registry"
     init_registry(registry, server_keys, setup=setup_federation(fed, base.model, base.sha256))
     with open_publisher(registry, server_keys, None) as publisher:
         for i in (0, 1):  # p2 is not enrolled: its adapter must be refused
-            publisher.enrol_client(signing.load_public_key(keys / f"p{i}" / PUBLIC_KEY_NAME))
+            publisher.enrol_client(key_files.load_public_key(keys / f"p{i}" / PUBLIC_KEY_NAME))
         publisher.publish()
     run_config = {
         **FEDERATION,

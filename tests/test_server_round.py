@@ -17,7 +17,7 @@ from _server_world import (
     resign,
 )
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.manifest import NORM_STATS_NAME
 from seqr.core.stats import NormStatistics
 from seqr.operator.registry_ops import init_registry, open_publisher
@@ -35,13 +35,13 @@ def clients(tmp_path_factory: pytest.TempPathFactory) -> list[Client]:
 @pytest.fixture
 def server_key(tmp_path: Path) -> Path:
     folder = tmp_path / "server-key"
-    signing.write_keypair(folder)
+    key_files.write_keypair(folder)
     return folder
 
 
 def new_registry(tmp_path: Path, server_key: Path, enrolled: list[Client]) -> Path:
     registry = tmp_path / "registry"
-    keys = [signing.load_private_key(server_key / signing.PRIVATE_KEY_NAME)]
+    keys = [key_files.load_private_key(server_key / signing.PRIVATE_KEY_NAME)]
     init_registry(registry, keys, setup=federation_setup())
     with open_publisher(registry, keys, None) as publisher:
         for client in enrolled:
@@ -51,7 +51,7 @@ def new_registry(tmp_path: Path, server_key: Path, enrolled: list[Client]) -> Pa
 
 
 def runner(registry: Path, server_key: Path, *, auto_enrol: bool = False) -> RoundRunner:
-    keys = [signing.load_private_key(server_key / signing.PRIVATE_KEY_NAME)]
+    keys = [key_files.load_private_key(server_key / signing.PRIVATE_KEY_NAME)]
     publisher = open_publisher(registry, keys, federation_setup(), auto_enrol=auto_enrol)
     return RoundRunner(publisher, federation_setup(), probe(), ReplayStore(state_dir_for(registry)))
 
@@ -192,7 +192,7 @@ def test_auto_enrol_admits_a_new_key_but_never_a_revoked_one(
     tmp_path: Path, server_key: Path, clients: list[Client]
 ) -> None:
     registry = new_registry(tmp_path, server_key, clients[:1])
-    keys = [signing.load_private_key(server_key / signing.PRIVATE_KEY_NAME)]
+    keys = [key_files.load_private_key(server_key / signing.PRIVATE_KEY_NAME)]
     with open_publisher(registry, keys, None) as publisher:
         publisher.revoke_client(signing.fingerprint(clients[0].public), "key leaked")
         publisher.publish()

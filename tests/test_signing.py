@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from seqr.cli import keys as keys_cli
 from seqr.cli.main import main as seqr_main
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.errors import KeyFileError, SignatureError
 
 PASS = b"correct horse battery staple"
@@ -58,9 +58,9 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 
 def test_keypair_roundtrip_signs_and_verifies(tmp_path: Path) -> None:
-    fp = signing.write_keypair(tmp_path)
-    key = signing.load_private_key(tmp_path / signing.PRIVATE_KEY_NAME)
-    public = signing.load_public_key(tmp_path / signing.PUBLIC_KEY_NAME)
+    fp = key_files.write_keypair(tmp_path)
+    key = key_files.load_private_key(tmp_path / signing.PRIVATE_KEY_NAME)
+    public = key_files.load_public_key(tmp_path / signing.PUBLIC_KEY_NAME)
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
     assert public == signing.public_key_bytes(key) and len(public) == signing.PUBLIC_KEY_BYTES
     assert fp == signing.fingerprint(public) == "sha256:" + hashlib.sha256(public).hexdigest()
@@ -72,7 +72,7 @@ def test_keypair_roundtrip_signs_and_verifies(tmp_path: Path) -> None:
 def test_private_key_created_0600_even_with_open_umask(tmp_path: Path) -> None:
     old = os.umask(0)
     try:
-        signing.write_keypair(tmp_path / "keys")
+        key_files.write_keypair(tmp_path / "keys")
     finally:
         os.umask(old)
     assert _mode(tmp_path / "keys") == 0o700
@@ -82,7 +82,7 @@ def test_private_key_created_0600_even_with_open_umask(tmp_path: Path) -> None:
 
 
 def test_public_key_file_is_the_pem_model_signing_reads(tmp_path: Path) -> None:
-    signing.write_keypair(tmp_path)
+    key_files.write_keypair(tmp_path)
     pem = (tmp_path / signing.PUBLIC_KEY_NAME).read_bytes()
     assert pem.startswith(b"-----BEGIN PUBLIC KEY-----\n") and pem.endswith(
         b"-----END PUBLIC KEY-----\n"
@@ -93,93 +93,93 @@ def test_public_key_file_is_the_pem_model_signing_reads(tmp_path: Path) -> None:
 
 
 def test_existing_key_not_overwritten(tmp_path: Path) -> None:
-    signing.write_keypair(tmp_path)
+    key_files.write_keypair(tmp_path)
     before = (tmp_path / signing.PRIVATE_KEY_NAME).read_bytes()
     with pytest.raises(KeyFileError, match="already exists"):
-        signing.write_keypair(tmp_path)
+        key_files.write_keypair(tmp_path)
     assert (tmp_path / signing.PRIVATE_KEY_NAME).read_bytes() == before
 
 
 def test_encrypted_key_roundtrip(tmp_path: Path) -> None:
-    fp = signing.write_keypair(tmp_path, PASS)
+    fp = key_files.write_keypair(tmp_path, PASS)
     pem = (tmp_path / signing.PRIVATE_KEY_NAME).read_bytes()
     assert b"ENCRYPTED PRIVATE KEY" in pem
-    key = signing.load_private_key(tmp_path / signing.PRIVATE_KEY_NAME, PASS)
+    key = key_files.load_private_key(tmp_path / signing.PRIVATE_KEY_NAME, PASS)
     assert signing.fingerprint(signing.public_key_bytes(key)) == fp
 
 
 def test_wrong_passphrase_rejected(tmp_path: Path) -> None:
-    signing.write_keypair(tmp_path, PASS)
+    key_files.write_keypair(tmp_path, PASS)
     with pytest.raises(KeyFileError, match="wrong passphrase"):
-        signing.load_private_key(tmp_path / signing.PRIVATE_KEY_NAME, b"guess")
+        key_files.load_private_key(tmp_path / signing.PRIVATE_KEY_NAME, b"guess")
 
 
 def test_missing_passphrase_rejected(tmp_path: Path) -> None:
-    signing.write_keypair(tmp_path, PASS)
+    key_files.write_keypair(tmp_path, PASS)
     with pytest.raises(KeyFileError, match="is encrypted"):
-        signing.load_private_key(tmp_path / signing.PRIVATE_KEY_NAME)
+        key_files.load_private_key(tmp_path / signing.PRIVATE_KEY_NAME)
 
 
 def test_passphrase_for_plain_key_rejected(tmp_path: Path) -> None:
-    signing.write_keypair(tmp_path)
+    key_files.write_keypair(tmp_path)
     with pytest.raises(KeyFileError, match="not encrypted"):
-        signing.load_private_key(tmp_path / signing.PRIVATE_KEY_NAME, PASS)
+        key_files.load_private_key(tmp_path / signing.PRIVATE_KEY_NAME, PASS)
 
 
 def test_empty_passphrase_rejected(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="empty"):
-        signing.write_keypair(tmp_path / "k", b"")
+        key_files.write_keypair(tmp_path / "k", b"")
     assert not (tmp_path / "k").exists()
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o666])
 def test_loose_key_permissions_rejected(tmp_path: Path, mode: int) -> None:
-    signing.write_keypair(tmp_path)
+    key_files.write_keypair(tmp_path)
     path = tmp_path / signing.PRIVATE_KEY_NAME
     path.chmod(mode)
     with pytest.raises(KeyFileError) as info:
-        signing.load_private_key(path)
+        key_files.load_private_key(path)
     assert f"{mode:04o}" in str(info.value)
     assert f"chmod 600 {path}" in str(info.value)
 
 
 def test_stricter_key_permissions_accepted(tmp_path: Path) -> None:
-    signing.write_keypair(tmp_path)
+    key_files.write_keypair(tmp_path)
     path = tmp_path / signing.PRIVATE_KEY_NAME
     path.chmod(0o400)
-    signing.load_private_key(path)
+    key_files.load_private_key(path)
 
 
 def test_missing_key_file_rejected(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="does not exist.*seqr keys generate"):
-        signing.load_private_key(tmp_path / "nope.pem")
+        key_files.load_private_key(tmp_path / "nope.pem")
 
 
 def test_symlinked_key_file_rejected(tmp_path: Path) -> None:
-    signing.write_keypair(tmp_path / "real")
+    key_files.write_keypair(tmp_path / "real")
     link = tmp_path / "link.pem"
     link.symlink_to(tmp_path / "real" / signing.PRIVATE_KEY_NAME)
     with pytest.raises(KeyFileError, match="symlink"):
-        signing.load_private_key(link)
+        key_files.load_private_key(link)
 
 
 def test_folder_as_key_file_rejected(tmp_path: Path) -> None:
-    signing.write_keypair(tmp_path / "keys")
+    key_files.write_keypair(tmp_path / "keys")
     with pytest.raises(KeyFileError, match="is a folder.*signing_key.pem"):
-        signing.load_private_key(tmp_path / "keys")
+        key_files.load_private_key(tmp_path / "keys")
 
 
 def test_fifo_as_key_file_rejected_without_hanging(tmp_path: Path) -> None:
     fifo = tmp_path / "key.pem"
     os.mkfifo(fifo, 0o600)  # nobody ever writes: a blocking open would wait forever
     with pytest.raises(KeyFileError, match="not a regular file"):
-        signing.load_private_key(fifo)
+        key_files.load_private_key(fifo)
 
 
 def test_malformed_pem_rejected(tmp_path: Path) -> None:
     path = _write_0600(tmp_path / "k.pem", b"-----BEGIN PRIVATE KEY-----\nnot base64!\n")
     with pytest.raises(KeyFileError, match="not a valid PEM"):
-        signing.load_private_key(path)
+        key_files.load_private_key(path)
 
 
 @pytest.mark.parametrize(
@@ -195,13 +195,13 @@ def test_private_key_of_other_type_or_curve_rejected(
 ) -> None:
     path = _write_0600(tmp_path / "other.pem", _pkcs8(make()))  # type: ignore[operator]
     with pytest.raises(KeyFileError, match=f"{kind}.*only with ECDSA P-256"):
-        signing.load_private_key(path)
+        key_files.load_private_key(path)
 
 
 def test_oversized_key_file_rejected(tmp_path: Path) -> None:
     path = _write_0600(tmp_path / "big.pem", b"A" * (signing.MAX_KEY_FILE_BYTES + 1))
     with pytest.raises(KeyFileError, match="larger than"):
-        signing.load_private_key(path)
+        key_files.load_private_key(path)
 
 
 # --- public keys from other parties: only canonical P-256 points --------------------------
@@ -264,13 +264,13 @@ def test_trailing_bytes_after_key_rejected() -> None:
 
 
 def test_private_key_given_as_public_key_error_has_no_key_material(tmp_path: Path) -> None:
-    signing.write_keypair(tmp_path)
+    key_files.write_keypair(tmp_path)
     pem = (tmp_path / signing.PRIVATE_KEY_NAME).read_text()
     lines = [line for line in pem.splitlines() if line and not line.startswith("-----")]
     for call in (
         lambda: signing.parse_public_key(pem),
         lambda: signing.parse_public_key(pem.encode()),
-        lambda: signing.load_public_key(tmp_path / signing.PRIVATE_KEY_NAME),
+        lambda: key_files.load_public_key(tmp_path / signing.PRIVATE_KEY_NAME),
     ):
         with pytest.raises(KeyFileError) as info:
             call()
@@ -368,10 +368,10 @@ def test_fingerprint_is_full_sha256_and_rejects_short_keys() -> None:
 
 
 def test_signing_key_file_repr_shows_no_secret(tmp_path: Path) -> None:
-    signing.write_keypair(tmp_path, PASS)
-    key = signing.SigningKeyFile.open(tmp_path / signing.PRIVATE_KEY_NAME, PASS)
+    key_files.write_keypair(tmp_path, PASS)
+    key = key_files.SigningKeyFile.open(tmp_path / signing.PRIVATE_KEY_NAME, PASS)
     assert PASS.decode() not in repr(key) and "EllipticCurve" not in repr(key)
-    assert key.public == signing.load_public_key(tmp_path / signing.PUBLIC_KEY_NAME)
+    assert key.public == key_files.load_public_key(tmp_path / signing.PUBLIC_KEY_NAME)
 
 
 # --- seqr keys generate -------------------------------------------------------------------
@@ -382,7 +382,7 @@ def test_keys_generate_cli_prints_full_fingerprint(
 ) -> None:
     assert keys_cli.main(["--out", str(tmp_path / "k")]) == 0
     out = capsys.readouterr().out.strip()
-    public = signing.load_public_key(tmp_path / "k" / signing.PUBLIC_KEY_NAME)
+    public = key_files.load_public_key(tmp_path / "k" / signing.PUBLIC_KEY_NAME)
     assert out == signing.fingerprint(public) == "sha256:" + hashlib.sha256(public).hexdigest()
 
 
@@ -391,7 +391,7 @@ def test_keys_generate_cli_passphrase_env(
 ) -> None:
     monkeypatch.setenv("SEQR_TEST_PASS", PASS.decode())
     assert keys_cli.main(["--out", str(tmp_path), "--passphrase-env", "SEQR_TEST_PASS"]) == 0
-    signing.load_private_key(tmp_path / signing.PRIVATE_KEY_NAME, PASS)
+    key_files.load_private_key(tmp_path / signing.PRIVATE_KEY_NAME, PASS)
 
 
 def test_keys_generate_cli_passphrase_file(tmp_path: Path) -> None:
@@ -399,7 +399,7 @@ def test_keys_generate_cli_passphrase_file(tmp_path: Path) -> None:
     secret.write_bytes(PASS + b"\n")
     out = tmp_path / "keys"
     assert keys_cli.main(["--out", str(out), "--passphrase-file", str(secret)]) == 0
-    signing.load_private_key(out / signing.PRIVATE_KEY_NAME, PASS)
+    key_files.load_private_key(out / signing.PRIVATE_KEY_NAME, PASS)
 
 
 def test_keys_generate_cli_refuses_overwrite(
@@ -456,8 +456,8 @@ def test_server_enrol_with_private_key_file_leaks_nothing_and_changes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Issue 14 item 12: `seqr server enrol --client signing_key.pem` (the private key)."""
-    signing.write_keypair(tmp_path / "server-key")
-    signing.write_keypair(tmp_path / "client")
+    key_files.write_keypair(tmp_path / "server-key")
+    key_files.write_keypair(tmp_path / "client")
     registry = tmp_path / "registry"
     common = ["--registry", str(registry), "--key", str(tmp_path / "server-key")]
     assert seqr_main(["server", "init", *common]) == 0

@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from seqr.cli.help import CACHE_DIR_HELP, DefaultsHelpFormatter
 from seqr.cli.keys import read_passphrase
 from seqr.core.errors import ConfigError, SeqrError
 from seqr.core.federation import FederationConfig
@@ -25,24 +26,42 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a LoRA-FA adapter on a private text folder (only B is trained; A is "
         "the federation's shared frozen A), calibrate its norm statistics, and write a signed "
         "export folder ready to submit. Nothing but that folder leaves this machine.",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--data", required=True, type=Path, help="folder of private text files")
-    p.add_argument("--key", required=True, type=Path, help="signing_key.pem (seqr keys generate)")
+    p.add_argument(
+        "--key",
+        required=True,
+        type=Path,
+        metavar="KEYFILE",
+        help="the client's private key file, KEYDIR/signing_key.pem (`seqr keys generate`)",
+    )
     p.add_argument(
         "--out", required=True, type=Path, help="export folder to create (must not exist)"
     )
     p.add_argument("--federation", type=Path, help="federation TOML (default: built-in settings)")
     p.add_argument("--steps", type=int, help="override train-steps (and ignore train-tokens)")
     p.add_argument("--name", help="adapter label (default: the data folder's name)")
-    p.add_argument("--cache-dir", type=Path, help="converted base models (~/.cache/seqr/models)")
+    p.add_argument("--cache-dir", type=Path, help=CACHE_DIR_HELP)
     p.add_argument(
         "--checkpoint-dir", type=Path, help="checkpoints (default: hidden, beside --out)"
     )
-    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps (50)")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=50, metavar="N", help="checkpoint every N steps"
+    )
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--passphrase-env", metavar="VAR", help="key passphrase in env var VAR")
-    source.add_argument("--passphrase-file", metavar="FILE", type=Path, help="passphrase in FILE")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    source.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="the key's passphrase is in environment variable VAR",
+    )
+    source.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        type=Path,
+        help="the key's passphrase is in FILE (one trailing newline dropped)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     return p
 
 

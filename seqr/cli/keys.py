@@ -15,8 +15,10 @@ import os
 import sys
 from pathlib import Path
 
+from seqr.cli.help import DefaultsHelpFormatter
 from seqr.core.errors import KeyFileError, SeqrError
-from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, write_keypair
+from seqr.core.key_files import write_keypair
+from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
 
 MAX_PASSPHRASE_FILE_BYTES = 4096  # bytes
 
@@ -30,9 +32,14 @@ def _parser() -> argparse.ArgumentParser:
             "--public_key`) in the folder --out, and print the key's full fingerprint. Refuses "
             "to overwrite an existing key."
         ),
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--out", required=True, type=Path, help="folder for the key pair (created if missing)"
+        "--out",
+        required=True,
+        type=Path,
+        metavar="KEYDIR",
+        help="folder for the key pair (created if missing)",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from seqr.cli.help import EXPECT_ROOT_HELP, DefaultsHelpFormatter
 from seqr.core.errors import ConfigError, SeqrError
 from seqr.core.printable import printable
 from seqr.registry.audit import AuditReport, audit_registry, pull_registry
@@ -28,8 +29,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--expect-root-sha256",
         default=None,
         metavar="HEX",
-        help="first use only: SHA-256 of metadata/1.root.json, obtained from the operator "
-        "(default: trust on first use, as the report says)",
+        help=EXPECT_ROOT_HELP,
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--workers", type=int, default=2, help="threads checking adapters")
@@ -93,6 +93,7 @@ def _run(args: argparse.Namespace, verify, state: str | None) -> int:  # type: i
 def audit_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="seqr registry audit",
+        formatter_class=DefaultsHelpFormatter,
         description="Verify a seqr adapter registry: TUF metadata (signatures, thresholds, "
         "root rotations, rollback, freeze, mix-and-match), the RFC 9162 log against the "
         "trusted state (fork), and every adapter's files, signature and statistics.",
@@ -116,6 +117,7 @@ def audit_main(argv: list[str]) -> int:
 def pull_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="seqr registry pull",
+        formatter_class=DefaultsHelpFormatter,
         description="Fetch a registry over HTTP(S) into DIR with python-tuf's client: only "
         "files DIR lacks are downloaded, nothing is written before it verifies, and DIR "
         "becomes a verified mirror (its trusted state in DIR/.seqr) that `seqr route "
@@ -135,6 +137,7 @@ def serve_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="seqr registry serve",
+        formatter_class=DefaultsHelpFormatter,
         description="Serve a registry folder read-only over HTTP (metadata/ and targets/ only).",
     )
     parser.add_argument("dir", type=Path, help="registry folder")

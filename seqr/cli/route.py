@@ -12,6 +12,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from seqr.cli.help import (
+    CACHE_DIR_HELP,
+    CONSUMER_BASE_MODEL_HELP,
+    EXPECT_ROOT_HELP,
+    DefaultsHelpFormatter,
+)
 from seqr.core.printable import printable
 
 if TYPE_CHECKING:
@@ -28,14 +34,20 @@ def _parser() -> argparse.ArgumentParser:
         description="Audit an adapter registry, load its adapters onto the base model, and route "
         "each input with SEQR z-scores: prints the chosen adapter and its z-score margin over "
         "the runner-up; with --generate N also the greedy continuation (batched, mixed adapters).",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument(
-        "--registry", required=True, help="registry folder (a mirror too) or its http(s) URL"
+        "--registry",
+        required=True,
+        metavar="DIR_OR_URL",
+        help="registry folder (a mirror too) or its http(s) URL",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="one input text")
     src.add_argument("--file", type=Path, help="UTF-8 file: one input per non-empty line")
-    p.add_argument("--generate", type=int, default=0, metavar="N", help="new tokens per input")
+    p.add_argument(
+        "--generate", type=int, default=0, metavar="N", help="new tokens per input (0: route only)"
+    )
     p.add_argument(
         "--per-token",
         action="store_true",
@@ -45,18 +57,18 @@ def _parser() -> argparse.ArgumentParser:
         "--trusted-state",
         type=Path,
         default=None,
-        help="folder remembering what this client trusted (rollback, fork); default: the "
-        "mirror's own state for a folder made by `seqr registry pull`, else none",
+        metavar="DIR",
+        help="folder remembering what this client trusted (rollback, fork) (default: the "
+        "mirror's own state for a folder made by `seqr registry pull`, else none)",
     )
     p.add_argument(
         "--expect-root-sha256",
         default=None,
-        help="first use: SHA-256 of metadata/1.root.json from the operator (else TOFU)",
+        metavar="HEX",
+        help=EXPECT_ROOT_HELP,
     )
-    p.add_argument("--base-model", default=None,
-                   help="known name or local folder (default: SmolLM2-135M-Instruct); its hash "
-                   "must be the one the adapters were trained on")  # fmt: skip
-    p.add_argument("--cache-dir", default=None, help="where known models are converted once")
+    p.add_argument("--base-model", default=None, help=CONSUMER_BASE_MODEL_HELP)
+    p.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
     p.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--first-pass-dtype", choices=("bfloat16", "float16"), default=None,
@@ -66,8 +78,8 @@ def _parser() -> argparse.ArgumentParser:
         "--calibration",
         choices=("own", "reference", "blend", "queries"),
         default="own",
-        help="z-score with each adapter's own signed statistics (default), with "
-        "statistics measured here on --reference text, or the mean of both z-scores; queries: "
+        help="own: z-score with each adapter's own signed statistics; reference: with "
+        "statistics measured here on --reference text; blend: the mean of both z-scores; queries: "
         "sequence-level statistics over --reference holding unlabeled examples of your inputs",
     )
     p.add_argument("--reference", type=Path, default=None,

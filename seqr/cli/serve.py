@@ -16,6 +16,12 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from seqr.cli.help import (
+        CACHE_DIR_HELP,
+        CONSUMER_BASE_MODEL_HELP,
+        EXPECT_ROOT_HELP,
+        DefaultsHelpFormatter,
+    )
     from seqr.consumer.serve.config import EngineConfig, LimitsConfig, PoolConfig, ServeConfig
 
     serve, limits, engine, pool = ServeConfig(), LimitsConfig(), EngineConfig(), PoolConfig()
@@ -24,16 +30,19 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve an audited adapter registry over the OpenAI API: model 'auto' routes "
         "each request to an adapter with SEQR; a named adapter or 'base' runs as asked. "
         "GET / shows the registry and a prompt box; /metrics is Prometheus; SIGHUP reloads.",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument(
         "--registry",
         required=True,
+        metavar="DIR_OR_URL",
         help="registry folder, a mirror of one, or its URL (pulled into --mirror first)",
     )
     p.add_argument(
         "--mirror",
         type=Path,
         default=None,
+        metavar="DIR",
         help="for a URL: the folder to pull into, keeping the trusted state across restarts "
         "(default: a private folder for this process)",
     )
@@ -42,33 +51,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base-model",
         default=None,
-        help="known name or local folder (default: SmolLM2-135M-Instruct); its hash "
-        "must be the one the adapters were trained on",
+        help=CONSUMER_BASE_MODEL_HELP,
     )
-    p.add_argument("--cache-dir", default=None, help="where known models are converted once")
+    p.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
     p.add_argument(
         "--trusted-state",
         type=Path,
         default=None,
+        metavar="DIR",
         help="folder remembering the last trusted registry version across restarts "
         "(default: a pulled mirror's own, else remembered for this process only)",
     )
     p.add_argument(
         "--expect-root-sha256",
         default=None,
-        help="first use: SHA-256 of metadata/1.root.json from the operator (else TOFU)",
+        metavar="HEX",
+        help=EXPECT_ROOT_HELP,
     )
     p.add_argument(
         "--refresh-s",
         type=float,
         default=serve.refresh_s,
-        help="re-read and audit the registry every this many seconds (also on SIGHUP)",
+        help="re-read and audit the registry every this many seconds (default: only on SIGHUP)",
     )
     p.add_argument(
         "--calibration",
         choices=("queries", "own"),
         default=serve.calibration,
-        help="queries (default): z-score with statistics measured on the prompts this "
+        help="queries: z-score with statistics measured on the prompts this "
         "server routed, starting from the adapters' own until enough were seen; own: "
         "the adapters' signed statistics only",
     )
@@ -87,7 +97,12 @@ def _parser() -> argparse.ArgumentParser:
         default=engine.queue_size,
         help="sequences that may wait (HTTP 429 beyond)",
     )
-    p.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens)
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=limits.max_prompt_tokens,
+        help="longest prompt, in tokens, a request may send",
+    )
     p.add_argument("--max-n", type=int, default=limits.max_n, help="choices per prompt")
     p.add_argument(
         "--max-prompts",
@@ -110,7 +125,12 @@ def _parser() -> argparse.ArgumentParser:
         "faster on CPUs with AMX; near-ties may flip)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="least severe log messages shown",
+    )
     return p
 
 

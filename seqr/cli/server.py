@@ -17,18 +17,24 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from seqr.cli.help import DefaultsHelpFormatter
 from seqr.cli.keys import read_passphrase
 from seqr.core.admission_policy import WEIGHT_DTYPES
 from seqr.core.errors import ConfigError, KeyFileError, SeqrError
-from seqr.core.signing import FINGERPRINT_PREFIX, fingerprint, load_public_key, parse_public_key
+from seqr.core.key_files import load_public_key
+from seqr.core.signing import FINGERPRINT_PREFIX, fingerprint, parse_public_key
 from seqr.operator.registry_ops import init_registry, load_server_keys, open_publisher
 
 __all__ = ["init_main", "enrol_main", "revoke_main", "refresh_main"]
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--registry", required=True, type=Path, help="the registry folder")
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=DefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--registry", required=True, type=Path, metavar="DIR", help="the registry folder"
+    )
     parser.add_argument(
         "--key",
         required=True,
@@ -39,8 +45,17 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
         "create with `seqr keys generate --out KEYDIR`)",
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--passphrase-env", metavar="VAR", help="server keys' passphrase in VAR")
-    source.add_argument("--passphrase-file", metavar="FILE", type=Path, help="... or in FILE")
+    source.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="the server keys' passphrase is in environment variable VAR",
+    )
+    source.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        type=Path,
+        help="the server keys' passphrase is in FILE (one trailing newline dropped)",
+    )
     return parser
 
 
@@ -81,7 +96,7 @@ def init_main(argv: list[str]) -> int:
         "--adapter-dtype",
         default="F32",
         choices=WEIGHT_DTYPES,
-        help="dtype of every adapter tensor (default: %(default)s)",
+        help="dtype of every adapter tensor",
     )
     args = parser.parse_args(argv)
     if args.adapter_dtype != "F32" and args.federation is None:

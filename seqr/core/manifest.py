@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.atomic_write import write_atomic
 from seqr.core.errors import FormatError, KeyFileError
 from seqr.core.export_folder import (
@@ -277,7 +277,7 @@ def verify_export_files(
 
 def sign_export(
     folder: Path,
-    key: signing.SigningKeyFile,
+    key: key_files.SigningKeyFile,
     *,
     name: str,
     base_model_sha256: str,

@@ -37,7 +37,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from seqr.core import signing
+from seqr.core import key_files, signing
 from seqr.core.errors import FormatError, KeyFileError, SignatureError
 from seqr.core.export_folder import check_file_name, read_export
 from seqr.core.strict_json import loads_strict
@@ -70,7 +70,7 @@ IGNORABLE = frozenset({".git", ".github", ".gitignore", ".gitattributes", BUNDLE
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
-def sign_folder(folder: Path, key: signing.SigningKeyFile) -> bytes:
+def sign_folder(folder: Path, key: key_files.SigningKeyFile) -> bytes:
     """Sign every file of ``folder`` with ``key`` into ``folder/model.sig``; return its bytes.
 
     The bundle is read back and verified against the folder's files and the key's public half
@@ -100,7 +100,7 @@ def sign_folder(folder: Path, key: signing.SigningKeyFile) -> bytes:
 
 
 def sign_files(
-    files: Mapping[str, bytes], key: signing.SigningKeyFile, *, name: str = "adapter"
+    files: Mapping[str, bytes], key: key_files.SigningKeyFile, *, name: str = "adapter"
 ) -> bytes:
     """The bundle over ``files`` (name -> bytes), signed as the folder ``name`` holding them.
 

@@ -19,8 +19,9 @@ second valid one by replacing s with n - s. ``verify`` accepts only that form. S
 the EXACT bytes given (DSSE's approach, SECURITY.md).
 
 Private keys live in a PKCS8 PEM file created with mode 0600 from the first byte written,
-optionally encrypted with a passphrase. No error message ever contains key material: messages
-name the file and the mistake, never its content.
+optionally encrypted with a passphrase (key_files.py reads and writes key files; this module
+does no file I/O). No error message ever contains key material: messages name the file and
+the mistake, never its content.
 
 These keys are not Flower's transport keys: SuperNode authentication leaves no signature that
 anyone can check later, so adapters carry their own.
@@ -29,12 +30,7 @@ anyone can check later, so adapters carry their own.
 from __future__ import annotations
 
 import binascii
-import contextlib
 import hashlib
-import os
-import stat
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -44,7 +40,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from seqr.core.atomic_write import create_new_file
 from seqr.core.errors import KeyFileError, SignatureError
 
 __all__ = [
@@ -54,18 +49,16 @@ __all__ = [
     "SIGNATURE_BYTES",
     "FINGERPRINT_PREFIX",
     "KEY_TYPE",
-    "SigningKeyFile",
+    "MAX_KEY_FILE_BYTES",
     "generate_private_key",
-    "write_keypair",
-    "load_private_key",
     "public_key_bytes",
     "public_key_pem",
     "check_public_key",
     "parse_public_key",
-    "load_public_key",
     "fingerprint",
     "sign",
     "verify",
+    "describe_key",
 ]
 
 PRIVATE_KEY_NAME = "signing_key.pem"
@@ -81,31 +74,6 @@ _ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 _HALF_BYTES = SIGNATURE_BYTES // 2
 
 
-@dataclass(frozen=True)
-class SigningKeyFile:
-    """A private key file that passed ``load_private_key``, with its passphrase.
-
-    model-signing's signer reads its key from a path (``use_elliptic_key_signer``), so exports
-    are signed from this; ``key`` is the same key, loaded and checked here. Neither the key nor
-    the passphrase shows in ``repr``.
-    """
-
-    path: Path
-    key: ec.EllipticCurvePrivateKey = field(repr=False)
-    passphrase: bytes | None = field(default=None, repr=False)
-
-    @classmethod
-    def open(cls, path: str | Path, passphrase: bytes | None = None) -> SigningKeyFile:
-        """Load and check the key at ``path`` (KeyFileError as ``load_private_key``)."""
-        path = Path(path)
-        return cls(path, load_private_key(path, passphrase), passphrase)
-
-    @property
-    def public(self) -> bytes:
-        """The DER public key of this key file."""
-        return public_key_bytes(self.key)
-
-
 def generate_private_key() -> ec.EllipticCurvePrivateKey:
     """A fresh P-256 key from the OS CSPRNG (OpenSSL)."""
     return ec.generate_private_key(CURVE)
@@ -115,7 +83,7 @@ def public_key_bytes(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey
     """The DER SubjectPublicKeyInfo bytes of a P-256 private or public key."""
     public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
     if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != CURVE.name:
-        raise KeyFileError(f"seqr uses only {KEY_TYPE} keys; got {_describe(public)}")
+        raise KeyFileError(f"seqr uses only {KEY_TYPE} keys; got {describe_key(public)}")
     return public.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -142,7 +110,7 @@ def check_public_key(public: bytes, *, what: str = "public key") -> ec.EllipticC
         ) from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != CURVE.name:
         raise KeyFileError(
-            f"{what} is {_describe(key)}; seqr accepts only {KEY_TYPE} keys "
+            f"{what} is {describe_key(key)}; seqr accepts only {KEY_TYPE} keys "
             "(make one with `seqr keys generate`)"
         )
     if public_key_bytes(key) != data:
@@ -197,17 +165,6 @@ def parse_public_key(text: str | bytes, *, what: str = "public key") -> bytes:
     return der
 
 
-def load_public_key(path: str | Path) -> bytes:
-    """The DER bytes of the public key in a file (PEM, like signing_key.pub, or hex DER).
-
-    Reads at most a few KB of a regular file (no FIFO, folder or symlink); KeyFileError names
-    the file and the mistake (a private key given by mistake included), never its content.
-    """
-    path = Path(path)
-    data = _read_key_file(path, what="public key", private=False)
-    return parse_public_key(data, what=f"public key file {path}")
-
-
 def fingerprint(public: bytes) -> str:
     """The full name of a public key: ``sha256:`` + 64 hex of SHA-256 of its DER bytes."""
     check_public_key(public)
@@ -217,7 +174,7 @@ def fingerprint(public: bytes) -> str:
 def sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
     """ECDSA-SHA256 over exactly ``data``: r || s, 64 bytes, low s."""
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != CURVE.name:
-        raise KeyFileError(f"seqr signs only with {KEY_TYPE} keys; got {_describe(key)}")
+        raise KeyFileError(f"seqr signs only with {KEY_TYPE} keys; got {describe_key(key)}")
     r, s = decode_dss_signature(key.sign(bytes(data), ec.ECDSA(hashes.SHA256())))
     s = min(s, _ORDER - s)  # (r, s) and (r, n - s) both verify; keep the low one
     return r.to_bytes(_HALF_BYTES, "big") + s.to_bytes(_HALF_BYTES, "big")
@@ -254,169 +211,6 @@ def verify(public: bytes, data: bytes, signature: bytes) -> None:
         ) from None
 
 
-def write_keypair(out_dir: Path, passphrase: bytes | None = None) -> str:
-    """Create ``signing_key.pem`` (0600, PKCS8) and ``signing_key.pub`` (PEM) in ``out_dir``.
-
-    Refuses to overwrite an existing key (KeyFileError): losing a signing key would orphan
-    every adapter signed with it. ``out_dir`` may exist (a folder) or is created (0700); any
-    other file there is refused before anything is written. With ``passphrase`` the PEM is
-    encrypted with the best available PKCS8 encryption. Returns the new key's fingerprint.
-    """
-    out_dir = Path(out_dir)
-    if passphrase is not None and len(passphrase) == 0:
-        raise KeyFileError("passphrase is empty; give a non-empty passphrase or none at all")
-    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
-        raise KeyFileError(
-            f"{out_dir} exists and is not a folder; --out names a folder for "
-            f"{PRIVATE_KEY_NAME} and {PUBLIC_KEY_NAME} (choose a new or existing folder)"
-        )
-    private_path = out_dir / PRIVATE_KEY_NAME
-    public_path = out_dir / PUBLIC_KEY_NAME
-    for path in (private_path, public_path):
-        if path.exists() or path.is_symlink():
-            raise KeyFileError(
-                f"{path} already exists; refusing to overwrite a signing key. "
-                "Move it away first or choose another --out folder"
-            )
-    created = _make_key_folder(out_dir)
-    key = generate_private_key()
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase is not None
-        else serialization.NoEncryption()
-    )
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-    )
-    public = public_key_bytes(key)
-    try:
-        # Private key first: a public key without its private half would be useless.
-        _create_key_file(private_path, pem, mode=0o600)
-        try:
-            _create_key_file(public_path, public_key_pem(public), mode=0o644)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                private_path.unlink()
-            raise
-    except BaseException:
-        for folder in created:  # a failed command leaves nothing behind
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-    return fingerprint(public)
-
-
-def load_private_key(path: Path, passphrase: bytes | None = None) -> ec.EllipticCurvePrivateKey:
-    """Load a P-256 private key from a PKCS8 PEM file written by ``write_keypair``.
-
-    Refuses (KeyFileError) a missing file, a folder, FIFO or symlink, a file readable or
-    writable by group/others (like ssh: a key others could read is no longer private), a
-    malformed PEM, a key of another type or curve, and a wrong or missing passphrase.
-    """
-    path = Path(path)
-    pem = _read_key_file(path, what="signing key", private=True)
-    try:
-        key = serialization.load_pem_private_key(pem, password=passphrase)
-    except TypeError:
-        # cryptography raises TypeError for "encrypted but no password" and the reverse.
-        if passphrase is None:
-            raise KeyFileError(
-                f"signing key {path} is encrypted; give its passphrase "
-                "(--passphrase-env VAR or --passphrase-file FILE)"
-            ) from None
-        raise KeyFileError(
-            f"signing key {path} is not encrypted but a passphrase was given; "
-            "drop the passphrase option"
-        ) from None
-    except UnsupportedAlgorithm:
-        raise KeyFileError(
-            f"signing key {path} uses an algorithm seqr does not support; seqr signs only "
-            f"with {KEY_TYPE} keys from `seqr keys generate`"
-        ) from None
-    except ValueError:
-        if passphrase is not None and b"ENCRYPTED" in pem:
-            raise KeyFileError(
-                f"wrong passphrase for signing key {path} (decryption failed)"
-            ) from None
-        raise KeyFileError(
-            f"signing key {path} is not a valid PEM private key; expected the "
-            f"{PRIVATE_KEY_NAME} written by `seqr keys generate`"
-        ) from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != CURVE.name:
-        raise KeyFileError(
-            f"signing key {path} is {_describe(key)}; seqr signs only with {KEY_TYPE} "
-            "keys: make one with `seqr keys generate`"
-        )
-    return key
-
-
-def _read_key_file(path: Path, *, what: str, private: bool) -> bytes:
-    name = PRIVATE_KEY_NAME if private else PUBLIC_KEY_NAME
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise KeyFileError(
-            f"{what} {path} does not exist; create one with `seqr keys generate --out DIR`"
-        ) from None
-    except OSError as exc:
-        why = "it is a symlink" if path.is_symlink() else exc.strerror
-        raise KeyFileError(
-            f"cannot open {what} {path}: {why}; give the {name} file itself"
-        ) from None
-    try:
-        # fstat before fdopen: io refuses a folder with a raw IsADirectoryError.
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
-            raise KeyFileError(
-                f"{what} {path} is {kind}; give the {name} file (e.g. KEYDIR/{name})"
-            )
-        mode = stat.S_IMODE(info.st_mode)
-        if private and mode & 0o077:
-            raise KeyFileError(
-                f"signing key {path} has permissions {mode:04o}, which lets other users read or "
-                f"change it; it must be 0600 or stricter: run `chmod 600 {path}`"
-            )
-        os.set_blocking(fd, True)
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            pem = handle.read(MAX_KEY_FILE_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(pem) > MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"{what} {path} is larger than {MAX_KEY_FILE_BYTES} bytes; not a key")
-    return pem
-
-
-def _make_key_folder(out_dir: Path) -> list[Path]:
-    """Create ``out_dir`` and missing parents (0700: a new key folder is owner-only).
-
-    Returns the folders created, deepest first, so a failure can remove exactly those.
-    """
-    missing: list[Path] = []
-    probe = out_dir
-    while not probe.exists() and not probe.is_symlink():
-        missing.append(probe)
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    try:
-        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KeyFileError(f"cannot create key folder {out_dir}: {exc.strerror}") from None
-    return missing
-
-
-def _create_key_file(path: Path, data: bytes, *, mode: int) -> None:
-    # Created with its final mode and never replacing an existing file (see atomic_write).
-    try:
-        create_new_file(path, data, mode=mode)
-    except FileExistsError:
-        raise KeyFileError(f"{path} already exists; refusing to overwrite a signing key") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot write {path}: {exc.strerror}") from None
-
-
 def _der(key: object) -> bytes:
     public_bytes = getattr(key, "public_bytes", None)
     if public_bytes is None:
@@ -427,7 +221,7 @@ def _der(key: object) -> bytes:
     return data
 
 
-def _describe(key: object) -> str:
+def describe_key(key: object) -> str:
     """What kind of key this is, in words (never its content)."""
     if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
         return f"an elliptic-curve key on curve {key.curve.name}"

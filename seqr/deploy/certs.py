@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from seqr.cli.help import DefaultsHelpFormatter
 from seqr.core.errors import ConfigError, SeqrError
 from seqr.deploy.files import PRIVATE_MODE, PUBLIC_MODE, write_new_files
 
@@ -170,6 +171,7 @@ def main(argv: list[str]) -> int:
         description="Create a test CA (ca.crt, ca.key) and a SuperLink TLS certificate "
         "(server.pem, server.key) with the given subject alternative names. Refuses to "
         "overwrite existing files.",
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for the four files")
     parser.add_argument("--host", action="append", default=None, metavar="NAME_OR_IP",

@@ -23,6 +23,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from seqr.cli.help import DefaultsHelpFormatter
 from seqr.core.errors import ConfigError, SeqrError
 from seqr.deploy.files import PRIVATE_MODE, PUBLIC_MODE, write_new_files
 
@@ -71,6 +72,7 @@ def main(argv: list[str]) -> int:
         description="Create a SuperNode authentication key pair (ECDSA P-384, OpenSSH format): "
         "NAME (private, 0600) for flower-supernode --auth-supernode-private-key and NAME.pub "
         "for the operator's `flwr supernode register NAME.pub CONNECTION`.",
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for the key pair")
     parser.add_argument("--name", default="node", help="file name of the private key")

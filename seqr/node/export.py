@@ -22,6 +22,7 @@ from seqr.core.base_model import KNOWN_GGUF, atomic_folder
 from seqr.core.errors import ConfigError, ShapeError
 from seqr.core.export_folder import read_export
 from seqr.core.federation import FederationConfig
+from seqr.core.key_files import SigningKeyFile
 from seqr.core.manifest import (
     EXPORT_PAYLOAD_NAMES,
     NORM_STATS_NAME,
@@ -30,7 +31,6 @@ from seqr.core.manifest import (
     verify_export_files,
 )
 from seqr.core.shared_a import check_shared_a
-from seqr.core.signing import SigningKeyFile
 from seqr.core.stats import NormStatistics
 from seqr.node.train import ADAPTER
 

@@ -220,7 +220,7 @@ def _finite(value: float) -> float:
 
 
 def _signing_key(context: Context) -> Any:
-    from seqr.core.signing import load_private_key
+    from seqr.core.key_files import load_private_key
 
     settings = NodeSettings.from_context(context)
     _, key_path, _ = settings.inputs()

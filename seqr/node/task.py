@@ -17,8 +17,8 @@ from pathlib import Path
 from seqr.core.base_model import BaseModel, load_base_model
 from seqr.core.errors import ConfigError
 from seqr.core.federation import FederationConfig
+from seqr.core.key_files import SigningKeyFile
 from seqr.core.manifest import ADAPTER_WEIGHTS_NAME, Manifest
-from seqr.core.signing import SigningKeyFile
 from seqr.core.textdata import TextData, TextFile, load_text_data, read_text_folder
 from seqr.node.calibrate import CalibrationResult, calibrate
 from seqr.node.export import check_adapter_name, default_name, export_adapter

@@ -28,6 +28,7 @@ import numpy as np
 
 from seqr.core.base_model import KNOWN_GGUF
 from seqr.core.errors import ShapeError
+from seqr.core.key_files import SigningKeyFile
 from seqr.core.manifest import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -38,7 +39,6 @@ from seqr.core.manifest import (
     verify_export_files,
 )
 from seqr.core.model_signature import sign_files
-from seqr.core.signing import SigningKeyFile
 from seqr.operator.federation_setup import FederationSetup
 from seqr.registry.contributions import ContributionsFile, verify_contributions
 from seqr.registry.metadata import CONTRIBUTIONS_FILE

@@ -38,8 +38,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from seqr.core.atomic_write import write_atomic
 from seqr.core.errors import AdmissionError, KeyFileError, SeqrError
+from seqr.core.key_files import SigningKeyFile
 from seqr.core.printable import printable
-from seqr.core.signing import PRIVATE_KEY_NAME, SigningKeyFile, check_public_key
+from seqr.core.signing import PRIVATE_KEY_NAME, check_public_key
 from seqr.core.value_bounds import check_statistics
 from seqr.operator.group_export import build_group_export
 from seqr.operator.group_membership import discover_members

@@ -16,7 +16,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from seqr.core.errors import KeyFileError
-from seqr.core.signing import PRIVATE_KEY_NAME, load_private_key
+from seqr.core.key_files import load_private_key
+from seqr.core.signing import PRIVATE_KEY_NAME
 from seqr.operator.federation_setup import FederationSetup
 from seqr.operator.settings import state_dir_for
 from seqr.registry import layout, store

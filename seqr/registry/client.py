@@ -13,14 +13,14 @@ Steps, all inside one locked session on a copy of the trusted state (trust.py):
 3. Every target file is fetched (or read from the folder) within its signed length, checked
    against its signed hash, and each adapter is verified by entries.py.
 4. Only then is anything kept: the new state is committed and, for a pull, the mirror gets the
-   new files (targets first, timestamp.json last, so the mirror is always a consistent
-   repository). On any failure nothing local changes.
+   new files (mirror.py: targets first, timestamp.json last, so the mirror is always a
+   consistent repository). On any failure nothing local changes. TUF failures are reported
+   as the attack they stop (tuf_errors.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
 import tempfile
 import time
@@ -35,13 +35,7 @@ from tuf.api import exceptions
 from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater, UpdaterConfig
 
-from seqr.core.errors import (
-    ForkError,
-    FreezeError,
-    RegistryError,
-    RollbackError,
-    SeqrError,
-)
+from seqr.core.errors import ForkError, FreezeError, RegistryError, RollbackError, SeqrError
 from seqr.core.manifest import Manifest
 from seqr.registry import layout, log, roles, store
 from seqr.registry.audit import AuditReport, VerifiedAdapter, VerifiedRegistry
@@ -50,8 +44,10 @@ from seqr.registry.config import AuditConfig
 from seqr.registry.entries import EntryReport, verify_adapter
 from seqr.registry.fetch import Source, source_for
 from seqr.registry.metadata import AdapterRecord, RegistryDocument
+from seqr.registry.mirror import write_mirror
 from seqr.registry.repository import record_of
 from seqr.registry.trust import TrustSession, TrustStore
+from seqr.registry.tuf_errors import registry_error
 
 __all__ = ["refresh", "MIRROR_STATE"]
 
@@ -98,7 +94,18 @@ def _refresh(
         except SeqrError as exc:  # FormatError, SignatureError, ...: the audit failed
             raise exc if isinstance(exc, RegistryError) else RegistryError(str(exc)) from None
         if mirror is not None:
-            _write_mirror(mirror, session, result)
+            write_mirror(
+                mirror,
+                targets=result.new_targets,
+                roots=result.roots,
+                metadata=result.new_metadata,
+                history=result.history,
+                snapshot=(
+                    layout.versioned_name("snapshot", result.snapshot.signed.version),
+                    result._read_tuf("snapshot.json"),
+                ),
+                timestamp=result._read_tuf("timestamp.json"),
+            )
         for scratch in ("downloads", "history"):  # the trusted state keeps metadata only
             shutil.rmtree(session.work / scratch, ignore_errors=True)
         session.commit()
@@ -127,7 +134,7 @@ class _Refresh:
         try:
             updater.refresh()
         except Exception as exc:  # noqa: BLE001 - every TUF failure becomes a RegistryError
-            raise _registry_error(exc) from None
+            raise registry_error(exc) from None
         self.updater = updater
         self.roots = self._roots()
         self.timestamp = self._persisted("timestamp.json", Timestamp)
@@ -195,7 +202,7 @@ class _Refresh:
                 bootstrap=bootstrap,
             )
         except Exception as exc:  # noqa: BLE001
-            raise _registry_error(exc) from None
+            raise registry_error(exc) from None
 
     def _first_root(self) -> bytes:
         """Root 1 on first use: pinned by hash, or trusted on first use."""
@@ -204,7 +211,7 @@ class _Refresh:
                 f"{self.source.metadata_url}{layout.root_name(1)}", self.config.max_root_bytes
             )
         except Exception as exc:  # noqa: BLE001
-            raise _registry_error(exc, "root 1 (metadata/1.root.json)") from None
+            raise registry_error(exc, "root 1 (metadata/1.root.json)") from None
         pin = self.config.expected_root_sha256
         if pin is not None and hashlib.sha256(data).hexdigest() != pin:
             raise RegistryError(
@@ -281,7 +288,7 @@ class _Refresh:
                         if out is not None:
                             out.write(chunk)
         except Exception as exc:  # noqa: BLE001
-            raise _registry_error(exc, name) from None
+            raise registry_error(exc, name) from None
         if kept is not None:
             self.history[name] = kept
         return digest.digest()
@@ -314,7 +321,7 @@ class _Refresh:
                     )
                 )
             except Exception as exc:  # noqa: BLE001
-                raise _registry_error(exc, info.path) from None
+                raise registry_error(exc, info.path) from None
             data = store.read_capped(path.parent, path.name, info.length, info.path)
             self.new_targets[stored] = path
             self.downloaded_bytes += len(data)
@@ -404,53 +411,3 @@ def _check(
         )
     except SeqrError as exc:
         return str(exc)
-
-
-def _write_mirror(mirror: Path, session: TrustSession, result: _Refresh) -> None:
-    """New targets first, then metadata, timestamp.json last (the mirror's commit point)."""
-    for stored, path in result.new_targets.items():
-        store.write_new_file(mirror / layout.TARGETS / stored, path.read_bytes())
-    metadata = mirror / layout.METADATA
-    for i, data in enumerate(result.roots, start=1):
-        store.write_new_file(metadata / layout.root_name(i), data)
-    for name, data in result.new_metadata.items():
-        store.write_new_file(metadata / name, data)
-    for name, path in result.history.items():
-        store.write_new_file(metadata / name, path.read_bytes())
-    snapshot = layout.versioned_name("snapshot", result.snapshot.signed.version)
-    store.write_new_file(metadata / snapshot, result._read_tuf("snapshot.json"))
-    store.write_file(metadata / "timestamp.json", result._read_tuf("timestamp.json"))
-
-
-def _registry_error(exc: Exception, what: str = "") -> RegistryError:
-    """A TUF failure as the RegistryError that names the attack it stops."""
-    where = f"{what}: " if what else ""
-    if isinstance(exc, RegistryError):
-        return exc
-    if isinstance(exc, exceptions.ExpiredMetadataError):
-        return FreezeError(
-            f"{where}{exc}: the registry's signed metadata has expired; the mirror serves a "
-            "stale registry (freeze attack) or the operator has not refreshed it "
-            "(`seqr server refresh`)"
-        )
-    if isinstance(exc, exceptions.BadVersionNumberError):
-        return RollbackError(f"{where}{exc}: older than what this client trusts (rollback)")
-    if isinstance(exc, exceptions.UnsignedMetadataError):
-        return RegistryError(f"{where}{exc} (wrong keys, or fewer than the threshold)")
-    if isinstance(exc, exceptions.LengthOrHashMismatchError):
-        return RegistryError(f"{where}{exc}: a file differs from what the metadata signed "
-                             "(tampering or mix-and-match)")  # fmt: skip
-    if isinstance(exc, exceptions.DownloadLengthMismatchError):
-        return RegistryError(f"{where}{exc} (endless data)")
-    if isinstance(exc, exceptions.DownloadHTTPError):
-        return RegistryError(f"{where}the registry answered HTTP {exc.status_code}: {exc}")
-    if isinstance(exc, exceptions.DownloadError):
-        cause = str(exc.__cause__ or exc.__context__ or exc)
-        errno_text = re.findall(r"\[Errno -?\d+\] [^'\")]+", cause)  # urllib3 nests its reason
-        reason = errno_text[-1] if errno_text else cause[:300]
-        return RegistryError(f"{where}cannot fetch it ({reason}); check the URL and the network")
-    if isinstance(exc, exceptions.RepositoryError | ValueError | SeqrError):
-        return RegistryError(f"{where}{exc}")
-    if isinstance(exc, OSError):
-        return RegistryError(f"{where}{exc.strerror or exc}")
-    return RegistryError(f"{where}{exc}")

@@ -23,13 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tuf.api.metadata import (
-    TOP_LEVEL_ROLE_NAMES,
-    Metadata,
-    Root,
-    TargetFile,
-    Targets,
-)
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
 from seqr.core import signing
 from seqr.core.errors import AdmissionError, ConfigError, FormatError, KeyFileError, RegistryError
@@ -83,7 +77,7 @@ class Publisher:
             self._signers = [roles.signer_for(k) for k in signing_keys]
             self._queue = StagingQueue(self.path / layout.STAGING)
             store.remove_stale_temp_files(self.path)
-            self._check_signers(repository.load_roots(self.path)[-1].signed)
+            roles.check_signers(self._signers, repository.load_roots(self.path)[-1].signed)
             self._recover(_now(None))
             self._check_config()
         except BaseException:
@@ -333,7 +327,7 @@ class Publisher:
         new.signed.version = current.version + 1
         self._write_root(new, current, [*self._signers, *signers])
         self._signers = signers
-        self._check_signers(new.signed)
+        roles.check_signers(self._signers, new.signed)
         return self.publish(now=when, force=True)
 
     # ----------------------------------------------------------------- internals
@@ -350,18 +344,7 @@ class Publisher:
         return renewed.signed
 
     def _write_root(self, new: Metadata[Root], current: Root, signers: Sequence[Any]) -> None:
-        unique = {s.public_key.keyid: s for s in signers}
-        data = roles.sign(new, list(unique.values()))
-        parsed = roles.parse(data, Root, layout.root_name(new.signed.version))
-        roles.check_root_keys(parsed.signed, layout.root_name(new.signed.version))
-        if not parsed.signed.get_root_verification_result(
-            current, parsed.signed_bytes, parsed.signatures
-        ):
-            raise ConfigError(
-                f"root {new.signed.version} needs {current.roles[Root.type].threshold} "
-                f"signature(s) of root {current.version}'s keys and "
-                f"{new.signed.roles[Root.type].threshold} of its own; give those keys"
-            )
+        data = roles.sign_next_root(new, current, signers)
         store.write_new_file(
             self.path / layout.METADATA / layout.root_name(new.signed.version), data
         )
@@ -381,24 +364,6 @@ class Publisher:
             roles.check_signed(root, Targets.type, roles.parse(data, Targets, name), name)
         leaves = repository.read_leaves(self.path, before.targets.signed.version)
         commit.write_commit(self.path, root, self._signers, self.config, when, data, leaves, before)
-
-    def _check_signers(self, root: Root) -> None:
-        """Every given key is a key of ``root`` and together they meet each role's
-        threshold (checked before anything is staged or written)."""
-        for signer in self._signers:
-            if signer.public_key.keyid not in root.keys:
-                raise KeyFileError(
-                    f"server key {signer.public_key.keyid} is not one of the keys of root "
-                    f"{root.version} of this registry; give the registry's own server key"
-                )
-        mine = {s.public_key.keyid for s in self._signers}
-        for role in TOP_LEVEL_ROLE_NAMES:
-            have = len(mine & set(root.roles[role].keyids))
-            if have < root.roles[role].threshold:
-                raise KeyFileError(
-                    f"the registry's {role} role needs {root.roles[role].threshold} of its "
-                    f"keys; {have} given (repeat --key for k-of-n)"
-                )
 
     def _check_config(self) -> None:
         document = self.document

@@ -18,7 +18,8 @@ from tuf.api.metadata import TOP_LEVEL_ROLE_NAMES, Metadata, MetaFile, Root, Sig
 from tuf.api.serialization.json import JSONSerializer
 
 from seqr.core import signing
-from seqr.core.errors import FormatError, KeyFileError, RegistryError
+from seqr.core.errors import ConfigError, FormatError, KeyFileError, RegistryError
+from seqr.registry import layout
 
 __all__ = [
     "signer_for",
@@ -30,6 +31,8 @@ __all__ = [
     "check_root_keys",
     "meta_file",
     "role_keys",
+    "check_signers",
+    "sign_next_root",
 ]
 
 MAX_SERVER_KEYS = 64
@@ -122,3 +125,41 @@ def is_root_key(root: Root, public: bytes) -> bool:
     except KeyFileError:
         return False
     return any(k.keytype == key.keytype and k.keyval == key.keyval for k in root.keys.values())
+
+
+def check_signers(signers: Sequence[CryptoSigner], root: Root) -> None:
+    """Every given key is a key of ``root`` and together they meet each role's threshold
+    (the publisher checks this before anything is staged or written)."""
+    for signer in signers:
+        if signer.public_key.keyid not in root.keys:
+            raise KeyFileError(
+                f"server key {signer.public_key.keyid} is not one of the keys of root "
+                f"{root.version} of this registry; give the registry's own server key"
+            )
+    mine = {s.public_key.keyid for s in signers}
+    for role in TOP_LEVEL_ROLE_NAMES:
+        have = len(mine & set(root.roles[role].keyids))
+        if have < root.roles[role].threshold:
+            raise KeyFileError(
+                f"the registry's {role} role needs {root.roles[role].threshold} of its "
+                f"keys; {have} given (repeat --key for k-of-n)"
+            )
+
+
+def sign_next_root(new: Metadata[Root], current: Root, signers: Sequence[CryptoSigner]) -> bytes:
+    """The signed bytes of root N+1, checked as a client will check them: a threshold of
+    root N's keys AND of its own (TUF spec 5.3.4), each key counted once."""
+    unique = {s.public_key.keyid: s for s in signers}
+    name = layout.root_name(new.signed.version)
+    data = sign(new, list(unique.values()))
+    parsed = parse(data, Root, name)
+    check_root_keys(parsed.signed, name)
+    if not parsed.signed.get_root_verification_result(
+        current, parsed.signed_bytes, parsed.signatures
+    ):
+        raise ConfigError(
+            f"root {new.signed.version} needs {current.roles[Root.type].threshold} "
+            f"signature(s) of root {current.version}'s keys and "
+            f"{new.signed.roles[Root.type].threshold} of its own; give those keys"
+        )
+    return data

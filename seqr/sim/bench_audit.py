@@ -29,7 +29,8 @@ import numpy as np
 from safetensors.numpy import save
 from tqdm import tqdm
 
-from seqr.core import signing
+from seqr.cli.help import DefaultsHelpFormatter
+from seqr.core import key_files, signing
 from seqr.core.errors import ConfigError
 from seqr.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
 from seqr.core.model_signature import sign_files
@@ -92,7 +93,7 @@ def _shared_a(cfg: AuditBenchConfig) -> dict[str, np.ndarray]:
 
 def _export(
     cfg: AuditBenchConfig,
-    key: signing.SigningKeyFile,
+    key: key_files.SigningKeyFile,
     index: int,
     shared: dict[str, np.ndarray],
     pin: FederationPin,
@@ -142,8 +143,8 @@ def build_registry(cfg: AuditBenchConfig, path: Path) -> dict[str, Any]:
     keys = Path(tempfile.mkdtemp(prefix="seqr-bench-keys-"))
     with Publisher.create(path, [server], config=config, now=T0) as pub:
         for i in tqdm(range(cfg.adapters), desc="build registry", unit="adapter"):
-            signing.write_keypair(keys / f"{i:05d}")  # one client per adapter
-            client = signing.SigningKeyFile.open(keys / f"{i:05d}" / signing.PRIVATE_KEY_NAME)
+            key_files.write_keypair(keys / f"{i:05d}")  # one client per adapter
+            client = key_files.SigningKeyFile.open(keys / f"{i:05d}" / signing.PRIVATE_KEY_NAME)
             pub.stage_adapter(_export(cfg, client, i, shared, pin), admitted=T0)
             if (i + 1) % cfg.per_version == 0 or i + 1 == cfg.adapters:
                 pub.publish(now=T0 + timedelta(seconds=i + 1))
@@ -206,18 +207,25 @@ def run(cfg: AuditBenchConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="seqr bench audit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="seqr bench audit", description=__doc__, formatter_class=DefaultsHelpFormatter
+    )
     defaults = AuditBenchConfig()
-    parser.add_argument("--adapters", type=int, default=defaults.adapters)
-    parser.add_argument("--per-version", type=int, default=defaults.per_version)
-    parser.add_argument("--layers", type=int, default=defaults.layers)
-    parser.add_argument("--rank", type=int, default=defaults.rank)
-    parser.add_argument("--d-model", type=int, default=defaults.d_model)
-    parser.add_argument("--d-kv", type=int, default=defaults.d_kv)
-    parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--repeats", type=int, default=defaults.repeats)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--out", type=Path, default=defaults.out)
+    helps = {
+        "adapters": "adapters in the registry",
+        "per_version": "adapters published per registry version (a Flower round)",
+        "layers": "LoRA layers per adapter",
+        "rank": "LoRA rank",
+        "d_model": "hidden size (q_proj in and out, v_proj in)",
+        "d_kv": "v_proj output size",
+        "workers": "threads checking adapters",
+        "repeats": "timed audits",
+        "seed": "random seed of the synthetic adapters",
+    }
+    for name, text in helps.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, default=getattr(defaults, name), help=text)
+    parser.add_argument("--out", type=Path, default=defaults.out, help="folder for the results")
     parser.add_argument("--keep", action="store_true", help="keep the registry for reruns")
     args = parser.parse_args(argv)
     try:

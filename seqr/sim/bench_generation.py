@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from seqr.cli.help import RawDefaultsHelpFormatter
 from seqr.core.errors import ConfigError, ModelError
 from seqr.core.model_routing import ModelRoutingConfig, RoutedModel
 from seqr.core.stats import NormStatistics
@@ -338,17 +339,33 @@ def run(cfg: GenerationBenchConfig, prompts: list[str] | None = None) -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="seqr bench generation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--registry", type=Path, default=None, help="use this registry's adapters")
+                                formatter_class=RawDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="use this registry's adapters (default: a synthetic library)",
+    )
     p.add_argument("--prompts", type=Path, default=None, help="prompt file, one per line")
     p.add_argument("--base-model", default=None, help=f"{SMOLLM2} (default if present), tiny, "
                    "or a model folder")  # fmt: skip
     defaults = GenerationBenchConfig()
-    p.add_argument("--new-tokens", type=int, nargs="+", default=list(defaults.new_tokens))
-    for name in ("adapters", "rank", "batch", "prompt_tokens", "repeats", "seed", "threads"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, default=defaults.out)
+    p.add_argument("--new-tokens", type=int, nargs="+", default=list(defaults.new_tokens),
+                   help="generated tokens per prompt; one measurement per length")  # fmt: skip
+    helps = {
+        "adapters": "adapters in the synthetic library",
+        "rank": "LoRA rank of the synthetic adapters",
+        "batch": "prompts generated together",
+        "prompt_tokens": "tokens per prompt",
+        "repeats": "timed runs per length",
+        "seed": "random seed",
+        "threads": "torch CPU threads (0: torch's default; 1 is steadier on a shared machine)",
+    }
+    for name, text in helps.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
+                       help=text)  # fmt: skip
+    p.add_argument("--device", default=defaults.device, help="torch device, e.g. cuda")
+    p.add_argument("--out", type=Path, default=defaults.out, help="folder for the results")
     args = p.parse_args(argv)
     try:
         cfg = GenerationBenchConfig(

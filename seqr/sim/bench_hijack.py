@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from seqr.core import signing
+from seqr.cli.help import BASE_MODEL_HELP, DefaultsHelpFormatter, add_old_spelling
+from seqr.core import key_files, signing
 from seqr.core.admission_policy import AdmissionPolicy
 from seqr.core.errors import ConfigError, SeqrError
 from seqr.core.federation import FederationConfig
@@ -111,7 +112,7 @@ def train_exports(cfg: HijackBenchConfig, fed: FederationConfig, work: Path) -> 
         data.mkdir(parents=True)
         for path in files[: cfg.max_files]:
             shutil.copyfile(path, data / path.name)
-        signing.write_keypair(work / "keys" / domain)
+        key_files.write_keypair(work / "keys" / domain)
         key = work / "keys" / domain / signing.PRIVATE_KEY_NAME
         run_client(data, key, work / "exports" / domain, fed, name=domain, progress=False)
         exports[domain] = work / "exports" / domain
@@ -242,7 +243,7 @@ def run(cfg: HijackBenchConfig) -> dict[str, Any]:
     del base
     exports = train_exports(cfg, setup.federation, work)
     subs = {d: read_export(exports[d]) for d in cfg.honest}
-    key = signing.SigningKeyFile.open(work / "keys" / cfg.liar / signing.PRIVATE_KEY_NAME)
+    key = key_files.SigningKeyFile.open(work / "keys" / cfg.liar / signing.PRIVATE_KEY_NAME)
     own = NormStatistics.from_json_bytes(read_export(exports[cfg.liar])[NORM_STATS_NAME])
     lie = scaled_stats(own, cfg.mean_factor, cfg.std_factor)
     score = setup.federation.calib_score  # what statistics (and so the probe values) measure
@@ -356,26 +357,41 @@ def plot(scenarios: dict[str, dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     d = HijackBenchConfig()
-    p = argparse.ArgumentParser(prog="seqr bench hijack", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=d.model, help="base model name or folder")
+    p = argparse.ArgumentParser(
+        prog="seqr bench hijack",
+        description=__doc__.split("\n")[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
+    p.add_argument("--base-model", dest="model", default=d.model, help=BASE_MODEL_HELP)
+    add_old_spelling(p, "--model", "model")
     p.add_argument("--data", type=Path, default=d.data, help="folder of domain subfolders")
     p.add_argument("--honest", nargs="+", default=list(d.honest), help="honest domains")
     p.add_argument("--liar", default=d.liar, help="domain the planted adapter trains on")
-    for name in (
-        "max_files",
-        "steps",
-        "eval_sequences",
-        "calib_sequences",
-        "seq_len",
-        "batch_size",
-        "rank",
-        "probe_tokens",
-    ):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("mean_factor", "std_factor", "lr", "max_mean_z", "max_sigma_ratio"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    p.add_argument("--probe-text", default=d.probe_text, help="probe text file or folder")
-    p.add_argument("--out", type=Path, default=d.out)
+    helps: dict[str, tuple[type, str]] = {
+        "max_files": (int, "text files read per domain (sorted)"),
+        "steps": (int, "training steps per adapter"),
+        "eval_sequences": (int, "held-out sequences per honest domain"),
+        "calib_sequences": (int, "sequences each adapter calibrates its statistics on"),
+        "seq_len": (int, "tokens per sequence"),
+        "batch_size": (int, "sequences per training step"),
+        "rank": (int, "LoRA rank"),
+        "probe_tokens": (int, "tokens of the server's probe text"),
+        "mean_factor": (float, "the lie: claimed mean = factor x honest mean"),
+        "std_factor": (float, "the lie: claimed std = factor x honest std"),
+        "lr": (float, "learning rate"),
+        "max_mean_z": (float, "admission bound on the probe's mean z-score"),
+        "max_sigma_ratio": (float, "admission bound on the probe's sigma ratio"),
+    }
+    for name, (kind, text) in helps.items():
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=kind, default=getattr(d, name), help=text
+        )
+    p.add_argument(
+        "--probe-text",
+        default=d.probe_text,
+        help="probe text file or folder (empty: the server's built-in probe)",
+    )
+    p.add_argument("--out", type=Path, default=d.out, help="folder for the results")
     args = vars(p.parse_args(argv))
     args["honest"] = tuple(args["honest"])
     try:

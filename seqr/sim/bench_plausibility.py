@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from seqr.core import signing
+from seqr.cli.help import BASE_MODEL_HELP, DefaultsHelpFormatter, add_old_spelling
+from seqr.core import key_files, signing
 from seqr.core.errors import AdmissionError, ConfigError, SeqrError
 from seqr.core.federation import DEFAULT_BASE_MODEL, FederationConfig
 from seqr.core.manifest import NORM_STATS_NAME, parse_manifest, read_export
@@ -84,7 +85,7 @@ def honest_exports(cfg: PlausibilityBenchConfig, fed: FederationConfig) -> dict[
         out, keys = cfg.out / "exports" / folder.name, cfg.out / "keys" / folder.name
         if not (out / "manifest.json").is_file():
             if not (keys / signing.PRIVATE_KEY_NAME).is_file():
-                signing.write_keypair(keys)
+                key_files.write_keypair(keys)
             key = keys / signing.PRIVATE_KEY_NAME
             if folder.name in earlier:
                 recalibrate(folder, earlier[folder.name], key, out, fed)
@@ -127,7 +128,7 @@ def recalibrate(folder: Path, weights: Path, key: Path, out: Path, fed: Federati
             raise ConfigError(f"{weights}: {name} is not this federation's shared A")
         target.data.copy_(tensor)
     calibration = calibrate(peft_model, data.train, fed, progress=False)
-    key_file = signing.SigningKeyFile.open(key)
+    key_file = key_files.SigningKeyFile.open(key)
     examples = min(len(data.train), fed.steps * fed.train_batch_size)
     export_adapter(
         peft_model,
@@ -201,7 +202,7 @@ def run(cfg: PlausibilityBenchConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="seqr-bench-plausibility-") as tmp:
         for domain in tqdm(names, desc="liars", unit="domain"):
             key_file = cfg.out / "keys" / domain / signing.PRIVATE_KEY_NAME
-            key = signing.SigningKeyFile.open(key_file)
+            key = key_files.SigningKeyFile.open(key_file)
             public = probe.scores(load(read_export(exports[domain])["adapter_model.safetensors"]))
             claims = {
                 "gross": scaled_stats(own[domain], 0.5, 0.05),
@@ -277,16 +278,23 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     d = PlausibilityBenchConfig()
-    p = argparse.ArgumentParser(prog="seqr bench plausibility", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=d.model, help="base model name or folder")
+    p = argparse.ArgumentParser(
+        prog="seqr bench plausibility",
+        description=__doc__.split("\n")[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
+    p.add_argument("--base-model", dest="model", default=d.model, help=BASE_MODEL_HELP)
+    add_old_spelling(p, "--model", "model")
     p.add_argument("--data", type=Path, default=d.data, help="folder of domain subfolders")
-    p.add_argument("--domains", nargs="*", default=[], help="subfolders (default: all)")
+    p.add_argument(
+        "--domains", nargs="*", default=[], help="subfolders of --data (none given: all)"
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: federation)")
     p.add_argument("--trained", type=Path, default=None,
                    help="adapters trained earlier: reuse their B, calibrate anew")  # fmt: skip
     p.add_argument("--groups", nargs="*", type=Path, default=[],
                    help="`seqr simulate groups` output folders to include")  # fmt: skip
-    p.add_argument("--out", type=Path, default=d.out)
+    p.add_argument("--out", type=Path, default=d.out, help="folder for the results")
     args = p.parse_args(argv)
     try:
         cfg = PlausibilityBenchConfig(

@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
 from seqr import ArrowRouter, BruteForceRouter, SeqrRouter, SpectrRouter
+from seqr.cli.help import DefaultsHelpFormatter
 from seqr.core.errors import ConfigError
 from seqr.core.routing.base import Router
 
@@ -278,13 +279,22 @@ def run(cfg: RoutingBenchConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="seqr bench routing", description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_routing"))
-    parser.add_argument("--ns", type=int, nargs="+", default=list(RoutingBenchConfig.ns))
-    parser.add_argument("--d-ins", type=int, nargs="+", default=list(RoutingBenchConfig.d_ins))
-    parser.add_argument("--ranks", type=int, nargs="+", default=list(RoutingBenchConfig.ranks))
-    parser.add_argument("--tokens", type=int, default=RoutingBenchConfig.tokens)
-    parser.add_argument("--repeats", type=int, default=RoutingBenchConfig.repeats)
+    parser = argparse.ArgumentParser(
+        prog="seqr bench routing", description=__doc__, formatter_class=DefaultsHelpFormatter
+    )
+    d = RoutingBenchConfig
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/bench_routing"), help="folder for the results"
+    )
+    parser.add_argument(
+        "--ns", type=int, nargs="+", default=list(d.ns), help="numbers of adapters N"
+    )
+    parser.add_argument(
+        "--d-ins", type=int, nargs="+", default=list(d.d_ins), help="input widths of a module"
+    )
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(d.ranks), help="LoRA ranks")
+    parser.add_argument("--tokens", type=int, default=d.tokens, help="tokens routed per call")
+    parser.add_argument("--repeats", type=int, default=d.repeats, help="timed calls per case")
     parser.add_argument(
         "--threads",
         type=int,

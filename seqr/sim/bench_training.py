@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from seqr.cli.help import BASE_MODEL_HELP, CACHE_DIR_HELP, DefaultsHelpFormatter, add_old_spelling
 from seqr.core.errors import ConfigError, SeqrError
 from seqr.core.federation import DEFAULT_BASE_MODEL, FederationConfig
 
@@ -164,17 +165,27 @@ def run(cfg: TrainingBenchConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="seqr bench training", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="seqr bench training", description=__doc__, formatter_class=DefaultsHelpFormatter
+    )
     defaults = TrainingBenchConfig()
-    parser.add_argument("--model", default=defaults.model, help="known name or local folder")
+    parser.add_argument("--base-model", dest="model", default=defaults.model, help=BASE_MODEL_HELP)
+    add_old_spelling(parser, "--model", "model")
     parser.add_argument("--data", type=Path, help="text folder (default: some stdlib sources)")
-    for key in ("steps", "warmup", "batch_size", "seq_len", "threads"):
+    helps = {
+        "steps": "training steps per loop, warm-up included",
+        "warmup": "steps at the start that are not timed",
+        "batch_size": "sequences per step",
+        "seq_len": "tokens per sequence",
+        "threads": "torch threads (0: torch's default)",
+    }
+    for key, text in helps.items():
         flag = "--" + key.replace("_", "-")
-        parser.add_argument(
-            flag, type=int, default=getattr(defaults, key), help=f"({getattr(defaults, key)})"
-        )
-    parser.add_argument("--cache-dir", type=Path, help="converted base models")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+        parser.add_argument(flag, type=int, default=getattr(defaults, key), help=text)
+    parser.add_argument("--cache-dir", type=Path, help=CACHE_DIR_HELP)
+    parser.add_argument(
+        "--out", type=Path, metavar="FILE", help="also write the results to this JSON file"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = TrainingBenchConfig(
@@ -209,7 +220,7 @@ def main(argv: list[str]) -> int:
     fed_default = FederationConfig()
     shape = f"r={fed_default.lora_rank} on {','.join(fed_default.lora_target_modules)}"
     print(f"  fp32 adapter file       {result['adapter_fp32_mb']:10.3f} MB ({shape})")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
     return 0

@@ -26,6 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from seqr.cli.help import DefaultsHelpFormatter
 from seqr.core.atomic_write import create_new_file
 from seqr.core.errors import ConfigError, DataError, SeqrError
 from seqr.sim.domains import DOMAINS, SourceConfig, build_domain_text, default_cache
@@ -191,22 +192,21 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         prog="seqr data prepare",
         description="Install and build the real multi-domain text corpus (one folder of "
         "UTF-8 text files per domain, plus MANIFEST.json).",
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, help="folder to create (e.g. data/domains)")
     parser.add_argument(
         "--domains",
         default=",".join(DOMAINS),
-        help="comma-separated domain names (default: all; see --list)",
+        help="comma-separated domain names (see --list)",
     )
     parser.add_argument(
         "--max-bytes-per-domain",
         type=int,
         default=1_000_000,
-        help="cap per domain, sampled evenly over the source (default 1000000)",
+        help="cap per domain, sampled evenly over the source",
     )
-    parser.add_argument(
-        "--file-bytes", type=int, default=128 * 1024, help="bytes per part file (default 131072)"
-    )
+    parser.add_argument("--file-bytes", type=int, default=128 * 1024, help="bytes per part file")
     parser.add_argument(
         "--no-install",
         action="store_true",
@@ -217,7 +217,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "--cache",
         type=Path,
         default=None,
-        help="folder for the downloaded sdist (default ~/.cache/seqr/sdists)",
+        help="folder for the downloaded sdist (default: ~/.cache/seqr/sdists)",
     )
     parser.add_argument(
         "--source-root",

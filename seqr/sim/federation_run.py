@@ -15,13 +15,8 @@ from typing import Any
 
 from seqr.core.atomic_write import write_atomic
 from seqr.core.errors import ConfigError
-from seqr.core.signing import (
-    PRIVATE_KEY_NAME,
-    PUBLIC_KEY_NAME,
-    load_private_key,
-    load_public_key,
-    write_keypair,
-)
+from seqr.core.key_files import load_private_key, load_public_key, write_keypair
+from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
 
 
 @dataclass(frozen=True)

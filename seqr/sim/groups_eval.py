@@ -21,11 +21,13 @@ import json
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from seqr.cli.help import RawDefaultsHelpFormatter
 from seqr.core.errors import ConfigError, DataError, SeqrError
+from seqr.sim.groups_report import write_report
 
 log = logging.getLogger("seqr.simulate.groups")
 SEGMENTS = 20  # contiguous pieces of the domain text; every HELDOUT_EVERY-th is held out
@@ -115,13 +117,8 @@ def group_members(domain: str, fingerprints: dict[str, str]) -> str:
 def run_group_federation(cfg: GroupsEvalConfig, fed: Any, work: Path) -> dict[str, Any]:
     """Operator set-up (keys, registry, enrolment) and one real Flower run."""
     from seqr.core.base_model import load_base_model
-    from seqr.core.signing import (
-        PRIVATE_KEY_NAME,
-        PUBLIC_KEY_NAME,
-        load_private_key,
-        load_public_key,
-        write_keypair,
-    )
+    from seqr.core.key_files import load_private_key, load_public_key, write_keypair
+    from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
     from seqr.operator.federation_setup import setup_federation
     from seqr.operator.registry_ops import init_registry, open_publisher
     from seqr.sim.flower_local import SIMULATION_TIMEOUT_S, flwr_run, local_superlink
@@ -183,7 +180,8 @@ def train_baselines(
     cfg: GroupsEvalConfig, fed: Any, parts: list[Path], pooled: Path, work: Path
 ) -> dict[str, Path]:
     """Local-only adapters (each part alone) and the centrally trained reference, in-process."""
-    from seqr.core.signing import PRIVATE_KEY_NAME, write_keypair
+    from seqr.core.key_files import write_keypair
+    from seqr.core.signing import PRIVATE_KEY_NAME
     from seqr.node.task import run_client
 
     key = work / "baseline-key" / PRIVATE_KEY_NAME
@@ -293,118 +291,59 @@ def run(cfg: GroupsEvalConfig) -> dict[str, Any]:
     routing = evaluate(
         library, heldout, EvalConfig(max_sequences_per_domain=cfg.eval_sequences, peft_arrow=False)
     )
-    return _report(cfg, flower, verified.report, summary, losses, routing, len(held_chunks))
-
-
-def _report(cfg, flower, audit, summary, losses, routing, n_held) -> dict[str, Any]:
-    local = [v for k, v in losses.items() if k.startswith("local_")]
-    group, central = losses["group"], losses["central"]
-    entry = next(e for e in audit.entries if e.name == cfg.domain)
-    rounds = summary["rounds"]
-    b = summary["b_bytes"]
-    report = {
-        "losses": losses,
-        "heldout_sequences": n_held,
-        "targets": {
-            "group_vs_central_relative": (group - central) / central,
-            "group_within_1pct_of_central": (group - central) / central <= 0.01,
-            "local_mean": sum(local) / len(local),
-            "group_better_than_local_mean": group < sum(local) / len(local),
-        },
-        "communication": {
-            "b_bytes": b,
-            "a_bytes_never_sent": summary["a_bytes"],
-            "per_round": [
-                {
-                    "round": r["round"],
-                    "down_per_client": r["bytes_down_per_client"],
-                    "up_per_client": r["bytes_up_per_client"],
-                    "flower_array_bytes_down": r["array_record_bytes_down"],
-                    "train_loss": r["train_loss"],
-                    "epsilon": r["epsilon"],
-                }
-                for r in rounds
-            ],  # fmt: skip
-            "every_round_is_b_only": all(
-                r["bytes_down_per_client"] == b and set(r["bytes_up_per_client"].values()) == {b}
-                for r in rounds
-            ),  # fmt: skip
-        },
-        "privacy": summary["privacy"],
-        "group": {
-            "status": summary["status"],
-            "contributors": list(entry.contributors),
-            "examples_by_client": dict(entry.examples_by_client or {}),
-            "rounds": entry.group_rounds,
-            "seconds": summary["seconds"],
-            "clients_heldout_loss": summary["heldout_loss"],
-        },  # fmt: skip
-        "routing": {
-            m: v["routing_accuracy"]
-            for m, v in routing["methods"].items()
-            if "routing_accuracy" in v
-        },  # fmt: skip
-        "routing_adapters": routing["adapters"],
-        "routing_confusion_seqr": routing["methods"]["seqr"]["confusion"],
-        "audit": {"version": audit.version, "entries": len(audit.entries)},
-        "federation_seconds": round(flower["seconds"], 1),
-        "config": {k: str(v) for k, v in asdict(cfg).items()},
-    }
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "report.json").write_text(json.dumps(report, indent=2))
-    (cfg.out / "report.md").write_text(_markdown(cfg, report))
-    return report
-
-
-def _markdown(cfg: GroupsEvalConfig, r: dict[str, Any]) -> str:
-    t, c = r["targets"], r["communication"]
-    rows = "\n".join(
-        f"| {k} | {v:.4f} |" for k, v in sorted(r["losses"].items(), key=lambda x: x[1])
-    )
-    comm = "\n".join(
-        f"| {x['round']} | {x['down_per_client']} | {sorted(set(x['up_per_client'].values()))} "
-        f"| {x['flower_array_bytes_down']} | {x['train_loss']:.4f} |"
-        for x in c["per_round"]
-    )
-    routing = ", ".join(f"{m} {v:.3f}" for m, v in r["routing"].items())
-    return (
-        f"# Task group: {cfg.domain} split across {cfg.clients} clients\n\n"
-        f"{cfg.rounds} rounds x {cfg.local_steps} local steps, {cfg.aggregation}, "
-        f"DP: {r['privacy']}.\n"
-        f"Base model {cfg.base_model}, sequences of {cfg.seq_len} tokens, batch {cfg.batch_size} "
-        f"per client (central reference: batch {cfg.batch_size * cfg.clients}, "
-        f"{cfg.steps} steps on the pooled parts).\n\n"
-        f"## Held-out loss on the domain's held-out text ({r['heldout_sequences']} sequences)\n\n"
-        f"| adapter | loss |\n|---|---|\n{rows}\n\n"
-        f"group vs central: {100 * t['group_vs_central_relative']:+.2f}% "
-        f"(target within 1%: {'met' if t['group_within_1pct_of_central'] else 'NOT met'}); "
-        f"mean of local-only adapters {t['local_mean']:.4f} "
-        f"(group better: {'yes' if t['group_better_than_local_mean'] else 'NO'}).\n\n"
-        f"## Communication per client and round\n\nB alone is {c['b_bytes']} bytes "
-        f"(the shared A, {c['a_bytes_never_sent']} bytes, is never sent).\n\n"
-        f"| round | bytes down | bytes up | Flower array bytes down | mean train loss |\n"
-        f"|---|---|---|---|---|\n{comm}\n\n"
-        f"## Routing with the audited registry (group + single-client adapters)\n\n"
-        f"Adapters: {', '.join(r['routing_adapters'])}. Test accuracy: {routing}.\n\n"
-        f"Contributors of the group adapter (signed, audited): "
-        f"{', '.join(r['group']['contributors'])}.\n"
-    )
+    return write_report(cfg, flower, verified.report, summary, losses, routing, len(held_chunks))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="seqr simulate groups", description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/domains"))
-    parser.add_argument("--out", type=Path, default=Path("runs/groups"))
-    parser.add_argument("--domain", default=None, help="the domain split across the group")
-    parser.add_argument("--others", default=None, help="comma-separated single-client domains")
-    parser.add_argument("--base-model", default=None)
-    for name in ("clients", "rounds", "local-steps", "seq-len", "batch-size", "eval-sequences",
-                 "calib-sequences"):  # fmt: skip
-        parser.add_argument(f"--{name}", type=int, default=None)
-    parser.add_argument("--aggregation", default=None, help="fedavg|fedtrimmedavg|fedmedian|krum")
-    parser.add_argument("--dp", default=None, help="none|server|client")
-    parser.add_argument("--dp-noise-multiplier", type=float, default=None)
-    parser.add_argument("--dp-clip", type=float, default=None)
+    d = GroupsEvalConfig(Path("data/domains"), Path("runs/groups"))
+    parser = argparse.ArgumentParser(
+        prog="seqr simulate groups", description=__doc__, formatter_class=RawDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=d.data,
+        help="one folder of text per domain (seqr data prepare)",
+    )
+    parser.add_argument("--out", type=Path, default=d.out, help="run folder to create")
+    parser.add_argument(
+        "--domain", default=None, help=f"the domain split across the group (default: {d.domain})"
+    )
+    parser.add_argument(
+        "--others",
+        default=None,
+        help=f"comma-separated single-client domains (default: {','.join(d.others)})",
+    )
+    parser.add_argument(
+        "--base-model", default=None, help=f"known model name or local model folder (default: "
+        f"{d.base_model})"
+    )  # fmt: skip
+    helps = {
+        "clients": "K: clients the domain is split across",
+        "rounds": "R: rounds of FedAvg on B",
+        "local_steps": "L: local steps per round",
+        "seq_len": "tokens per training sequence",
+        "batch_size": "sequences per step and client",
+        "eval_sequences": "held-out chunks per domain for losses and routing",
+        "calib_sequences": "sequences each client calibrates its statistics on",
+    }
+    quick = {"rounds": 2, "local_steps": 3, "seq_len": 48, "eval_sequences": 12}
+    for name, text in helps.items():
+        also = f"; --quick: {quick[name]}" if name in quick else ""
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                            help=f"{text} (default: {getattr(d, name)}{also})")  # fmt: skip
+    parser.add_argument("--aggregation", default=None, help="fedavg|fedtrimmedavg|fedmedian|krum "
+                        f"(default: {d.aggregation})")  # fmt: skip
+    parser.add_argument("--dp", default=None, help=f"none|server|client (default: {d.dp})")
+    parser.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        default=None,
+        help=f"noise multiplier of DP (default: {d.dp_noise_multiplier})",
+    )
+    parser.add_argument(
+        "--dp-clip", type=float, default=None, help=f"clipping norm of DP (default: {d.dp_clip})"
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds of 3 steps, short text")
     parser.add_argument(
         "--resume", action="store_true", help="reuse the registry and baselines already in --out"
@@ -415,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         overrides["resume"] = True
     if args.quick:
-        overrides.update(rounds=2, local_steps=3, seq_len=48, eval_sequences=12)
+        overrides.update(quick)
     for f in fields(GroupsEvalConfig):
         value = getattr(args, f.name, None)
         if value is not None and f.name not in ("data", "out"):

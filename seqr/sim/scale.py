@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from seqr.cli.help import DefaultsHelpFormatter
 from seqr.core.errors import DataError
 from seqr.sim.tiny_world import STDLIB, build_tiny_llama
 
@@ -44,11 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     from seqr.core.errors import SeqrError
     from seqr.sim.simulate import SimulateConfig, positive_int, run
 
-    parser = argparse.ArgumentParser(prog="seqr simulate scale", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="seqr simulate scale", description=__doc__, formatter_class=DefaultsHelpFormatter
+    )
     # Routing needs 2 adapters; the stdlib has a few hundred suitable files (2 per client).
-    parser.add_argument("--clients", type=positive_int(2, 1000), default=100)
-    parser.add_argument("--out", type=Path, default=Path("runs/scale"))
-    parser.add_argument("--steps", type=positive_int(1, 10_000), default=2)
+    parser.add_argument(
+        "--clients", type=positive_int(2, 1000), default=100, help="simulated clients"
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/scale"), help="run folder")
+    parser.add_argument(
+        "--steps", type=positive_int(1, 10_000), default=2, help="training steps per client"
+    )
     args = parser.parse_args(argv)
     if args.out.exists():
         print(f"seqr simulate scale: {args.out} exists; choose a new --out", file=sys.stderr)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from seqr.cli.help import DEFAULT_BASE_MODEL_HELP, RawDefaultsHelpFormatter
 from seqr.core.errors import ConfigError, DataError, SeqrError
 
 # Ten well-separated domains of `seqr data prepare` (code, manuals, dictionary, law, drama,
@@ -231,14 +232,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="seqr simulate",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDefaultsHelpFormatter,
     )
-    parser.add_argument("--data", type=Path, default=Path("data/domains"))
-    parser.add_argument("--out", type=Path, default=Path("runs/simulation"))
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path("data/domains"),
+        help="one folder of text per domain (seqr data prepare)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/simulation"), help="run folder to create"
+    )
     parser.add_argument("--domains", default="", help="comma-separated subfolders of --data")
-    parser.add_argument("--base-model", default=None, help="known name or local model folder")
+    parser.add_argument("--base-model", default=None, help=DEFAULT_BASE_MODEL_HELP)
     parser.add_argument("--steps", type=positive_int(), help="training steps per client")
-    parser.add_argument("--seq-len", type=positive_int(8, 32768))
+    parser.add_argument(
+        "--seq-len",
+        type=positive_int(8, 32768),
+        help="tokens per training sequence (default: the federation's)",
+    )
     parser.add_argument(
         "--eval-sequences",
         type=positive_int(2),

@@ -19,16 +19,15 @@ import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seqr.cli.help import CACHE_DIR_HELP, CONSUMER_BASE_MODEL_HELP, RawDefaultsHelpFormatter
+from seqr.consumer.serve.bench_load import compare, run_level
 from seqr.consumer.serve.bench_report import TARGET, TARGET_LEVELS, plot, table
 from seqr.core.errors import ConfigError, DataError
 
@@ -160,117 +159,6 @@ class ServerProcess:
         return self.proc.wait(120)
 
 
-def run_level(
-    client: Any,
-    pairs: list[tuple[str, str]],
-    clients: int,
-    mode: str,
-    cfg: ServeBenchConfig,
-    server_cpu: Any = None,
-) -> dict[str, Any]:
-    """Requests from ``clients`` threads (cfg.requests_per_client each, at least
-    cfg.min_requests in all); mode "auto" or "fixed"."""
-    count = max(cfg.min_requests, cfg.requests_per_client * clients)
-    jobs = [pairs[i % len(pairs)] for i in range(count)]
-    latencies: list[float] = []
-    chosen: list[tuple[str, str | None]] = []
-    failures: list[str] = []
-    tokens = [0]
-    lock = threading.Lock()
-
-    def worker(k: int) -> None:
-        for domain, prompt in jobs[k::clients]:
-            started = time.perf_counter()
-            try:
-                out = client.completions.create(
-                    model="auto" if mode == "auto" else domain,
-                    prompt=prompt,
-                    max_tokens=cfg.max_tokens,
-                    temperature=0,
-                    extra_body={"ignore_eos": True},
-                )
-            except Exception as exc:  # noqa: BLE001 - a lost request is a result here
-                with lock:
-                    failures.append(f"{type(exc).__name__}: {exc}"[:200])
-                continue
-            with lock:
-                latencies.append(time.perf_counter() - started)
-                tokens[0] += out.usage.completion_tokens
-                chosen.append((domain, out.model_extra["seqr"]["adapter"]))
-
-    cpu_before = server_cpu() if server_cpu else 0.0
-    started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(worker, range(clients)))
-    wall = time.perf_counter() - started
-    return {
-        "wall_s": wall,
-        "server_cpu_s": (server_cpu() - cpu_before) if server_cpu else None,
-        "tokens": tokens[0],
-        "latencies": latencies,
-        "chosen": chosen,
-        "failures": failures,
-    }
-
-
-def _quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    wall = sum(r["wall_s"] for r in runs)
-    cpu = sum(r["server_cpu_s"] or 0.0 for r in runs)
-    tokens = sum(r["tokens"] for r in runs)
-    latencies = [x for r in runs for x in r["latencies"]]
-    chosen = [c for r in runs for c in r["chosen"]]
-    return {
-        "requests": sum(len(r["latencies"]) + len(r["failures"]) for r in runs),
-        "lost": sum(len(r["failures"]) for r in runs),
-        "failures": [f for r in runs for f in r["failures"]][:5],
-        "tokens": tokens,
-        "wall_s": round(wall, 3),
-        "tokens_per_s": tokens / wall if wall else 0.0,
-        "per_repeat_tokens_per_s": [r["tokens"] / r["wall_s"] for r in runs],
-        # Work per server CPU-second: what the routing pass costs, whatever else the machine
-        # runs (wall-clock throughput on a shared machine moves with the other load).
-        "server_cpu_s": round(cpu, 3),
-        "tokens_per_server_cpu_s": tokens / cpu if cpu else None,
-        "per_repeat_tokens_per_server_cpu_s": [
-            r["tokens"] / r["server_cpu_s"] for r in runs if r["server_cpu_s"]
-        ],
-        "latency_p50_s": _quantile(latencies, 0.5),
-        "latency_p99_s": _quantile(latencies, 0.99),
-        "routed_to_domain": (sum(d == a for d, a in chosen) / len(chosen)) if chosen else None,
-    }
-
-
-def _ratio(num: float | None, den: float | None) -> float | None:
-    return num / den if num and den else None
-
-
-def compare(clients: int, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """One level: auto against fixed, in wall-clock and in server CPU time."""
-    fixed, auto = summarize(runs["fixed"]), summarize(runs["auto"])
-    ratio = _ratio(auto["tokens_per_s"], fixed["tokens_per_s"]) or 0.0
-    cpu_ratio = _ratio(auto["tokens_per_server_cpu_s"], fixed["tokens_per_server_cpu_s"])
-    pairs = zip(auto["per_repeat_tokens_per_s"], fixed["per_repeat_tokens_per_s"], strict=True)
-    return {
-        "clients": clients,
-        "fixed": fixed,
-        "auto": auto,
-        "throughput_ratio": ratio,  # auto / fixed generated tokens per wall-clock second
-        "paired_ratio_median": statistics.median(a / f for a, f in pairs),
-        "cpu_ratio": cpu_ratio,  # auto / fixed generated tokens per server CPU-second
-        "routing_overhead_cpu": None if cpu_ratio is None else 1 / cpu_ratio - 1,
-        "latency_p50_ratio": _ratio(auto["latency_p50_s"], fixed["latency_p50_s"]),
-        "meets_target": clients not in TARGET_LEVELS or ratio >= TARGET,
-        "meets_target_cpu": clients not in TARGET_LEVELS or (cpu_ratio or 0.0) >= TARGET,
-    }
-
-
 def run(cfg: ServeBenchConfig) -> dict[str, Any]:
     import httpx
     import openai
@@ -369,17 +257,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="seqr bench serve",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDefaultsHelpFormatter,
     )
-    p.add_argument("--registry", type=Path, required=True, help="registry folder to serve")
+    p.add_argument(
+        "--registry", type=Path, required=True, metavar="DIR", help="registry folder to serve"
+    )
     p.add_argument(
         "--data",
         type=Path,
         default=Path("data/domains"),
         help="one folder of text per adapter name (held-out chunks become prompts)",
     )
-    p.add_argument("--base-model", default=None)
-    p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help=CONSUMER_BASE_MODEL_HELP,
+    )
+    p.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
     p.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
     p.add_argument(
         "--requests-per-client",
@@ -387,18 +281,26 @@ def main(argv: list[str] | None = None) -> int:
         default=4,
         help="per level, mode and repeat (at least --min-requests in all)",
     )
-    p.add_argument("--min-requests", type=int, default=16)
+    p.add_argument(
+        "--min-requests", type=int, default=16, help="requests per level, mode and repeat, at least"
+    )
     p.add_argument("--max-tokens", type=int, default=32, help="generated per request, exactly")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="held-out tokens per prompt")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="fixed/auto pairs per level, in ABBA order"
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="the server's torch threads (0: torch's default)"
+    )
     p.add_argument(
         "--first-pass-dtype",
         choices=("bfloat16", "float16"),
         default=None,
         help="the server's routing pass dtype (seqr serve --first-pass-dtype)",
     )
-    p.add_argument("--out", type=Path, default=Path("runs/bench_serve"))
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/bench_serve"), help="folder for the results"
+    )
     args = p.parse_args(argv)
     try:
         clients = tuple(int(c) for c in args.clients.split(",") if c.strip())
