@@ -43,7 +43,7 @@ def test_bench_serve_compares_auto_with_the_named_adapter(
             "24",
             "--repeats",
             "2",
-            "--first-pass-dtype",
+            "--routing-pass",
             "bfloat16",
             "--out",
             str(out),
@@ -54,6 +54,7 @@ def test_bench_serve_compares_auto_with_the_named_adapter(
     assert list(doc["levels"]) == ["1", "3"] and doc["lost_requests"] == 0
     assert doc["server_exit_code"] == 0 and sorted(doc["adapters"]) == sorted(DOMAINS)
     assert doc["registry_load_seconds"] > 0
+    assert doc["config"]["routing_pass"] == "bfloat16"
     for level in doc["levels"].values():
         for mode in ("fixed", "auto"):
             stats = level[mode]

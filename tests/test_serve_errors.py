@@ -15,6 +15,7 @@ from _route_world import DOMAINS
 from _serve_world import ServeWorld, serve_world, start_server
 
 from seqr.consumer.serve import LimitsConfig, SeqrServer
+from seqr.core.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 LIMITS = LimitsConfig(
@@ -343,3 +344,24 @@ def test_cli_refuses_a_base_model_other_than_the_adapters_one(
     )
     err = capsys.readouterr().err
     assert code == 1 and "NOT SERVING" in err and "trained on" in err
+
+
+@pytest.mark.parametrize(
+    ("choice", "device", "native", "expected"),
+    [
+        ("auto", "cpu", True, "bfloat16"),  # native bf16 units: the fast pass
+        ("auto", "cpu", False, None),  # emulated bf16 would be slower: the exact pass
+        ("auto", "cuda", True, None),
+        ("float32", "cpu", True, None),
+        ("bfloat16", "cpu", False, "bfloat16"),  # asked for: honoured
+    ],
+)
+def test_routing_pass_auto_uses_bf16_only_where_the_cpu_has_it(
+    monkeypatch: pytest.MonkeyPatch, choice: str, device: str, native: bool, expected: str | None
+) -> None:
+    from seqr.consumer.serve import config
+
+    monkeypatch.setattr(config, "native_bf16", lambda: native)
+    assert config.routing_pass_dtype(choice, device) == expected
+    with pytest.raises(ConfigError, match="routing pass 'int8' must be one of"):
+        config.routing_pass_dtype("int8", device)

@@ -21,8 +21,15 @@ def _parser() -> argparse.ArgumentParser:
         CONSUMER_BASE_MODEL_HELP,
         EXPECT_ROOT_HELP,
         DefaultsHelpFormatter,
+        add_old_spelling,
     )
-    from seqr.consumer.serve.config import EngineConfig, LimitsConfig, PoolConfig, ServeConfig
+    from seqr.consumer.serve.config import (
+        ROUTING_PASSES,
+        EngineConfig,
+        LimitsConfig,
+        PoolConfig,
+        ServeConfig,
+    )
 
     serve, limits, engine, pool = ServeConfig(), LimitsConfig(), EngineConfig(), PoolConfig()
     p = argparse.ArgumentParser(
@@ -118,12 +125,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=engine.device, help="torch device, e.g. cuda")
     p.add_argument(
-        "--first-pass-dtype",
-        choices=("bfloat16", "float16"),
-        default=engine.first_pass_dtype,
-        help="run the routing pass on a copy of the base model in this dtype (bfloat16: ~2.5x "
-        "faster on CPUs with AMX; near-ties may flip)",
+        "--routing-pass",
+        choices=ROUTING_PASSES,
+        default="auto",
+        help="dtype of the routing pass over each prompt: float32 runs it on the base model "
+        "itself (exact); bfloat16 on a bf16 copy (~2.5x faster on CPUs with AMX, near-ties "
+        "may flip); auto: bfloat16 where the CPU has native bf16, float32 elsewhere",
     )
+    add_old_spelling(p, "--first-pass-dtype", "routing_pass")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument(
         "--log-level",
@@ -138,7 +147,12 @@ def main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     from seqr.consumer.serve import RegistrySource, SeqrServer, ServeConfig, build_state
-    from seqr.consumer.serve.config import EngineConfig, LimitsConfig, PoolConfig
+    from seqr.consumer.serve.config import (
+        EngineConfig,
+        LimitsConfig,
+        PoolConfig,
+        routing_pass_dtype,
+    )
     from seqr.core.errors import ConfigError, SeqrError
     from seqr.registry import AuditConfig
 
@@ -167,7 +181,7 @@ def main(argv: list[str]) -> int:
                 max_batch=args.max_batch,
                 queue_size=args.queue_size,
                 device=args.device,
-                first_pass_dtype=args.first_pass_dtype,
+                first_pass_dtype=routing_pass_dtype(args.routing_pass, args.device),
             ),
         )
         source = RegistrySource(
@@ -197,7 +211,8 @@ def main(argv: list[str]) -> int:
     version = state.live.current
     print(
         f"seqr serve: registry {source.path} version {version.version} audited, adapters "
-        f"{', '.join(version.names)}; calibration {config.calibration}",
+        f"{', '.join(version.names)}; calibration {config.calibration}; routing pass "
+        f"{config.engine.first_pass_dtype or 'float32'}",
         flush=True,
     )
     print(

@@ -29,6 +29,7 @@ from typing import Any
 from seqr.cli.help import CACHE_DIR_HELP, CONSUMER_BASE_MODEL_HELP, RawDefaultsHelpFormatter
 from seqr.consumer.serve.bench_load import compare, run_level
 from seqr.consumer.serve.bench_report import TARGET, TARGET_LEVELS, plot, table
+from seqr.consumer.serve.config import ROUTING_PASSES, native_bf16
 from seqr.core.errors import ConfigError, DataError
 
 TRAIN_SEQ_LEN = 128  # the federation's chunk length: held-out chunks are the evaluation's
@@ -47,7 +48,7 @@ class ServeBenchConfig:
     prompt_tokens: int = 64  # held-out tokens per prompt
     repeats: int = 2  # fixed/auto pairs per level, ABBA order
     threads: int = 0  # the server's torch threads (0: torch's default)
-    first_pass_dtype: str | None = None  # the server's routing pass (seqr serve's option)
+    routing_pass: str = "auto"  # the server's routing pass (seqr serve --routing-pass)
     out: Path = field(default_factory=lambda: Path("runs/bench_serve"))
 
     def __post_init__(self) -> None:
@@ -131,8 +132,7 @@ class ServerProcess:
             args += ["--base-model", cfg.base_model]
         if cfg.cache_dir:
             args += ["--cache-dir", cfg.cache_dir]
-        if cfg.first_pass_dtype:
-            args += ["--first-pass-dtype", cfg.first_pass_dtype]
+        args += ["--routing-pass", cfg.routing_pass]
         self.proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -236,6 +236,7 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "load_average": _load(),
+            "native_bf16": native_bf16(),  # what --routing-pass auto chose by (bfloat16 if so)
         },
         "config": {k: str(v) for k, v in asdict(cfg).items()},
     }
@@ -293,10 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0, help="the server's torch threads (0: torch's default)"
     )
     p.add_argument(
-        "--first-pass-dtype",
-        choices=("bfloat16", "float16"),
-        default=None,
-        help="the server's routing pass dtype (seqr serve --first-pass-dtype)",
+        "--routing-pass",
+        choices=ROUTING_PASSES,
+        default="auto",
+        help="the server's routing pass dtype (seqr serve --routing-pass)",
     )
     p.add_argument(
         "--out", type=Path, default=Path("runs/bench_serve"), help="folder for the results"
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt_tokens=args.prompt_tokens,
             repeats=args.repeats,
             threads=args.threads,
-            first_pass_dtype=args.first_pass_dtype,
+            routing_pass=args.routing_pass,
             out=args.out,
         )
     except (ConfigError, ValueError) as exc:
