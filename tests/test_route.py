@@ -176,7 +176,7 @@ def test_cli_routes_each_line_of_a_file_as_json(
     inputs.write_text("\n\n".join(t.replace("\n", " ") for _, t in pairs) + "\n", "utf-8")
     code = main(["--registry", str(world.registry), "--file", str(inputs), "--generate", "3",
                  "--base-model", str(world.model_dir), "--json",
-                 "--first-pass-dtype", "bfloat16"])  # fmt: skip
+                 "--routing-pass", "bfloat16"])  # fmt: skip
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and doc["ok"] and doc["registry"]["version"] == 2
     assert [r["adapter"] for r in doc["results"]] == [d for d, _ in pairs]

@@ -359,7 +359,7 @@ def test_cli_refuses_a_base_model_other_than_the_adapters_one(
 def test_routing_pass_auto_uses_bf16_only_where_the_cpu_has_it(
     monkeypatch: pytest.MonkeyPatch, choice: str, device: str, native: bool, expected: str | None
 ) -> None:
-    from seqr.consumer.serve import config
+    from seqr.consumer import config
 
     monkeypatch.setattr(config, "native_bf16", lambda: native)
     assert config.routing_pass_dtype(choice, device) == expected

@@ -17,6 +17,7 @@ from seqr.cli.help import (
     CONSUMER_BASE_MODEL_HELP,
     EXPECT_ROOT_HELP,
     DefaultsHelpFormatter,
+    add_old_spelling,
 )
 from seqr.core.printable import printable
 
@@ -29,6 +30,8 @@ MAX_INPUT_FILE_BYTES = 64 * 1024 * 1024  # bytes; --file is read whole
 
 
 def _parser() -> argparse.ArgumentParser:
+    from seqr.consumer.config import ROUTING_PASSES
+
     p = argparse.ArgumentParser(
         prog="seqr route",
         description="Audit an adapter registry, load its adapters onto the base model, and route "
@@ -71,9 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
     p.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    p.add_argument("--first-pass-dtype", choices=("bfloat16", "float16"), default=None,
-                   help="run the routing pass on a copy of the model in this dtype (faster "
-                   "generation; near-ties may flip)")  # fmt: skip
+    p.add_argument("--routing-pass", choices=ROUTING_PASSES, default="float32",
+                   help="dtype of the routing pass: float32 on the model itself (exact); "
+                   "bfloat16 on a bf16 copy (faster generation, near-ties may flip); auto: "
+                   "bfloat16 where the CPU has native bf16")  # fmt: skip
+    add_old_spelling(p, "--first-pass-dtype", "routing_pass")
     p.add_argument(
         "--calibration",
         choices=("own", "reference", "blend", "queries"),
@@ -152,6 +157,7 @@ def main(argv: list[str]) -> int:
     if args.generate < 0:
         parser.error(f"--generate {args.generate} must be >= 0")
     texts = _inputs(args, parser)
+    from seqr.consumer.config import routing_pass_dtype
     from seqr.consumer.router import RegistryRouter, RouterConfig
     from seqr.core.errors import ConfigError, SeqrError
     from seqr.registry import AuditConfig, audit_registry, trusted_state_for
@@ -159,7 +165,8 @@ def main(argv: list[str]) -> int:
     try:
         config = RouterConfig(mode="per_token" if args.per_token else "per_sequence",
                               batch_size=args.batch_size, device=args.device,
-                              first_pass_dtype=args.first_pass_dtype,
+                              first_pass_dtype=routing_pass_dtype(args.routing_pass,
+                                                                  args.device),
                               calibration=args.calibration, reference=args.reference)  # fmt: skip
         audit = AuditConfig(expected_root_sha256=args.expect_root_sha256)
     except ConfigError as exc:

@@ -23,13 +23,8 @@ def _parser() -> argparse.ArgumentParser:
         DefaultsHelpFormatter,
         add_old_spelling,
     )
-    from seqr.consumer.serve.config import (
-        ROUTING_PASSES,
-        EngineConfig,
-        LimitsConfig,
-        PoolConfig,
-        ServeConfig,
-    )
+    from seqr.consumer.config import ROUTING_PASSES
+    from seqr.consumer.serve.config import EngineConfig, LimitsConfig, PoolConfig, ServeConfig
 
     serve, limits, engine, pool = ServeConfig(), LimitsConfig(), EngineConfig(), PoolConfig()
     p = argparse.ArgumentParser(
@@ -146,13 +141,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    from seqr.consumer.config import routing_pass_dtype
     from seqr.consumer.serve import RegistrySource, SeqrServer, ServeConfig, build_state
-    from seqr.consumer.serve.config import (
-        EngineConfig,
-        LimitsConfig,
-        PoolConfig,
-        routing_pass_dtype,
-    )
+    from seqr.consumer.serve.config import EngineConfig, LimitsConfig, PoolConfig
     from seqr.core.errors import ConfigError, SeqrError
     from seqr.registry import AuditConfig
 

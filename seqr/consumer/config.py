@@ -22,6 +22,29 @@ Mode = Literal["per_sequence", "per_token"]
 Calibration = Literal["own", "reference", "blend", "queries"]
 CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 REFERENCE_SEQ_LEN = 128  # tokens per reference chunk, as the federation calibrates
+# `--routing-pass` of seqr serve and seqr route: "float32" is the base model itself (exact);
+# "auto" picks bfloat16 where the CPU multiplies it natively, float32 elsewhere.
+RoutingPass = Literal["auto", "float32", "bfloat16", "float16"]
+ROUTING_PASSES: tuple[str, ...] = get_args(RoutingPass)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix units (AMX or AVX512-BF16). Elsewhere torch
+    emulates bf16 and a bf16 routing pass is slower than fp32. torch's own CPU probes, which
+    are private: a torch without them reads as no."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def routing_pass_dtype(choice: str, device: str) -> str | None:
+    """EngineConfig.first_pass_dtype for a --routing-pass choice. "auto": bfloat16 on a CPU
+    with native bf16 (docs/RESULTS.md: auto stays within 10% of a named adapter at 8 and 32
+    clients there, with the same routing accuracy; the fp32 pass does not), float32 elsewhere."""
+    if choice not in ROUTING_PASSES:
+        raise ConfigError(f"routing pass {choice!r} must be one of {', '.join(ROUTING_PASSES)}")
+    if choice == "auto":
+        return "bfloat16" if device == "cpu" and native_bf16() else None
+    return None if choice == "float32" else choice
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from seqr.cli.help import CACHE_DIR_HELP, CONSUMER_BASE_MODEL_HELP, RawDefaultsHelpFormatter
+from seqr.consumer.config import ROUTING_PASSES, native_bf16
 from seqr.consumer.serve.bench_load import compare, run_level
 from seqr.consumer.serve.bench_report import TARGET, TARGET_LEVELS, plot, table
-from seqr.consumer.serve.config import ROUTING_PASSES, native_bf16
 from seqr.core.errors import ConfigError, DataError
 
 TRAIN_SEQ_LEN = 128  # the federation's chunk length: held-out chunks are the evaluation's

@@ -17,29 +17,6 @@ from seqr.core.model_routing.config import FIRST_PASS_DTYPES
 
 Calibration = Literal["queries", "own"]
 CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
-# `seqr serve --routing-pass`: "float32" is the base model itself (exact); "auto" picks
-# bfloat16 where the CPU multiplies it natively and float32 elsewhere (routing_pass_dtype).
-RoutingPass = Literal["auto", "float32", "bfloat16", "float16"]
-ROUTING_PASSES: tuple[str, ...] = get_args(RoutingPass)
-
-
-def native_bf16() -> bool:
-    """Whether this CPU has native bf16 matrix units (AMX or AVX512-BF16). Elsewhere torch
-    emulates bf16 and a bf16 routing pass is slower than fp32. torch's own CPU probes, which
-    are private: a torch without them reads as no."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
-
-
-def routing_pass_dtype(choice: str, device: str) -> str | None:
-    """EngineConfig.first_pass_dtype for a --routing-pass choice. "auto": bfloat16 on a CPU
-    with native bf16 (docs/RESULTS.md: auto stays within 10% of a named adapter at 8 and 32
-    clients there, with the same routing accuracy; the fp32 pass does not), float32 elsewhere."""
-    if choice not in ROUTING_PASSES:
-        raise ConfigError(f"routing pass {choice!r} must be one of {', '.join(ROUTING_PASSES)}")
-    if choice == "auto":
-        return "bfloat16" if device == "cpu" and native_bf16() else None
-    return None if choice == "float32" else choice
 
 
 def _check_ints(obj: object, limits: dict[str, tuple[int, int]]) -> None:
