@@ -20,7 +20,8 @@ def test_small_grid_writes_json_plot_and_exact_agreement(tmp_path):
 
 
 def test_cost_model_matches_the_papers_table():
-    # d_in = 4096, r = 16, N = 1024 (SEQR.md): SpectR 67M, ARROW 4.2M, SEQR 0.33M multiply-adds.
+    # d_in = 4096, r = 16, N = 1024 (arXiv 2509.18093's setting):
+    # SpectR 67M, ARROW 4.2M, SEQR 0.33M multiply-adds.
     assert macs_per_token("spectr", 1024, 4096, 16, 4096) == 67_108_864
     assert macs_per_token("arrow", 1024, 4096, 16, 4096) == 4_194_304
     assert macs_per_token("seqr", 1024, 4096, 16, 4096) == 327_680

@@ -57,7 +57,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
 def finish(
     deployment: Deployment, process: subprocess.Popen[str], log: Path, timeout: float = 400
 ) -> str:
-    """Wait for `flwr run`; its output, after checking the run completed (FLOWER.md pitfall 2:
+    """Wait for `flwr run`; its output, after checking the run completed (a Flower pitfall:
     `flwr run --stream` exits 0 even when the ServerApp crashed)."""
     try:
         code = process.wait(timeout=timeout)

@@ -84,7 +84,7 @@ def test_installed_a_identical_across_clients_and_frozen() -> None:
     trainable = [n for n, p in one.named_parameters() if p.requires_grad]
     assert trainable and all("lora_B" in n for n in trainable)
     assert check_shared_a(one, "default", 5) == []
-    # SEQR.md pitfall: set_adapter turns A's grad back on; freezing after it restores FFA-LoRA.
+    # peft pitfall: set_adapter turns A's grad back on; freezing after it restores FFA-LoRA.
     one.set_adapter("default")
     freeze_shared_a(one, "default")
     assert all("lora_B" in n for n, p in one.named_parameters() if p.requires_grad)

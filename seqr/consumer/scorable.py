@@ -5,7 +5,7 @@ passed an audit may still be impossible to score there: a B whose B^T B overflow
 statistics whose mean, std or 1/std do not fit, or a lora_A that is not the federation's
 shared A (SEQR needs one A per module). Refusing the whole registry for one such adapter
 would let any enrolled client switch routing off for everyone, so each is checked on its
-own and skipped with a reason (SECURITY.md, "Numeric overflow across a dtype boundary").
+own and skipped with a reason (docs/THREATS.md, "Numeric overflow across a dtype boundary").
 """
 
 from __future__ import annotations

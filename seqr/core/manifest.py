@@ -14,7 +14,7 @@ of each file's exact bytes.
 
 manifest.json is written with sorted keys and no whitespace. ``alpha`` is its only float: a
 JSON number (written with Python's shortest round-trip repr, e.g. ``16.0``); because signatures
-cover exact bytes, no canonical float form is needed (DSSE's approach, SECURITY.md).
+cover exact bytes, no canonical float form is needed (DSSE's approach, docs/THREATS.md).
 ``created`` is ISO-8601 UTC with a ``Z`` suffix, e.g. ``2025-01-02T03:04:05.000006Z``.
 ``public_key`` is the hex of the signer's DER public key (seqr.core.signing).
 """

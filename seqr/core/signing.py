@@ -16,7 +16,7 @@ a short id. A key's name is its full fingerprint, ``sha256:`` + 64 hex of SHA-25
 ``sign`` makes ECDSA-SHA256 signatures as r || s (32 bytes each, IEEE P1363; JWS ES256, RFC 7518
 section 3.4) with low s (s <= n/2): a fixed length, and nobody can turn a signature into a
 second valid one by replacing s with n - s. ``verify`` accepts only that form. Signatures cover
-the EXACT bytes given (DSSE's approach, SECURITY.md).
+the EXACT bytes given (DSSE's approach, docs/THREATS.md).
 
 Private keys live in a PKCS8 PEM file created with mode 0600 from the first byte written,
 optionally encrypted with a passphrase (key_files.py reads and writes key files; this module

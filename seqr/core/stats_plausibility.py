@@ -1,4 +1,4 @@
-"""Bounding what an adapter may claim about its own scores (routing hijack, SECURITY.md).
+"""Bounding what an adapter may claim about its own scores (routing hijack, docs/THREATS.md).
 
 SEQR routes by z = (s - mu) / sigma with mu, sigma measured by the adapter's owner on private
 data (arXiv 2509.18093), so the server cannot check them against that data. But A is shared and

@@ -3,7 +3,7 @@
 Why: a value that is finite where it is checked can overflow where it is used. Routers compute
 in float32 (seqr.core.routing.base.compute_dtype_for): SEQR forms B^T B, brute force ||B A x||,
 and a z-score divides by std. B entries near 1e20 are finite in float32, but B^T B is not; a
-mean of 1e39 is finite in float64 but infinite in float32 (SECURITY.md, "Numeric overflow
+mean of 1e39 is finite in float64 but infinite in float32 (docs/THREATS.md, "Numeric overflow
 across a dtype boundary"). So admission, the registry's audit and group averaging bound what
 they accept, relative to what honest adapters produce and far inside float32's range, and
 check each value in float32 itself.

@@ -8,7 +8,7 @@ node.pub CONNECTION``); the SuperNode proves it holds the private key
 
 This key authenticates the node's transport only. It is NOT the adapter-signing key
 (``seqr keys generate``, ECDSA P-256): that one signs what the node publishes and is checked by
-everyone later (SECURITY.md, "Flower's own security"). Keep the two apart.
+everyone later (docs/THREATS.md, "Flower's own security"). Keep the two apart.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 SEQR routes by z = (||B A x|| - mu) / sigma (arXiv 2509.18093); mu and sigma come from the
 client's private data, so a liar can claim a small mu and a tiny sigma and win inputs that are
-not its own (routing hijack, SECURITY.md). A is shared and B is submitted, so the server can
+not its own (routing hijack, docs/THREATS.md). A is shared and B is submitted, so the server can
 recompute the adapter's norms on public text and bound what it may claim
 (seqr.core.stats_plausibility.check_stats_plausible).
 

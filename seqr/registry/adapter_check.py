@@ -2,7 +2,7 @@
 
 The publisher runs these before signing a version and every auditor runs them again, so a
 registry never lists a file a client cannot safely load. Order matters (cheapest and most
-telling first): a pickle is named as a pickle (it would run code in torch.load, SECURITY.md),
+telling first): a pickle is named as a pickle (it would run code in torch.load, docs/THREATS.md),
 then the safetensors layout is validated by seqr.core.safetensors_check (header cap, exact
 offsets, no trailing bytes), then every float is checked finite straight from the validated
 byte ranges (zero-copy numpy views: no re-serialisation, ~GB/s), then the tensor layout is

@@ -6,7 +6,7 @@ signs, with its enrolled adapter key, every message it answers:
 - a **membership proof** when the server asks who it is: the server's fresh random challenge,
   the adapter name it uses and its public key. A task-groups slot names a key fingerprint, so
   a slot goes only to a node that proves it holds that key: nobody can take an offline
-  member's slot or knock an online one out by claiming its name (SECURITY.md, "bind
+  member's slot or knock an online one out by claiming its name (docs/THREATS.md, "bind
   membership to keys").
 - a **contribution record** per round (``update``: the B it sent back) and at the end
   (``statistics``: its partial norm statistics of the final adapter). Besides the digest of

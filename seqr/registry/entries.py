@@ -1,7 +1,7 @@
 """Verify one adapter of a registry version from its bytes (pure: no I/O).
 
 TUF has already bound every file to the signed targets metadata (length and SHA-256, checked
-as it was downloaded or read). What seqr adds, each check naming its attack (SECURITY.md):
+as it was downloaded or read). What seqr adds, each check naming its attack (docs/THREATS.md):
 
 - the export carries exactly the files its signed record lists, and the record's manifest and
   statistics hashes are those files' (mix-and-match inside an adapter);

@@ -2,7 +2,7 @@
 
 SEQR routes by z = (||B A x|| - mu) / sigma (arXiv 2509.18093); an adapter that claims a
 small mu and a tiny sigma gets a large z on every input and wins inputs that are not its own
-(routing hijack, SECURITY.md). This benchmark measures it on real text and real adapters:
+(routing hijack, docs/THREATS.md). This benchmark measures it on real text and real adapters:
 
 1. honest clients train, calibrate and sign adapters with the real client pipeline
    (seqr.node.task.run_client), one per domain; a liar trains one on its own domain too, then

@@ -7,7 +7,7 @@ McNemar tests of the selected SEQR against ARROW and against the best other cali
 held-out loss with the routed adapter against the oracle (the true domain's adapter), the
 base model and the exact uniform merge, overall and per domain; per-token routing. Each
 domain's held-out chunks are split into a validation half and a test half on which everything
-is reported (SEQR.md: never tune on the test split). The routing settings are not chosen per
+is reported (never tune on the test split). The routing settings are not chosen per
 run: every method aggregates every layer's scores and the default SEQR z-scores with query
 statistics (DEFAULT_CALIBRATION, DEFAULT_LAYERS: chosen once on the project's ten domains,
 docs/RESULTS.md); the other calibrations are reported beside it, and each layer subset's

@@ -1,6 +1,6 @@
 """Run the seqr Flower app on this machine: our own SuperLink, `flwr run`, clean shutdown.
 
-FLOWER.md's advice, in code: a private SuperLink on a free loopback port (never the
+Flower's deployment advice, in code: a private SuperLink on a free loopback port (never the
 machine-wide detached one), FLWR_HOME in the work folder, runtime dependency installation
 off (it would `uv sync` a CUDA torch), and every process it started stopped by PID at the
 end, Ray actors included. `flwr run --stream` exits 0 even when the ServerApp crashed, so

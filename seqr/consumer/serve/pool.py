@@ -1,7 +1,7 @@
 """Query statistics the server measures on its own traffic, which no adapter author can steer.
 
 SEQR z-scores with each adapter's own signed (mu, sigma) (arXiv 2509.18093); a submitter who
-lies about them hijacks routing (SECURITY.md). Query statistics (seqr.core.model_routing.reference,
+lies about them hijacks routing (docs/THREATS.md). Query statistics (model_routing.reference,
 ``per_sequence``) are instead the moments of each adapter's per-sequence score over unlabeled
 inputs like the ones being routed: here, the prompts this server routed itself. The pool keeps,
 per routed prompt, only the (M, N) matrix of its per-module token-mean raw scores (never the

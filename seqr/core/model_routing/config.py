@@ -1,6 +1,6 @@
 """How a routed model picks adapters: one validated dataclass (peft LoraConfig style).
 
-Two granularities (SEQR.md, "Routing granularity"): ``per_token`` routes every token in every
+Two granularities (arXiv 2509.18093, routing granularity): ``per_token`` routes every token in every
 LoRA module on that module's own input, as SpectR (arXiv 2504.03454) and LAG (arXiv 2507.05346)
 do; ``per_sequence`` aggregates module scores over layers and tokens into one adapter per
 sequence and runs the batch with peft's mixed-adapter inference.
@@ -37,11 +37,11 @@ class ModelRoutingConfig:
         ``temperature`` (LAG-style), or ``uniform`` (1/k each). Weights always sum to 1.
     temperature: softmax temperature (> 0); scores are z-scores when statistics are given.
     aggregation: per_sequence only. ``mean``: mean of module scores over valid (unpadded) tokens
-        and modules, argmax per sequence (what SEQR.md found best: 92%). ``vote``: every
+        and modules, argmax per sequence (the best measured here: docs/ROUTING.md). ``vote``: every
         (token, module) votes for its argmax; the most votes wins.
     statistics: which calibration moments turn norms into z-scores: each module's own
         (``per_module``) or all modules of the adapter pooled (``pooled``). Whether per-module or
-        pooled is better is not fixed by the paper (SEQR.md): both are measurable.
+        pooled is better is not fixed by the paper: both are measurable.
     layers: per_sequence only: indices of the decoder layers whose modules are scored (e.g. the
         upper half); None scores every module. The chosen adapter still runs in every module.
     first_pass_dtype: per_sequence only: run the first (routing) pass on a copy of the model

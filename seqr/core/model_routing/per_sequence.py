@@ -1,6 +1,6 @@
 """Per-sequence routing: module scores aggregated over layers and tokens into one adapter.
 
-SEQR.md ("Routing granularity"): serving users want one adapter per request. The mean of
+arXiv 2509.18093 (routing granularity): serving users want one adapter per request. The mean of
 z-scores over the measured tokens (unpadded; the token rule of seqr.core.measurement) and
 modules is the default (92% in the project's measurement); a vote of every (token, module)
 argmax is the alternative. The batch then runs with mixed adapters through peft's

@@ -3,7 +3,7 @@
 SEQR z-scores each adapter with the mean and std of its norms on its own training data (arXiv
 2509.18093). Two weaknesses show up in practice: an input domain that excites every adapter's
 norms (or one adapter's, on its own data, less) shifts the z-scores of all foreign inputs, and
-the statistics are claimed by the adapter's author (a routing-hijack surface, SECURITY.md).
+the statistics are claimed by the adapter's author (a routing-hijack surface, docs/THREATS.md).
 Measuring every adapter's norms on the SAME public reference text removes both: the z-score
 then says how much more this input excites adapter i than generic text does, and no one but
 the router supplies the numbers. The norm convention is calibration's (unscaled ||B A x|| on

@@ -28,7 +28,7 @@ def finite_or_lowest(scores: torch.Tensor) -> torch.Tensor:
 
     A score that overflowed (B^T B or ||B h||^2 past float32's 3.4e38) or is undefined (NaN,
     which ``torch.topk`` ranks FIRST) must never win: the adapter it belongs to simply loses
-    that input (SECURITY.md, "Numeric overflow across a dtype boundary").
+    that input (docs/THREATS.md, "Numeric overflow across a dtype boundary").
     """
     return scores.masked_fill(~torch.isfinite(scores), float("-inf"))
 

