@@ -1,9 +1,9 @@
 """``seqr deploy certs``: a test CA and a SuperLink TLS certificate signed by it.
 
 Flower encrypts SuperLink <-> SuperNode traffic with TLS, and SuperNode authentication is only
-available over TLS (Flower docs, "Enable TLS connections"). The SuperLink takes ``--ssl-ca-
-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key``; every SuperNode and
-``flwr`` connection trusts ``ca.crt`` (``--root-certificates``). Clients check the server
+available over TLS (Flower docs, "Enable TLS connections"). The SuperLink takes
+``--ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key``; every SuperNode
+and ``flwr`` connection trusts ``ca.crt`` (``--root-certificates``). Clients check the server
 certificate's subject alternative names (RFC 6125), so it lists every name and address clients
 dial: by default localhost, 127.0.0.1 and ::1. For a real deployment use your organisation's CA;
 this one is for tests and first trials (its key sits next to the certificates).
