@@ -46,7 +46,10 @@ def _argv(s: dict[str, Path], *extra: str) -> list[str]:
     return ["client", "train", *map(str, paths), "--quiet", *extra]
 
 
-def test_client_train_writes_a_verified_export(setup, capsys) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("key", ["file", "folder"])
+def test_client_train_writes_a_verified_export(setup, capsys, key: str) -> None:  # type: ignore[no-untyped-def]
+    if key == "folder":  # --key KEYDIR reads KEYDIR/signing_key.pem, as in the server commands
+        setup["key"] = setup["key"].parent
     assert seqr(_argv(setup, "--steps", "2", "--name", "bard")) == 0
     summary = json.loads(capsys.readouterr().out)
     manifest = verify_export_files(read_export(setup["out"]))
@@ -85,10 +88,13 @@ def _tree(folder: Path) -> list[str]:
 def test_key_that_is_not_a_key_file_exits_2_without_traceback_or_leftovers(
     setup, capsys, case: str
 ) -> None:  # type: ignore[no-untyped-def]
-    """Issue 14 item 16: `client train --key DIR` (and a FIFO or a symlink) gave a traceback."""
+    """Issue 14 item 16: `client train --key DIR` (and a FIFO or a symlink) gave a traceback.
+    A key folder is read as KEYDIR/signing_key.pem (--key means the same in every command);
+    a folder without one is named."""
     keys = setup["key"].parent
     if case == "folder":
-        setup["key"] = keys  # the key folder instead of KEYDIR/signing_key.pem
+        setup["key"] = keys / "empty"  # a folder that holds no signing_key.pem
+        setup["key"].mkdir()
     elif case == "fifo":
         setup["key"] = keys / "fifo.pem"
         os.mkfifo(setup["key"], 0o600)  # nobody writes: opening it must not hang
@@ -100,7 +106,7 @@ def test_key_that_is_not_a_key_file_exits_2_without_traceback_or_leftovers(
     assert seqr(_argv(setup)) == 2
     err = capsys.readouterr().err
     assert err.startswith("seqr client train: error: ") and err.count("\n") == 1
-    what = {"folder": "is a folder", "fifo": "not a regular file", "symlink": "symlink"}[case]
+    what = {"folder": "does not exist", "fifo": "not a regular file", "symlink": "symlink"}[case]
     assert "signing key" in err and what in err
     assert "Traceback" not in err and "Errno" not in err and PRIVATE_KEY_NAME in err
     assert _tree(root) == before  # no export, no checkpoints, nothing else

@@ -9,7 +9,7 @@ from tiny import tiny_model_dir
 
 from seqr.cli.main import main
 from seqr.core import key_files
-from seqr.core.signing import PUBLIC_KEY_NAME
+from seqr.core.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
 from seqr.operator.settings import state_dir_for
 from seqr.registry.audit import audit_registry
 from seqr.registry.config import AuditConfig
@@ -36,7 +36,14 @@ def test_init_enrol_revoke_publish_versions_an_auditor_accepts(
     client_a = str(tmp_path / "client-a" / PUBLIC_KEY_NAME)
     assert main(["server", "enrol", *common, "--client", client_a, "--client", hex_b]) == 0
     assert f"enrolled {fp_a}, {fp_b}; published version 2" in capsys.readouterr().out
-    assert main(["server", "revoke", *common, "--client", fp_a, "--reason", "key leaked"]) == 0
+    # --key names the key folder or the key file itself, as in `seqr client train`.
+    as_file = [
+        "--registry",
+        str(registry),
+        "--key",
+        str(tmp_path / "server-key" / PRIVATE_KEY_NAME),
+    ]
+    assert main(["server", "revoke", *as_file, "--client", fp_a, "--reason", "key leaked"]) == 0
     assert "published version 3" in capsys.readouterr().out
 
     report = audit_registry(registry).report

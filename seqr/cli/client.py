@@ -16,6 +16,7 @@ from seqr.cli.help import CACHE_DIR_HELP, DefaultsHelpFormatter
 from seqr.cli.keys import read_passphrase
 from seqr.core.errors import ConfigError, SeqrError
 from seqr.core.federation import FederationConfig
+from seqr.core.key_files import key_file_in
 
 PROG = "seqr client train"
 
@@ -33,8 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         "--key",
         required=True,
         type=Path,
-        metavar="KEYFILE",
-        help="the client's private key file, KEYDIR/signing_key.pem (`seqr keys generate`)",
+        metavar="KEY",
+        help="the client's private key: KEYDIR/signing_key.pem or the folder KEYDIR that holds "
+        "it (`seqr keys generate --out KEYDIR`)",
     )
     p.add_argument(
         "--out", required=True, type=Path, help="export folder to create (must not exist)"
@@ -81,7 +83,7 @@ def main(argv: list[str]) -> int:
 
         run = run_client(
             args.data,
-            args.key,
+            key_file_in(args.key),
             args.out,
             fed,
             name=args.name,

@@ -40,9 +40,9 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
         required=True,
         action="append",
         type=Path,
-        metavar="KEYDIR",
-        help="server key folder holding signing_key.pem (repeat for k-of-n; "
-        "create with `seqr keys generate --out KEYDIR`)",
+        metavar="KEY",
+        help="a server private key: KEYDIR/signing_key.pem or its folder KEYDIR (repeat for "
+        "k-of-n; create with `seqr keys generate --out KEYDIR`)",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(

@@ -127,6 +127,16 @@ def write_keypair(out_dir: Path, passphrase: bytes | None = None) -> str:
     return fingerprint(public)
 
 
+def key_file_in(path: str | Path) -> Path:
+    """What ``--key`` names in every command: a private key file, or the key folder that holds
+    it as ``signing_key.pem`` (as `seqr keys generate --out KEYDIR` writes it). A symlinked
+    folder is not followed (load_private_key then refuses the symlink itself)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        return path / PRIVATE_KEY_NAME
+    return path
+
+
 def load_private_key(path: Path, passphrase: bytes | None = None) -> ec.EllipticCurvePrivateKey:
     """Load a P-256 private key from a PKCS8 PEM file written by ``write_keypair``.
 

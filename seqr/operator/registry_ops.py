@@ -16,8 +16,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from seqr.core.errors import KeyFileError
-from seqr.core.key_files import load_private_key
-from seqr.core.signing import PRIVATE_KEY_NAME
+from seqr.core.key_files import key_file_in, load_private_key
 from seqr.operator.federation_setup import FederationSetup
 from seqr.operator.settings import state_dir_for
 from seqr.registry import layout, store
@@ -34,21 +33,13 @@ __all__ = [
 
 
 def load_server_keys(
-    folders: Sequence[Path], passphrase: bytes | None = None
+    paths: Sequence[Path], passphrase: bytes | None = None
 ) -> list[EllipticCurvePrivateKey]:
-    """The private keys in ``<folder>/signing_key.pem``, one per folder."""
-    if not folders:
-        raise KeyFileError("no server key folder given; create one with `seqr keys generate`")
-    keys = []
-    for folder in folders:
-        path = Path(folder) / PRIVATE_KEY_NAME
-        if not path.is_file():
-            raise KeyFileError(
-                f"{path} does not exist; create the server key with "
-                f"`seqr keys generate --out {folder}`"
-            )
-        keys.append(load_private_key(path, passphrase))
-    return keys
+    """The private keys ``--key`` names, one per path: a key folder (``<folder>/signing_key.pem``)
+    or the key file itself (key_file_in)."""
+    if not paths:
+        raise KeyFileError("no server key given; create one with `seqr keys generate`")
+    return [load_private_key(key_file_in(path), passphrase) for path in paths]
 
 
 def publisher_config(setup: FederationSetup | None, *, auto_enrol: bool = False) -> PublisherConfig:
