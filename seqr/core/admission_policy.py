@@ -20,7 +20,7 @@ import numpy as np
 
 from seqr.core.errors import ConfigError, FormatError, KeyFileError
 from seqr.core.signing import parse_public_key
-from seqr.core.stats import SCORE_KINDS
+from seqr.core.stats import SCORE_KINDS, ScoreKind
 from seqr.core.strict_json import loads_strict
 from seqr.core.value_bounds import StatsBounds, WeightBounds
 
@@ -44,7 +44,7 @@ class AdmissionPolicy:
     allowed_keys: frozenset[str]  # hex public keys allowed to submit
     revoked_keys: frozenset[str] = frozenset()  # hex public keys never accepted again
     alpha: float | None = None  # None: any lora_alpha (z-scores are scale-invariant)
-    stats_score: str = "gain"  # what norm_stats.json must measure: the federation's calib_score
+    stats_score: ScoreKind = "gain"  # what norm_stats.json measures: the federation's score
     # Tensor name -> the federation's shared A (shared_a.generate_shared_a); when given, every
     # listed tensor must equal it bit for bit (both cast to float32; for BF16 weights pass the
     # BF16-rounded A). None: trust the manifest's a_seed and a_sha256 only.

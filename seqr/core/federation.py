@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from seqr.core.errors import ConfigError
-from seqr.core.stats import SCORE_KINDS
+from seqr.core.stats import SCORE_KINDS, ScoreKind
 
 DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
 
@@ -53,7 +53,7 @@ class FederationConfig:
     calib_max_tokens: int = 32768  # tokens; the tighter of the two limits wins
     calib_lora_active: bool = False  # False: statistics on the base model's module inputs
     # What is z-scored: "gain" = ||B A x|| / ||A x|| (seqr.core.routing.gain), or "norm".
-    calib_score: str = "gain"
+    calib_score: ScoreKind = "gain"
     calib_dp: bool = False  # Gaussian mechanism on clipped (count, sum, sum of squares)
     calib_dp_epsilon: float = 1.0
     calib_dp_delta: float = 1e-5

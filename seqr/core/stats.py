@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any, Literal, TypeGuard, get_args
 
 import numpy as np
 
@@ -20,7 +20,8 @@ from seqr.core.errors import FormatError, ShapeError, ValueCheckError
 from seqr.core.strict_json import loads_strict
 
 STATS_FORMAT_VERSION = 1
-SCORE_KINDS = ("norm", "gain")  # what is measured: seqr.core.routing.gain
+ScoreKind = Literal["norm", "gain"]  # what is measured: seqr.core.routing.gain
+SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)
 MAX_STATS_BYTES = 16 * 1024 * 1024  # bytes; a statistics file is a few KB per adapter
 
 
@@ -140,7 +141,7 @@ class NormStatistics:
 
     modules: dict[str, RunningMoments] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None
-    score: str = "norm"
+    score: ScoreKind = "norm"
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_KINDS:

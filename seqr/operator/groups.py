@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, get_args
 
 from seqr.core.errors import ConfigError
 
@@ -48,8 +48,10 @@ WEIGHT_KEY = "num-examples"  # what a member states: its training chunks (signed
 # member's capped share of the stated counts (seqr.core.fedavg_weights), or 1 for every
 # member under DP (Flower's accounting assumes equal weights). Never a client's number.
 UNIT_WEIGHT_KEY = SERVER_WEIGHT_KEY = "server-weight"
-AGGREGATIONS = ("fedavg", "fedtrimmedavg", "fedmedian", "krum")
-DP_MODES = ("none", "server", "client")
+GroupAggregation = Literal["fedavg", "fedtrimmedavg", "fedmedian", "krum"]
+AGGREGATIONS: tuple[str, ...] = get_args(GroupAggregation)
+GroupDp = Literal["none", "server", "client"]  # who clips and noises (server or clients)
+DP_MODES: tuple[str, ...] = get_args(GroupDp)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # manifest.py's rule for `name`
 _FINGERPRINT = re.compile(r"^[a-z0-9-]{1,16}:[0-9a-f]{16,128}$")  # signing.fingerprint's form
 
@@ -132,10 +134,10 @@ class GroupSettings:
     task_groups: str = ""  # see the module docstring; "" = no groups
     num_group_rounds: int = 3  # FedAvg rounds per group
     group_local_steps: int = 10  # optimizer steps each client takes per round
-    group_aggregation: str = "fedavg"  # fedavg | fedtrimmedavg | fedmedian | krum
+    group_aggregation: GroupAggregation = "fedavg"
     group_trim_beta: float = 0.2  # FedTrimmedAvg: share cut from each tail, in [0, 0.5)
     group_krum_malicious: int = 0  # Krum: assumed number of malicious clients
-    group_dp: str = "none"  # none | server (server clips) | client (clients clip)
+    group_dp: GroupDp = "none"
     group_dp_noise_multiplier: float = 1.0  # z: noise std = z * clip / n on the mean of B
     group_dp_clip: float = 0.05  # C: L2 bound on each client's update of B (all modules)
     group_dp_delta: float = 1e-5  # delta at which the spent epsilon is reported

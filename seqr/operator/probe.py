@@ -37,7 +37,7 @@ import torch
 from seqr.core.admission import AdmittedAdapter, check_stats_plausible
 from seqr.core.errors import AdmissionError, DataError, ShapeError, ValueCheckError
 from seqr.core.measurement import adapter_router, measured_tokens, project, token_scores
-from seqr.core.stats import NormStatistics
+from seqr.core.stats import NormStatistics, ScoreKind
 from seqr.core.textdata import TextFile, read_text_file, read_text_folder, tokenize_chunks
 from seqr.operator.federation_setup import FederationSetup
 
@@ -90,7 +90,7 @@ class Probe:
     projections: Mapping[str, torch.Tensor]  # module -> (T_m, r) float32, measured tokens only
     sequences: Mapping[str, np.ndarray]  # module -> (T_m,) int64: the probe chunk of each token
     b_tensors: Mapping[str, str]  # module -> its lora_B tensor name in adapter_model
-    score: str  # what it measures: the federation's calib_score ("gain" or "norm")
+    score: ScoreKind  # what it measures: the federation's calib_score ("gain" or "norm")
     chunks: int  # probe sequences (N)
     tokens: int  # tokens read, N x L; the token rule measures a few fewer per module
     text_sha256: str  # names the exact probe token chunks (report it to clients)

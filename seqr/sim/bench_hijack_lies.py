@@ -24,7 +24,7 @@ import numpy as np
 
 from seqr.core.errors import AdmissionError
 from seqr.core.manifest import NORM_STATS_NAME, parse_manifest, read_export, sign_export
-from seqr.core.stats import NormStatistics, RunningMoments
+from seqr.core.stats import NormStatistics, RunningMoments, ScoreKind
 from seqr.core.stats_plausibility import check_stats_plausible, plausible_range
 
 SWEEP_MEAN_Z = (0.0, 0.5, 1.0, 2.0)
@@ -48,7 +48,7 @@ def bound_stats(
     probe_values: Mapping[str, np.ndarray],
     max_mean_z: float,
     max_sigma_ratio: float,
-    score: str = "norm",
+    score: ScoreKind = "norm",
     *,
     past_mean: float = 0.0,
     past_std: float = 0.0,

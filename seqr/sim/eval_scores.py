@@ -34,7 +34,7 @@ from seqr import ArrowRouter, BruteForceRouter
 from seqr.core.errors import ValueCheckError
 from seqr.core.model_routing import RoutedModule, blend_statistics, build_routed_modules
 from seqr.core.routing.gain import input_energy
-from seqr.core.stats import NormStatistics, RunningMoments
+from seqr.core.stats import NormStatistics, RunningMoments, ScoreKind
 
 # extra scorers on raw module inputs: method -> (module name -> (x (M, d_in) -> (M, N)))
 ExtraScorers = Mapping[str, Mapping[str, Callable[[torch.Tensor], torch.Tensor]]]
@@ -44,7 +44,7 @@ ExtraScorers = Mapping[str, Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
 # SpectR is not among them: its score is the exact raw norm ||B_i A x|| (through the SVD of
 # B_i A), the very number seqr_raw measures, so one computation serves both (its speed is
 # measured apart, in the routing-time benchmark).
-OTHER_ROUTERS: dict[str, tuple[Callable[..., Any], str | None]] = {  # (router, score kind)
+OTHER_ROUTERS: dict[str, tuple[Callable[..., Any], ScoreKind | None]] = {  # (router, score kind)
     "brute_force": (BruteForceRouter, None),  # ||B_i A x|| directly, the calibration's kind
     "arrow": (ArrowRouter, "norm"),  # abs(v_i . x), as in the ARROW paper
 }
@@ -93,7 +93,7 @@ class HeldOutScores:
 
 
 def _moments_as_stats(
-    moments: Mapping[str, RunningMoments], adapters: Sequence[str], score: str
+    moments: Mapping[str, RunningMoments], adapters: Sequence[str], score: ScoreKind
 ) -> dict[str, NormStatistics]:
     """Per-module moments over N adapters -> one NormStatistics per adapter (n = 1 each),
     the form reference_statistics returns."""

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from seqr.cli.help import CACHE_DIR_HELP, CONSUMER_BASE_MODEL_HELP, RawDefaultsHelpFormatter
-from seqr.consumer.config import ROUTING_PASSES, native_bf16
+from seqr.consumer.config import ROUTING_PASSES, RoutingPass, native_bf16
 from seqr.consumer.serve.bench_load import compare, run_level
 from seqr.consumer.serve.bench_report import TARGET, TARGET_LEVELS, plot, table
 from seqr.core.errors import ConfigError, DataError
@@ -48,7 +48,7 @@ class ServeBenchConfig:
     prompt_tokens: int = 64  # held-out tokens per prompt
     repeats: int = 2  # fixed/auto pairs per level, ABBA order
     threads: int = 0  # the server's torch threads (0: torch's default)
-    routing_pass: str = "auto"  # the server's routing pass (seqr serve --routing-pass)
+    routing_pass: RoutingPass = "auto"  # the server's routing pass (seqr serve --routing-pass)
     out: Path = field(default_factory=lambda: Path("runs/bench_serve"))
 
     def __post_init__(self) -> None:

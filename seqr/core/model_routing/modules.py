@@ -26,7 +26,7 @@ from seqr.core.measurement import measured_tokens, project, token_scores
 from seqr.core.routing import Router, SeqrRouter
 from seqr.core.routing.base import compute_dtype_for
 from seqr.core.routing.gain import check_score_kind
-from seqr.core.stats import NormStatistics, RunningMoments
+from seqr.core.stats import NormStatistics, RunningMoments, ScoreKind
 
 RouterFactory = Callable[..., Router]
 
@@ -42,7 +42,7 @@ class RoutedModule:
     B: torch.Tensor  # (N, d_out, r), compute dtype
     scaling: float  # peft's alpha / r (or alpha / sqrt(r)), the same for every adapter
     router: Router
-    score: str = "norm"  # "gain": norms per unit ||A x|| (seqr.core.routing.gain)
+    score: ScoreKind = "norm"  # "gain": norms per unit ||A x|| (seqr.core.routing.gain)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """h = A x for rows (..., d_in): computed once, used to route and to apply."""
@@ -156,14 +156,14 @@ def _moments(
 
 
 def _score_kind(
-    stats: Mapping[str, NormStatistics] | None, adapters: Sequence[str], score: str | None
-) -> str:
+    stats: Mapping[str, NormStatistics] | None, adapters: Sequence[str], score: ScoreKind | None
+) -> ScoreKind:
     if score is not None:
         check_score_kind(score, "score")
     if stats is None:
         return score or "norm"
     kinds = {a: stats[a].score for a in adapters if a in stats}
-    wanted = score or next(iter(kinds.values()), "norm")
+    wanted: ScoreKind = score if score is not None else next(iter(kinds.values()), "norm")
     wrong = {a: k for a, k in kinds.items() if k != wanted}
     if wrong:
         raise ValueCheckError(
@@ -181,7 +181,7 @@ def build_routed_modules(
     stats: Mapping[str, NormStatistics] | None = None,
     pooled: bool = False,
     router_factory: RouterFactory = SeqrRouter,
-    score: str | None = None,
+    score: ScoreKind | None = None,
 ) -> list[RoutedModule]:
     """Every lora.Linear holding the adapters, each with its router (in ``adapters`` order).
 
@@ -192,7 +192,7 @@ def build_routed_modules(
 
     if not adapters or len(set(adapters)) != len(adapters):
         raise ConfigError(f"adapters must be a non-empty list of unique names, got {adapters!r}")
-    score = _score_kind(stats, adapters, score)
+    kind = _score_kind(stats, adapters, score)
     model = transformers_model(peft_model)
     routed = []
     for name, module in model.named_modules():
@@ -221,7 +221,7 @@ def build_routed_modules(
                 B=torch.stack([b.to(dtype) for b in Bs]),
                 scaling=scaling,
                 router=router,
-                score=score,
+                score=kind,
             )
         )
     if not routed:

@@ -33,7 +33,7 @@ import torch
 
 from seqr.core.errors import DataError, ShapeError
 from seqr.core.model_routing.modules import RoutedModule, build_routed_modules
-from seqr.core.stats import NormStatistics, RunningMoments
+from seqr.core.stats import NormStatistics, RunningMoments, ScoreKind
 from seqr.core.value_bounds import float32_usable
 
 log = logging.getLogger("seqr.routing")
@@ -45,7 +45,7 @@ def reference_statistics(
     adapters: Sequence[str],
     batches: Iterable[torch.Tensor],
     *,
-    score: str = "gain",
+    score: ScoreKind = "gain",
     per_sequence: bool = False,
 ) -> dict[str, NormStatistics]:
     """Per-module statistics of every adapter's ``score`` ("gain" or "norm", as the
