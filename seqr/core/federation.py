@@ -243,7 +243,7 @@ def _check_type(key: str, value: object, annotation: object) -> None:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         if ok and not math.isfinite(float(value)):  # type: ignore[arg-type]
             raise ConfigError(f"federation setting {_kebab(key)} = {value!r} must be finite")
-    elif expected == "str":
+    elif expected in ("str", "ScoreKind"):  # a Literal's value is checked in __post_init__
         ok = isinstance(value, str)
     else:  # tuple[str, ...]
         ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)

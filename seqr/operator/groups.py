@@ -157,8 +157,8 @@ class GroupSettings:
             value = getattr(self, f.name)
             kind = str(f.type)
             ok = (
-                isinstance(value, str)
-                if kind == "str"
+                isinstance(value, str)  # a Literal's value is checked below
+                if kind in ("str", "GroupAggregation", "GroupDp")
                 else (isinstance(value, int) and not isinstance(value, bool))
                 if kind == "int"
                 else isinstance(value, int | float) and not isinstance(value, bool)
