@@ -78,3 +78,26 @@ def test_every_option_of_every_command_has_help_showing_its_default(monkeypatch)
                     hidden_default.append(label)
     assert missing == [], f"options without help: {missing}"
     assert hidden_default == [], f"options whose help hides the default: {hidden_default}"
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback() -> None:
+    """`seqr registry --help | head -1`: the pipe closes before seqr writes; that is no error
+    worth a traceback (the write fails with EPIPE: BrokenPipeError)."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: every write to the pipe fails
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "seqr.cli.main", "registry", "--help"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
+    assert done.returncode == 1

@@ -8,6 +8,7 @@ argv and returns an exit code. Modules are imported only when their command runs
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -64,7 +65,18 @@ def _usage(group: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; exit status 0 success, 1 failure, 2 usage (as argparse does)."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        # The reader left early (`seqr ... --help | head`): stop quietly, as cat does. Python's
+        # docs (signal module, "Note on SIGPIPE"): point stdout at devnull so the interpreter's
+        # final flush cannot raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _dispatch(args: list[str]) -> int:
     if args[:1] == ["--version"]:
         from seqr import __version__
 
