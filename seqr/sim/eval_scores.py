@@ -15,7 +15,7 @@ single forward with hooks feeds every method. Work is shared wherever the maths 
   there to check SEQR's exactness on the test rows, only those.
 
 Per sequence each method keeps its raw mean score of every module over the tokens routers
-measure (seqr.core.measurement), (S, M, N), so the aggregation can be chosen on validation
+measure (seqr.core.measurement), (S, M, N), so each layer subset can be reported on validation
 afterwards; per token (test rows) the module-mean
 score under each calibration, for per-token accuracy. Each method is timed on its own work.
 """

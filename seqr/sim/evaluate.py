@@ -3,7 +3,7 @@
 Per-sequence routing accuracy (with Wilson 95% intervals, per domain, and confusion
 matrices) for SEQR under four calibrations and with raw norms, SpectR, brute force, our
 ARROW and peft's own ``create_arrow_model`` as an outside anchor, and random choice; paired
-McNemar tests of the selected SEQR against ARROW and against the best other calibration;
+McNemar tests of the default SEQR against ARROW and against the best other calibration;
 held-out loss with the routed adapter against the oracle (the true domain's adapter), the
 base model and the exact uniform merge, overall and per domain; per-token routing. Each
 domain's held-out chunks are split into a validation half and a test half on which everything
