@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_origin, get_type_hints
 
 from seqr.core.errors import ConfigError
 from seqr.core.stats import SCORE_KINDS, ScoreKind
@@ -75,10 +75,10 @@ class FederationConfig:
         elif isinstance(modules, list | tuple):
             modules = tuple(modules)
         object.__setattr__(self, "lora_target_modules", modules)
-        for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
-            if f.type == "float":  # TOML and run configs may give 16 for 16.0
-                object.__setattr__(self, f.name, float(getattr(self, f.name)))
+        for name, kind in field_kinds(type(self)).items():
+            _check_type(name, getattr(self, name), kind)
+            if kind == "float":  # TOML and run configs may give 16 for 16.0
+                object.__setattr__(self, name, float(getattr(self, name)))
         self._check_ranges()
 
     def _check_ranges(self) -> None:
@@ -231,9 +231,22 @@ def _need(ok: bool, key: str, value: object, why: str) -> None:
         raise ConfigError(f"federation setting {_kebab(key)} = {value!r} {why}")
 
 
-def _check_type(key: str, value: object, annotation: object) -> None:
-    # Annotations are strings under `from __future__ import annotations`.
-    expected = str(annotation)
+_FIELD_KINDS: dict[type, dict[str, str]] = {}  # per settings class, resolved once
+
+
+def field_kinds(cls: type) -> dict[str, str]:
+    """Each dataclass field's type as written ("int", "float", "str", "tuple[str, ...]"), a
+    Literal of strings read as "str": its value is checked against its choices apart."""
+    if cls not in _FIELD_KINDS:
+        hints = get_type_hints(cls)
+        _FIELD_KINDS[cls] = {
+            f.name: "str" if get_origin(hints[f.name]) is Literal else str(f.type)
+            for f in fields(cls)
+        }
+    return _FIELD_KINDS[cls]
+
+
+def _check_type(key: str, value: object, expected: str) -> None:
     ok: bool
     if expected == "bool":
         ok = isinstance(value, bool)
@@ -243,7 +256,7 @@ def _check_type(key: str, value: object, annotation: object) -> None:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         if ok and not math.isfinite(float(value)):  # type: ignore[arg-type]
             raise ConfigError(f"federation setting {_kebab(key)} = {value!r} must be finite")
-    elif expected in ("str", "ScoreKind"):  # a Literal's value is checked in __post_init__
+    elif expected == "str":
         ok = isinstance(value, str)
     else:  # tuple[str, ...]
         ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal, NoReturn, get_args
 
 from seqr.core.errors import ConfigError
+from seqr.core.federation import field_kinds
 
 __all__ = [
     "GroupSettings",
@@ -153,20 +154,19 @@ class GroupSettings:
     group_max_update_step: float = 4.0
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            kind = str(f.type)
+        for name, kind in field_kinds(type(self)).items():
+            value = getattr(self, name)
             ok = (
-                isinstance(value, str)  # a Literal's value is checked below
-                if kind in ("str", "GroupAggregation", "GroupDp")
+                isinstance(value, str)
+                if kind == "str"
                 else (isinstance(value, int) and not isinstance(value, bool))
                 if kind == "int"
                 else isinstance(value, int | float) and not isinstance(value, bool)
             )
             if not ok:
-                _bad(f.name, value, f"must be of type {kind}")
+                _bad(name, value, f"must be of type {kind}")
             if kind == "float":
-                object.__setattr__(self, f.name, float(value))
+                object.__setattr__(self, name, float(value))
         self.groups  # noqa: B018 - parse now: a bad spec fails before any training
         checks = (
             ("num_group_rounds", 1 <= self.num_group_rounds <= 10_000, "must be in [1, 10000]"),

@@ -227,17 +227,17 @@ def evaluate(
         entry.setdefault("confusion", confusion(choice[is_test], test_labels, n))
         entry.update(with_interval(choice[is_test], test_labels))
         entry["per_domain"] = per_domain(choice[is_test], test_labels, adapters)
-    selected = DEFAULT_CALIBRATION if DEFAULT_CALIBRATION in results else "seqr"
-    alternatives = [m for m in SEQR_CALIBRATIONS if m in results and m != selected]
+    default = DEFAULT_CALIBRATION if DEFAULT_CALIBRATION in results else "seqr"
+    alternatives = [m for m in SEQR_CALIBRATIONS if m in results and m != default]
     # The alternative McNemar compares against: the best on validation, never on test.
     best_other = max(alternatives, key=lambda m: results[m]["validation_accuracy"][DEFAULT_LAYERS])
     right = {m: (c[is_test] == test_labels).tolist() for m, c in decisions.items()}
     significance = [
-        {"first": selected, "second": other, **vars(mcnemar_exact(right[selected], right[other]))}
+        {"first": default, "second": other, **vars(mcnemar_exact(right[default], right[other]))}
         for other in (best_other, "arrow", "peft_arrow")
         if other in right
     ]
-    agreement = _agreements(scores, decisions, results, selected, is_test)
+    agreement = _agreements(scores, decisions, results, default, is_test)
     losses: dict[str, Any] = {}
     if cfg.losses:
         plans = {m: decisions[m][is_test] for m in (*SEQR_CALIBRATIONS, "arrow") if m in decisions}
@@ -255,7 +255,7 @@ def evaluate(
         "test_sequences_per_domain": test_per_domain,
         "sequence_tokens": int(data.ids.shape[1]),
         "methods": results,
-        "seqr_default": selected,
+        "seqr_default": default,
         "seqr_best_alternative": best_other,
         "significance": significance,
         **agreement,
@@ -334,16 +334,16 @@ def _agreements(
     scores: HeldOutScores,
     decisions: Mapping[str, torch.Tensor],
     results: Mapping[str, Mapping[str, Any]],
-    selected: str,
+    default: str,
     is_test: torch.Tensor,
 ) -> dict[str, float]:
     """SEQR's choices against brute force's, under own and under the default statistics."""
     test = is_test
     agreement = float((decisions["seqr"][test] == decisions["brute_force"][test]).double().mean())
     # Brute force z-scored with the default calibration's statistics, same layers as SEQR's.
-    brute = scores.calibrations[selected].z(scores.module_means["brute_force"])  # test rows
-    brute_choice = decide(brute, masks_for(scores.module_layers)[results[selected]["layers"]])
-    selected_agreement = float((decisions[selected][test] == brute_choice).double().mean())
+    brute = scores.calibrations[default].z(scores.module_means["brute_force"])  # test rows
+    brute_choice = decide(brute, masks_for(scores.module_layers)[results[default]["layers"]])
+    default_agreement = float((decisions[default][test] == brute_choice).double().mean())
     tokens = scores.token_means
     token_agreement = float(
         (tokens["seqr"].argmax(-1) == tokens["brute_force_z"].argmax(-1)).double().mean()
@@ -351,5 +351,5 @@ def _agreements(
     return {
         "agreement_seqr_brute_force": agreement,
         "agreement_seqr_brute_force_per_token": token_agreement,
-        "agreement_default_brute_force": selected_agreement,
+        "agreement_default_brute_force": default_agreement,
     }
