@@ -81,6 +81,17 @@ def test_routers_run_in_float64_and_bfloat16(router_cls, dtype):
     torch.testing.assert_close(norms.double(), expected, rtol=rtol, atol=rtol)
 
 
+def test_brute_force_with_a_applied_once_matches_direct_norms():
+    A, B, X = make_library()
+    norms = BruteForceRouter(A, B).norms_shared_projection(X.reshape(4, 16, -1))
+    assert norms.shape == (4, 16, 12)
+    torch.testing.assert_close(
+        norms.reshape(64, 12).double(), reference_norms(A, B, X), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ShapeError, match="one A shared"):
+        BruteForceRouter(*make_library(per_adapter_a=True)[:2]).norms_shared_projection(X)
+
+
 def test_seqr_choice_equals_brute_force_on_many_adapters():
     A, B, X = make_library(n=300, r=16, d_in=96, d_out=96, seed=7)
     X = torch.randn(2000, 96, generator=torch.Generator().manual_seed(8))

@@ -124,17 +124,19 @@ def test_simulate_refuses_bad_arguments_with_a_clear_error(tmp_path, capsys, arg
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_reference_chunks_tokenize_only_what_they_need_and_equal_the_full_split(tmp_path):
+def test_first_chunks_tokenize_only_what_they_need_and_equal_the_full_split(tmp_path):
     from transformers import AutoTokenizer
 
     from seqr.core.federation import FederationConfig
     from seqr.core.textdata import load_text_data
-    from seqr.sim.registry_eval import first_train_chunks
+    from seqr.sim.registry_eval import first_chunks
 
     model = build_tiny_llama(tmp_path / "model")
     tokenizer = AutoTokenizer.from_pretrained(model)
     folder = copy_texts(tmp_path / "ref", ("bisect.py", "heapq.py", "textwrap.py", "colorsys.py"))
     fed = FederationConfig(train_seq_len=32, train_heldout_fraction=0.3, data_seed=4)
-    full = load_text_data(folder, tokenizer, seq_len=32, heldout_fraction=0.3, seed=4).train
-    for count in (1, 16, 40, len(full) + 5):
-        assert (first_train_chunks(folder, tokenizer, fed, count) == full[:count]).all()
+    data = load_text_data(folder, tokenizer, seq_len=32, heldout_fraction=0.3, seed=4)
+    for heldout, full in ((False, data.train), (True, data.heldout)):
+        for count in (1, 5, 40, len(full) + 5, None):
+            got = first_chunks(folder, tokenizer, fed, count, heldout=heldout)
+            assert got.shape == full[:count].shape and (got == full[:count]).all()

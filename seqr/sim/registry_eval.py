@@ -16,20 +16,12 @@ from seqr.core.errors import DataError
 from seqr.sim.federation_run import FederationResult
 
 
-def heldout_chunks(domains: list[Path], tokenizer: Any, fed: Any) -> dict[str, np.ndarray]:
-    """Each domain's held-out chunks, split exactly as its client split them."""
-    from seqr.core.textdata import load_text_data
-
-    return {
-        d.name: load_text_data(
-            d,
-            tokenizer,
-            seq_len=fed.train_seq_len,
-            heldout_fraction=fed.train_heldout_fraction,
-            seed=fed.data_seed,
-        ).heldout  # fmt: skip
-        for d in domains
-    }
+def heldout_chunks(
+    domains: list[Path], tokenizer: Any, fed: Any, count: int | None = None
+) -> dict[str, np.ndarray]:
+    """Each domain's first ``count`` held-out chunks (None: all), split exactly as its client
+    split them."""
+    return {d.name: first_chunks(d, tokenizer, fed, count, heldout=True) for d in domains}
 
 
 def reference_chunks(
@@ -40,30 +32,39 @@ def reference_chunks(
     held = {c.resolve() for c in clients}
     others = sorted(p for p in data.iterdir() if p.is_dir() and p.resolve() not in held
                     and not p.name.startswith("."))  # fmt: skip
-    parts = [first_train_chunks(p, tokenizer, fed, per_domain) for p in others]
+    parts = [first_chunks(p, tokenizer, fed, per_domain, heldout=False) for p in others]
     return np.concatenate(parts) if parts else None
 
 
-def first_train_chunks(folder: Path, tokenizer: Any, fed: Any, count: int) -> np.ndarray:
-    """The folder's first ``count`` training chunks, tokenizing only as many files as needed.
+def first_chunks(
+    folder: Path, tokenizer: Any, fed: Any, count: int | None, *, heldout: bool
+) -> np.ndarray:
+    """The folder's first ``count`` held-out (or training) chunks, tokenizing only as many
+    files as needed (None: every file).
 
     Files are tokenized one by one and joined with EOS (seqr.core.textdata), so the chunks of
     the first k files are the first chunks of the whole folder, and whether a chunk is held out
-    depends on its content only: the result equals load_text_data(folder).train[:count].
+    depends on its content only: the result equals load_text_data(folder).heldout[:count]
+    (or .train[:count]).
     """
-    from seqr.core.textdata import heldout_mask, read_text_folder, tokenize_chunks
+    from seqr.core.textdata import as_chunks, file_token_ids, heldout_mask, read_text_folder
 
     files = read_text_folder(folder)
-    for k in range(1, len(files) + 1):
-        try:
-            chunks = tokenize_chunks(files[:k], tokenizer, fed.train_seq_len)
-        except DataError:  # fewer tokens than one chunk so far
+    ids: list[int] = []
+    for k, file_ids in enumerate(file_token_ids(files, tokenizer), start=1):
+        ids.extend(file_ids)
+        last = k == len(files)
+        if not last and (count is None or len(ids) < fed.train_seq_len):
             continue
         # Every chunk of a prefix lies inside it (the tail shorter than a chunk is dropped).
-        train = chunks[~heldout_mask(chunks, fed.train_heldout_fraction, fed.data_seed)]
-        if len(train) >= count or k == len(files):
-            return train[:count]
-    raise DataError(f"reference folder {folder.name} holds fewer tokens than one chunk")
+        chunks = as_chunks(ids, fed.train_seq_len)
+        mask = heldout_mask(chunks, fed.train_heldout_fraction, fed.data_seed)
+        part = chunks[mask] if heldout else chunks[~mask]
+        if last or (count is not None and len(part) >= count):
+            if len(part) == 0 and not heldout:
+                raise DataError(f"folder {folder.name} holds no training chunk: add text to it")
+            return part[:count]
+    raise DataError(f"folder {folder.name} holds no text file: add text to it")
 
 
 def routing_timing(ns: tuple[int, ...], d_in: int, r: int) -> list[dict[str, Any]]:
@@ -111,7 +112,8 @@ def evaluate_registry(
         )
     begin("load the base model and the admitted adapters")
     base = load_base_model(fed.base_model, expected_sha256=fed.base_model_sha256)
-    heldout = heldout_chunks([d for d in domains if d.name in exports], base.tokenizer, fed)
+    heldout = heldout_chunks([d for d in domains if d.name in exports], base.tokenizer, fed,
+                             cfg.eval_sequences_per_domain)  # fmt: skip
     library = load_library(base.model, exports)
     evaluation = evaluate(
         library,
