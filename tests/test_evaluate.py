@@ -170,13 +170,11 @@ def test_shared_pass_equals_routers_built_with_each_calibration():
     )  # the calibrations really differ
     assert scores.token_means["seqr"].shape == (8, 12, 3)  # test rows only
     # The base model's held-out loss, from the same forward: what a pass of its own gives.
-    from seqr.sim.eval_losses import sequence_losses
+    from seqr.sim.lm_loss import next_token_losses
 
-    own_pass = sequence_losses(
-        lambda b, names: model(input_ids=b, adapter_names=names),
-        torch.cat(test), ["__base__"] * 8, batch_size=4,
-    )  # fmt: skip
-    assert torch.equal(scores.base_loss, own_pass)
+    ids = torch.cat(test)
+    logits = model(input_ids=ids, adapter_names=["__base__"] * len(ids)).logits
+    torch.testing.assert_close(scores.base_loss, next_token_losses(logits, ids))
 
 
 def test_sequence_decisions_match_the_routed_model_on_all_layers():
@@ -229,7 +227,8 @@ def test_peft_arrow_anchor_loads_the_same_exports(tmp_path):
 
 
 def test_pair_losses_equal_each_plans_own_mixed_batch_losses():
-    from seqr.sim.eval_losses import pair_losses, sequence_losses
+    from seqr.sim.eval_losses import pair_losses
+    from seqr.sim.lm_loss import next_token_losses
 
     library = tiny_library()
     model = library.peft_model
@@ -238,10 +237,7 @@ def test_pair_losses_equal_each_plans_own_mixed_batch_losses():
     cache = pair_losses(model, ids, plans, batch_size=4)
     assert len(cache) == 2 * len(ids)  # each (sequence, adapter) pair once
 
-    def forward(batch, names):
-        return model(input_ids=batch, adapter_names=names)
-
-    for names in plans:
-        direct = sequence_losses(forward, ids, names, batch_size=4)
-        cached = torch.tensor([cache[row, name] for row, name in enumerate(names)])
-        torch.testing.assert_close(cached, direct.float(), rtol=1e-5, atol=1e-5)
+    for names in plans:  # peft's mixed-batch path, full logits: an independent computation
+        direct = next_token_losses(model(input_ids=ids, adapter_names=names).logits, ids)
+        cached = torch.tensor([cache[row, name] for row, name in enumerate(names)]).double()
+        torch.testing.assert_close(cached, direct, rtol=1e-6, atol=1e-6)

@@ -4,14 +4,13 @@ A plan names one adapter per test sequence (the oracle: the true domain's; a rou
 choice). Plans agree on most sequences (a good router picks the oracle's adapter), so the
 loss of every distinct (sequence, adapter) pair is computed once and shared by every plan
 that needs it: about one pass over the test rows per baseline (oracle, base model, uniform
-merge) plus one sequence per routing mistake. Each adapter's rows run as single-adapter
-batches, peft's cheapest mixed-batch case.
+merge) plus one sequence per routing mistake. Each adapter's rows run with that adapter
+alone active (seqr.sim.lm_loss).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,26 +18,22 @@ import torch
 from tqdm.auto import tqdm
 
 from seqr.core.model_routing import ModelRoutingConfig, RoutedModel
-from seqr.sim.eval_scores import next_token_losses
 from seqr.sim.library import AdapterLibrary, add_uniform_merge
-
-BASE = "__base__"  # peft's mixed-batch name for "no adapter"
+from seqr.sim.lm_loss import BASE, causal_lm_losses, next_token_losses, only_adapter
 
 
 @torch.no_grad()
 def sequence_losses(
-    forward: Callable[[torch.Tensor, list[str] | None], Any],
+    losses_of: Callable[[torch.Tensor], torch.Tensor],
     ids: torch.Tensor,
-    names: list[str] | None,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """(S,) mean next-token cross-entropy per sequence; names: adapter per row (or None)."""
+    """(S,) mean next-token cross-entropy per sequence; losses_of(batch) -> (B,) losses."""
     out = []
     for start in range(0, len(ids), batch_size):
         batch = ids[start : start + batch_size]
-        rows = None if names is None else names[start : start + batch_size]
-        out.append(next_token_losses(forward(batch, rows).logits, batch))
+        out.append(losses_of(batch))
         if progress is not None:
             progress(len(batch))
     return torch.cat(out)
@@ -57,9 +52,6 @@ def pair_losses(
         for row, name in enumerate(names):
             rows_by_adapter.setdefault(name, set()).add(row)
 
-    def forward(batch: torch.Tensor, names: list[str] | None) -> Any:
-        return model(input_ids=batch)
-
     out: dict[tuple[int, str], float] = {}
     total = sum(len(rows) for rows in rows_by_adapter.values())
     with tqdm(total=total, desc="held-out loss", unit="seq") as bar:
@@ -72,30 +64,12 @@ def pair_losses(
         for name, row_set in rows_by_adapter.items():
             rows = sorted(row_set)
             with only_adapter(model, name):
-                losses = sequence_losses(forward, ids[rows], None, batch_size, step)
+                losses = sequence_losses(
+                    lambda batch: causal_lm_losses(model, batch), ids[rows], batch_size, step
+                )
             for row, loss in zip(rows, losses.tolist(), strict=True):
                 out[row, name] = float(loss)
     return out
-
-
-@contextlib.contextmanager
-def only_adapter(model: Any, name: str) -> Iterator[None]:
-    """Run ``model`` with one adapter active (BASE: none), then restore the active one.
-
-    Each (sequence, adapter) group is one adapter, so peft's plain path serves it: the mixed-
-    batch path (adapter_names) copies each module's input and output once more (~7% slower
-    measured on SmolLM2-135M), for the same numbers.
-    """
-    if name == BASE:
-        with model.disable_adapter():
-            yield
-        return
-    previous = model.active_adapter
-    model.set_adapter(name)
-    try:
-        yield
-    finally:
-        model.set_adapter(previous)
 
 
 def _by_domain(values: list[float], labels: list[int], adapters: tuple[str, ...]) -> dict:
@@ -161,12 +135,13 @@ def heldout_losses(
             stats=library.stats,
         )
         per_row["seqr_per_token"] = sequence_losses(
-            lambda b, _: routed_model(b), ids, None, cfg.batch_size, step
+            lambda b: next_token_losses(routed_model(b).logits, b), ids, cfg.batch_size, step
         ).tolist()
         if arrow_model is not None:
             per_row["peft_arrow_per_token"] = sequence_losses(
-                lambda b, _: arrow_model(input_ids=b), ids, None, cfg.batch_size, step
-            ).tolist()
+                lambda b: next_token_losses(arrow_model(input_ids=b).logits, b),
+                ids, cfg.batch_size, step,
+            ).tolist()  # fmt: skip
     return {
         "mean": {label: float(np.mean(v)) for label, v in per_row.items()},
         "per_domain": {label: _by_domain(v, label_list, adapters) for label, v in per_row.items()},

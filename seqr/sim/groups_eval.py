@@ -216,22 +216,18 @@ def heldout_losses(
     from seqr.core.base_model import load_base_model
     from seqr.sim.eval_losses import sequence_losses
     from seqr.sim.library import load_library
+    from seqr.sim.lm_loss import BASE, causal_lm_losses, only_adapter
 
     base = load_base_model(fed.base_model, expected_sha256=fed.base_model_sha256)
     library = load_library(base.model, adapters)
     ids = torch.as_tensor(heldout, dtype=torch.long)
     model = library.peft_model
-
-    def forward(batch: torch.Tensor, names: list[str] | None) -> Any:
-        return model(input_ids=batch, adapter_names=names)
-
-    names = ["__base__", *library.adapters]
-    return {
-        ("base" if n == "__base__" else n): float(
-            sequence_losses(forward, ids, [n] * len(ids), batch_size).mean()
-        )
-        for n in names
-    }
+    out = {}
+    for name in [BASE, *library.adapters]:
+        with only_adapter(model, name):
+            losses = sequence_losses(lambda b: causal_lm_losses(model, b), ids, batch_size)
+        out["base" if name == BASE else name] = float(losses.mean())
+    return out
 
 
 def run(cfg: GroupsEvalConfig) -> dict[str, Any]:
