@@ -180,7 +180,7 @@ def score_heldout(
                     continue
                 start = time.perf_counter()
                 routed = by_name[module.name]
-                if method == "brute_force":  # ||B_i (A x)|| with its own A, every B_i at once
+                if isinstance(routed.router, BruteForceRouter):  # its own A once, all B_i
                     unit = flat / energy.to(flat.dtype) if routed.score == "gain" else flat
                     values = routed.router.norms_shared_projection(unit).float()
                 elif routed.score == "gain":  # x and h scaled by 1 / ||h|| inside
