@@ -226,11 +226,10 @@ def score_heldout(
             # On test rows the base model's held-out loss comes from this same forward
             # instead of a pass of its own (the same call as seqr/sim/eval_losses.py makes,
             # so the same numbers); other rows need no output head.
-            with only_adapter(peft_model, BASE):
-                if phase == "test":
-                    base_losses.append(causal_lm_losses(peft_model, input_ids))
-                else:
-                    hidden_states(peft_model, input_ids)
+            if phase == "test":
+                base_losses.append(causal_lm_losses(peft_model, input_ids))
+            else:
+                hidden_states(peft_model, input_ids)
             if phase != "reference":
                 rows += int(input_ids.shape[0])
                 keep = torch.stack([measured[n] for n in names], dim=1).unsqueeze(-1)  # B,M,T,1
@@ -245,25 +244,28 @@ def score_heldout(
             if progress is not None:
                 progress(int(input_ids.shape[0]))
 
+    # Adapters off for the whole pass (entering peft's disable_adapter walks every module:
+    # ~0.1 s, measured, so not once per batch).
     try:
-        if reference:
-            run(reference)
-            ref = _moments_as_stats(ref_moments, adapters, score)
-            calibrations["seqr_public"] = Calibration.from_stats(ref, adapters, names)
-            blend = blend_statistics(own_stats, ref)
-            calibrations["seqr_blend"] = Calibration.from_stats(blend, adapters, names)
-        phase = "validation"
-        run(validation)
-        # Query statistics: each sequence's token-mean score, its moments over the validation
-        # inputs (seqr.core.model_routing.reference, per_sequence=True), labels unused.
-        val_means = torch.cat(module_means["seqr"])  # (S_val, M, N)
-        queries = {n: RunningMoments(len(adapters)).update(val_means[:, i]) for i, n in
-                   enumerate(names)}  # fmt: skip
-        calibrations["seqr_queries"] = Calibration.from_stats(
-            _moments_as_stats(queries, adapters, score), adapters, names
-        )
-        phase = "test"
-        run(test)
+        with only_adapter(peft_model, BASE):
+            if reference:
+                run(reference)
+                ref = _moments_as_stats(ref_moments, adapters, score)
+                calibrations["seqr_public"] = Calibration.from_stats(ref, adapters, names)
+                blend = blend_statistics(own_stats, ref)
+                calibrations["seqr_blend"] = Calibration.from_stats(blend, adapters, names)
+            phase = "validation"
+            run(validation)
+            # Query statistics: each sequence's token-mean score, its moments over the validation
+            # inputs (seqr.core.model_routing.reference, per_sequence=True), labels unused.
+            val_means = torch.cat(module_means["seqr"])  # (S_val, M, N)
+            queries = {n: RunningMoments(len(adapters)).update(val_means[:, i]) for i, n in
+                       enumerate(names)}  # fmt: skip
+            calibrations["seqr_queries"] = Calibration.from_stats(
+                _moments_as_stats(queries, adapters, score), adapters, names
+            )
+            phase = "test"
+            run(test)
     finally:
         for handle in handles:
             handle.remove()
