@@ -5,7 +5,7 @@ choice). Plans agree on most sequences (a good router picks the oracle's adapter
 loss of every distinct (sequence, adapter) pair is computed once and shared by every plan
 that needs it: about one pass over the test rows per baseline (oracle, base model, uniform
 merge) plus one sequence per routing mistake. Each adapter's rows run with that adapter
-alone active (seqr.sim.lm_loss).
+merged into the base weights (seqr.sim.lm_loss).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from seqr.core.model_routing import ModelRoutingConfig, RoutedModel
 from seqr.sim.library import AdapterLibrary, add_uniform_merge
-from seqr.sim.lm_loss import BASE, causal_lm_losses, next_token_losses, only_adapter
+from seqr.sim.lm_loss import BASE, causal_lm_losses, merged_adapter, next_token_losses
 
 
 @torch.no_grad()
@@ -63,7 +63,7 @@ def pair_losses(
 
         for name, row_set in rows_by_adapter.items():
             rows = sorted(row_set)
-            with only_adapter(model, name):
+            with merged_adapter(model, name):
                 losses = sequence_losses(
                     lambda batch: causal_lm_losses(model, batch), ids[rows], batch_size, step
                 )

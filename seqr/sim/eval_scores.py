@@ -35,7 +35,7 @@ from seqr.core.errors import ValueCheckError
 from seqr.core.model_routing import RoutedModule, blend_statistics, build_routed_modules
 from seqr.core.routing.gain import input_energy
 from seqr.core.stats import NormStatistics, RunningMoments, ScoreKind
-from seqr.sim.lm_loss import BASE, causal_lm_losses, hidden_states, only_adapter
+from seqr.sim.lm_loss import BASE, causal_lm_losses, hidden_states, merged_adapter
 
 # extra scorers on raw module inputs: method -> (module name -> (x (M, d_in) -> (M, N)))
 ExtraScorers = Mapping[str, Mapping[str, Callable[[torch.Tensor], torch.Tensor]]]
@@ -247,7 +247,7 @@ def score_heldout(
     # Adapters off for the whole pass (entering peft's disable_adapter walks every module:
     # ~0.1 s, measured, so not once per batch).
     try:
-        with only_adapter(peft_model, BASE):
+        with merged_adapter(peft_model, BASE):
             if reference:
                 run(reference)
                 ref = _moments_as_stats(ref_moments, adapters, score)

@@ -216,7 +216,7 @@ def heldout_losses(
     from seqr.core.base_model import load_base_model
     from seqr.sim.eval_losses import sequence_losses
     from seqr.sim.library import load_library
-    from seqr.sim.lm_loss import BASE, causal_lm_losses, only_adapter
+    from seqr.sim.lm_loss import BASE, causal_lm_losses, merged_adapter
 
     base = load_base_model(fed.base_model, expected_sha256=fed.base_model_sha256)
     library = load_library(base.model, adapters)
@@ -224,7 +224,7 @@ def heldout_losses(
     model = library.peft_model
     out = {}
     for name in [BASE, *library.adapters]:
-        with only_adapter(model, name):
+        with merged_adapter(model, name):
             losses = sequence_losses(lambda b: causal_lm_losses(model, b), ids, batch_size)
         out["base" if name == BASE else name] = float(losses.mean())
     return out
