@@ -36,7 +36,7 @@ def tiny_library():
 def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
     library = tiny_library()
     cfg = EvalConfig(max_sequences_per_domain=8, batch_size=4, peft_arrow=False,
-                     per_token_losses=True)  # fmt: skip
+                     per_token_losses=True, merge_baseline=True)  # fmt: skip
     reference = token_ids(6, 12, seed=99).numpy()  # "public" text: all token ranges
     result = evaluate(library, heldout_by_domain(), cfg, reference=reference)
     methods = result["methods"]
@@ -191,6 +191,10 @@ def test_sequence_decisions_match_the_routed_model_on_all_layers():
         expected[label, choice] += 1
     if result["methods"]["seqr"]["aggregation"].endswith("all layers"):
         assert result["methods"]["seqr"]["confusion"] == expected.tolist()
+    # The uniform merge's loss costs a pass of its own: only when asked (merge_baseline).
+    assert (
+        "heldout_loss" in result["methods"]["oracle"] and "uniform_merge" not in result["methods"]
+    )
 
 
 def test_uniform_merge_is_the_mean_of_b_over_the_shared_a():

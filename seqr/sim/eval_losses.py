@@ -95,17 +95,16 @@ def heldout_losses(
     """{"mean": {plan: loss}, "per_domain": {plan: {domain: loss}}} on the test rows ``ids``.
 
     ``routed``: method -> (S,) chosen adapter index per row. Plans besides them: the oracle,
-    the base model (``base_loss`` when the scoring pass measured it already) and the exact
-    uniform merge; with ``cfg.per_token_losses`` also per-token SEQR routing (own statistics)
-    and peft's per-token ARROW, each one more pass.
+    the base model (``base_loss`` when the scoring pass measured it already), with
+    ``cfg.merge_baseline`` the exact uniform merge; with ``cfg.per_token_losses`` also
+    per-token SEQR routing (own statistics) and peft's per-token ARROW, each one more pass.
     """
     model, adapters = library.peft_model, library.adapters
-    merged = add_uniform_merge(library)
     rows, label_list = int(len(ids)), labels.tolist()
     plans: dict[str, list[str]] = {
         "oracle": [adapters[i] for i in label_list],
         **({"base": [BASE] * rows} if base_loss is None else {}),
-        "uniform_merge": [merged] * rows,
+        **({"uniform_merge": [add_uniform_merge(library)] * rows} if cfg.merge_baseline else {}),
         **{m: [adapters[i] for i in choice.tolist()] for m, choice in routed.items()},
     }
     pairs = len({(r, n) for names in plans.values() for r, n in enumerate(names)})

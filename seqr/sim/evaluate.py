@@ -61,6 +61,9 @@ class EvalConfig:
     # Held-out loss of per-token routing (SEQR's and peft's ARROW): two more routed passes
     # over the test rows, as costly as all per-sequence losses together; off unless asked.
     per_token_losses: bool = False
+    # Held-out loss of the exact uniform merge of all adapters: one more pass over the test
+    # rows (~15% of the evaluation), a baseline beside the oracle and the base model.
+    merge_baseline: bool = False
 
     def __post_init__(self) -> None:
         if self.max_sequences_per_domain < 2:

@@ -121,6 +121,7 @@ def evaluate_registry(
         EvalConfig(
             max_sequences_per_domain=cfg.eval_sequences_per_domain,
             per_token_losses=cfg.per_token_losses,
+            merge_baseline=cfg.merge_baseline,
         ),
         make_base=lambda: load_base_model(fed.base_model).model,
         export_paths=[str(p) for p in exports.values()],

@@ -59,6 +59,7 @@ class SimulateConfig:
     timing_ns: tuple[int, ...] = (4, 16, 64, 256, 1024)
     seed: int = 0  # the shared A's seed and the data split and order's (federation a/data-seed)
     per_token_losses: bool = False  # also the held-out loss of per-token routing (slower)
+    merge_baseline: bool = False  # also the held-out loss of the uniform merge (slower)
     quick: bool = False
     evaluate_only: bool = False  # reuse the registry of an earlier run in --out
 
@@ -193,6 +194,7 @@ def run_section(cfg: SimulateConfig, federation: Any, evaluated: float, board: A
         "seed": cfg.seed,
         "held_out_sequences_per_domain": cfg.eval_sequences_per_domain,
         "per_token_losses": cfg.per_token_losses,
+        "merge_baseline": cfg.merge_baseline,
         "quick": cfg.quick,
         "evaluate_only": cfg.evaluate_only,
         "federation_seconds": round(federation.seconds, 1),
@@ -268,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also measure the held-out loss of per-token routing (two more passes)",
     )
+    parser.add_argument(
+        "--merge-baseline",
+        action="store_true",
+        help="also measure the held-out loss of the uniform merge of all adapters (one more "
+        "pass over the test rows)",
+    )
     parser.add_argument("--quick", action="store_true", help="4 domains, few steps (minutes)")
     parser.add_argument(
         "--evaluate-only", action="store_true", help="evaluate the registry already in --out"
@@ -279,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {}
     if args.evaluate_only:
         overrides["evaluate_only"] = True
-    if args.per_token_losses:
-        overrides["per_token_losses"] = True
+    for flag in ("per_token_losses", "merge_baseline"):
+        if getattr(args, flag):
+            overrides[flag] = True
     if args.domains:
         overrides["domains"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
     for key, value in (("base_model", args.base_model), ("train_steps", args.steps),
