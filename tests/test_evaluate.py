@@ -133,7 +133,7 @@ def test_shared_pass_equals_routers_built_with_each_calibration():
     queries = reference_statistics(model, ADAPTERS, validation, score=score, per_sequence=True)
     expected = {"seqr": stats, "seqr_public": ref, "seqr_blend": blend_statistics(stats, ref),
                 "seqr_queries": queries}  # fmt: skip
-    assert sorted(scores.calibrations) == sorted(expected)
+    assert sorted(scores.calibrations) == sorted([*expected, "seqr_queries_per_module"])
     everything = [*validation, *test]
     for label, label_stats in expected.items():
         direct = _direct_sequence_scores(

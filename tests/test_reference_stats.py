@@ -1,5 +1,5 @@
-"""Statistics on a shared public reference corpus (per token, or per sequence for query
-statistics) equal the directly computed norms' moments;
+"""Statistics on a shared public reference corpus (per token) equal the directly computed
+norms' moments, query statistics (per sequence) standardise each adapter's decision score;
 blended statistics z-score as the mean of the own and reference z-scores."""
 
 import numpy as np
@@ -14,6 +14,7 @@ from seqr.core.model_routing import (
     blend_statistics,
     reference_statistics,
 )
+from seqr.core.model_routing.reference import decision_standardized
 from seqr.core.stats import NormStatistics, RunningMoments
 
 
@@ -37,6 +38,7 @@ def test_reference_statistics_are_the_moments_of_each_adapters_direct_values(sco
             model(input_ids=batch)
     for hook in hooks:
         hook.remove()
+    per_sequence_values = {}  # (module, adapter) -> each sequence's direct token mean
     for name, layer in layers.items():
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[name]]).double()
         for adapter in ADAPTERS:
@@ -53,8 +55,23 @@ def test_reference_statistics_are_the_moments_of_each_adapters_direct_values(sco
             moments = stats[adapter].modules[name]
             assert stats[adapter].score == score
             assert moments.count == len(norms) == (8 if per_sequence else 8 * 9)
+            if per_sequence:
+                per_sequence_values[name, adapter] = norms
+                continue
             np.testing.assert_allclose(moments.mean, [norms.mean()], rtol=1e-5)
             np.testing.assert_allclose(moments.std, [norms.std()], rtol=1e-4)
+    for adapter in ADAPTERS if per_sequence else ():
+        # Query statistics: each module's sequence-level z-score, then the adapter's decision
+        # score (their mean over modules) standardised over the same sequences: one scale per
+        # adapter on every module's sequence-level std, and the decision has mean 0, std 1.
+        values = np.stack([per_sequence_values[name, adapter] for name in layers], axis=1)
+        modules = [stats[adapter].modules[name] for name in layers]
+        mean = np.array([m.mean[0] for m in modules])
+        std = np.array([m.std[0] for m in modules])
+        scale = std / values.std(axis=0)
+        np.testing.assert_allclose(scale, scale[0], rtol=1e-4)
+        decision = ((values - mean) / std).mean(axis=1)
+        np.testing.assert_allclose([decision.mean(), decision.std()], [0.0, 1.0], atol=1e-4)
 
 
 def test_reference_statistics_plug_into_the_routed_model():
@@ -87,3 +104,26 @@ def test_blend_refuses_statistics_of_different_adapters_or_scores():
         blend_statistics({"a": _stats(1, 1)}, {"b": _stats(1, 1)})
     with pytest.raises(ShapeError, match="same score"):
         blend_statistics({"a": _stats(1, 1)}, {"a": _stats(1, 1, score="norm")})
+
+
+def test_decision_standardized_gives_every_adapters_decision_unit_spread_over_the_pool():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(50, 6, 3)) * [1.0, 2.0, 5.0] + [0.0, 1.0, -3.0]
+    values[:, :, 2] += rng.normal(size=(50, 1)) * 4  # adapter 2's modules move together
+    mean, std = values.mean(axis=0), values.std(axis=0)
+    weights = rng.random(50)
+    weights /= weights.sum()
+    new_mean, new_std = decision_standardized(mean, std, values, weights)
+    decision = ((values - new_mean) / new_std).mean(axis=1)  # (50, 3)
+    center = weights @ decision
+    np.testing.assert_allclose(center, 0.0, atol=1e-12)
+    np.testing.assert_allclose(np.sqrt(weights @ (decision - center) ** 2), 1.0, rtol=1e-12)
+    # A per-adapter affine change of the old decision score: the same ranking of sequences
+    # for each adapter, and every module of an adapter rescaled alike.
+    old = ((values - mean) / std).mean(axis=1)
+    assert (np.argsort(old, axis=0) == np.argsort(decision, axis=0)).all()
+    ratio = new_std / std
+    np.testing.assert_allclose(ratio, ratio[:1].repeat(6, axis=0))
+    assert ratio[0, 2] > ratio[0, 0]  # the correlated adapter's decisions spread the most
+    constant = np.ones((4, 2, 1))  # a decision that never moves: no division by zero
+    assert np.isfinite(decision_standardized(np.ones((2, 1)), np.ones((2, 1)), constant)[1]).all()

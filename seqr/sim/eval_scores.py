@@ -33,6 +33,7 @@ import torch
 from seqr import ArrowRouter, BruteForceRouter
 from seqr.core.errors import ValueCheckError
 from seqr.core.model_routing import RoutedModule, blend_statistics, build_routed_modules
+from seqr.core.model_routing.reference import decision_standardized
 from seqr.core.routing.gain import input_energy
 from seqr.core.stats import NormStatistics, RunningMoments, ScoreKind
 from seqr.sim.lm_loss import BASE, causal_lm_losses, hidden_states, merged_adapter
@@ -261,9 +262,16 @@ def score_heldout(
             val_means = torch.cat(module_means["seqr"])  # (S_val, M, N)
             queries = {n: RunningMoments(len(adapters)).update(val_means[:, i]) for i, n in
                        enumerate(names)}  # fmt: skip
-            calibrations["seqr_queries"] = Calibration.from_stats(
+            per_module = Calibration.from_stats(
                 _moments_as_stats(queries, adapters, score), adapters, names
             )
+            calibrations["seqr_queries_per_module"] = per_module
+            # ... and each adapter's decision score standardised over the same inputs
+            # (seqr.core.model_routing.reference.decision_standardized).
+            mean, std = decision_standardized(
+                per_module.mean.numpy(), per_module.std.numpy(), val_means.double().numpy()
+            )
+            calibrations["seqr_queries"] = Calibration(*map(torch.from_numpy, (mean, std)))
             phase = "test"
             run(test)
     finally:

@@ -35,8 +35,9 @@ from seqr.sim.library import AdapterLibrary
 from seqr.sim.significance import mcnemar_exact, wilson_interval
 
 # SEQR under each calibration: own statistics, router-measured reference ones, both averaged,
-# and query statistics (sequence-level, over unlabeled validation inputs).
-SEQR_CALIBRATIONS = ("seqr", "seqr_public", "seqr_blend", "seqr_queries")
+# and query statistics (sequence-level, over unlabeled validation inputs; each adapter's
+# decision score standardised too, or per module only).
+SEQR_CALIBRATIONS = ("seqr", "seqr_public", "seqr_blend", "seqr_queries", "seqr_queries_per_module")
 # Decoder layers whose scores count; the alternatives are reported on validation only.
 LAYER_SUBSETS = {"all layers": 0.0, "upper half": 0.5, "upper third": 2 / 3}
 # The default routing settings, fixed once (issue 19: re-choosing them per run on a small

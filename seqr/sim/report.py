@@ -18,18 +18,20 @@ from seqr.core.atomic_write import write_atomic
 from seqr.sim import report_plots as plots
 
 ACCURACY_ORDER = [
-    "seqr_queries", "seqr_blend", "seqr_public", "seqr", "seqr_raw", "spectr", "brute_force",
-    "arrow", "peft_arrow", "random",
+    "seqr_queries", "seqr_queries_per_module", "seqr_blend", "seqr_public", "seqr", "seqr_raw",
+    "spectr", "brute_force", "arrow", "peft_arrow", "random",
 ]  # fmt: skip
 LOSS_ORDER = [
-    "oracle", "seqr_queries", "seqr_blend", "seqr_public", "seqr", "seqr_per_token", "seqr_raw",
-    "arrow", "peft_arrow_per_token", "uniform_merge", "random", "base",
+    "oracle", "seqr_queries", "seqr_queries_per_module", "seqr_blend", "seqr_public", "seqr",
+    "seqr_per_token", "seqr_raw", "arrow", "peft_arrow_per_token", "uniform_merge", "random",
+    "base",
 ]  # fmt: skip
 METHOD_NOTES = {
     "seqr": "SEQR, the adapters' own statistics",
     "seqr_public": "SEQR, statistics measured on public reference text",
     "seqr_blend": "SEQR, own and reference z-scores averaged",
-    "seqr_queries": "SEQR, statistics of unlabeled validation inputs",
+    "seqr_queries": "SEQR, statistics of unlabeled validation inputs (decisions standardised)",
+    "seqr_queries_per_module": "SEQR, statistics of unlabeled validation inputs, per module only",
     "seqr_raw": "SEQR norms without z-scores",
     "spectr": "SpectR: the same raw norms via the SVD (computed once with seqr_raw)",
     "brute_force": "||B A x|| computed directly (checks SEQR)",

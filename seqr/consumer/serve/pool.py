@@ -3,8 +3,9 @@
 SEQR z-scores with each adapter's own signed (mu, sigma) (arXiv 2509.18093); a submitter who
 lies about them hijacks routing (docs/THREATS.md). Query statistics (model_routing.reference,
 ``per_sequence``) are instead the moments of each adapter's per-sequence score over unlabeled
-inputs like the ones being routed: here, the prompts this server routed itself. The pool keeps,
-per routed prompt, only the (M, N) matrix of its per-module token-mean raw scores (never the
+inputs like the ones being routed: here, the prompts this server routed itself, with each
+adapter's decision score standardised over the same pool (model_routing.reference). The pool
+keeps, per routed prompt, only the (M, N) matrix of its per-module token-mean raw scores (never the
 text, never logged, never sent anywhere) and is:
 
 - bounded: at most ``capacity`` prompts; a routed adapter's group holds at most
@@ -36,6 +37,7 @@ import torch
 from seqr.consumer.serve.config import PoolConfig
 from seqr.consumer.serve.scoring import Calibration
 from seqr.core.errors import ShapeError
+from seqr.core.model_routing.reference import decision_standardized
 
 
 @dataclass(frozen=True)
@@ -150,9 +152,14 @@ class QueryPool:
             weights = shares[index] * decay / totals[index]  # sums to 1
             mu = weights @ values  # (M,)
             var = weights @ (values - mu) ** 2
-            mean[:, i] = torch.from_numpy(mu)
-            floor = 1e-6 * mean[:, i].abs() + 1e-12  # a constant score must not divide by 0
-            std[:, i] = torch.maximum(torch.from_numpy(np.sqrt(var)), floor)
+            floor = 1e-6 * np.abs(mu) + 1e-12  # a constant score must not divide by 0
+            sigma = np.maximum(np.sqrt(var), floor)
+            # One level up: this adapter's decision score (the module mean of its z-scores)
+            # standardised over the same weighted pool (reference.decision_standardized).
+            mu, sigma = decision_standardized(mu[:, None], sigma[:, None], values[..., None],
+                                              weights)  # fmt: skip
+            mean[:, i] = torch.from_numpy(mu[:, 0])
+            std[:, i] = torch.from_numpy(sigma[:, 0])
             routable[i] = True
         if int(routable.sum()) < min(2, len(shas)):
             return own

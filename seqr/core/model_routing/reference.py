@@ -20,6 +20,15 @@ locally: no one else's data). A per-sequence decision averages token scores, and
 moments is exactly standardising each adapter's sequence score across the traffic: the spread
 that matters for a per-sequence choice, not the token-level spread, which over- or
 understates it by how correlated a module's token scores are within a sequence.
+
+The same holds one level up (``decision_standardized``): the decision averages the M module
+z-scores, and that average's spread over the traffic differs between adapters (one adapter's
+modules agree more with each other than another's), so the adapter whose modules are most
+correlated wins foreign inputs more often. Query statistics therefore also standardise each
+adapter's decision score over the same pool: a per-adapter affine change, folded into every
+module's mean and std, so the result is again an ordinary z-score (routers, brute force and
+per-token routing apply it unchanged). Measured on two disjoint sets of domains
+(docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ def reference_statistics(
     it: one adapter that cannot be scored never fails the others."""
     modules = build_routed_modules(peft_model, adapters, score=score)  # no statistics: raw
     moments = {m.name: RunningMoments(len(adapters)) for m in modules}
+    sequences: dict[str, list[torch.Tensor]] = {m.name: [] for m in modules}  # per_sequence
     unscorable = torch.zeros(len(adapters), dtype=torch.bool)
 
     def hook_for(module: RoutedModule) -> Any:
@@ -76,7 +86,10 @@ def reference_statistics(
                 scores = scores[keep.reshape(-1)]
             finite = torch.isfinite(scores)
             unscorable.logical_or_(~finite.all(dim=0).cpu())
-            moments[module.name].update(torch.where(finite, scores, torch.zeros_like(scores)))
+            scores = torch.where(finite, scores, torch.zeros_like(scores))
+            moments[module.name].update(scores)
+            if per_sequence:
+                sequences[module.name].append(scores.double().cpu())
 
         return hook
 
@@ -94,6 +107,8 @@ def reference_statistics(
     if min(m.count for m in moments.values()) < 2:  # counted: sequences, or measured tokens
         unit = "sequences" if per_sequence else "measured tokens"
         raise DataError(f"the corpus gave fewer than 2 {unit}; give more text")
+    if per_sequence:
+        _standardize_decisions(moments, sequences)
     out = {}
     for i, adapter in enumerate(adapters):
         stats = NormStatistics(
@@ -110,6 +125,38 @@ def reference_statistics(
             continue
         out[adapter] = stats
     return out
+
+
+def _standardize_decisions(
+    moments: dict[str, RunningMoments], sequences: Mapping[str, list[torch.Tensor]]
+) -> None:
+    """Query statistics one level up (decision_standardized), in place."""
+    names = list(moments)
+    values = np.stack([torch.cat(sequences[n]).numpy() for n in names], axis=1)  # (S, M, N)
+    mean = np.stack([moments[n].mean for n in names])  # (M, N)
+    std = np.maximum(np.stack([moments[n].std for n in names]), 1e-12)
+    mean, std = decision_standardized(mean, std, values)
+    for i, name in enumerate(names):
+        m = moments[name]
+        moments[name] = RunningMoments(m.n, m.count, mean[i].copy(), std[i] ** 2 * m.count)
+
+
+def decision_standardized(
+    mean: np.ndarray, std: np.ndarray, values: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std), each (M, N), under which every adapter's decision score, the mean over
+    the M modules of its z-scores, has mean 0 and std 1 over the pool ``values`` (S, M, N)
+    of per-sequence raw scores (``weights``: (S,) summing to 1; None: equal).
+
+    With a = mean_m (g_m - mu_m) / s_m and its pool moments (c, d) per adapter,
+    (a - c) / d = mean_m (g_m - mu_m - s_m c) / (s_m d): mean mu + s c, std s d.
+    """
+    w = np.full(len(values), 1.0 / len(values)) if weights is None else weights
+    decision = ((values - mean) / std).mean(axis=1)  # (S, N)
+    center = w @ decision  # (N,)
+    spread = np.sqrt(w @ (decision - center) ** 2)
+    spread = np.maximum(spread, 1e-12)  # a constant decision score must not divide by 0
+    return mean + std * center, std * spread
 
 
 def unusable_statistics(stats: NormStatistics) -> str | None:
