@@ -4,6 +4,7 @@ while it runs; a client that fails mid-run listed with its reason; several seeds
 input refused before anything starts."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,15 @@ def test_simulation_over_two_seeds_reports_progress_failures_and_mean_and_spread
     assert before == {p: p.read_bytes() for p in out.rglob("*.json") if p.is_file()}
     assert main([*argv, "--evaluate-only"]) == 0
     assert json.loads((out / "seed-1" / "report.json").read_text())["audit"]["entries"] == 3
+    # --resume: a seed whose federation finished is evaluated again, one that has none runs.
+    shutil.rmtree(out / "seed-1")
+    registry_before = {p: p.read_bytes() for p in (out / "seed-0" / "registry").rglob("*")
+                       if p.is_file()}  # fmt: skip
+    assert main([*argv, "--resume"]) == 0
+    reports = [json.loads((out / f"seed-{s}" / "report.json").read_text()) for s in (0, 1)]
+    assert [r["run"]["evaluate_only"] for r in reports] == [True, False]
+    assert registry_before == {p: p.read_bytes() for p in (out / "seed-0" / "registry").rglob("*")
+                               if p.is_file()}  # fmt: skip
 
 
 def test_domain_without_readable_text_is_refused_before_flower_starts(tmp_path, capsys):

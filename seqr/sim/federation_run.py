@@ -35,12 +35,17 @@ class FederationResult:
                 "federation": self.federation.to_run_config()}  # fmt: skip
         write_atomic(self.work / "federation.json", json.dumps(data, indent=2).encode())
 
+    @staticmethod
+    def finished(work: Path) -> bool:
+        """Whether a federation ran to its end in ``work`` (save() is its last step)."""
+        return (work / "federation.json").is_file()
+
     @classmethod
     def load(cls, work: Path) -> FederationResult:
         from seqr.core.federation import FederationConfig
 
         path = work / "federation.json"
-        if not path.is_file():
+        if not cls.finished(work):
             raise ConfigError(
                 f"{path} is missing: run the federation first (without --evaluate-only)"
             )

@@ -62,6 +62,8 @@ class SimulateConfig:
     merge_baseline: bool = False  # also the held-out loss of the uniform merge (slower)
     quick: bool = False
     evaluate_only: bool = False  # reuse the registry of an earlier run in --out
+    # Evaluate a run (each seed's) whose federation already finished in --out; run the others.
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for name in ("train_steps", "train_seq_len", "train_batch_size", "client_cpus",
@@ -141,6 +143,9 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
 
     domains = pick_domains(cfg)
     validate_domains(domains)
+    if cfg.resume and not cfg.evaluate_only and FederationResult.finished(cfg.out / "work"):
+        log.info("the federation already finished in %s: evaluating it again", cfg.out)
+        cfg = replace(cfg, evaluate_only=True)
     # Refused before anything is written: a run never overwrites an earlier one's files.
     if cfg.evaluate_only:
         federation = FederationResult.load(cfg.out / "work")
@@ -280,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--evaluate-only", action="store_true", help="evaluate the registry already in --out"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="a run (with --seeds: each seed's) whose federation already finished in --out is "
+        "evaluated again, the others run",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # SIGTERM (kill, CI timeouts) unwinds like Ctrl-C, so the SuperLink and Ray are stopped.
@@ -287,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {}
     if args.evaluate_only:
         overrides["evaluate_only"] = True
-    for flag in ("per_token_losses", "merge_baseline"):
+    for flag in ("per_token_losses", "merge_baseline", "resume"):
         if getattr(args, flag):
             overrides[flag] = True
     if args.domains:
