@@ -43,13 +43,15 @@ class FederationResult:
     @classmethod
     def load(cls, work: Path) -> FederationResult:
         from seqr.core.federation import FederationConfig
+        from seqr.core.strict_json import loads_strict
 
         path = work / "federation.json"
         if not cls.finished(work):
             raise ConfigError(
                 f"{path} is missing: run the federation first (without --evaluate-only)"
             )
-        data = json.loads(path.read_text())
+        # A run folder may have been copied from elsewhere: the one strict parser, bounded.
+        data = loads_strict(path.read_bytes(), what=str(path), max_bytes=1 << 20)
         data["federation"] = FederationConfig.from_run_config(data["federation"])
         # The run folder may have moved or been copied: its registry and work folder are the
         # ones beside this file, not the paths recorded when it was written.

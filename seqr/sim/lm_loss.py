@@ -30,9 +30,14 @@ def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Te
     about 3x faster on CPU than cross_entropy over a transposed (B, V, T) view, and closer to
     the float64 value (measured: 2e-6 vs 5e-5 off on random logits over 49k tokens).
     """
-    logits = logits[:, :-1].float()
-    target = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return (torch.logsumexp(logits, dim=-1).double() - target.double()).mean(dim=1)
+    return _token_losses(logits[:, :-1], input_ids[:, 1:]).mean(dim=1)
+
+
+def _token_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(...,) float64 cross-entropy of each position: logsumexp minus the target's logit."""
+    logits = logits.float()
+    picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return torch.logsumexp(logits, dim=-1).double() - picked.double()
 
 
 def causal_lm(model: Any) -> Any:
@@ -57,13 +62,11 @@ def causal_lm_losses(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     head = causal_lm(model).get_output_embeddings()
     hidden = hidden_states(model, input_ids)[:, :-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
-    target = input_ids[:, 1:].reshape(-1, 1)
+    target = input_ids[:, 1:].reshape(-1)
     out = torch.empty(len(flat), dtype=torch.float64)
     for start in range(0, len(flat), LOSS_POSITIONS):
         stop = start + LOSS_POSITIONS
-        logits = head(flat[start:stop]).float()
-        picked = logits.gather(-1, target[start:stop]).squeeze(-1)
-        out[start:stop] = torch.logsumexp(logits, dim=-1).double() - picked.double()
+        out[start:stop] = _token_losses(head(flat[start:stop]), target[start:stop])
     return out.view(len(input_ids), -1).mean(dim=1)
 
 
