@@ -114,6 +114,16 @@ def test_policy_defaults_drive_plausibility() -> None:
         check_stats_plausible(make_stats(mean=5.0, std=0.2), _probe(), **bounds)
 
 
+def test_default_bound_admits_the_honest_mean_seed_1_refused() -> None:
+    # The ten-domain simulation's seed 1: an honest shakespeare adapter claimed a mean 2.82
+    # probe spreads below the probe median on one module and was refused under the old bound 2.
+    defaults = AdmissionPolicy.__dataclass_fields__
+    bounds = {k: defaults[k].default for k in ("max_sigma_ratio", "max_mean_z", "max_mean_z_above")}
+    check_stats_plausible(_exact_stats(5.0 - 2.82 * S, S), _probe(), **bounds)
+    with pytest.raises(AdmissionError, match="4.1 probe spreads below"):
+        check_stats_plausible(_exact_stats(5.0 - 4.1 * S, S), _probe(), **bounds)
+
+
 @pytest.mark.parametrize(
     ("probe", "match"),
     [

@@ -62,9 +62,12 @@ class AdmissionPolicy:
     max_stats_mean: float = StatsBounds.max_mean  # claimed mean, in units of the score
     min_stats_std: float = StatsBounds.min_std  # claimed std, in units of the score
     max_stats_std: float = StatsBounds.max_std  # claimed std, in units of the score
-    # check_stats_plausible: probe stds the claimed mean may sit below the probe mean. 2, not 1:
-    # an honest SmolLM2 adapter (licences, gain statistics) sat 1.01 below on one of 60 modules.
-    max_mean_z: float = 2.0
+    # check_stats_plausible: probe spreads the claimed mean may sit below the probe median. 4:
+    # honest SmolLM2 adapters of the ten-domain simulation sat up to 2.82 below on one of 210
+    # modules (shakespeare, seed 1: refused under the old bound 2, docs/RESULTS.md). Looser costs
+    # nothing measured: at 2 a careful liar already took every input under own statistics, and
+    # query statistics ignore claims (seqr bench hijack).
+    max_mean_z: float = 4.0
     # check_stats_plausible: probe stds the claimed mean may sit ABOVE the probe mean. Honest
     # adapters sit higher on their own data than on probe text: the 10 real SmolLM2 adapters of
     # the baseline simulation at most 3.44 (fortunes_de), tiny test adapters 0.40; 100 is 29x.
