@@ -59,3 +59,21 @@ def test_summary_gives_mean_and_spread_per_method_and_domain_and_keeps_mcnemar_p
     assert "| a | 0.850 (0.80–0.90) | 0.750 (0.70–0.80) |" in md
     assert json.loads((tmp_path / "report.json").read_text())["seeds"] == 2
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
+
+
+def test_summary_names_a_seed_that_routed_fewer_domains_and_why(tmp_path):
+    full = _report(0.9, 0.8, [], "seqr")
+    short = _report(0.8, 0.7, [], "seqr")
+    short["not_admitted"] = ["c"]
+    short["clients"] = [{"client": "c", "verdict": "rejected", "reason": "implausible_stats: x"}]
+    summary = summarise([full, short])
+    assert summary["not_admitted_per_seed"] == [{}, {"c": "rejected: implausible_stats: x"}]
+    write_summary(summary, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "seed 1: c (rejected: implausible_stats: x)" in md
+    assert "Not every seed" not in _write_md(summarise([full, full]), tmp_path / "all")
+
+
+def _write_md(summary: dict, out) -> str:
+    write_summary(summary, out)
+    return (out / "report.md").read_text()

@@ -71,6 +71,7 @@ def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
             row[i] = {k: t[k] for k in ("first_only", "second_only", "p_value")}
     return {
         "seeds": len(reports),
+        "not_admitted_per_seed": [_not_admitted(r) for r in reports],
         "default_per_seed": [e["seqr_default"] for e in evals],
         "test_sequences_per_seed": [e["test_sequences"] for e in evals],
         "accuracy": accuracy,
@@ -83,6 +84,18 @@ def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
         "wall_seconds": mean_and_spread(
             [r.get("run", {}).get("wall_seconds", 0.0) for r in reports]
         ),
+    }
+
+
+def _not_admitted(report: dict[str, Any]) -> dict[str, str]:
+    """Client -> why it is missing from that seed's routing (its verdict and reason)."""
+    verdicts = {c["client"]: c for c in report.get("clients", [])}
+    return {
+        name: ": ".join(
+            filter(None, (verdicts.get(name, {}).get(k, "") for k in ("verdict", "reason")))
+        )
+        or "not admitted"
+        for name in report.get("not_admitted", [])
     }
 
 
@@ -108,6 +121,14 @@ def summary_blocks(summary: dict[str, Any]) -> list[Block]:
                    "of the data split and order); each seed's own report is in seed-K/. "
                    f"Default SEQR calibration: {', '.join(defaults)}; test sequences per seed: "
                    + ", ".join(map(str, summary["test_sequences_per_seed"])) + "."),
+    ]  # fmt: skip
+    missing = [(i, names) for i, names in enumerate(summary["not_admitted_per_seed"]) if names]
+    if missing:
+        blocks.append(Block("p", "Not every seed routed every domain, so those seeds' "
+                                 "accuracies are over fewer adapters: " + "; ".join(
+            f"seed {i}: {name} ({why})" for i, names in missing for name, why in names.items())
+            + "."))  # fmt: skip
+    blocks += [
         Block("h2", "Routing accuracy over seeds (test split)"),
         Block("p", "Mean, sample standard deviation and range over seeds: a difference between "
                    "two methods smaller than their spread depends on the seed."),
