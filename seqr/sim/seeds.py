@@ -4,9 +4,10 @@ Each seed is a complete run into ``--out/seed-K`` (its own registry and report) 
 federation's ``a-seed`` (the shared frozen A) and ``data-seed`` (which chunks are held out,
 and the order of training batches) set to K; seed 0 is the default single run. The summary
 (report.json / report.md / report.html in --out) gives, per method, the mean, sample std,
-min and max over seeds of test accuracy, of held-out loss relative to the oracle, and of the
-McNemar p-values, so a difference between methods can be weighed against seed-to-seed
-variation as well as against the test set's size.
+min and max over seeds of test accuracy (overall and per domain) and of held-out loss relative
+to the oracle, and each seed's McNemar tests, so a difference between methods can be weighed
+against seed-to-seed variation as well as against the test set's size. A seed whose server
+refused a client routes fewer domains; the summary names it and why.
 """
 
 from __future__ import annotations
@@ -89,14 +90,13 @@ def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _not_admitted(report: dict[str, Any]) -> dict[str, str]:
     """Client -> why it is missing from that seed's routing (its verdict and reason)."""
-    verdicts = {c["client"]: c for c in report.get("clients", [])}
-    return {
-        name: ": ".join(
-            filter(None, (verdicts.get(name, {}).get(k, "") for k in ("verdict", "reason")))
-        )
-        or "not admitted"
-        for name in report.get("not_admitted", [])
-    }
+    clients = {c["client"]: c for c in report.get("clients", [])}
+    missing = {}
+    for name in report.get("not_admitted", []):
+        client = clients.get(name, {})
+        why = [client.get("verdict"), client.get("reason")]
+        missing[name] = ": ".join(w for w in why if w) or "not admitted"
+    return missing
 
 
 def _spread(s: dict[str, float], spec: str = ".3f") -> list[str]:
