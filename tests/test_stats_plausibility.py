@@ -26,6 +26,11 @@ def _exact_stats(mean: float, std: float, count: int = 16) -> NormStatistics:
     return NormStatistics({m: moments for m in STATS_MODULES})
 
 
+def _default_bounds() -> dict[str, float]:
+    defaults = AdmissionPolicy.__dataclass_fields__
+    return {k: defaults[k].default for k in ("max_sigma_ratio", "max_mean_z", "max_mean_z_above")}
+
+
 def _check(stats: NormStatistics, probe: dict[str, np.ndarray], **bounds: float) -> None:
     check_stats_plausible(stats, probe, **{"max_sigma_ratio": 3.0, "max_mean_z": 1.0, **bounds})
 
@@ -107,8 +112,7 @@ def test_a_few_extreme_tokens_do_not_refuse_an_honest_adapter() -> None:
 
 
 def test_policy_defaults_drive_plausibility() -> None:
-    defaults = AdmissionPolicy.__dataclass_fields__
-    bounds = {k: defaults[k].default for k in ("max_sigma_ratio", "max_mean_z", "max_mean_z_above")}
+    bounds = _default_bounds()
     check_stats_plausible(make_stats(mean=5.0, std=0.6), _probe(), **bounds)
     with pytest.raises(AdmissionError):  # std S / 0.2 = 7.4 times smaller, over 3
         check_stats_plausible(make_stats(mean=5.0, std=0.2), _probe(), **bounds)
@@ -117,8 +121,7 @@ def test_policy_defaults_drive_plausibility() -> None:
 def test_default_bound_admits_the_honest_mean_seed_1_refused() -> None:
     # The ten-domain simulation's seed 1: an honest shakespeare adapter claimed a mean 2.82
     # probe spreads below the probe median on one module and was refused under the old bound 2.
-    defaults = AdmissionPolicy.__dataclass_fields__
-    bounds = {k: defaults[k].default for k in ("max_sigma_ratio", "max_mean_z", "max_mean_z_above")}
+    bounds = _default_bounds()
     check_stats_plausible(_exact_stats(5.0 - 2.82 * S, S), _probe(), **bounds)
     with pytest.raises(AdmissionError, match="4.1 probe spreads below"):
         check_stats_plausible(_exact_stats(5.0 - 4.1 * S, S), _probe(), **bounds)
