@@ -71,6 +71,13 @@ def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
                      (result["seqr_default"], "arrow")}  # fmt: skip
     for test in result["significance"]:
         assert 0.0 <= test["p_value"] <= 1.0
+    # Every mistake of the default is listed once, as its confusion matrix counts it.
+    default, wrong = methods[result["seqr_default"]], result["misrouted"]
+    assert len(wrong) == default["total"] - default["correct"]
+    for w in wrong:
+        i, j = ADAPTERS.index(w["domain"]), ADAPTERS.index(w["chosen"])
+        assert i != j and default["confusion"][i][j] >= 1
+        assert w["chunk"] % 2 == 1 and 0 <= w["chunk"] < 8  # test rows are the odd chunks
     write_report({"evaluation": result}, tmp_path, [])
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["evaluation"]["agreement_seqr_brute_force"] == 1.0

@@ -43,6 +43,9 @@ def report_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       {"stage": "evaluation: route held-out text", "seconds": 12.0}]}  # fmt: skip
     timing = [{"method": m, "n": n, "us_per_token": t * n}
               for m, t in (("seqr", 0.1), ("brute_force", 0.5)) for n in (4, 16, 64)]  # fmt: skip
+    # A routing mistake whose text (the domain's own) holds markup: shown as text.
+    evaluation["misrouted"] = [{"domain": ADAPTERS[0], "chosen": ADAPTERS[1], "chunk": 3,
+                                "text": HOSTILE}]  # fmt: skip
     out = tmp_path_factory.mktemp("report")
     report = {"evaluation": evaluation, "clients": clients, "run": run, "not_admitted": ["broken"]}
     write_report(report, out, timing)
@@ -81,7 +84,8 @@ def test_report_renders_in_chromium_without_any_request(report_dir, browser, scr
         assert wanted in headings
     subheadings = [h.text for h in browser.find_elements("css selector", "h3")]
     for wanted in ("Wall time per stage", "Per domain", "Paired tests (McNemar)", "Exactness",
-                   "Confusion matrix", "Routed vs oracle loss per domain"):  # fmt: skip
+                   "Confusion matrix", "Routed vs oracle loss per domain",
+                   "Where routing fails"):  # fmt: skip
         assert wanted in subheadings
     images = browser.find_elements("css selector", "img")
     assert len(images) >= 7

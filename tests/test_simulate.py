@@ -150,3 +150,11 @@ def test_first_chunks_tokenize_only_what_they_need_and_equal_the_full_split(tmp_
         for count in (1, 5, 40, len(full) + 5, None):
             got = first_chunks(folder, tokenizer, fed, count, heldout=heldout)
             assert got.shape == full[:count].shape and (got == full[:count]).all()
+
+
+def test_a_misrouted_chunk_is_shown_as_one_bounded_line():
+    from seqr.sim.registry_eval import text_start
+
+    assert text_start("def f():\n\n    return  1\t# x") == "def f(): return 1 # x"
+    long = text_start("word " * 100, length=20)
+    assert len(long) == 20 and long.endswith("…") and "\n" not in long

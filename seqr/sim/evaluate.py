@@ -78,6 +78,7 @@ class HeldOut:
     ids: torch.Tensor  # (S, T) token ids, every domain's chunks
     labels: torch.Tensor  # (S,) index of the true domain's adapter
     is_test: torch.Tensor  # (S,) bool; the rest is validation
+    chunks: torch.Tensor  # (S,) each row's index among its domain's held-out chunks
 
 
 def split_heldout(
@@ -87,7 +88,7 @@ def split_heldout(
     missing = sorted(set(heldout) - set(adapters))
     if missing:
         raise DataError(f"held-out domains {missing} have no adapter in the library")
-    ids, labels, is_test = [], [], []
+    ids, labels, is_test, positions = [], [], [], []
     for domain, chunks in heldout.items():
         chunks = chunks[: cfg.max_sequences_per_domain]
         if len(chunks) < 2:
@@ -95,7 +96,10 @@ def split_heldout(
         ids.append(torch.as_tensor(chunks, dtype=torch.long))
         labels += [adapters.index(domain)] * len(chunks)
         is_test += [i % 2 == 1 for i in range(len(chunks))]
-    return HeldOut(torch.cat(ids), torch.tensor(labels), torch.tensor(is_test))
+        positions += range(len(chunks))
+    return HeldOut(
+        torch.cat(ids), torch.tensor(labels), torch.tensor(is_test), torch.tensor(positions)
+    )
 
 
 def layer_mask(module_layers: list[int | None], share_skipped: float) -> torch.Tensor:
@@ -252,6 +256,7 @@ def evaluate(
         results[method]["perplexity"] = float(np.exp(loss))
         results[method]["heldout_loss_per_domain"] = losses["per_domain"][method]
     test_per_domain = {a: int((test_labels == i).sum()) for i, a in enumerate(adapters)}
+    choice_default = decisions[default][is_test]
     return {
         "adapters": list(adapters),
         "test_sequences": int(is_test.sum()),
@@ -262,8 +267,21 @@ def evaluate(
         "seqr_default": default,
         "seqr_best_alternative": best_other,
         "significance": significance,
+        "misrouted": misrouted(choice_default, test_labels, data.chunks[test], adapters),
         **agreement,
     }
+
+
+def misrouted(
+    choice: torch.Tensor, labels: torch.Tensor, chunks: torch.Tensor, adapters: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Each wrongly routed sequence: its domain, the adapter chosen instead, and which of the
+    domain's held-out chunks it is (registry_eval adds the text, so a reader can see why)."""
+    wrong = torch.nonzero(choice != labels).flatten().tolist()
+    return [
+        {"domain": adapters[labels[i]], "chosen": adapters[choice[i]], "chunk": int(chunks[i])}
+        for i in wrong
+    ]
 
 
 def _all_routing_metrics(

@@ -67,6 +67,13 @@ def first_chunks(
     raise DataError(f"folder {folder.name} holds no text file: add text to it")
 
 
+def text_start(text: str, length: int = 160) -> str:
+    """A chunk's first ``length`` characters on one line (whitespace runs become one space),
+    to show in the report beside a routing mistake."""
+    line = " ".join(text.split())
+    return line if len(line) <= length else line[: length - 1] + "…"
+
+
 def routing_timing(ns: tuple[int, ...], d_in: int, r: int) -> list[dict[str, Any]]:
     """Routing time against N at the real model's module shape (one LoRA module)."""
     from seqr.sim.bench_routing import RoutingBenchConfig, bench_point
@@ -130,6 +137,9 @@ def evaluate_registry(
         ),
         stage=lambda name, total: begin(name, total),
     )
+    for wrong in evaluation["misrouted"]:
+        ids = heldout[wrong["domain"]][wrong["chunk"]]
+        wrong["text"] = text_start(base.tokenizer.decode(ids.tolist()))
     r, d_in = lora_shape(library)
     begin("routing time against the number of adapters")
     timing = routing_timing(cfg.timing_ns, d_in, r)

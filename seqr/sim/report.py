@@ -209,6 +209,7 @@ def _accuracy_section(ev: dict[str, Any], drawn: dict) -> list[Block]:
         Block("plot", "routing accuracy with 95% intervals", plot="accuracy.png"),
     ]  # fmt: skip
     blocks += _per_domain_blocks(ev, drawn)
+    blocks += _misrouted_blocks(ev)
     blocks += _significance_blocks(ev)
     blocks += [
         Block("h3", "Exactness"),
@@ -253,6 +254,30 @@ def _per_domain_blocks(ev: dict[str, Any], drawn: dict) -> list[Block]:
                    "for whom (with fewer sequences per domain, the intervals are wider)."),
         Block("table", header=["domain", "test sequences", *cols], rows=rows),
         Block("plot", "routing accuracy per domain", plot="accuracy_per_domain.png"),
+    ]  # fmt: skip
+
+
+def _misrouted_blocks(ev: dict[str, Any], per_pair: int = 3) -> list[Block]:
+    wrong = ev.get("misrouted", [])
+    if not wrong:
+        return []
+    pairs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for w in wrong:
+        pairs.setdefault((w["domain"], w["chosen"]), []).append(w)
+    ranked = sorted(pairs.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    examples = [[d, c, str(w["chunk"]), w.get("text", "")]
+                for (d, c), ws in ranked for w in ws[:per_pair]]  # fmt: skip
+    return [
+        Block("h3", "Where routing fails"),
+        Block("p", f"The {len(wrong)} test sequences {default_seqr(ev)} sent to another "
+                   "domain's adapter, by pair (most frequent first), and the start of up to "
+                   f"{per_pair} of each pair's sequences: a domain whose text also looks like "
+                   "another's (documentation made of code examples, say) is routed by what it "
+                   "looks like."),
+        Block("table", header=["domain", "routed to", "sequences"],
+              rows=[[d, c, str(len(ws))] for (d, c), ws in ranked]),
+        Block("table", header=["domain", "routed to", "held-out chunk", "text (start)"],
+              rows=examples),
     ]  # fmt: skip
 
 
