@@ -88,7 +88,8 @@ def split_heldout(
     missing = sorted(set(heldout) - set(adapters))
     if missing:
         raise DataError(f"held-out domains {missing} have no adapter in the library")
-    ids, labels, is_test, positions = [], [], [], []
+    ids, labels, is_test = [], [], []
+    positions: list[int] = []
     for domain, chunks in heldout.items():
         chunks = chunks[: cfg.max_sequences_per_domain]
         if len(chunks) < 2:
