@@ -70,6 +70,11 @@ def test_simulation_over_two_seeds_reports_progress_failures_and_mean_and_spread
     assert before == {p: p.read_bytes() for p in out.rglob("*.json") if p.is_file()}
     assert main([*argv, "--evaluate-only"]) == 0
     assert json.loads((out / "seed-1" / "report.json").read_text())["audit"]["entries"] == 3
+    # --seed K names one seed: here seed 1's run, evaluated again on its own.
+    one = [*argv[: argv.index("--seeds")], "--seed", "1", "--evaluate-only"]
+    one[one.index(str(out))] = str(out / "seed-1")
+    assert main(one) == 0
+    assert json.loads((out / "seed-1" / "report.json").read_text())["run"]["seed"] == 1
     # --resume: a seed whose federation finished is evaluated again, one that has none runs.
     shutil.rmtree(out / "seed-1")
     registry_before = {p: p.read_bytes() for p in (out / "seed-0" / "registry").rglob("*")
@@ -126,7 +131,11 @@ def test_scale_refuses_bad_arguments_with_a_clear_error(tmp_path, capsys, argv, 
     assert not (tmp_path / "scale").exists()
 
 
-@pytest.mark.parametrize("argv", [["--seeds", "0"], ["--eval-sequences", "1"], ["--steps", "x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--seeds", "0"], ["--eval-sequences", "1"], ["--steps", "x"], ["--seed", "-1"],
+     ["--seed", "1", "--seeds", "3"]],
+)  # fmt: skip
 def test_simulate_refuses_bad_arguments_with_a_clear_error(tmp_path, capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--out", str(tmp_path / "out")])

@@ -271,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         "into --out/seed-K and report mean and spread",
     )
     parser.add_argument(
+        "--seed",
+        type=positive_int(0, 2**31 - 1),
+        help="run one seed K of the shared A and of the data split and order (default 0); "
+        "--seeds N runs 0..N-1 instead",
+    )
+    parser.add_argument(
         "--per-token-losses",
         action="store_true",
         help="also measure the held-out loss of per-token routing (two more passes)",
@@ -292,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         "evaluated again, the others run",
     )
     args = parser.parse_args(argv)
+    if args.seed is not None and args.seeds > 1:
+        parser.error("give --seed K (one run) or --seeds N (seeds 0..N-1), not both")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # SIGTERM (kill, CI timeouts) unwinds like Ctrl-C, so the SuperLink and Ray are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -304,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.domains:
         overrides["domains"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
     for key, value in (("base_model", args.base_model), ("train_steps", args.steps),
+                       ("seed", args.seed),
                        ("train_seq_len", args.seq_len),
                        ("eval_sequences_per_domain", args.eval_sequences)):  # fmt: skip
         if value is not None:
