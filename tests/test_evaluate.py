@@ -3,10 +3,13 @@ force, settings are chosen on validation only, and the report is written with it
 
 import json
 
+import numpy as np
+import pytest
 import torch
 from _routed_lora import ADAPTERS, calibrate, make_peft_model, token_ids
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from seqr.core.errors import DataError
 from seqr.core.model_routing import ModelRoutingConfig, RoutedModel
 from seqr.sim.evaluate import (
     DEFAULT_CALIBRATION,
@@ -18,6 +21,7 @@ from seqr.sim.evaluate import (
 )
 from seqr.sim.library import AdapterLibrary, add_uniform_merge
 from seqr.sim.report import write_report
+from seqr.sim.score_dump import load_scores
 
 
 def heldout_by_domain(n=8):
@@ -252,3 +256,43 @@ def test_pair_losses_equal_each_plans_own_mixed_batch_losses():
         direct = next_token_losses(model(input_ids=ids, adapter_names=names).logits, ids)
         cached = torch.tensor([cache[row, name] for row, name in enumerate(names)]).double()
         torch.testing.assert_close(cached, direct, rtol=1e-6, atol=1e-6)
+
+
+def test_score_dump_reproduces_every_reported_accuracy(tmp_path):
+    library = tiny_library()
+    path = tmp_path / "scores.npz"
+    cfg = EvalConfig(max_sequences_per_domain=8, batch_size=4, peft_arrow=False, losses=False,
+                     scores_path=path)  # fmt: skip
+    reference = token_ids(6, 12, seed=99).numpy()
+    result = evaluate(library, heldout_by_domain(), cfg, reference=reference)
+    dump = load_scores(path)
+    assert dump.adapters == tuple(ADAPTERS) and int(dump.is_test.sum()) == 12
+    for method in (*SEQR_CALIBRATIONS, "arrow"):
+        reported = result["methods"][method]
+        assert dump.accuracy(method) == reported["routing_accuracy"]
+        assert dump.accuracy(method, test=False) == reported["validation_accuracy"][DEFAULT_LAYERS]
+    wrong = dump.decisions(DEFAULT_CALIBRATION) != dump.labels
+    listed = {(w["domain"], w["chunk"]) for w in result["misrouted"]}
+    assert listed == {(ADAPTERS[dump.labels[i]], int(dump.chunks[i]))
+                      for i in np.flatnonzero(wrong & dump.is_test)}  # fmt: skip
+
+
+def test_a_score_dump_holding_pickled_objects_is_refused_not_unpickled(tmp_path):
+    # Attack: a crafted scores.npz whose arrays are pickles (code runs on unpickling).
+    path = tmp_path / "scores.npz"
+    np.savez(path, adapters=np.array([object()], dtype=object))
+    before = path.read_bytes()
+    with pytest.raises(DataError, match="not a score dump"):
+        load_scores(path)
+    assert path.read_bytes() == before
+
+
+def test_a_score_dump_with_mismatched_shapes_is_refused(tmp_path):
+    path = tmp_path / "scores.npz"
+    rows = np.zeros(4, dtype=np.int64)
+    np.savez(path, adapters=np.array(["a", "b"]), module_names=np.array(["m"]),
+             module_layers=np.zeros(1), labels=rows, is_test=rows.astype(bool), chunks=rows,
+             **{"raw.seqr": np.zeros((3, 1, 2)), "mean.seqr": np.zeros((1, 2)),
+                "std.seqr": np.ones((1, 2))})  # fmt: skip
+    with pytest.raises(DataError, match=r"raw\.seqr.*do not match \(4, 1, 2\)"):
+        load_scores(path)

@@ -13,6 +13,7 @@ from tiny import build_tiny_llama, copy_texts
 from seqr.core.errors import ConfigError, DataError
 from seqr.registry.audit import audit_registry
 from seqr.sim.scale import main as scale_main
+from seqr.sim.score_dump import load_scores
 from seqr.sim.simulate import SimulateConfig, main, pick_domains, validate_domains
 
 DOMAINS = {"d0": ("bisect.py", "heapq.py"), "d1": ("textwrap.py",), "d2": ("colorsys.py",)}
@@ -71,10 +72,15 @@ def test_simulation_over_two_seeds_reports_progress_failures_and_mean_and_spread
     assert main([*argv, "--evaluate-only"]) == 0
     assert json.loads((out / "seed-1" / "report.json").read_text())["audit"]["entries"] == 3
     # --seed K names one seed: here seed 1's run, evaluated again on its own.
-    one = [*argv[: argv.index("--seeds")], "--seed", "1", "--evaluate-only"]
+    # --dump-scores keeps the scores the report came from, to try routing variants offline.
+    one = [*argv[: argv.index("--seeds")], "--seed", "1", "--evaluate-only", "--dump-scores"]
     one[one.index(str(out))] = str(out / "seed-1")
     assert main(one) == 0
-    assert json.loads((out / "seed-1" / "report.json").read_text())["run"]["seed"] == 1
+    report = json.loads((out / "seed-1" / "report.json").read_text())
+    assert report["run"]["seed"] == 1
+    dump = load_scores(out / "seed-1" / "scores.npz")
+    default = report["evaluation"]["seqr_default"]
+    assert dump.accuracy(default) == report["evaluation"]["methods"][default]["routing_accuracy"]
     # --resume: a seed whose federation finished is evaluated again, one that has none runs.
     shutil.rmtree(out / "seed-1")
     registry_before = {p: p.read_bytes() for p in (out / "seed-0" / "registry").rglob("*")

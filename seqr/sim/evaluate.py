@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,8 @@ class EvalConfig:
     # Held-out loss of the exact uniform merge of all adapters: one more pass over the test
     # rows (~15% of the evaluation), a baseline beside the oracle and the base model.
     merge_baseline: bool = False
+    # Where to write the shared pass's per-sequence scores (seqr/sim/score_dump.py), or None.
+    scores_path: Path | None = None
 
     def __post_init__(self) -> None:
         if self.max_sequences_per_domain < 2:
@@ -225,6 +228,11 @@ def evaluate(
     # Rows come back validation first, then test: reorder labels the same way.
     labels = torch.cat([data.labels[val], data.labels[test]])
     is_test = torch.cat([torch.zeros(int(val.sum()), dtype=torch.bool), test[test]])
+    if cfg.scores_path is not None:
+        from seqr.sim.score_dump import save_scores
+
+        chunks = torch.cat([data.chunks[val], data.chunks[test]])
+        save_scores(cfg.scores_path, scores, adapters, labels, is_test, chunks)
     results, decisions = _all_routing_metrics(scores, labels, is_test, n)
     test_labels = labels[is_test]
     generator = torch.Generator().manual_seed(cfg.seed)  # drawn in the held-out rows' order

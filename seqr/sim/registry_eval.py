@@ -129,6 +129,7 @@ def evaluate_registry(
             max_sequences_per_domain=cfg.eval_sequences_per_domain,
             per_token_losses=cfg.per_token_losses,
             merge_baseline=cfg.merge_baseline,
+            scores_path=cfg.out / "scores.npz" if cfg.dump_scores else None,
         ),
         make_base=lambda: load_base_model(fed.base_model).model,
         export_paths=[str(p) for p in exports.values()],

@@ -60,6 +60,7 @@ class SimulateConfig:
     seed: int = 0  # the shared A's seed and the data split and order's (federation a/data-seed)
     per_token_losses: bool = False  # also the held-out loss of per-token routing (slower)
     merge_baseline: bool = False  # also the held-out loss of the uniform merge (slower)
+    dump_scores: bool = False  # write the per-sequence scores to scores.npz (score_dump.py)
     quick: bool = False
     evaluate_only: bool = False  # reuse the registry of an earlier run in --out
     # Evaluate a run (each seed's) whose federation already finished in --out; run the others.
@@ -200,6 +201,7 @@ def run_section(cfg: SimulateConfig, federation: Any, evaluated: float, board: A
         "held_out_sequences_per_domain": cfg.eval_sequences_per_domain,
         "per_token_losses": cfg.per_token_losses,
         "merge_baseline": cfg.merge_baseline,
+        "dump_scores": cfg.dump_scores,
         "quick": cfg.quick,
         "evaluate_only": cfg.evaluate_only,
         "federation_seconds": round(federation.seconds, 1),
@@ -287,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure the held-out loss of the uniform merge of all adapters (one more "
         "pass over the test rows)",
     )
+    parser.add_argument(
+        "--dump-scores",
+        action="store_true",
+        help="also write every held-out sequence's module scores to scores.npz in --out, to "
+        "score routing variants offline (seqr/sim/score_dump.py)",
+    )
     parser.add_argument("--quick", action="store_true", help="4 domains, few steps (minutes)")
     parser.add_argument(
         "--evaluate-only", action="store_true", help="evaluate the registry already in --out"
@@ -306,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {}
     if args.evaluate_only:
         overrides["evaluate_only"] = True
-    for flag in ("per_token_losses", "merge_baseline", "resume"):
+    for flag in ("per_token_losses", "merge_baseline", "dump_scores", "resume"):
         if getattr(args, flag):
             overrides[flag] = True
     if args.domains:
