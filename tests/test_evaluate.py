@@ -287,6 +287,13 @@ def test_a_score_dump_holding_pickled_objects_is_refused_not_unpickled(tmp_path)
     assert path.read_bytes() == before
 
 
+def test_a_single_array_file_is_refused_as_a_score_dump(tmp_path):
+    path = tmp_path / "scores.npy"
+    np.save(path, np.zeros(3))
+    with pytest.raises(DataError, match="not a score dump.*one array"):
+        load_scores(path)
+
+
 def test_a_score_dump_with_mismatched_shapes_is_refused(tmp_path):
     path = tmp_path / "scores.npz"
     rows = np.zeros(4, dtype=np.int64)

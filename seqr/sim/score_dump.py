@@ -90,13 +90,15 @@ def save_scores(
 
 def load_scores(path: Path) -> ScoreDump:
     """Read a dump written by save_scores; DataError says what is missing or inconsistent."""
+    not_a_dump = f"{path} is not a score dump of `seqr simulate --dump-scores`"
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # one .npy array, not a dump
+            raise DataError(f"{not_a_dump} (it holds one array)")
+        with loaded as npz:
             arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError) as exc:
-        raise DataError(
-            f"{path} is not a score dump of `seqr simulate --dump-scores` ({exc})"
-        ) from None
+        raise DataError(f"{not_a_dump} ({exc})") from None
     missing = [k for k in ("adapters", "module_names", "module_layers", *_ROW_ARRAYS,
                            "raw.seqr", "mean.seqr", "std.seqr") if k not in arrays]  # fmt: skip
     if missing:
