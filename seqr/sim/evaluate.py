@@ -226,18 +226,17 @@ def evaluate(
             extra=extra, progress=step,
         )  # fmt: skip
     # Rows come back validation first, then test: reorder labels the same way.
-    labels = torch.cat([data.labels[val], data.labels[test]])
-    is_test = torch.cat([torch.zeros(int(val.sum()), dtype=torch.bool), test[test]])
+    order = torch.cat([torch.nonzero(val).flatten(), torch.nonzero(test).flatten()])
+    labels, is_test = data.labels[order], data.is_test[order]
     if cfg.scores_path is not None:
         from seqr.sim.score_dump import save_scores
 
-        chunks = torch.cat([data.chunks[val], data.chunks[test]])
-        save_scores(cfg.scores_path, scores, adapters, labels, is_test, chunks)
+        save_scores(cfg.scores_path, scores, adapters, labels, is_test, data.chunks[order])
     results, decisions = _all_routing_metrics(scores, labels, is_test, n)
     test_labels = labels[is_test]
     generator = torch.Generator().manual_seed(cfg.seed)  # drawn in the held-out rows' order
     random_choice = torch.randint(0, n, (len(data.ids),), generator=generator)
-    decisions["random"] = torch.cat([random_choice[val], random_choice[test]])
+    decisions["random"] = random_choice[order]
     for method, choice in decisions.items():
         entry = results.setdefault(method, {})
         entry.setdefault("routing_accuracy", accuracy(choice[is_test], test_labels))

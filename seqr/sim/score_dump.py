@@ -112,9 +112,9 @@ def load_scores(path: Path) -> ScoreDump:
         chunks=arrays["chunks"],
         raw={k.removeprefix("raw."): v for k, v in arrays.items() if k.startswith("raw.")},
         calibrations={
-            k.removeprefix("mean."): (v, arrays["std." + k.removeprefix("mean.")])
-            for k, v in arrays.items()
-            if k.startswith("mean.") and "std." + k.removeprefix("mean.") in arrays
+            label: (arrays[f"mean.{label}"], arrays[f"std.{label}"])
+            for label in (k.removeprefix("mean.") for k in arrays if k.startswith("mean."))
+            if f"std.{label}" in arrays
         },
     )
     shape = (len(dump.labels), len(dump.module_names), len(dump.adapters))
