@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from seqr.core.errors import DataError
 from seqr.core.model_routing import ModelRoutingConfig, RoutedModel
+from seqr.sim.claims import claim_split
 from seqr.sim.evaluate import (
     DEFAULT_CALIBRATION,
     DEFAULT_LAYERS,
@@ -22,6 +23,7 @@ from seqr.sim.evaluate import (
 from seqr.sim.library import AdapterLibrary, add_uniform_merge
 from seqr.sim.report import write_report
 from seqr.sim.score_dump import load_scores
+from seqr.sim.significance import wilson_interval
 
 
 def heldout_by_domain(n=8):
@@ -85,7 +87,10 @@ def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
     write_report({"evaluation": result}, tmp_path, [])
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["evaluation"]["agreement_seqr_brute_force"] == 1.0
-    assert "| seqr |" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "| seqr |" in md
+    unclaimed = result["default_by_claim"]["unclaimed"]["total"]
+    assert f"{unclaimed} of {result['test_sequences']} test sequences" in md
     assert {"confusion_seqr.png", "accuracy.png", "accuracy_per_domain.png",
             "loss_per_domain.png"} <= set(report["plots"])  # fmt: skip
     for plot in report["plots"]:
@@ -275,6 +280,37 @@ def test_score_dump_reproduces_every_reported_accuracy(tmp_path):
     listed = {(w["domain"], w["chunk"]) for w in result["misrouted"]}
     assert listed == {(ADAPTERS[dump.labels[i]], int(dump.chunks[i]))
                       for i in np.flatnonzero(wrong & dump.is_test)}  # fmt: skip
+
+
+def test_claim_split_counts_the_rows_no_adapter_scores_above_its_traffic_mean(tmp_path):
+    library = tiny_library()
+    path = tmp_path / "scores.npz"
+    cfg = EvalConfig(max_sequences_per_domain=8, batch_size=4, peft_arrow=False, losses=False,
+                     scores_path=path)  # fmt: skip
+    result = evaluate(library, heldout_by_domain(), cfg)
+    split = result["default_by_claim"]
+    # Recomputed from the dump in numpy: the default's decision z-scores of each test row.
+    dump = load_scores(path)
+    test = dump.is_test
+    top = dump.module_scores(DEFAULT_CALIBRATION)[test].mean(axis=1).max(axis=1)
+    right = dump.decisions(DEFAULT_CALIBRATION)[test] == dump.labels[test]
+    for group, rows in (("claimed", top >= 0), ("unclaimed", top < 0)):
+        assert split[group]["total"] == int(rows.sum())
+        assert split[group]["correct"] == int(right[rows].sum())
+    assert split["claimed"]["total"] + split["unclaimed"]["total"] == 12
+    assert split["claimed"]["correct"] + split["unclaimed"]["correct"] == round(
+        result["methods"][DEFAULT_CALIBRATION]["routing_accuracy"] * 12
+    )
+    # Decision scores are standardised over the validation rows, so both groups occur.
+    assert split["claimed"]["total"] > 0 and split["unclaimed"]["total"] > 0
+
+
+def test_claim_split_of_an_empty_group_has_no_accuracy():
+    scores = torch.tensor([[1.0, -2.0], [0.5, 0.0], [-0.1, 3.0]])
+    split = claim_split(scores, torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]))
+    assert split["claimed"] == {"share": 1.0, "correct": 2, "total": 3, "accuracy": 2 / 3,
+                                "ci95": list(wilson_interval(2, 3))}  # fmt: skip
+    assert split["unclaimed"]["total"] == 0 and split["unclaimed"]["accuracy"] is None
 
 
 def test_a_score_dump_holding_pickled_objects_is_refused_not_unpickled(tmp_path):

@@ -73,3 +73,27 @@ def test_summary_names_a_seed_that_routed_fewer_domains_and_why(tmp_path):
     assert "seed 1: c (rejected: implausible_stats: x)" in md
     write_summary(summarise([full, full]), tmp_path / "all")
     assert "Not every seed" not in (tmp_path / "all" / "report.md").read_text()
+
+
+def test_summary_pools_the_claim_split_over_seeds_and_says_it(tmp_path):
+    def split(claimed: tuple[int, int], unclaimed: tuple[int, int]) -> dict:
+        rows = claimed[1] + unclaimed[1]
+        return {g: {"correct": c, "total": t, "share": t / rows}
+                for g, (c, t) in (("claimed", claimed), ("unclaimed", unclaimed))}  # fmt: skip
+
+    reports = [_report(0.9, 0.8, [], "seqr"), _report(0.8, 0.7, [], "seqr")]
+    reports[0]["evaluation"]["default_by_claim"] = split((180, 190), (5, 10))
+    reports[1]["evaluation"]["default_by_claim"] = split((170, 180), (10, 20))
+    pooled = summarise(reports)["default_by_claim"]
+    assert pooled["unclaimed"]["total"] == 30 and pooled["unclaimed"]["correct"] == 15
+    assert pooled["unclaimed"]["share"] == pytest.approx(30 / 400)
+    assert pooled["claimed"]["accuracy"] == pytest.approx(350 / 370)
+    write_summary(summarise(reports), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "30 of 400 test sequences (7.5%) were claimed by no adapter" in md
+    assert "routed 50.0% (95% interval" in md
+    # A seed evaluated before the split existed: no pooled numbers, no sentence.
+    del reports[1]["evaluation"]["default_by_claim"]
+    assert summarise(reports)["default_by_claim"] is None
+    write_summary(summarise(reports), tmp_path / "old")
+    assert "claimed by no adapter" not in (tmp_path / "old" / "report.md").read_text()

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from seqr.core.errors import ConfigError, DataError
+from seqr.sim.claims import claim_split
 from seqr.sim.eval_losses import heldout_losses
 from seqr.sim.eval_scores import TEST_ONLY, ExtraScorers, HeldOutScores, score_heldout
 from seqr.sim.library import AdapterLibrary
@@ -265,6 +266,8 @@ def evaluate(
         results[method]["heldout_loss_per_domain"] = losses["per_domain"][method]
     test_per_domain = {a: int((test_labels == i).sum()) for i, a in enumerate(adapters)}
     choice_default = decisions[default][is_test]
+    mask = masks_for(scores.module_layers)[DEFAULT_LAYERS]
+    default_scores = scores.calibrations[default].z(scores.module_means["seqr"][is_test])
     return {
         "adapters": list(adapters),
         "test_sequences": int(is_test.sum()),
@@ -276,6 +279,9 @@ def evaluate(
         "seqr_best_alternative": best_other,
         "significance": significance,
         "misrouted": misrouted(choice_default, test_labels, data.chunks[test], adapters),
+        "default_by_claim": claim_split(
+            default_scores[:, mask].mean(dim=1), choice_default, test_labels
+        ),
         **agreement,
     }
 

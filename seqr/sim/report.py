@@ -16,6 +16,7 @@ from typing import Any
 
 from seqr.core.atomic_write import write_atomic
 from seqr.sim import report_plots as plots
+from seqr.sim.claims import claim_sentence
 
 ACCURACY_ORDER = [
     "seqr_queries", "seqr_queries_per_module", "seqr_blend", "seqr_public", "seqr", "seqr_raw",
@@ -210,6 +211,10 @@ def _accuracy_section(ev: dict[str, Any], drawn: dict) -> list[Block]:
     ]  # fmt: skip
     blocks += _per_domain_blocks(ev, drawn)
     blocks += _misrouted_blocks(ev)
+    claims = claim_sentence(ev.get("default_by_claim"), sel)
+    blocks += (
+        [Block("h3", "When no adapter claims a sequence"), Block("p", claims)] if claims else []
+    )
     blocks += _significance_blocks(ev)
     blocks += [
         Block("h3", "Exactness"),

@@ -39,20 +39,24 @@ class ScoreDump:
     raw: dict[str, np.ndarray]  # method -> (S, M, N) token-mean raw score of each module
     calibrations: dict[str, tuple[np.ndarray, np.ndarray]]  # label -> (mean, std), (M, N)
 
-    def decisions(self, method: str) -> np.ndarray:
-        """(S,) adapter each row is routed to: a calibration label ("seqr", "seqr_queries",
+    def module_scores(self, method: str) -> np.ndarray:
+        """(S, M, N) what ``method`` decides on: a calibration label ("seqr", "seqr_queries",
         ...) z-scores SEQR's raw scores with its statistics; "arrow" / "peft_arrow" use their
-        own. All layers, the mean over modules, as the report's methods decide."""
-        from seqr.sim.evaluate import decide  # the report's own rule, not a copy of it
-
+        own."""
         if method in self.calibrations:
             mean, std = self.calibrations[method]
-            scores = torch.from_numpy((self.raw["seqr"].astype(np.float64) - mean) / std)
-        elif method in self.raw:
-            scores = torch.from_numpy(self.raw[method])
-        else:
-            known = sorted({*self.calibrations, *self.raw})
-            raise DataError(f"no scores for method {method!r} in this dump; have {known}")
+            return (self.raw["seqr"].astype(np.float64) - mean) / std
+        if method in self.raw:
+            return self.raw[method]
+        known = sorted({*self.calibrations, *self.raw})
+        raise DataError(f"no scores for method {method!r} in this dump; have {known}")
+
+    def decisions(self, method: str) -> np.ndarray:
+        """(S,) adapter each row is routed to: all layers, the mean over modules, as the
+        report's methods decide."""
+        from seqr.sim.evaluate import decide  # the report's own rule, not a copy of it
+
+        scores = torch.from_numpy(self.module_scores(method))
         return decide(scores, torch.ones(scores.shape[1], dtype=torch.bool)).numpy()
 
     def accuracy(self, method: str, *, test: bool = True) -> float:

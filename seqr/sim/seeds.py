@@ -20,6 +20,7 @@ from typing import Any
 
 from seqr.core.atomic_write import write_atomic
 from seqr.sim import report_plots as plots
+from seqr.sim.claims import claim_sentence, pooled_split
 from seqr.sim.report import ACCURACY_ORDER, METHOD_NOTES, Block, finite_json, markdown
 from seqr.sim.significance import mean_and_spread
 
@@ -70,6 +71,7 @@ def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
         for t in e.get("significance", []):
             row = mcnemar.setdefault(f"{t['first']} vs {t['second']}", [None] * len(evals))
             row[i] = {k: t[k] for k in ("first_only", "second_only", "p_value")}
+    splits = [e.get("default_by_claim") for e in evals]
     return {
         "seeds": len(reports),
         "not_admitted_per_seed": [_not_admitted(r) for r in reports],
@@ -82,6 +84,8 @@ def summarise(reports: list[dict[str, Any]]) -> dict[str, Any]:
             [e["agreement_default_brute_force"] for e in evals]
         ),
         "mcnemar": mcnemar,
+        # Seeds evaluated before the split existed have none: then no pooled split either.
+        "default_by_claim": pooled_split(splits) if all(splits) else None,
         "wall_seconds": mean_and_spread(
             [r.get("run", {}).get("wall_seconds", 0.0) for r in reports]
         ),
@@ -169,6 +173,10 @@ def summary_blocks(summary: dict[str, Any]) -> list[Block]:
             Block("table", header=["comparison", *(f"seed {i}" for i in range(n))],
                   rows=[[k, *map(_mcnemar_cell, v)] for k, v in summary["mcnemar"].items()]),
         ]  # fmt: skip
+    claims = claim_sentence(summary.get("default_by_claim"), ", ".join(defaults))
+    if claims:
+        blocks += [Block("h3", "When no adapter claims a sequence (all seeds' test sequences)"),
+                   Block("p", claims)]  # fmt: skip
     agree = summary["agreement_default_brute_force"]
     blocks.append(Block("p", "SEQR chose what brute force chose under the same statistics on "
                              f"{agree['min']:.1%} of test sequences in the seed where they "
