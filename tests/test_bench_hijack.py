@@ -13,8 +13,8 @@ from tiny import copy_texts, tiny_model_dir
 from seqr.core.errors import AdmissionError
 from seqr.core.stats import NormStatistics
 from seqr.core.stats_plausibility import MAD_TO_STD, check_stats_plausible
-from seqr.sim.bench_hijack import BOUND, LIAR, main, query_scores
-from seqr.sim.bench_hijack_lies import bound_stats, scaled_stats, sequence_scores
+from seqr.sim.bench_hijack import BOUND, CRAFTED, LIAR, main, query_scores
+from seqr.sim.bench_hijack_lies import bound_stats, crafted_b, scaled_stats, sequence_scores
 
 DOMAINS = {
     "a": ("bisect.py", "heapq.py"),
@@ -97,3 +97,30 @@ def test_query_statistics_ignore_any_rescaling_of_an_adapters_scores(result) -> 
     assert np.allclose(query_scores([honest, liar]), query_scores([honest, bent]))
     row = result[0]["scenarios"]["liar, query statistics (any claim)"]
     assert row["adapters"][-1] == LIAR and 0.0 <= row["capture_share"] <= 1.0
+
+
+def test_crafted_rank_1_b_scores_the_cosine_to_the_public_mean_direction() -> None:
+    """The weights-only attacker: B = u w^T with w the mean direction of public h / ||h||, so
+    its gain on any h is |cos(h, w)|, and w is the unit vector with the largest mean cosine."""
+    import torch
+
+    from seqr.core.routing.seqr import SeqrRouter
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(200, 4, generator=g) + torch.tensor([3.0, 0.0, 1.0, 0.0])
+    b = crafted_b({"m": h}, {"m": "m.lora_B"}, {"m.lora_B": np.zeros((6, 4))})["m.lora_B"]
+    assert b.shape == (6, 4) and np.linalg.matrix_rank(b) == 1
+    unit = h / h.norm(dim=1, keepdim=True)
+    w = torch.from_numpy(b[0]).double()
+    gain = SeqrRouter(torch.eye(4), torch.from_numpy(b)[None]).norms(h).flatten().double()
+    assert torch.allclose(gain / h.norm(dim=1).double(), (unit.double() @ w).abs(), atol=1e-5)
+    for _ in range(20):  # no other direction has a larger mean cosine over the public text
+        v = torch.randn(4, generator=g).double()
+        assert (unit.double() @ (v / v.norm())).mean() <= (unit.double() @ w).mean() + 1e-9
+
+
+def test_crafted_adapter_is_scored_under_query_statistics(result) -> None:  # type: ignore[no-untyped-def]
+    row = result[0]["scenarios"]["crafted rank-1 B, query statistics"]
+    assert row["adapters"][-1] == CRAFTED and LIAR not in row["adapters"]
+    assert 0.0 <= row["capture_share"] <= 1.0
+    assert row["capture_share"] + row["accuracy"] <= 1.0 + 1e-9

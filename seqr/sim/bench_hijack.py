@@ -14,7 +14,10 @@ small mu and a tiny sigma gets a large z on every input and wins inputs that are
    mean of per-module z-scores) over the adapters a registry holds; reported per scenario:
    the share of honest sequences the liar captures, and routing accuracy (own domain's
    adapter chosen). A "bound" liar claims the largest lie the check still accepts (the
-   residual risk the bounds leave).
+   residual risk the bounds leave);
+4. query statistics (seqr serve's default) ignore every claim; measured for the liar's
+   adapter and for a rank-1 B crafted from the public probe text alone (crafted_b), which
+   claims nothing and wins where its score's upper tail beats the right adapter's.
 
 Scores are computed once with every adapter loaded; a scenario takes the argmax over its own
 adapters' columns (exact for mean aggregation: an adapter's score does not depend on others).
@@ -41,16 +44,18 @@ from seqr.core.admission_policy import AdmissionPolicy
 from seqr.core.errors import ConfigError, SeqrError
 from seqr.core.federation import FederationConfig
 from seqr.core.manifest import NORM_STATS_NAME, read_export
+from seqr.core.model_routing.reference import decision_standardized
 from seqr.core.stats import NormStatistics
 from seqr.sim.bench_hijack_lies import (
     bound_stats,
     bound_sweep,
+    crafted_b,
     resign,
     scaled_stats,
     sequence_scores,
 )
 
-LIAR, BOUND = "liar", "bound-liar"
+LIAR, BOUND, CRAFTED = "liar", "bound-liar", "crafted-rank-1"
 
 
 @dataclass(frozen=True)
@@ -196,13 +201,15 @@ def route_scores(
 
 
 def query_scores(per_sequence: list[Mapping[str, np.ndarray]]) -> np.ndarray:
-    """(S, N) mean over modules of z-scores by query statistics: each adapter's per-module
-    moments over the routed sequences themselves (as seqr serve's pool measures them, without
-    its decay and caps: every domain here has the same number of sequences)."""
+    """(S, N) decision scores by query statistics: each adapter's per-module moments over the
+    routed sequences themselves, then its decision score standardised over them too (as seqr
+    serve's pool does, without its decay and caps: every domain here has as many sequences)."""
     cols = []
     for norms in per_sequence:
-        parts = [(v - v.mean()) / max(float(v.std()), 1e-12) for v in norms.values()]
-        cols.append(np.mean(parts, axis=0))
+        values = np.stack(list(norms.values()), axis=1)[..., None]  # (S, M, 1)
+        mean, std = values.mean(axis=0), np.maximum(values.std(axis=0), 1e-12)
+        mean, std = decision_standardized(mean, std, values)
+        cols.append(((values - mean) / std).mean(axis=1)[:, 0])
     return np.stack(cols, axis=1)
 
 
@@ -274,6 +281,13 @@ def run(cfg: HijackBenchConfig) -> dict[str, Any]:
     raw = [eval_probe.sequence_means(eval_probe.scores(_tensors(subs[n]))) for n in queried]
     scenarios["liar, query statistics (any claim)"] = scenario(
         query_scores(raw), truth, queried, queried, cfg.honest
+    )
+    # Weights alone (docs/THREATS.md, routing hijack): a rank-1 B aimed at the public probe.
+    crafted = crafted_b(probe.projections, probe.b_tensors, _tensors(subs[honest[0]]))
+    raw_crafted = eval_probe.sequence_means(eval_probe.scores(crafted))
+    with_crafted = [*honest, CRAFTED]
+    scenarios["crafted rank-1 B, query statistics"] = scenario(
+        query_scores([*raw[:-1], raw_crafted]), truth, with_crafted, with_crafted, cfg.honest
     )
     parity = float(np.abs(sequence_scores(per_seq, bound) - scores[:, names.index(BOUND)]).max())
     honest_best = scores[:, [names.index(d) for d in honest]].max(axis=1)
@@ -348,7 +362,7 @@ def plot(scenarios: dict[str, dict[str, Any]], path: Path) -> None:
         ax.bar_label(group, labels=[f"{h.get_height():.0%}" for h in group], fontsize=8)
     ax.set_xticks(x, [n.replace(" (", "\n(") for n in names], fontsize=8)
     ax.set(ylim=(0, 1.3), ylabel="share of honest held-out sequences")
-    ax.set_title("Routing hijack by falsified statistics, with and without admission checks")
+    ax.set_title("Routing hijack by falsified statistics or crafted weights")
     ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

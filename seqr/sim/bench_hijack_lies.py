@@ -10,6 +10,9 @@ probe, seqr.core.stats_plausibility).
 honest adapters the same bounds would refuse. It needs no routing pass per grid point: with
 mean aggregation a sequence's score is the mean over modules of (mean_t n_tm - mu_m) / sigma_m,
 so the liar's per-module, per-sequence mean scores give its score under any statistics.
+
+``crafted_b`` lies with weights instead, claiming nothing: a rank-1 B aimed at where public
+text's projections point, to see what query statistics (which ignore every claim) leave it.
 """
 
 from __future__ import annotations
@@ -125,3 +128,20 @@ def bound_sweep(
                 }
             )
     return rows
+
+
+def crafted_b(
+    projections: Mapping[str, Any], b_tensors: Mapping[str, str], like: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """lora_B tensor name -> rank-1 B = u w^T, shaped as in ``like`` (an honest adapter's
+    tensors): u a unit vector, w the mean direction of h / ||h|| over ``projections`` (module ->
+    (T, r) torch h = A x of public text, e.g. the operator's probe). Its gain ||B h|| / ||h|| =
+    |cos(h, w)| is large on typical inputs of every domain, with no data of any domain."""
+    out = {}
+    for module, h in projections.items():
+        mean_direction = (h / h.norm(dim=1, keepdim=True).clamp_min(1e-12)).mean(dim=0)
+        w = (mean_direction / mean_direction.norm()).double().numpy()
+        u = np.zeros(like[b_tensors[module]].shape[0])
+        u[0] = 1.0  # the scale is irrelevant under query statistics
+        out[b_tensors[module]] = np.outer(u, w).astype(np.float32)
+    return out
