@@ -21,7 +21,7 @@ import torch
 from seqr.consumer.serve.config import PoolConfig
 from seqr.consumer.serve.pool import QueryPool
 from seqr.consumer.serve.scoring import Calibration
-from seqr.core.model_routing.reference import decision_standardized
+from seqr.core.model_routing.reference import pool_statistics
 from seqr.sim.score_dump import ScoreDump, load_scores
 
 CALIBRATIONS = ("queries", "queries per module", "own")
@@ -33,10 +33,7 @@ def decision_scores(dump: ScoreDump, pool: np.ndarray, calibration: str) -> np.n
     raw = dump.raw["seqr"].astype(np.float64)
     if calibration == "own":
         return dump.module_scores("seqr").mean(axis=1)
-    values = raw[pool]
-    mean, std = values.mean(axis=0), np.maximum(values.std(axis=0), 1e-12)
-    if calibration == "queries":
-        mean, std = decision_standardized(mean, std, values)
+    mean, std = pool_statistics(raw[pool], standardize_decision=calibration == "queries")
     return ((raw - mean) / std).mean(axis=1)
 
 
@@ -60,10 +57,11 @@ def pool_replay(dump: ScoreDump, rows: np.ndarray, config: PoolConfig) -> np.nda
     pool, picks = QueryPool(config), []
     for row in rows:
         calibration = pool.calibration(shas, dump.adapters, dump.module_names, own)
-        z = ((torch.from_numpy(raw[row]) - calibration.mean) / calibration.std).mean(dim=0)
+        scores = torch.from_numpy(raw[row])
+        z = ((scores - calibration.mean) / calibration.std).mean(dim=0)
         pick = int(z.masked_fill(~calibration.routable, -torch.inf).argmax())
         picks.append(pick)
-        pool.add(shas, dump.module_names, shas[pick], torch.from_numpy(raw[row]))
+        pool.add(shas, dump.module_names, shas[pick], scores)
     return np.array(picks)
 
 

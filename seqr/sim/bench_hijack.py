@@ -44,7 +44,7 @@ from seqr.core.admission_policy import AdmissionPolicy
 from seqr.core.errors import ConfigError, SeqrError
 from seqr.core.federation import FederationConfig
 from seqr.core.manifest import NORM_STATS_NAME, read_export
-from seqr.core.model_routing.reference import decision_standardized
+from seqr.core.model_routing.reference import pool_statistics
 from seqr.core.stats import NormStatistics
 from seqr.sim.bench_hijack_lies import (
     bound_stats,
@@ -208,8 +208,7 @@ def query_scores(per_sequence: list[Mapping[str, np.ndarray]]) -> np.ndarray:
     cols = []
     for norms in per_sequence:
         values = np.stack(list(norms.values()), axis=1)[..., None]  # (S, M, 1)
-        mean, std = values.mean(axis=0), np.maximum(values.std(axis=0), 1e-12)
-        mean, std = decision_standardized(mean, std, values)
+        mean, std = pool_statistics(values)
         cols.append(((values - mean) / std).mean(axis=1)[:, 0])
     return np.stack(cols, axis=1)
 

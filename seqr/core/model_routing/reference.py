@@ -141,6 +141,16 @@ def _standardize_decisions(
         moments[name] = RunningMoments(m.n, m.count, mean[i].copy(), std[i] ** 2 * m.count)
 
 
+def pool_statistics(
+    values: np.ndarray, *, standardize_decision: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Query statistics of an equally weighted pool ``values`` (S, M, N) of per-sequence raw
+    scores: each module's (mean, std) over the pool, then (by default) each adapter's decision
+    score standardised over it too (decision_standardized)."""
+    mean, std = values.mean(axis=0), np.maximum(values.std(axis=0), 1e-12)
+    return decision_standardized(mean, std, values) if standardize_decision else (mean, std)
+
+
 def decision_standardized(
     mean: np.ndarray, std: np.ndarray, values: np.ndarray, weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
