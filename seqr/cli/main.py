@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "time SEQR against SpectR/ARROW/brute force",
     ),
     "bench training": ("seqr.sim.bench_training:main", "time LoRA-FA training vs plain peft"),
+    "bench device": ("seqr.sim.bench_device:main", "routing on a GPU chooses what the CPU does"),
     "client train": ("seqr.cli.client:main", "train, calibrate, export and sign a private adapter"),
     "data prepare": ("seqr.sim.data_prepare:main", "install and build the text domains corpus"),
     "simulate": ("seqr.sim.simulate:main", "run the whole federation here, then the report"),

@@ -13,10 +13,8 @@ of the two (on a shared machine the end-to-end ratio alone can dip under the bou
 Wall-clock ratios are reported too. Both runs must produce identical tokens (the same work). The
 routing pass is one base-model forward over the prompt, so its share shrinks as N grows.
 
-Library: ``--registry`` (its audited adapters and base model: RegistryRouter) or a synthetic one:
-N adapters sharing the seeded A (seqr.core.shared_a), each owning a token range of the vocabulary
-(B and statistics from that range), on SmolLM2-135M-Instruct when it is available, else a tiny
-Llama.
+Library: ``--registry`` (its audited adapters and base model: RegistryRouter) or the synthetic
+one of seqr.sim.synthetic_library (N adapters each owning a token range of the vocabulary).
 """
 
 from __future__ import annotations
@@ -27,8 +25,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from functools import cached_property
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +33,10 @@ import torch
 from tqdm import tqdm
 
 from seqr.cli.help import RawDefaultsHelpFormatter
-from seqr.core.errors import ConfigError, ModelError
-from seqr.core.model_routing import ModelRoutingConfig, RoutedModel
-from seqr.core.stats import NormStatistics
+from seqr.core.errors import ConfigError
+from seqr.sim.synthetic_library import SMOLLM2, Workload, synthetic_workload
 
 TARGET_RATIO = 1.05
-SMOLLM2 = "SmolLM2-135M-Instruct"
 
 
 @dataclass(frozen=True)
@@ -77,134 +72,6 @@ class GenerationBenchConfig:
             raise ConfigError(f"GenerationBenchConfig.threads = {self.threads!r} must be >= 0")
         if self.adapters < 2:
             raise ConfigError(f"GenerationBenchConfig.adapters = {self.adapters} must be >= 2")
-
-
-@dataclass
-class Workload:
-    routed: RoutedModel
-    input_ids: torch.Tensor  # (batch, prompt_tokens), left-padded
-    attention_mask: torch.Tensor
-    pad_token_id: int
-    model: str
-    source: str  # "registry" or "synthetic"
-
-    @cached_property
-    def routed_bf16(self) -> RoutedModel:
-        """The same router with its first pass on a bf16 copy of the model."""
-        config = replace(self.routed.config, first_pass_dtype="bfloat16")
-        r = self.routed
-        return RoutedModel(r.peft_model, config, adapters=r.adapters, stats=r.stats)
-
-
-# ---- the library ---------------------------------------------------------------------------
-
-
-def _tiny_llama(seed: int) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, pad_token_id=0)  # fmt: skip
-    return LlamaForCausalLM(config).eval()
-
-
-def _base_model(cfg: GenerationBenchConfig) -> tuple[Any, str]:
-    from seqr.core.base_model import load_base_model
-
-    name = cfg.base_model
-    if name in (None, SMOLLM2):
-        try:
-            return load_base_model(SMOLLM2).model, SMOLLM2
-        except ModelError as exc:
-            if name == SMOLLM2:
-                raise
-            print(f"SmolLM2 unavailable ({exc}); using a tiny random Llama")
-    if name in (None, "tiny"):
-        return _tiny_llama(cfg.seed), "tiny-llama"
-    return load_base_model(str(name)).model, str(name)
-
-
-def _token_range(vocab: int, i: int, n: int) -> tuple[int, int]:
-    width = (vocab - 1) // n
-    return 1 + i * width, 1 + (i + 1) * width
-
-
-@torch.no_grad()
-def _module_inputs(peft_model: Any, layers: dict[str, Any], ids: torch.Tensor) -> dict[str, Any]:
-    """Each LoRA module's input rows (M, d_in) on the base model (adapters off)."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = [
-        layer.register_forward_hook(
-            lambda m, args, out, n=n: seen.__setitem__(n, args[0].reshape(-1, args[0].shape[-1]))
-        )
-        for n, layer in layers.items()
-    ]
-    try:
-        with peft_model.disable_adapter():
-            peft_model(input_ids=ids, logits_to_keep=1)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
-def synthetic_workload(cfg: GenerationBenchConfig) -> Workload:
-    """N LoRA adapters sharing the seeded A, each owning a token range of the vocabulary: per
-    module its B spans the directions of h = A x whose energy its range has most above the
-    other ranges' (so routing really mixes adapters in a batch); statistics calibrated on the
-    adapter's own range."""
-    from peft import LoraConfig, get_peft_model
-
-    from seqr.core.shared_a import install_shared_a, lora_layers
-
-    model, name = _base_model(cfg)
-    names = [f"a{i}" for i in range(cfg.adapters)]
-    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=["q_proj", "v_proj"],
-                      lora_dropout=0.0, bias="none")  # fmt: skip
-    peft_model: Any = get_peft_model(model, lora, adapter_name=names[0])
-    for adapter in names[1:]:
-        peft_model.add_adapter(adapter, lora)
-    for adapter in names:
-        install_shared_a(peft_model, adapter, cfg.seed)
-    peft_model = peft_model.to(cfg.device).eval()
-    vocab = int(peft_model.get_base_model().config.vocab_size)
-    g = torch.Generator().manual_seed(cfg.seed)
-    own = []  # each adapter's calibration prompts, from its own token range
-    for i in range(cfg.adapters):
-        low, high = _token_range(vocab, i, cfg.adapters)
-        own.append(torch.randint(low, high, (4, cfg.prompt_tokens), generator=g).to(cfg.device))
-    layers = lora_layers(peft_model, names[0])
-    inputs = [_module_inputs(peft_model, layers, ids) for ids in own]
-    with torch.no_grad():
-        for module, layer in layers.items():
-            a = layer.lora_A[names[0]].weight  # (r, d_in), shared
-            moments = [(x @ a.T).T @ (x @ a.T) / len(x) for x in (d[module] for d in inputs)]
-            total = sum(moments)
-            for i, adapter in enumerate(names):
-                others = (total - moments[i]) / (cfg.adapters - 1)
-                vectors = torch.linalg.eigh(moments[i] - others).eigenvectors  # ascending
-                b = torch.zeros_like(layer.lora_B[adapter].weight)  # (d_out, r)
-                k = max(1, cfg.rank // 2)
-                b[:k] = 0.05 * vectors[:, -k:].T  # top-k directions of this adapter's range
-                layer.lora_B[adapter].weight.copy_(b)
-    probe = RoutedModel(peft_model, ModelRoutingConfig(record=True), adapters=names)
-    stats = {}
-    for i, adapter in enumerate(names):
-        probe.route_sequences(own[i])
-        stats[adapter] = NormStatistics()
-        for module_name, record in probe.records.items():
-            stats[adapter].update(module_name, record.scores[..., i].reshape(-1).double().cpu())
-    routed = RoutedModel(peft_model, ModelRoutingConfig(), adapters=names, stats=stats)
-    # Bench prompts: row j from adapter j's range, lengths varying (left padding in the batch).
-    ids = torch.zeros(cfg.batch, cfg.prompt_tokens, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for j in range(cfg.batch):
-        low, high = _token_range(vocab, j % cfg.adapters, cfg.adapters)
-        length = cfg.prompt_tokens - (j % 4) * cfg.prompt_tokens // 8
-        ids[j, -length:] = torch.randint(low, high, (length,), generator=g)
-        mask[j, -length:] = 1
-    return Workload(routed, ids.to(cfg.device), mask.to(cfg.device), 0, name, "synthetic")
 
 
 def registry_workload(cfg: GenerationBenchConfig, prompts: list[str]) -> Workload:
@@ -348,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--prompts", type=Path, default=None, help="prompt file, one per line")
     p.add_argument("--base-model", default=None, help=f"{SMOLLM2} (default if present), tiny, "
-                   "or a model folder")  # fmt: skip
+                   "a model folder, or a config.json (random weights)")  # fmt: skip
     defaults = GenerationBenchConfig()
     p.add_argument("--new-tokens", type=int, nargs="+", default=list(defaults.new_tokens),
                    help="generated tokens per prompt; one measurement per length")  # fmt: skip

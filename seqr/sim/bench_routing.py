@@ -53,6 +53,7 @@ class RoutingBenchConfig:
     min_tokens: int = 32
     repeats: int = 3
     seed: int = 0
+    device: str = "cpu"  # torch device the routers run on, e.g. "cuda"
     out: Path = field(default_factory=lambda: Path("runs/bench_routing"))
 
     def __post_init__(self) -> None:
@@ -62,6 +63,10 @@ class RoutingBenchConfig:
                 raise ConfigError(f"{name} must be positive integers, got {values!r}")
         if self.tokens < 1 or self.min_tokens < 1 or self.repeats < 1:
             raise ConfigError("tokens, min_tokens and repeats must be >= 1")
+        try:
+            torch.empty(1, device=self.device)
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"device {self.device!r} is not usable here: {exc}") from None
 
 
 def macs_per_token(method: str, n: int, d_in: int, r: int, d_out: int) -> int:
@@ -74,13 +79,21 @@ def macs_per_token(method: str, n: int, d_in: int, r: int, d_out: int) -> int:
     }[method]
 
 
-def best_time(fn: Callable[[], Any], repeats: int) -> float:
+def _synchronize(device: str) -> None:
+    """Wait for the device's queued kernels (GPU calls return before their work is done)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], Any], repeats: int, device: str = "cpu") -> float:
     """Minimum wall time over repeats, after one warm-up call (noise only ever adds time)."""
     fn()
     times = []
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         fn()
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -99,12 +112,20 @@ def _native_stderr_silenced() -> Iterator[None]:
             os.close(saved)
 
 
-def peak_working_bytes(fn: Callable[[], Any]) -> int:
+def peak_working_bytes(fn: Callable[[], Any], device: str = "cpu") -> int:
     """Peak of memory torch allocates during fn (inputs and stored factors excluded).
 
-    Walks the profiler's allocation (op self memory) and free ([memory]) events in time
+    On a GPU: the CUDA allocator's peak above what was allocated before. On the CPU: walks the
+    profiler's allocation (op self memory) and free ([memory]) events in time
     order; temporaries freed inside a single op are not seen, so this is a lower bound.
     """
+    if torch.device(device).type == "cuda":
+        _synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
     with (
         _native_stderr_silenced(),
         profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
@@ -118,10 +139,11 @@ def peak_working_bytes(fn: Callable[[], Any]) -> int:
     return int(peak)
 
 
-def gemm_rate(size: int = 2048, repeats: int = 5) -> float:
-    """This machine's float32 matrix-multiply rate in FLOP/s (square GEMM, MKL/OpenBLAS)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / best_time(lambda: a @ b, repeats)
+def gemm_rate(size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """The device's float32 matrix-multiply rate in FLOP/s (square GEMM)."""
+    size = size if torch.device(device).type == "cpu" else 4 * size  # a GPU needs more work
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    return 2 * size**3 / best_time(lambda: a @ b, repeats, device)
 
 
 def make_library(n: int, d_in: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,8 +156,9 @@ def make_library(n: int, d_in: int, r: int, seed: int) -> tuple[torch.Tensor, to
 def bench_point(
     n: int, d_in: int, r: int, cfg: RoutingBenchConfig, tokens: int | None = None
 ) -> list[dict[str, Any]]:
-    A, B = make_library(n, d_in, r, cfg.seed)
+    A, B = (t.to(cfg.device) for t in make_library(n, d_in, r, cfg.seed))
     X = torch.randn(cfg.tokens, d_in, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    X = X.to(cfg.device)
     slowest = macs_per_token("brute_force", n, d_in, r, d_in)
     t_slow = tokens or min(cfg.tokens, max(cfg.min_tokens, int(cfg.macs_per_call // slowest)))
     X_slow = X[:t_slow]
@@ -150,7 +173,7 @@ def bench_point(
         macs = macs_per_token(method, n, d_in, r, d_in)
         t = tokens or (cfg.tokens if macs * cfg.tokens <= cfg.macs_per_call else t_slow)
         x = X[:t]
-        seconds = best_time(functools.partial(router.route, x), cfg.repeats)
+        seconds = best_time(functools.partial(router.route, x), cfg.repeats, cfg.device)
         choice = router.route(X_slow)[:, 0]
         disagree = choice != ref_choice
         # Exact ties aside: a disagreement counts only if brute force itself separates the two.
@@ -169,7 +192,9 @@ def bench_point(
             "build_seconds": build_s,
             "state_bytes": sum(v.numel() * v.element_size() for v in router._factors.values())
             + (0 if router.shared_a is None else router.shared_a.numel() * 4),
-            "peak_working_bytes": peak_working_bytes(functools.partial(router.route, x)),
+            "peak_working_bytes": peak_working_bytes(
+                functools.partial(router.route, x), cfg.device
+            ),
             "agreement": 1.0 - disagree.double().mean().item(),
             "agreement_ties_excluded": 1.0 - real.double().mean().item(),
         }
@@ -193,7 +218,7 @@ def summarize_target(rows: list[dict[str, Any]], flops: float) -> dict[str, Any]
     speedups = {m: at[m]["us_per_token"] / seqr["us_per_token"] for m in SPEEDUP_TARGETS if m in at}
     share = seqr["gflops"] * 1e9 / flops
     return {
-        "config": TARGET,
+        "config": {**TARGET, "tokens": seqr["tokens"]},
         "speedup_over": speedups,
         "speedup_targets": SPEEDUP_TARGETS,
         "gemm_share": share,
@@ -207,7 +232,7 @@ def summarize_target(rows: list[dict[str, Any]], flops: float) -> dict[str, Any]
     }
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, device: str = "CPU") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,7 +258,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.set_title(f"d_in = {d_in}, r = {r}")
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend()
-    fig.suptitle("Routing time per token (float32, CPU, log-log)")
+    fig.suptitle(f"Routing time per token (float32, {device}, log-log)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -254,17 +279,25 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def run(cfg: RoutingBenchConfig) -> dict[str, Any]:
     cfg.out.mkdir(parents=True, exist_ok=True)
-    flops = gemm_rate()
+    flops = gemm_rate(device=cfg.device)
+    cuda = torch.device(cfg.device).type == "cuda"
+    device_name = torch.cuda.get_device_name(cfg.device) if cuda else platform.processor()
     grid = [(n, d, r) for d in cfg.d_ins for r in cfg.ranks for n in cfg.ns]
     rows: list[dict[str, Any]] = []
     for n, d_in, r in tqdm(grid, desc="routing bench", unit="config"):
         is_target = (n, d_in, r) == (TARGET["n"], TARGET["d_in"], TARGET["r"])
-        rows.extend(bench_point(n, d_in, r, cfg, TARGET["tokens"] if is_target else None))
-    flops_end = gemm_rate()  # the GEMM rate again, so drift during the run is visible
+        # The target point routes all its tokens (at least the target's; more on a GPU, where
+        # 1024 tokens time kernel launches rather than work).
+        target_tokens = max(TARGET["tokens"], cfg.tokens)
+        rows.extend(bench_point(n, d_in, r, cfg, target_tokens if is_target else None))
+    # The GEMM rate again, so drift during the run is visible.
+    flops_end = gemm_rate(device=cfg.device)
     result = {
         "machine": {
             "platform": platform.platform(),
             "torch": torch.__version__,
+            "device": cfg.device,
+            "device_name": device_name,
             "threads": torch.get_num_threads(),
             "gemm_gflops_start": flops / 1e9,
             "gemm_gflops_end": flops_end / 1e9,
@@ -274,7 +307,7 @@ def run(cfg: RoutingBenchConfig) -> dict[str, Any]:
         "target": summarize_target(rows, max(flops, flops_end)),
     }
     (cfg.out / "routing.json").write_text(json.dumps(result, indent=2))
-    plot(rows, cfg.out / "routing.png")
+    plot(rows, cfg.out / "routing.png", device_name or cfg.device)
     return result
 
 
@@ -295,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=list(d.ranks), help="LoRA ranks")
     parser.add_argument("--tokens", type=int, default=d.tokens, help="tokens routed per call")
     parser.add_argument("--repeats", type=int, default=d.repeats, help="timed calls per case")
+    parser.add_argument("--device", default=d.device, help="torch device, e.g. cuda")
     parser.add_argument(
         "--threads",
         type=int,
@@ -304,14 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = RoutingBenchConfig(
-        ns=tuple(args.ns),
-        d_ins=tuple(args.d_ins),
-        ranks=tuple(args.ranks),
-        tokens=args.tokens,
-        repeats=args.repeats,
-        out=args.out,
-    )
+    try:
+        cfg = RoutingBenchConfig(
+            ns=tuple(args.ns),
+            d_ins=tuple(args.d_ins),
+            ranks=tuple(args.ranks),
+            tokens=args.tokens,
+            repeats=args.repeats,
+            device=args.device,
+            out=args.out,
+        )
+    except ConfigError as exc:
+        parser.error(str(exc))
     result = run(cfg)
     print(table(result["results"]))
     machine = result["machine"]
@@ -322,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     target = result["target"]
     if target:
         print(
-            f"\nAt N={TARGET['n']}, d_in={TARGET['d_in']}, r={TARGET['r']}, T={TARGET['tokens']}:"
+            f"\nAt N={TARGET['n']}, d_in={TARGET['d_in']}, r={TARGET['r']}, "
+            f"T={target['config']['tokens']}:"
         )
         for method, ratio in target["speedup_over"].items():
             goal = SPEEDUP_TARGETS[method]

@@ -1,0 +1,88 @@
+"""`seqr bench device`: the harness that compares routing on a GPU with the CPU counts what
+it claims. Here it runs CPU against CPU on the tiny model (CI has no GPU); the GPU run and its
+numbers are in docs/RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqr.core.errors import ConfigError
+from seqr.sim.bench_device import DeviceBenchConfig, choice_agreement, differences, main
+from seqr.sim.bench_routing import RoutingBenchConfig
+
+
+def test_every_check_runs_and_agrees_when_both_sides_are_the_cpu(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--device", "cpu", "--base-model", "tiny", "--tokens", "256", "--new-tokens", "3",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "device.json").read_text())
+    assert doc["differences"] == []
+    assert {row["method"] for row in doc["routers"]} == {"seqr", "spectr", "arrow", "brute_force"}
+    for row in doc["routers"]:
+        assert row["vs_cpu"]["identical"] == row["vs_cpu"]["rows"] == 256
+        if row["method"] != "arrow":  # ARROW is a proxy, not the norm
+            assert row["max_rel_norm_error"] < 1e-5
+    model = doc["model"]
+    assert model["adapters_chosen_on_cpu"] >= 2  # the batch really mixes adapters
+    for key in ("per_sequence_fp32", "per_sequence_bf16", "query_statistics",
+                "per_token_next_token"):  # fmt: skip
+        assert model[key]["identical"] == model[key]["rows"] > 0
+    assert model["generation"]["identical"] == model["generation"]["tokens"] == 8 * 3
+    assert "choices differ beyond ties: none" in capsys.readouterr().out
+
+
+def test_agreement_counts_a_real_difference_but_not_a_float32_tie() -> None:
+    scores = torch.tensor([[1.0, 2.0, 0.0], [3.0, 3.0 - 1e-7, 0.0], [5.0, 1.0, 0.0]])
+    result = choice_agreement(scores, torch.tensor([1, 1, 1]))
+    # row 0 agrees, row 1 is a tie within float32 rounding, row 2 really differs
+    assert result == {"rows": 3, "identical": 1, "differ_beyond_ties": 1}
+
+
+def test_a_differing_choice_is_named_in_the_differences() -> None:
+    result = {
+        "routers": [
+            {
+                "method": "seqr",
+                "input": "bfloat16",
+                "vs_cpu": {"differ_beyond_ties": 0},
+                "vs_float64_brute_force": {"differ_beyond_ties": 2},
+            }
+        ],  # fmt: skip
+        "model": {"model": "tiny", "query_statistics": {"differ_beyond_ties": 1}},
+    }
+    assert differences(result) == [
+        "seqr (bfloat16 input) vs_float64_brute_force",
+        "query_statistics",
+    ]
+
+
+@pytest.mark.parametrize("config", [DeviceBenchConfig, RoutingBenchConfig])
+def test_a_device_this_machine_lacks_is_refused_by_name(config: type) -> None:
+    with pytest.raises(ConfigError, match="device 'nosuchdevice' is not usable"):
+        config(device="nosuchdevice")
+
+
+def test_the_device_bench_config_names_a_bad_field() -> None:
+    with pytest.raises(ConfigError, match="DeviceBenchConfig.pool"):
+        DeviceBenchConfig(device="cpu", pool=0)
+
+
+def test_a_config_json_gives_that_architecture_with_seeded_random_weights(tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    from seqr.sim.synthetic_library import base_model_for
+
+    LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path)  # fmt: skip
+    spec = DeviceBenchConfig(device="cpu", base_model=str(tmp_path / "config.json"), seed=3)
+    (first, name), (second, _) = base_model_for(spec), base_model_for(spec)
+    assert name == "random weights, config.json"
+    assert first.config.num_hidden_layers == 3 and first.config.vocab_size == 300
+    pairs = zip(first.parameters(), second.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
