@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from seqr.consumer.config import RouterConfig
+from seqr.consumer.serve.config import EngineConfig
 from seqr.core.errors import ConfigError
 from seqr.sim.bench_device import DeviceBenchConfig, choice_agreement, differences, main
+from seqr.sim.bench_generation import GenerationBenchConfig
 from seqr.sim.bench_routing import RoutingBenchConfig
 
 
@@ -62,10 +65,25 @@ def test_a_differing_choice_is_named_in_the_differences() -> None:
     ]
 
 
-@pytest.mark.parametrize("config", [DeviceBenchConfig, RoutingBenchConfig])
-def test_a_device_this_machine_lacks_is_refused_by_name(config: type) -> None:
-    with pytest.raises(ConfigError, match="device 'nosuchdevice' is not usable"):
-        config(device="nosuchdevice")
+@pytest.mark.parametrize(
+    "config",
+    [DeviceBenchConfig, RoutingBenchConfig, GenerationBenchConfig, RouterConfig, EngineConfig],
+)
+@pytest.mark.parametrize("device", ["cuda:99", "nosuchdevice"])  # no machine has a 100th GPU
+def test_a_device_this_machine_lacks_is_refused_by_name(config: type, device: str) -> None:
+    with pytest.raises(ConfigError, match=f"{config.__name__}.device = '{device}' is not usable"):
+        config(device=device)
+
+
+def test_the_bench_without_a_gpu_says_so_without_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cuda:99"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "DeviceBenchConfig.device = 'cuda:99' is not usable on this machine" in err
+    assert "Traceback" not in err and "Error:" not in err
 
 
 def test_the_device_bench_config_names_a_bad_field() -> None:

@@ -14,6 +14,7 @@ from typing import Literal, get_args
 
 import torch
 
+from seqr.core.device import check_device
 from seqr.core.errors import ConfigError
 from seqr.core.model_routing import ModelRoutingConfig
 from seqr.core.model_routing.config import FIRST_PASS_DTYPES
@@ -94,12 +95,7 @@ class RouterConfig:
                 f"RouterConfig.first_pass_dtype = {self.first_pass_dtype!r} must be None or "
                 f"one of {FIRST_PASS_DTYPES}"
             )
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise ConfigError(
-                f"RouterConfig.device = {self.device!r} is not a torch device"
-            ) from None
+        check_device(self.device, "RouterConfig.device")
 
     def routing(self) -> ModelRoutingConfig:
         """The model-level config; per_token routing has no first pass to speed up."""

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from seqr.cli.help import DefaultsHelpFormatter
+from seqr.core.device import check_device
 from seqr.core.errors import ConfigError
 from seqr.core.model_routing import ModelRoutingConfig, RoutedModel, reference_statistics
 from seqr.core.routing import BruteForceRouter
@@ -68,10 +69,7 @@ class DeviceBenchConfig:
                 raise ConfigError(f"DeviceBenchConfig.{name} = {value!r} must be an integer >= 1")
         if self.adapters < 2 or self.n < 2:
             raise ConfigError("DeviceBenchConfig needs at least 2 adapters to choose between")
-        try:
-            torch.empty(1, device=self.device)
-        except (RuntimeError, ValueError) as exc:
-            raise ConfigError(f"device {self.device!r} is not usable here: {exc}") from None
+        check_device(self.device, "DeviceBenchConfig.device")
 
 
 def choice_agreement(reference_scores: torch.Tensor, choice: torch.Tensor) -> dict[str, Any]:

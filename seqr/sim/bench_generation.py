@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from seqr.cli.help import RawDefaultsHelpFormatter
+from seqr.core.device import check_device
 from seqr.core.errors import ConfigError
 from seqr.sim.synthetic_library import SMOLLM2, Workload, synthetic_workload
 
@@ -72,6 +73,7 @@ class GenerationBenchConfig:
             raise ConfigError(f"GenerationBenchConfig.threads = {self.threads!r} must be >= 0")
         if self.adapters < 2:
             raise ConfigError(f"GenerationBenchConfig.adapters = {self.adapters} must be >= 2")
+        check_device(self.device, "GenerationBenchConfig.device")
 
 
 def registry_workload(cfg: GenerationBenchConfig, prompts: list[str]) -> Workload:

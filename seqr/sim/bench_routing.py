@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from seqr import ArrowRouter, BruteForceRouter, SeqrRouter, SpectrRouter
 from seqr.cli.help import DefaultsHelpFormatter
+from seqr.core.device import check_device
 from seqr.core.errors import ConfigError
 from seqr.core.routing.base import Router
 
@@ -63,10 +64,7 @@ class RoutingBenchConfig:
                 raise ConfigError(f"{name} must be positive integers, got {values!r}")
         if self.tokens < 1 or self.min_tokens < 1 or self.repeats < 1:
             raise ConfigError("tokens, min_tokens and repeats must be >= 1")
-        try:
-            torch.empty(1, device=self.device)
-        except (RuntimeError, ValueError) as exc:
-            raise ConfigError(f"device {self.device!r} is not usable here: {exc}") from None
+        check_device(self.device, "RoutingBenchConfig.device")
 
 
 def macs_per_token(method: str, n: int, d_in: int, r: int, d_out: int) -> int:

@@ -10,8 +10,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Literal, get_args
 
-import torch
-
+from seqr.core.device import check_device
 from seqr.core.errors import ConfigError
 from seqr.core.model_routing.config import FIRST_PASS_DTYPES
 
@@ -123,12 +122,7 @@ class EngineConfig:
                 f"EngineConfig.first_pass_dtype = {self.first_pass_dtype!r} must be None or one "
                 f"of {FIRST_PASS_DTYPES}"
             )
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise ConfigError(
-                f"EngineConfig.device = {self.device!r} is not a torch device"
-            ) from None
+        check_device(self.device, "EngineConfig.device")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 from seqr.core.errors import ShapeError
 from seqr.core.model_routing.config import ModelRoutingConfig
 from seqr.core.model_routing.modules import RoutedModule
-from seqr.core.routing.base import finite_or_lowest
+from seqr.core.routing.base import best_k, finite_or_lowest
 
 
 @dataclass
@@ -41,7 +41,7 @@ def topk_weights(
     n = scores.shape[-1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ShapeError(f"top_k must be an integer in [1, N = {n}] adapters, got {k!r}")
-    values, indices = torch.topk(finite_or_lowest(scores), k, dim=-1)
+    values, indices = best_k(finite_or_lowest(scores), k)
     if weighting == "uniform":
         weights = torch.full_like(values, 1.0 / k)
     else:  # softmax over the k kept scores (LAG-style mixing); k = 1 gives weight 1
