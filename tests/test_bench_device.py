@@ -13,9 +13,9 @@ import torch
 from seqr.consumer.config import RouterConfig
 from seqr.consumer.serve.config import EngineConfig
 from seqr.core.errors import ConfigError
-from seqr.sim.bench_device import DeviceBenchConfig, choice_agreement, differences, main
+from seqr.sim.bench_device import DeviceBenchConfig, differences, main
 from seqr.sim.bench_generation import GenerationBenchConfig
-from seqr.sim.bench_routing import RoutingBenchConfig
+from seqr.sim.bench_routing import RoutingBenchConfig, choice_agreement
 
 
 def test_every_check_runs_and_agrees_when_both_sides_are_the_cpu(

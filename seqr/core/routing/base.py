@@ -36,8 +36,8 @@ def finite_or_lowest(scores: torch.Tensor) -> torch.Tensor:
 
 def best_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) of the k largest scores along the last dim, best first. For k = 1 a
-    max reduction: on an H200 torch.topk's radix select took 45% of SEQR's routing time
-    (docs/RESULTS.md, "Routing on a GPU")."""
+    max reduction: on an H200 torch.topk's radix select took 48% of SEQR's routing time
+    (docs/RESULTS.md, "Routing speed")."""
     if k == 1:
         values, indices = scores.max(dim=-1, keepdim=True)
     else:
