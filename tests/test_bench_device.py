@@ -56,7 +56,7 @@ def test_a_differing_choice_is_named_in_the_differences() -> None:
                 "vs_cpu": {"differ_beyond_ties": 0},
                 "vs_float64_brute_force": {"differ_beyond_ties": 2},
             }
-        ],  # fmt: skip
+        ],
         "model": {"model": "tiny", "query_statistics": {"differ_beyond_ties": 1}},
     }
     assert differences(result) == [
