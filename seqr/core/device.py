@@ -18,3 +18,9 @@ def check_device(name: str, field: str = "device") -> None:
             f"{field} = {name!r} is not usable on this machine ({exc}); use cpu, or run where "
             "that device exists"
         ) from None
+
+
+def device_name(name: str) -> str:
+    """What a report calls the device: the GPU's model name, else "CPU"."""
+    device = torch.device(name)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from seqr.cli.help import DefaultsHelpFormatter
-from seqr.core.device import check_device
+from seqr.core.device import check_device, device_name
 from seqr.core.errors import ConfigError
 from seqr.core.model_routing import ModelRoutingConfig, RoutedModel, reference_statistics
 from seqr.core.routing import BruteForceRouter
@@ -184,10 +184,9 @@ def differences(result: dict[str, Any]) -> list[str]:
 
 def run(cfg: DeviceBenchConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
-    name = torch.cuda.get_device_name(cfg.device) if cfg.device.startswith("cuda") else "CPU"
     result: dict[str, Any] = {
         "device": cfg.device,
-        "device_name": name,
+        "device_name": device_name(cfg.device),
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "routers": check_routers(cfg),

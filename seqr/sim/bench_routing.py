@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from seqr import ArrowRouter, BruteForceRouter, SeqrRouter, SpectrRouter
 from seqr.cli.help import DefaultsHelpFormatter
-from seqr.core.device import check_device
+from seqr.core.device import check_device, device_name
 from seqr.core.errors import ConfigError
 from seqr.core.routing.base import Router
 
@@ -289,8 +289,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def run(cfg: RoutingBenchConfig) -> dict[str, Any]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     flops = gemm_rate(device=cfg.device)
-    cuda = torch.device(cfg.device).type == "cuda"
-    device_name = torch.cuda.get_device_name(cfg.device) if cuda else platform.processor()
+    name = device_name(cfg.device)
     grid = [(n, d, r) for d in cfg.d_ins for r in cfg.ranks for n in cfg.ns]
     rows: list[dict[str, Any]] = []
     for n, d_in, r in tqdm(grid, desc="routing bench", unit="config"):
@@ -306,7 +305,7 @@ def run(cfg: RoutingBenchConfig) -> dict[str, Any]:
             "platform": platform.platform(),
             "torch": torch.__version__,
             "device": cfg.device,
-            "device_name": device_name,
+            "device_name": name,
             "threads": torch.get_num_threads(),
             "gemm_gflops_start": flops / 1e9,
             "gemm_gflops_end": flops_end / 1e9,
@@ -316,7 +315,7 @@ def run(cfg: RoutingBenchConfig) -> dict[str, Any]:
         "target": summarize_target(rows, max(flops, flops_end)),
     }
     (cfg.out / "routing.json").write_text(json.dumps(result, indent=2))
-    plot(rows, cfg.out / "routing.png", device_name or cfg.device)
+    plot(rows, cfg.out / "routing.png", name)
     return result
 
 
