@@ -30,16 +30,22 @@ import torch
 from tqdm.auto import tqdm
 
 from seqr.core.errors import ConfigError, DataError
+from seqr.core.model_routing.soft_votes import SOFT_VOTE_TEMPERATURE, vote_statistics
 from seqr.sim.claims import claim_split
 from seqr.sim.eval_losses import heldout_losses
 from seqr.sim.eval_scores import TEST_ONLY, ExtraScorers, HeldOutScores, score_heldout
+from seqr.sim.eval_soft_votes import SoftVotes, score_soft_votes
 from seqr.sim.library import AdapterLibrary
 from seqr.sim.significance import mcnemar_exact, wilson_interval
 
+SOFT_VOTES = "seqr_soft_votes"  # soft token votes under DEFAULT_CALIBRATION's statistics
 # SEQR under each calibration: own statistics, router-measured reference ones, both averaged,
 # and query statistics (sequence-level, over unlabeled validation inputs; each adapter's
-# decision score standardised too, or per module only).
-SEQR_CALIBRATIONS = ("seqr", "seqr_public", "seqr_blend", "seqr_queries", "seqr_queries_per_module")
+# decision score standardised too, or per module only); and soft token votes under query
+# statistics (seqr.core.model_routing.soft_votes).
+SEQR_VARIANTS = (
+    "seqr", "seqr_public", "seqr_blend", "seqr_queries", "seqr_queries_per_module", SOFT_VOTES,
+)  # fmt: skip
 # Decoder layers whose scores count; the alternatives are reported on validation only.
 LAYER_SUBSETS = {"all layers": 0.0, "upper half": 0.5, "upper third": 2 / 3}
 # The default routing settings, fixed once (issue 19: re-choosing them per run on a small
@@ -234,6 +240,24 @@ def evaluate(
 
         save_scores(cfg.scores_path, scores, adapters, labels, is_test, data.chunks[order])
     results, decisions = _all_routing_metrics(scores, labels, is_test, n)
+    soft_brute = None
+    if DEFAULT_CALIBRATION in scores.calibrations:
+        advance = stage("soft token votes (one more pass)", len(data.ids))
+        with tqdm(total=len(data.ids), desc="soft votes", unit="seq") as bar:
+
+            def step_votes(k: int) -> None:
+                bar.update(k)
+                advance(bar.n)
+
+            votes = score_soft_votes(
+                model, adapters, scores.calibrations[DEFAULT_CALIBRATION],
+                library.stats[adapters[0]].score, temperature=SOFT_VOTE_TEMPERATURE,
+                validation=list(torch.split(data.ids[val], cfg.batch_size)),
+                test=list(torch.split(data.ids[test], cfg.batch_size)), progress=step_votes,
+            )  # fmt: skip
+        results[SOFT_VOTES], decisions[SOFT_VOTES], soft_brute = _soft_vote_metrics(
+            votes, labels, is_test
+        )
     test_labels = labels[is_test]
     generator = torch.Generator().manual_seed(cfg.seed)  # drawn in the held-out rows' order
     random_choice = torch.randint(0, n, (len(data.ids),), generator=generator)
@@ -245,19 +269,25 @@ def evaluate(
         entry.update(with_interval(choice[is_test], test_labels))
         entry["per_domain"] = per_domain(choice[is_test], test_labels, adapters)
     default = DEFAULT_CALIBRATION if DEFAULT_CALIBRATION in results else "seqr"
-    alternatives = [m for m in SEQR_CALIBRATIONS if m in results and m != default]
+    alternatives = [m for m in SEQR_VARIANTS if m in results and m != default]
     # The alternative McNemar compares against: the best on validation, never on test.
     best_other = max(alternatives, key=lambda m: results[m]["validation_accuracy"][DEFAULT_LAYERS])
     right = {m: (c[is_test] == test_labels).tolist() for m, c in decisions.items()}
+    pairs = [(default, other) for other in (best_other, "arrow", "peft_arrow")]
+    pairs += [(SOFT_VOTES, default)] if best_other != SOFT_VOTES else []
+    pairs += [(SOFT_VOTES, "arrow")]
     significance = [
-        {"first": default, "second": other, **vars(mcnemar_exact(right[default], right[other]))}
-        for other in (best_other, "arrow", "peft_arrow")
-        if other in right
+        {"first": first, "second": second, **vars(mcnemar_exact(right[first], right[second]))}
+        for first, second in pairs
+        if first in right and second in right
     ]
     agreement = _agreements(scores, decisions, results, default, is_test)
+    if soft_brute is not None:
+        same = decisions[SOFT_VOTES][is_test] == soft_brute
+        agreement["agreement_soft_votes_brute_force"] = float(same.double().mean())
     losses: dict[str, Any] = {}
     if cfg.losses:
-        plans = {m: decisions[m][is_test] for m in (*SEQR_CALIBRATIONS, "arrow") if m in decisions}
+        plans = {m: decisions[m][is_test] for m in (*SEQR_VARIANTS, "arrow") if m in decisions}
         losses = heldout_losses(library, data.ids[test], test_labels, plans, cfg, arrow_model,
                                 base_loss=scores.base_loss, stage=stage)  # fmt: skip
     for method, loss in losses.get("mean", {}).items():
@@ -335,6 +365,24 @@ def _all_routing_metrics(
         "routing_seconds_per_sequence": scores.seconds["brute_force"] / max(rows["brute_force"], 1),
     }
     return results, decisions
+
+
+def _soft_vote_metrics(
+    votes: SoftVotes, labels: torch.Tensor, is_test: torch.Tensor
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Soft votes standardised over the validation rows (the query statistics' pool, labels
+    unused): the entry, the decisions (every row) and brute force's (test rows)."""
+    mean, std = vote_statistics(votes.validation)
+    # rows in the report's order: validation, then test
+    choice = ((torch.cat([votes.validation, votes.test]) - mean) / std).argmax(-1)
+    val = ~is_test
+    entry = {
+        "validation_accuracy": {DEFAULT_LAYERS: accuracy(choice[val], labels[val])},
+        "aggregation": f"soft token votes (temperature {SOFT_VOTE_TEMPERATURE:g}) over "
+        f"{DEFAULT_LAYERS}, vote shares standardised over the validation inputs",
+        "layers": DEFAULT_LAYERS,
+    }
+    return entry, choice, ((votes.test_brute_force - mean) / std).argmax(-1)
 
 
 def _routing_metrics(

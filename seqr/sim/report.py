@@ -19,13 +19,13 @@ from seqr.sim import report_plots as plots
 from seqr.sim.claims import claim_sentence
 
 ACCURACY_ORDER = [
-    "seqr_queries", "seqr_queries_per_module", "seqr_blend", "seqr_public", "seqr", "seqr_raw",
-    "spectr", "brute_force", "arrow", "peft_arrow", "random",
+    "seqr_queries", "seqr_soft_votes", "seqr_queries_per_module", "seqr_blend", "seqr_public",
+    "seqr", "seqr_raw", "spectr", "brute_force", "arrow", "peft_arrow", "random",
 ]  # fmt: skip
 LOSS_ORDER = [
-    "oracle", "seqr_queries", "seqr_queries_per_module", "seqr_blend", "seqr_public", "seqr",
-    "seqr_per_token", "seqr_raw", "arrow", "peft_arrow_per_token", "uniform_merge", "random",
-    "base",
+    "oracle", "seqr_queries", "seqr_soft_votes", "seqr_queries_per_module", "seqr_blend",
+    "seqr_public", "seqr", "seqr_per_token", "seqr_raw", "arrow", "peft_arrow_per_token",
+    "uniform_merge", "random", "base",
 ]  # fmt: skip
 METHOD_NOTES = {
     "seqr": "SEQR, the adapters' own statistics",
@@ -33,6 +33,7 @@ METHOD_NOTES = {
     "seqr_blend": "SEQR, own and reference z-scores averaged",
     "seqr_queries": "SEQR, statistics of unlabeled validation inputs (decisions standardised)",
     "seqr_queries_per_module": "SEQR, statistics of unlabeled validation inputs, per module only",
+    "seqr_soft_votes": "SEQR, those statistics, soft token votes (standardised)",
     "seqr_raw": "SEQR norms without z-scores",
     "spectr": "SpectR: the same raw norms via the SVD (computed once with seqr_raw)",
     "brute_force": "||B A x|| computed directly (checks SEQR)",
@@ -222,8 +223,10 @@ def _accuracy_section(ev: dict[str, Any], drawn: dict) -> list[Block]:
             f"SEQR and brute force chose the same adapter for "
             f"{ev['agreement_seqr_brute_force']:.1%} of test sequences "
             f"({ev['agreement_seqr_brute_force_per_token']:.1%} of tokens) with the adapters' "
-            f"own statistics, and {ev['agreement_default_brute_force']:.1%} with {sel}'s: "
-            "SEQR computes the same norms as brute force, only faster (100% means exact)."
+            f"own statistics, and {ev['agreement_default_brute_force']:.1%} with {sel}'s"
+            + (f" ({ev['agreement_soft_votes_brute_force']:.1%} with soft token votes)"
+               if "agreement_soft_votes_brute_force" in ev else "")
+            + ": SEQR computes the same norms as brute force, only faster (100% means exact)."
         )),
         Block("h3", "Confusion matrix"),
         Block("p", "Rows: the true domain; columns: the adapter SEQR chose. Off-diagonal cells "

@@ -1,0 +1,93 @@
+"""Soft token votes: no token outvotes a sequence, unmeasured tokens say nothing, and the
+evaluation's votes are those of routers built with the query statistics (exact)."""
+
+import pytest
+import torch
+from _routed_lora import ADAPTERS, calibrate, make_peft_model, token_ids
+
+from seqr import BruteForceRouter
+from seqr.core.errors import ShapeError
+from seqr.core.model_routing import build_routed_modules, reference_statistics
+from seqr.core.model_routing.soft_votes import soft_votes, vote_statistics
+from seqr.sim.eval_scores import Calibration
+from seqr.sim.eval_soft_votes import score_soft_votes
+
+
+def test_one_token_far_inside_a_domain_does_not_outvote_the_sequence():
+    # Adapter 0 leads on one token by 40 z; adapter 1 leads on the other nine by 1 each.
+    decisions = torch.zeros(1, 10, 2)
+    decisions[0, 0, 0] = 40.0
+    decisions[0, 1:, 1] = 1.0
+    measured = torch.ones(1, 10, dtype=torch.bool)
+    assert decisions.mean(dim=1).argmax(-1).item() == 0  # the token mean follows the outlier
+    votes = soft_votes(decisions, measured)
+    assert votes.argmax(-1).item() == 1
+    torch.testing.assert_close(votes.sum(-1), torch.ones(1, dtype=torch.float64))
+
+
+def test_unmeasured_tokens_do_not_vote():
+    decisions = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(0))
+    measured = torch.ones(3, 6, dtype=torch.bool)
+    measured[:, 0] = False  # the first token (the token rule leaves it out)
+    before = soft_votes(decisions, measured)
+    decisions[:, 0] = torch.tensor([100.0, -100.0, 0.0, 0.0])
+    torch.testing.assert_close(soft_votes(decisions, measured), before)
+
+
+def test_votes_and_their_statistics_refuse_wrong_shapes():
+    with pytest.raises(ShapeError, match="batch, tokens, adapters"):
+        soft_votes(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ShapeError, match=">= 2 sequences"):
+        vote_statistics(torch.ones(1, 3))
+    mean, std = vote_statistics(torch.ones(4, 3))  # every input the same share: no 0 std
+    assert (std > 0).all() and torch.equal(mean, torch.ones(3))
+
+
+def _router_votes(model, modules, batches):
+    """Vote shares from routers that hold the statistics themselves (module.scores), each
+    token's decision the mean over the modules that measured it."""
+    current, out = {}, []
+
+    def hook_for(module):
+        def hook(layer, args, kwargs, output):
+            x = args[0] if args else kwargs["x"]
+            flat = x.reshape(-1, x.shape[-1])
+            h = module.project(flat)
+            keep = module.measured(x, h.reshape(*x.shape[:-1], -1), None)
+            current[module.name] = (module.scores(flat, h).reshape(*x.shape[:-1], -1), keep)
+
+        return hook
+
+    handles = [m.layer.register_forward_hook(hook_for(m), with_kwargs=True) for m in modules]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(input_ids=batch, adapter_names=["__base__"] * len(batch), logits_to_keep=1)
+                z = torch.stack([current[m.name][0] for m in modules]).double()  # (M, B, T, N)
+                keep = torch.stack([current[m.name][1] for m in modules])  # (M, B, T)
+                total = (z * keep.unsqueeze(-1)).sum(0)
+                count = keep.sum(0)
+                out.append(soft_votes(total / count.clamp_min(1).unsqueeze(-1), count > 0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(out)
+
+
+def test_soft_votes_equal_those_of_routers_built_with_the_query_statistics():
+    model = make_peft_model(seed=0)
+    stats = calibrate(model)
+    score = stats[ADAPTERS[0]].score
+    validation = list(torch.split(token_ids(8, 12, seed=5), 4))
+    test = list(torch.split(token_ids(8, 12, seed=6), 4))
+    queries = reference_statistics(model, ADAPTERS, validation, score=score, per_sequence=True)
+    names = [m.name for m in build_routed_modules(model, ADAPTERS, score=score)]
+    calibration = Calibration.from_stats(queries, ADAPTERS, names)
+    votes = score_soft_votes(model, ADAPTERS, calibration, score, validation=validation,
+                             test=test, temperature=2.0)  # fmt: skip
+    seqr = build_routed_modules(model, ADAPTERS, stats=queries)
+    brute = build_routed_modules(model, ADAPTERS, stats=queries, router_factory=BruteForceRouter)
+    torch.testing.assert_close(votes.validation, _router_votes(model, seqr, validation))
+    torch.testing.assert_close(votes.test, _router_votes(model, seqr, test))
+    torch.testing.assert_close(votes.test_brute_force, _router_votes(model, brute, test))
+    assert not torch.allclose(votes.test, votes.test[:, :1].expand_as(votes.test))  # they differ
