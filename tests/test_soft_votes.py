@@ -6,8 +6,13 @@ import torch
 from _routed_lora import ADAPTERS, calibrate, make_peft_model, token_ids
 
 from seqr import BruteForceRouter
-from seqr.core.errors import ShapeError
-from seqr.core.model_routing import build_routed_modules, reference_statistics
+from seqr.core.errors import ConfigError, ShapeError
+from seqr.core.model_routing import (
+    ModelRoutingConfig,
+    RoutedModel,
+    build_routed_modules,
+    reference_statistics,
+)
 from seqr.core.model_routing.soft_votes import soft_votes, vote_statistics
 from seqr.sim.eval_scores import Calibration
 from seqr.sim.eval_soft_votes import score_soft_votes
@@ -91,3 +96,42 @@ def test_soft_votes_equal_those_of_routers_built_with_the_query_statistics():
     torch.testing.assert_close(votes.test, _router_votes(model, seqr, test))
     torch.testing.assert_close(votes.test_brute_force, _router_votes(model, brute, test))
     assert not torch.allclose(votes.test, votes.test[:, :1].expand_as(votes.test))  # they differ
+
+
+def test_routed_model_soft_votes_equal_the_evaluations_standardised_over_the_pool():
+    model = make_peft_model(seed=0)
+    stats = calibrate(model)
+    score = stats[ADAPTERS[0]].score
+    validation = list(torch.split(token_ids(8, 12, seed=5), 4))
+    test = token_ids(6, 12, seed=6)
+    queries = reference_statistics(model, ADAPTERS, validation, score=score, per_sequence=True)
+    names = [m.name for m in build_routed_modules(model, ADAPTERS, score=score)]
+    calibration = Calibration.from_stats(queries, ADAPTERS, names)
+    votes = score_soft_votes(model, ADAPTERS, calibration, score, validation=validation,
+                             test=[test], temperature=2.0)  # fmt: skip
+    config = ModelRoutingConfig(aggregation="soft_vote", vote_temperature=2.0)
+    routed = RoutedModel(model, config, adapters=ADAPTERS, stats=queries)
+    pool = routed.measure_vote_statistics(validation)
+    mean, std = vote_statistics(votes.validation)
+    measured = torch.tensor([pool[a] for a in ADAPTERS], dtype=torch.float64)  # (N, 2)
+    torch.testing.assert_close(measured, torch.stack([mean, std], dim=1))
+    routed = RoutedModel(model, config, adapters=ADAPTERS, stats=queries, vote_stats=pool)
+    decision = routed.route_sequences(test)
+    torch.testing.assert_close(decision.scores, (votes.test - mean) / std)
+    assert decision.indices.tolist() == ((votes.test - mean) / std).argmax(-1).tolist()
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "vote_stats", "message"),
+    [
+        ("mean", {a: (0.3, 0.1) for a in ADAPTERS}, "set aggregation='soft_vote'"),
+        ("soft_vote", {ADAPTERS[0]: (0.3, 0.1)}, "vote_stats lack adapters"),
+        ("soft_vote", {a: (0.3, float("nan")) for a in ADAPTERS}, "non-finite mean or a std"),
+        ("soft_vote", {a: (0.3, 0.0) for a in ADAPTERS}, "non-finite mean or a std"),
+    ],
+)
+def test_vote_statistics_that_cannot_standardise_are_refused(aggregation, vote_stats, message):
+    model = make_peft_model(seed=0)
+    with pytest.raises(ConfigError, match=message):
+        RoutedModel(model, ModelRoutingConfig(aggregation=aggregation), adapters=ADAPTERS,
+                     vote_stats=vote_stats)  # fmt: skip

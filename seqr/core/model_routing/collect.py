@@ -32,6 +32,11 @@ class ScoreSums:
     votes_cast: torch.Tensor | None = None  # (B,): (token, module) pairs that voted
     modules_seen: list[str] = field(default_factory=list)
     records: dict[str, ModuleRecord] = field(default_factory=dict)
+    # Soft votes need each token's decision (the mean over the modules measuring it), kept
+    # only when asked: (B, T, N) sum over modules of measured z-scores, float64, and (B, T).
+    per_token: bool = False
+    token_total: torch.Tensor | None = None
+    token_count: torch.Tensor | None = None
 
     def add(self, name: str, scores: torch.Tensor, mask: torch.Tensor) -> None:
         """scores (B, T, N); mask (B, T) in {0, 1}: the module's measured tokens (padding
@@ -49,6 +54,11 @@ class ScoreSums:
         self.score_sum = mean if self.score_sum is None else self.score_sum + mean
         self.vote_sum = voted if self.vote_sum is None else self.vote_sum + voted
         cast = weights.sum(dim=(1, 2))  # (B,)
+        if self.per_token:
+            part = torch.where(valid, scores.double(), torch.zeros((), dtype=torch.float64))
+            count = mask.to(torch.bool).to(torch.float64)
+            self.token_total = part if self.token_total is None else self.token_total + part
+            self.token_count = count if self.token_count is None else self.token_count + count
         self.votes_cast = cast if self.votes_cast is None else self.votes_cast + cast
         self.modules_seen.append(name)
 
@@ -90,10 +100,11 @@ def collect_scores(
     attention_mask: torch.Tensor,
     *,
     record: bool = False,
+    per_token: bool = False,
 ) -> ScoreSums:
     """Run the base model once (``run_base(input_ids, attention_mask)``, e.g. base_pass)
-    and sum every module's token scores per sequence."""
-    sums = ScoreSums()
+    and sum every module's token scores per sequence (``per_token``: per token too)."""
+    sums = ScoreSums(per_token=per_token)
 
     def hook_for(module: RoutedModule) -> Any:
         def hook(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:

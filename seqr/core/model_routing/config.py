@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from seqr.core.errors import ConfigError
+from seqr.core.model_routing.soft_votes import SOFT_VOTE_TEMPERATURE
 
 Mode = Literal["per_token", "per_sequence"]
 Weighting = Literal["softmax", "uniform"]
-Aggregation = Literal["mean", "vote"]
+Aggregation = Literal["mean", "vote", "soft_vote"]
 StatisticsScope = Literal["per_module", "pooled"]
 
 _MODES = ("per_token", "per_sequence")
 _WEIGHTINGS = ("softmax", "uniform")
-_AGGREGATIONS = ("mean", "vote")
+_AGGREGATIONS = ("mean", "vote", "soft_vote")
 _SCOPES = ("per_module", "pooled")
 FIRST_PASS_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -38,7 +39,11 @@ class ModelRoutingConfig:
     temperature: softmax temperature (> 0); scores are z-scores when statistics are given.
     aggregation: per_sequence only. ``mean``: mean of module scores over valid (unpadded) tokens
         and modules, argmax per sequence (the best measured here: docs/ROUTING.md). ``vote``: every
-        (token, module) votes for its argmax; the most votes wins.
+        (token, module) votes for its argmax; the most votes wins. ``soft_vote``: each measured
+        token's decision scores (the mean over modules of its z-scores) become a distribution
+        softmax(d / vote_temperature) over the adapters and the sequence takes the mean share
+        (soft_votes.py), standardised per adapter when RoutedModel has ``vote_stats``.
+    vote_temperature: the softmax temperature of ``soft_vote``, in z-score units (> 0).
     statistics: which calibration moments turn norms into z-scores: each module's own
         (``per_module``) or all modules of the adapter pooled (``pooled``). Whether per-module or
         pooled is better is not fixed by the paper: both are measurable.
@@ -58,6 +63,7 @@ class ModelRoutingConfig:
     weighting: Weighting = "softmax"
     temperature: float = 1.0
     aggregation: Aggregation = "mean"
+    vote_temperature: float = SOFT_VOTE_TEMPERATURE
     statistics: StatisticsScope = "per_module"
     layers: tuple[int, ...] | None = None
     first_pass_dtype: str | None = None
@@ -75,14 +81,15 @@ class ModelRoutingConfig:
             )
         if self.weighting not in _WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {_WEIGHTINGS}, got {self.weighting!r}")
-        temperature = self.temperature
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
+        for name in ("temperature", "vote_temperature"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
         if self.aggregation not in _AGGREGATIONS:
             raise ConfigError(
                 f"aggregation must be one of {_AGGREGATIONS}, got {self.aggregation!r}"

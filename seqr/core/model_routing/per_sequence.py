@@ -3,8 +3,8 @@
 arXiv 2509.18093 (routing granularity): serving users want one adapter per request. The mean of
 z-scores over the measured tokens (unpadded; the token rule of seqr.core.measurement) and
 modules is the default (92% in the project's measurement); a vote of every (token, module)
-argmax is the alternative. The batch then runs with mixed adapters through peft's
-``adapter_names`` (one LoRA per row).
+argmax and soft token votes (soft_votes.py) are the alternatives. The batch then runs with
+mixed adapters through peft's ``adapter_names`` (one LoRA per row).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from seqr.core.errors import DataError, ShapeError
 from seqr.core.model_routing.collect import ScoreSums
 from seqr.core.model_routing.config import ModelRoutingConfig
+from seqr.core.model_routing.soft_votes import soft_votes
 from seqr.core.routing.base import finite_or_lowest
 
 
@@ -57,19 +58,36 @@ def check_batch(
 
 
 def decide(
-    sums: ScoreSums, config: ModelRoutingConfig, adapters: tuple[str, ...]
+    sums: ScoreSums,
+    config: ModelRoutingConfig,
+    adapters: tuple[str, ...],
+    vote_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> RoutingDecision:
-    """Aggregate per-sequence sums (collect.py) into one adapter per sequence."""
-    total = sums.score_sum if config.aggregation == "mean" else sums.vote_sum
-    if total is None or not sums.modules_seen:
+    """Aggregate per-sequence sums (collect.py) into one adapter per sequence.
+
+    vote_stats: soft_vote only, each adapter's (mean, std) vote share over a pool of
+    unlabeled inputs, (N,) each; the shares are standardised with them."""
+    if sums.score_sum is None or not sums.modules_seen:
         raise ShapeError("no routed module ran in the first pass; nothing to aggregate")
-    # mean: over modules, of each module's mean over the tokens the token rule measured
-    # (seqr.core.measurement); vote: the share of (token, module) votes.
-    if config.aggregation == "mean" or sums.votes_cast is None:
-        count = torch.full((total.shape[0],), len(sums.modules_seen)).to(total)  # (B,)
+    if config.aggregation == "soft_vote":
+        if sums.token_total is None or sums.token_count is None:
+            raise ShapeError("soft votes need per-token sums; collect the scores per_token")
+        decisions = sums.token_total / sums.token_count.clamp_min(1).unsqueeze(-1)
+        votes = soft_votes(decisions, sums.token_count > 0, config.vote_temperature)
+        if vote_stats is not None:
+            mean, std = vote_stats
+            votes = (votes - mean.to(votes)) / std.to(votes)
+        scores = finite_or_lowest(votes)
     else:
-        count = sums.votes_cast.to(total).clamp_min(1)
-    scores = finite_or_lowest(total / count.unsqueeze(-1))  # (B, N); unscorable: -inf
+        # mean: over modules, of each module's mean over the tokens the token rule measured
+        # (seqr.core.measurement); vote: the share of (token, module) votes.
+        total = sums.score_sum if config.aggregation == "mean" else sums.vote_sum
+        assert total is not None  # both are set by the first module
+        if config.aggregation == "mean" or sums.votes_cast is None:
+            count = torch.full((total.shape[0],), len(sums.modules_seen)).to(total)  # (B,)
+        else:
+            count = sums.votes_cast.to(total).clamp_min(1)
+        scores = finite_or_lowest(total / count.unsqueeze(-1))  # (B, N); unscorable: -inf
     if scores.shape[-1] == 1:
         indices = torch.zeros(scores.shape[0], dtype=torch.int64, device=scores.device)
         margin = torch.full((scores.shape[0],), float("inf"), device=scores.device)

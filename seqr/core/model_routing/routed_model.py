@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,6 +25,7 @@ from seqr.core.model_routing.modules import (
 )
 from seqr.core.model_routing.per_sequence import RoutingDecision, check_batch, decide
 from seqr.core.model_routing.per_token import ModuleRecord, per_token_routing
+from seqr.core.model_routing.soft_votes import vote_statistics
 from seqr.core.routing import SeqrRouter
 from seqr.core.stats import NormStatistics
 
@@ -36,6 +37,8 @@ class RoutedModel:
     adapters: the adapter names to route over, in index order (default: all, in peft order).
     stats: adapter name -> its NormStatistics (module names as in modules.py); z-scores if given.
     router_factory: SeqrRouter, or BruteForceRouter / SpectrRouter / ArrowRouter to compare.
+    vote_stats: aggregation "soft_vote" only: adapter name -> (mean, std) of its vote share
+        over unlabeled inputs (``measure_vote_statistics``); the shares are standardised.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class RoutedModel:
         adapters: Sequence[str] | None = None,
         stats: Mapping[str, NormStatistics] | None = None,
         router_factory: RouterFactory = SeqrRouter,
+        vote_stats: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         self.peft_model = peft_model
         self.config = config if config is not None else ModelRoutingConfig()
@@ -64,10 +68,42 @@ class RoutedModel:
             router_factory=router_factory,
         )
         self.scored_modules = scored_modules(self.modules, self.config)
+        self.vote_stats = self._vote_tensors(vote_stats)
         self._pass_copy: tuple[torch.nn.Module, list[RoutedModule]] | None = None
         # Last forward's per-module scores and choices, by module name (config.record only).
         self.records: dict[str, ModuleRecord] = {}
         self.last_decision: RoutingDecision | None = None
+
+    def _vote_tensors(
+        self, vote_stats: Mapping[str, tuple[float, float]] | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if vote_stats is None:
+            return None
+        if self.config.aggregation != "soft_vote":
+            raise ConfigError("vote_stats standardise soft votes; set aggregation='soft_vote'")
+        missing = [a for a in self.adapters if a not in vote_stats]
+        if missing:
+            raise ConfigError(f"vote_stats lack adapters {missing}; measure them on a pool")
+        mean, std = (torch.tensor([float(vote_stats[a][i]) for a in self.adapters],
+                                  dtype=torch.float64) for i in (0, 1))  # fmt: skip
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ConfigError("vote_stats hold a non-finite mean or a std <= 0")
+        return mean, std
+
+    def measure_vote_statistics(
+        self, batches: Iterable[torch.Tensor]
+    ) -> dict[str, tuple[float, float]]:
+        """Each adapter's (mean, std) soft-vote share over unlabeled batches of token ids (no
+        padding): the pool of query statistics (soft_votes.py). Pass it as ``vote_stats``."""
+        if self.config.aggregation != "soft_vote":
+            raise ConfigError("vote statistics need aggregation='soft_vote'")
+        saved, self.vote_stats = self.vote_stats, None  # the raw shares
+        try:
+            shares = torch.cat([self.route_sequences(b).scores for b in batches])
+        finally:
+            self.vote_stats = saved
+        mean, std = vote_statistics(shares)
+        return {a: (float(mean[i]), float(std[i])) for i, a in enumerate(self.adapters)}
 
     # ----- routing ----------------------------------------------------------------------
     def _check_call(self, kwargs: Mapping[str, Any]) -> None:
@@ -84,11 +120,12 @@ class RoutedModel:
         input_ids, attention_mask = check_batch(input_ids, attention_mask)
         run_base, modules = self._first_pass()
         sums = collect_scores(
-            run_base, modules, input_ids, attention_mask, record=self.config.record
-        )
+            run_base, modules, input_ids, attention_mask, record=self.config.record,
+            per_token=self.config.aggregation == "soft_vote",
+        )  # fmt: skip
         if self.config.record:
             self.records = sums.records
-        self.last_decision = decide(sums, self.config, self.adapters)
+        self.last_decision = decide(sums, self.config, self.adapters, self.vote_stats)
         return self.last_decision
 
     def _first_pass(self) -> tuple[Any, list[RoutedModule]]:
