@@ -131,6 +131,39 @@ def test_reference_blended_and_query_calibrations_route_every_domain(
         assert [r.adapter for r in results[calibration]] == [d for d, _ in held_out_texts()]
 
 
+def test_soft_votes_standardised_over_the_query_pool_route_every_domain(
+    world: RouteWorld, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for domain in DOMAINS:
+        (tmp_path / f"{domain}.txt").write_text(domain_text(domain, 12, seed=7), encoding="utf-8")
+    texts = [text for _, text in held_out_texts()]
+    mean = open_router(world, calibration="queries", reference=tmp_path).route(texts)
+    router = open_router(world, calibration="queries", reference=tmp_path,
+                         aggregation="soft_vote")  # fmt: skip
+    votes = router.route(texts)
+    assert [r.adapter for r in votes] == [d for d, _ in held_out_texts()]
+    assert router.routed.vote_stats is not None  # measured on the same pool
+    for m, v in zip(mean, votes, strict=True):
+        assert v.scores != pytest.approx(m.scores, abs=1e-3)
+    inputs = tmp_path.parent / "inputs.txt"
+    inputs.write_text("\n\n".join(t.replace("\n", " ") for t in texts) + "\n", "utf-8")
+    args = ["--registry", str(world.registry), "--file", str(inputs), "--json",
+            "--base-model", str(world.model_dir), "--aggregation", "soft-vote"]  # fmt: skip
+    with pytest.raises(SystemExit):  # soft votes without the query pool: a usage error
+        main(args)
+    assert "--calibration queries" in capsys.readouterr().err
+    assert main([*args, "--calibration", "queries", "--reference", str(tmp_path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["adapter"] for r in doc["results"]] == [r.adapter for r in votes]
+
+
+def test_soft_votes_need_the_query_pool() -> None:
+    with pytest.raises(ConfigError, match="with --calibration queries"):
+        RouterConfig(aggregation="soft_vote")
+    with pytest.raises(ConfigError, match="must be mean or soft_vote"):
+        RouterConfig(aggregation="median")  # type: ignore[arg-type]
+
+
 def test_reference_calibration_needs_a_reference_folder() -> None:
     with pytest.raises(ConfigError, match="needs a reference folder"):
         RouterConfig(calibration="reference")

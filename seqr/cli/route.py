@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, default=None,
                    help="folder of public text files you trust (for --calibration "
                    "reference|blend), or examples of your inputs (queries)")  # fmt: skip
+    p.add_argument("--aggregation", choices=("mean", "soft-vote"), default="mean",
+                   help="with --calibration queries: the mean of token z-scores, or soft token "
+                   "votes standardised over the same examples (docs/ROUTING.md)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
     return p
 
@@ -167,7 +170,8 @@ def main(argv: list[str]) -> int:
                               batch_size=args.batch_size, device=args.device,
                               first_pass_dtype=routing_pass_dtype(args.routing_pass,
                                                                   args.device),
-                              calibration=args.calibration, reference=args.reference)  # fmt: skip
+                              calibration=args.calibration, reference=args.reference,
+                              aggregation=args.aggregation.replace("-", "_"))  # fmt: skip
         audit = AuditConfig(expected_root_sha256=args.expect_root_sha256)
     except ConfigError as exc:
         parser.error(str(exc))

@@ -64,6 +64,9 @@ class RouterConfig:
     calibration: Calibration = "own"  # whose statistics z-score the scores (module docstring)
     reference: Path | None = None  # folder of public text files; needed unless calibration="own"
     reference_max_chunks: int = 256  # chunks of REFERENCE_SEQ_LEN tokens read from it at most
+    # per_sequence with calibration "queries": "mean" of token z-scores, or "soft_vote" (soft
+    # token votes standardised over the same pool; seqr.core.model_routing.soft_votes)
+    aggregation: Literal["mean", "soft_vote"] = "mean"
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATIONS:
@@ -76,6 +79,15 @@ class RouterConfig:
         if self.calibration != "own" and self.reference is None:
             raise ConfigError(f"calibration {self.calibration!r} needs a reference folder: "
                               "--reference DIR of text files")  # fmt: skip
+        if self.aggregation not in ("mean", "soft_vote"):
+            raise ConfigError(
+                f"RouterConfig.aggregation = {self.aggregation!r} must be mean or soft_vote"
+            )
+        if self.aggregation == "soft_vote" and (
+            self.calibration != "queries" or self.mode != "per_sequence"
+        ):
+            raise ConfigError("soft votes are standardised over the queries' pool: use them "
+                              "with --calibration queries and per-sequence routing")  # fmt: skip
         if self.mode not in ("per_sequence", "per_token"):
             raise ConfigError(f"RouterConfig.mode = {self.mode!r} must be per_sequence/per_token")
         if self.statistics not in ("per_module", "pooled"):
@@ -100,6 +112,8 @@ class RouterConfig:
     def routing(self) -> ModelRoutingConfig:
         """The model-level config; per_token routing has no first pass to speed up."""
         dtype = self.first_pass_dtype if self.mode == "per_sequence" else None
+        aggregation = self.aggregation if self.mode == "per_sequence" else "mean"
         return ModelRoutingConfig(
-            mode=self.mode, statistics=self.statistics, first_pass_dtype=dtype
-        )
+            mode=self.mode, statistics=self.statistics, first_pass_dtype=dtype,
+            aggregation=aggregation,
+        )  # fmt: skip

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from seqr.consumer.calibration import calibrated_statistics
+from seqr.consumer.calibration import calibrated_statistics, reference_batches
 from seqr.consumer.config import RouterConfig
 from seqr.consumer.scorable import unscorable_reasons
 from seqr.core.base_model import BaseModel, load_base_model
@@ -177,7 +177,12 @@ class RegistryRouter:
         peft_model = build_peft_model(base.model, adapters).to(self.config.device)
         by_internal = {f"a{i}": a for i, a in enumerate(adapters)}
         own = {i: a.stats for i, a in by_internal.items()}
-        stats = calibrated_statistics(peft_model, own, self.config, self.tokenizer)
+        pool = (
+            None
+            if self.config.calibration == "own"
+            else reference_batches(self.config, self.tokenizer)
+        )
+        stats = calibrated_statistics(peft_model, own, self.config, pool)
         lost = [i for i in by_internal if i not in stats]
         for i in lost:
             peft_model.delete_adapter(i)
@@ -188,6 +193,9 @@ class RegistryRouter:
         internal = [i for i in by_internal if i in stats]
         stats = {i: stats[i] for i in internal}
         self.routed = RoutedModel(peft_model, self.config.routing(), adapters=internal, stats=stats)
+        if self.config.aggregation == "soft_vote":  # shares standardised over the same pool
+            assert pool is not None  # RouterConfig: soft votes need calibration "queries"
+            self.routed.use_vote_statistics(self.routed.measure_vote_statistics(pool))
 
     @classmethod
     def open(

@@ -68,17 +68,16 @@ class RoutedModel:
             router_factory=router_factory,
         )
         self.scored_modules = scored_modules(self.modules, self.config)
-        self.vote_stats = self._vote_tensors(vote_stats)
+        self.vote_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (N,) mean, std
+        if vote_stats is not None:
+            self.use_vote_statistics(vote_stats)
         self._pass_copy: tuple[torch.nn.Module, list[RoutedModule]] | None = None
         # Last forward's per-module scores and choices, by module name (config.record only).
         self.records: dict[str, ModuleRecord] = {}
         self.last_decision: RoutingDecision | None = None
 
-    def _vote_tensors(
-        self, vote_stats: Mapping[str, tuple[float, float]] | None
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if vote_stats is None:
-            return None
+    def use_vote_statistics(self, vote_stats: Mapping[str, tuple[float, float]]) -> None:
+        """Standardise soft votes from now on with each adapter's (mean, std) vote share."""
         if self.config.aggregation != "soft_vote":
             raise ConfigError("vote_stats standardise soft votes; set aggregation='soft_vote'")
         missing = [a for a in self.adapters if a not in vote_stats]
@@ -88,7 +87,7 @@ class RoutedModel:
                                   dtype=torch.float64) for i in (0, 1))  # fmt: skip
         if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
             raise ConfigError("vote_stats hold a non-finite mean or a std <= 0")
-        return mean, std
+        self.vote_stats = mean, std
 
     def measure_vote_statistics(
         self, batches: Iterable[torch.Tensor]
