@@ -14,8 +14,8 @@ from seqr.core.model_routing import (
     reference_statistics,
 )
 from seqr.core.model_routing.soft_votes import soft_votes, vote_statistics
-from seqr.sim.eval_scores import Calibration
-from seqr.sim.eval_soft_votes import score_soft_votes
+from seqr.sim.eval_scores import score_heldout
+from seqr.sim.eval_soft_votes import pool_votes
 
 
 def test_one_token_far_inside_a_domain_does_not_outvote_the_sequence():
@@ -79,46 +79,47 @@ def _router_votes(model, modules, batches):
     return torch.cat(out)
 
 
-def test_soft_votes_equal_those_of_routers_built_with_the_query_statistics():
+def _query_world():
     model = make_peft_model(seed=0)
     stats = calibrate(model)
-    score = stats[ADAPTERS[0]].score
     validation = list(torch.split(token_ids(8, 12, seed=5), 4))
     test = list(torch.split(token_ids(8, 12, seed=6), 4))
-    queries = reference_statistics(model, ADAPTERS, validation, score=score, per_sequence=True)
-    names = [m.name for m in build_routed_modules(model, ADAPTERS, score=score)]
-    calibration = Calibration.from_stats(queries, ADAPTERS, names)
-    votes = score_soft_votes(model, ADAPTERS, calibration, score, validation=validation,
-                             test=test, temperature=2.0)  # fmt: skip
+    scores = score_heldout(model, ADAPTERS, stats, validation=validation, test=test,
+                           soft_vote_temperature=2.0)  # fmt: skip
+    queries = reference_statistics(
+        model, ADAPTERS, validation, score=stats[ADAPTERS[0]].score, per_sequence=True
+    )
+    return model, stats, validation, test, scores, queries
+
+
+def test_soft_votes_equal_those_of_routers_built_with_the_query_statistics():
+    model, stats, validation, test, scores, queries = _query_world()
+    pool = pool_votes(model, ADAPTERS, scores.calibrations["seqr_queries"],
+                      stats[ADAPTERS[0]].score, validation, 2.0)  # fmt: skip
     seqr = build_routed_modules(model, ADAPTERS, stats=queries)
     brute = build_routed_modules(model, ADAPTERS, stats=queries, router_factory=BruteForceRouter)
-    torch.testing.assert_close(votes.validation, _router_votes(model, seqr, validation))
-    torch.testing.assert_close(votes.test, _router_votes(model, seqr, test))
-    torch.testing.assert_close(votes.test_brute_force, _router_votes(model, brute, test))
-    assert not torch.allclose(votes.test, votes.test[:, :1].expand_as(votes.test))  # they differ
+    torch.testing.assert_close(pool, _router_votes(model, seqr, validation))
+    torch.testing.assert_close(scores.test_votes["seqr"], _router_votes(model, seqr, test))
+    torch.testing.assert_close(scores.test_votes["brute_force"], _router_votes(model, brute, test))
+    votes = scores.test_votes["seqr"]
+    assert not torch.allclose(votes, votes[:, :1].expand_as(votes))  # the adapters' shares differ
 
 
 def test_routed_model_soft_votes_equal_the_evaluations_standardised_over_the_pool():
-    model = make_peft_model(seed=0)
-    stats = calibrate(model)
-    score = stats[ADAPTERS[0]].score
-    validation = list(torch.split(token_ids(8, 12, seed=5), 4))
-    test = token_ids(6, 12, seed=6)
-    queries = reference_statistics(model, ADAPTERS, validation, score=score, per_sequence=True)
-    names = [m.name for m in build_routed_modules(model, ADAPTERS, score=score)]
-    calibration = Calibration.from_stats(queries, ADAPTERS, names)
-    votes = score_soft_votes(model, ADAPTERS, calibration, score, validation=validation,
-                             test=[test], temperature=2.0)  # fmt: skip
+    model, stats, validation, test, scores, queries = _query_world()
+    pool = pool_votes(model, ADAPTERS, scores.calibrations["seqr_queries"],
+                      stats[ADAPTERS[0]].score, validation, 2.0)  # fmt: skip
     config = ModelRoutingConfig(aggregation="soft_vote", vote_temperature=2.0)
     routed = RoutedModel(model, config, adapters=ADAPTERS, stats=queries)
-    pool = routed.measure_vote_statistics(validation)
-    mean, std = vote_statistics(votes.validation)
-    measured = torch.tensor([pool[a] for a in ADAPTERS], dtype=torch.float64)  # (N, 2)
-    torch.testing.assert_close(measured, torch.stack([mean, std], dim=1))
-    routed = RoutedModel(model, config, adapters=ADAPTERS, stats=queries, vote_stats=pool)
-    decision = routed.route_sequences(test)
-    torch.testing.assert_close(decision.scores, (votes.test - mean) / std)
-    assert decision.indices.tolist() == ((votes.test - mean) / std).argmax(-1).tolist()
+    measured = routed.measure_vote_statistics(validation)
+    mean, std = vote_statistics(pool)
+    as_tensor = torch.tensor([measured[a] for a in ADAPTERS], dtype=torch.float64)  # (N, 2)
+    torch.testing.assert_close(as_tensor, torch.stack([mean, std], dim=1))
+    routed = RoutedModel(model, config, adapters=ADAPTERS, stats=queries, vote_stats=measured)
+    decision = routed.route_sequences(torch.cat(test))
+    expected = (scores.test_votes["seqr"] - mean) / std
+    torch.testing.assert_close(decision.scores, expected)
+    assert decision.indices.tolist() == expected.argmax(-1).tolist()
 
 
 @pytest.mark.parametrize(

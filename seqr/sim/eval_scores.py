@@ -33,6 +33,7 @@ import torch
 from seqr import ArrowRouter, BruteForceRouter
 from seqr.core.errors import ValueCheckError
 from seqr.core.model_routing import RoutedModule, blend_statistics, build_routed_modules
+from seqr.core.model_routing.collect import ScoreSums
 from seqr.core.model_routing.reference import decision_standardized
 from seqr.core.routing.gain import input_energy
 from seqr.core.stats import NormStatistics, RunningMoments, ScoreKind
@@ -92,6 +93,9 @@ class HeldOutScores:
     seconds: dict[str, float] = field(default_factory=dict)  # scoring time per method
     rows: int = 0  # held-out rows scored
     base_loss: torch.Tensor | None = None  # (S_test,) the base model's loss per test row
+    # Soft token votes under the query statistics on test rows: "seqr" and "brute_force" ->
+    # (S_test, N) (with soft_vote_temperature; validation rows: eval_soft_votes.py)
+    test_votes: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _moments_as_stats(
@@ -122,6 +126,7 @@ def score_heldout(
     reference: Sequence[torch.Tensor] = (),
     extra: ExtraScorers | None = None,
     progress: Callable[[int], None] | None = None,
+    soft_vote_temperature: float | None = None,
 ) -> HeldOutScores:
     """Score batches of (B, T) token ids (no padding): reference, validation, then test.
 
@@ -144,6 +149,7 @@ def score_heldout(
     phase = "reference"
     ref_moments = {n: RunningMoments(len(adapters)) for n in names}
     current: dict[str, dict[str, torch.Tensor]] = {}  # method -> module -> (B, T, N)
+    vote_sums: dict[str, ScoreSums] = {}  # test rows: "seqr", "brute_force" -> this batch's
     measured: dict[str, torch.Tensor] = {}  # module -> (B, T) bool: the token rule's tokens
     token_parts: dict[str, dict[str, torch.Tensor]] = {}  # label -> module -> (B, T, N)
 
@@ -203,6 +209,12 @@ def score_heldout(
                 own_mean, own_std = (t[index].float() for t in (own.mean, own.std))
                 brute = current["brute_force"][module.name]
                 add_token("brute_force_z", module.name, (brute - own_mean) / own_std)
+                if vote_sums:  # soft votes: per-token z-scores under the query statistics
+                    queries = calibrations["seqr_queries"]
+                    q_mean, q_std = queries.mean[index].float(), queries.std[index].float()
+                    seqr_z = (raw.reshape(*shape, -1) - q_mean) / q_std
+                    vote_sums["seqr"].add(module.name, seqr_z, keep)
+                    vote_sums["brute_force"].add(module.name, (brute - q_mean) / q_std, keep)
                 for method in [*others, *extra]:
                     if method != "brute_force":
                         add_token(method, module.name, current[method][module.name])
@@ -217,6 +229,7 @@ def score_heldout(
     token_means: dict[str, list[torch.Tensor]] = {}
     rows = 0
     base_losses: list[torch.Tensor] = []
+    test_votes: dict[str, list[torch.Tensor]] = {}
 
     def run(batches: Sequence[torch.Tensor]) -> None:
         nonlocal rows
@@ -224,6 +237,8 @@ def score_heldout(
             current.clear()
             measured.clear()
             token_parts.clear()
+            if phase == "test" and soft_vote_temperature is not None:
+                vote_sums.update({m: ScoreSums(per_token=True) for m in ("seqr", "brute_force")})
             # On test rows the base model's held-out loss comes from this same forward
             # instead of a pass of its own (the same call as seqr/sim/eval_losses.py makes,
             # so the same numbers); other rows need no output head.
@@ -239,6 +254,9 @@ def score_heldout(
                     stacked = torch.stack([per_module[n] for n in names], dim=1)  # (B,M,T,N)
                     kept = torch.where(keep, stacked, torch.zeros((), dtype=stacked.dtype))
                     module_means.setdefault(method, []).append(kept.sum(dim=2) / count)
+            for method, sums in vote_sums.items():
+                assert soft_vote_temperature is not None
+                test_votes.setdefault(method, []).append(sums.token_votes(soft_vote_temperature))
             for label, parts in token_parts.items():
                 stacked = torch.stack([parts[n] for n in names], dim=1)  # (B, M, T, N)
                 token_means.setdefault(label, []).append(stacked.mean(dim=1))
@@ -286,4 +304,5 @@ def score_heldout(
         seconds=seconds,
         rows=rows,
         base_loss=torch.cat(base_losses) if base_losses else None,
+        test_votes={m: torch.cat(v) for m, v in test_votes.items()},
     )

@@ -20,7 +20,8 @@ All scores come from one shared pass (seqr/sim/eval_scores.py); losses only for 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,11 @@ from seqr.core.model_routing.soft_votes import SOFT_VOTE_TEMPERATURE, vote_stati
 from seqr.sim.claims import claim_split
 from seqr.sim.eval_losses import heldout_losses
 from seqr.sim.eval_scores import TEST_ONLY, ExtraScorers, HeldOutScores, score_heldout
-from seqr.sim.eval_soft_votes import SoftVotes, score_soft_votes
+from seqr.sim.eval_soft_votes import pool_votes
 from seqr.sim.library import AdapterLibrary
 from seqr.sim.significance import mcnemar_exact, wilson_interval
 
-SOFT_VOTES = "seqr_soft_votes"  # soft token votes under DEFAULT_CALIBRATION's statistics
+SOFT_VOTES = "seqr_soft_votes"  # soft token votes under the query statistics
 # SEQR under each calibration: own statistics, router-measured reference ones, both averaged,
 # and query statistics (sequence-level, over unlabeled validation inputs; each adapter's
 # decision score standardised too, or per module only); and soft token votes under query
@@ -219,18 +220,12 @@ def evaluate(
     val, test = ~data.is_test, data.is_test
     ref = [] if reference is None else list(torch.split(torch.as_tensor(reference), cfg.batch_size))
     rows = sum(len(b) for b in ref) + len(data.ids)
-    advance = stage("route held-out text (one pass, every method)", rows)
-    with tqdm(total=rows, desc="route held-out", unit="seq") as bar:
-
-        def step(k: int) -> None:
-            bar.update(k)
-            advance(bar.n)
-
+    validation = list(torch.split(data.ids[val], cfg.batch_size))
+    with _stage_bar(stage, "route held-out text (one pass, every method)", rows) as step:
         scores = score_heldout(
-            model, adapters, library.stats, reference=ref,
-            validation=list(torch.split(data.ids[val], cfg.batch_size)),
-            test=list(torch.split(data.ids[test], cfg.batch_size)),
-            extra=extra, progress=step,
+            model, adapters, library.stats, reference=ref, validation=validation,
+            test=list(torch.split(data.ids[test], cfg.batch_size)), extra=extra, progress=step,
+            soft_vote_temperature=SOFT_VOTE_TEMPERATURE,
         )  # fmt: skip
     # Rows come back validation first, then test: reorder labels the same way.
     order = torch.cat([torch.nonzero(val).flatten(), torch.nonzero(test).flatten()])
@@ -240,24 +235,16 @@ def evaluate(
 
         save_scores(cfg.scores_path, scores, adapters, labels, is_test, data.chunks[order])
     results, decisions = _all_routing_metrics(scores, labels, is_test, n)
-    soft_brute = None
-    if DEFAULT_CALIBRATION in scores.calibrations:
-        advance = stage("soft token votes (one more pass)", len(data.ids))
-        with tqdm(total=len(data.ids), desc="soft votes", unit="seq") as bar:
-
-            def step_votes(k: int) -> None:
-                bar.update(k)
-                advance(bar.n)
-
-            votes = score_soft_votes(
-                model, adapters, scores.calibrations[DEFAULT_CALIBRATION],
-                library.stats[adapters[0]].score, temperature=SOFT_VOTE_TEMPERATURE,
-                validation=list(torch.split(data.ids[val], cfg.batch_size)),
-                test=list(torch.split(data.ids[test], cfg.batch_size)), progress=step_votes,
-            )  # fmt: skip
-        results[SOFT_VOTES], decisions[SOFT_VOTES], soft_brute = _soft_vote_metrics(
-            votes, labels, is_test
-        )
+    # Soft votes: the test rows' came from the shared pass, the validation rows' (their
+    # pool) need the query statistics first, so one more pass over those rows.
+    with _stage_bar(stage, "soft token votes of the validation rows", int(val.sum())) as step:
+        pool = pool_votes(
+            model, adapters, scores.calibrations["seqr_queries"],
+            library.stats[adapters[0]].score, validation, SOFT_VOTE_TEMPERATURE, step,
+        )  # fmt: skip
+    results[SOFT_VOTES], decisions[SOFT_VOTES], soft_brute = _soft_vote_metrics(
+        pool, scores.test_votes, labels, is_test
+    )
     test_labels = labels[is_test]
     generator = torch.Generator().manual_seed(cfg.seed)  # drawn in the held-out rows' order
     random_choice = torch.randint(0, n, (len(data.ids),), generator=generator)
@@ -282,9 +269,8 @@ def evaluate(
         if first in right and second in right
     ]
     agreement = _agreements(scores, decisions, results, default, is_test)
-    if soft_brute is not None:
-        same = decisions[SOFT_VOTES][is_test] == soft_brute
-        agreement["agreement_soft_votes_brute_force"] = float(same.double().mean())
+    same = decisions[SOFT_VOTES][is_test] == soft_brute
+    agreement["agreement_soft_votes_brute_force"] = float(same.double().mean())
     losses: dict[str, Any] = {}
     if cfg.losses:
         plans = {m: decisions[m][is_test] for m in (*SEQR_VARIANTS, "arrow") if m in decisions}
@@ -367,14 +353,30 @@ def _all_routing_metrics(
     return results, decisions
 
 
+@contextmanager
+def _stage_bar(stage: Stage, name: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A stage (status.json) with a progress bar; yields ``advance(rows just done)``."""
+    advance = stage(name, total)
+    with tqdm(total=total, desc=name.split(" (")[0], unit="seq") as bar:
+
+        def step(k: int) -> None:
+            bar.update(k)
+            advance(bar.n)
+
+        yield step
+
+
 def _soft_vote_metrics(
-    votes: SoftVotes, labels: torch.Tensor, is_test: torch.Tensor
+    pool: torch.Tensor,
+    test_votes: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    is_test: torch.Tensor,
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """Soft votes standardised over the validation rows (the query statistics' pool, labels
-    unused): the entry, the decisions (every row) and brute force's (test rows)."""
-    mean, std = vote_statistics(votes.validation)
+    """Soft votes standardised over the validation rows' (``pool``: the query statistics'
+    pool, labels unused): the entry, the decisions (every row) and brute force's (test)."""
+    mean, std = vote_statistics(pool)
     # rows in the report's order: validation, then test
-    choice = ((torch.cat([votes.validation, votes.test]) - mean) / std).argmax(-1)
+    choice = ((torch.cat([pool, test_votes["seqr"]]) - mean) / std).argmax(-1)
     val = ~is_test
     entry = {
         "validation_accuracy": {DEFAULT_LAYERS: accuracy(choice[val], labels[val])},
@@ -382,7 +384,7 @@ def _soft_vote_metrics(
         f"{DEFAULT_LAYERS}, vote shares standardised over the validation inputs",
         "layers": DEFAULT_LAYERS,
     }
-    return entry, choice, ((votes.test_brute_force - mean) / std).argmax(-1)
+    return entry, choice, ((test_votes["brute_force"] - mean) / std).argmax(-1)
 
 
 def _routing_metrics(

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from seqr.core.errors import ConfigError
+from seqr.core.errors import ConfigError, ShapeError
 from seqr.core.model_routing.config import ModelRoutingConfig
 from seqr.core.model_routing.modules import RoutedModule
 from seqr.core.model_routing.per_token import ModuleRecord
+from seqr.core.model_routing.soft_votes import soft_votes
 
 
 @dataclass
@@ -61,6 +62,15 @@ class ScoreSums:
             self.token_count = count if self.token_count is None else self.token_count + count
         self.votes_cast = cast if self.votes_cast is None else self.votes_cast + cast
         self.modules_seen.append(name)
+
+
+    def token_votes(self, temperature: float) -> torch.Tensor:
+        """(B, N) soft token votes (soft_votes.py): each measured token's decision is the mean
+        over the modules that measured it; needs ``per_token``."""
+        if self.token_total is None or self.token_count is None:
+            raise ShapeError("soft votes need per-token sums; collect the scores per_token")
+        decisions = self.token_total / self.token_count.clamp_min(1).unsqueeze(-1)
+        return soft_votes(decisions, self.token_count > 0, temperature)
 
 
 def scored_modules(

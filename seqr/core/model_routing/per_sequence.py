@@ -16,7 +16,6 @@ import torch
 from seqr.core.errors import DataError, ShapeError
 from seqr.core.model_routing.collect import ScoreSums
 from seqr.core.model_routing.config import ModelRoutingConfig
-from seqr.core.model_routing.soft_votes import soft_votes
 from seqr.core.routing.base import finite_or_lowest
 
 
@@ -70,10 +69,7 @@ def decide(
     if sums.score_sum is None or not sums.modules_seen:
         raise ShapeError("no routed module ran in the first pass; nothing to aggregate")
     if config.aggregation == "soft_vote":
-        if sums.token_total is None or sums.token_count is None:
-            raise ShapeError("soft votes need per-token sums; collect the scores per_token")
-        decisions = sums.token_total / sums.token_count.clamp_min(1).unsqueeze(-1)
-        votes = soft_votes(decisions, sums.token_count > 0, config.vote_temperature)
+        votes = sums.token_votes(config.vote_temperature)
         if vote_stats is not None:
             mean, std = vote_stats
             votes = (votes - mean.to(votes)) / std.to(votes)
