@@ -33,7 +33,7 @@ METHOD_NOTES = {
     "seqr_blend": "SEQR, own and reference z-scores averaged",
     "seqr_queries": "SEQR, statistics of unlabeled validation inputs (decisions standardised)",
     "seqr_queries_per_module": "SEQR, statistics of unlabeled validation inputs, per module only",
-    "seqr_soft_votes": "SEQR, those statistics, soft token votes (standardised)",
+    "seqr_soft_votes": "SEQR, query statistics, soft token votes standardised over the same inputs",
     "seqr_raw": "SEQR norms without z-scores",
     "spectr": "SpectR: the same raw norms via the SVD (computed once with seqr_raw)",
     "brute_force": "||B A x|| computed directly (checks SEQR)",

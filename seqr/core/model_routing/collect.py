@@ -63,7 +63,6 @@ class ScoreSums:
         self.votes_cast = cast if self.votes_cast is None else self.votes_cast + cast
         self.modules_seen.append(name)
 
-
     def token_votes(self, temperature: float) -> torch.Tensor:
         """(B, N) soft token votes (soft_votes.py): each measured token's decision is the mean
         over the modules that measured it; needs ``per_token``."""
