@@ -230,7 +230,7 @@ def test_uniform_merge_is_the_mean_of_b_over_the_shared_a():
 
 
 def test_peft_arrow_anchor_loads_the_same_exports(tmp_path):
-    from seqr.sim.evaluate import peft_arrow_model, peft_arrow_scorers
+    from seqr.sim.peft_arrow import peft_arrow_model, peft_arrow_scorers
 
     library = tiny_library()
     paths = []
