@@ -77,3 +77,29 @@ def pad(rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor
         cut = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
         ids[j, cut], mask[j, cut] = row, 1
     return ids, mask
+
+
+def module_token_scores(model, modules, batch):
+    """Every routed module's token scores on ``batch`` straight from its router
+    (module.scores: z-scores when it holds statistics) and the tokens its token rule measures:
+    [((B, T, N), (B, T) bool)] in ``modules`` order, from one base-model pass."""
+    current = {}
+
+    def hook_for(module):
+        def hook(layer, args, kwargs, output):
+            x = args[0] if args else kwargs["x"]
+            flat = x.reshape(-1, x.shape[-1])
+            h = module.project(flat)
+            keep = module.measured(x, h.reshape(*x.shape[:-1], -1), None)
+            current[module.name] = (module.scores(flat, h).reshape(*x.shape[:-1], -1), keep)
+
+        return hook
+
+    handles = [m.layer.register_forward_hook(hook_for(m), with_kwargs=True) for m in modules]
+    try:
+        with torch.no_grad():
+            model(input_ids=batch, adapter_names=["__base__"] * len(batch), logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [current[m.name] for m in modules]

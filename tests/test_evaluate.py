@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _routed_lora import ADAPTERS, calibrate, make_peft_model, token_ids
+from _routed_lora import ADAPTERS, calibrate, make_peft_model, module_token_scores, token_ids
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from seqr.core.errors import DataError
@@ -105,29 +105,13 @@ def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
 def _direct_sequence_scores(model, routed_modules, batches):
     """(S, M, N) z-scores of routers built with statistics, scored directly and averaged over
     the tokens the routers' token rule measures (module.measured, as per-sequence routing)."""
-    current, out = {}, []
-
-    def hook_for(module):
-        def hook(layer, args, kwargs, output):
-            x = args[0] if args else kwargs["x"]
-            flat = x.reshape(-1, x.shape[-1])
-            h = module.project(flat)
-            keep = module.measured(x, h.reshape(*x.shape[:-1], -1), None).unsqueeze(-1)
-            scores = module.scores(flat, h).reshape(*x.shape[:-1], -1)
-            current[module.name] = (scores * keep).sum(1) / keep.sum(1)
-
-        return hook
-
-    handles = [m.layer.register_forward_hook(hook_for(m), with_kwargs=True)
-               for m in routed_modules]  # fmt: skip
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(input_ids=batch, adapter_names=["__base__"] * len(batch), logits_to_keep=1)
-                out.append(torch.stack([current[m.name] for m in routed_modules], 1))
-    finally:
-        for handle in handles:
-            handle.remove()
+    out = []
+    for batch in batches:
+        per_module = []
+        for scores, keep in module_token_scores(model, routed_modules, batch):
+            keep = keep.unsqueeze(-1)
+            per_module.append((scores * keep).sum(1) / keep.sum(1))
+        out.append(torch.stack(per_module, 1))
     return torch.cat(out)
 
 

@@ -3,7 +3,7 @@ evaluation's votes are those of routers built with the query statistics (exact).
 
 import pytest
 import torch
-from _routed_lora import ADAPTERS, calibrate, make_peft_model, token_ids
+from _routed_lora import ADAPTERS, calibrate, make_peft_model, module_token_scores, token_ids
 
 from seqr import BruteForceRouter
 from seqr.core.errors import ConfigError, ShapeError
@@ -51,31 +51,14 @@ def test_votes_and_their_statistics_refuse_wrong_shapes():
 def _router_votes(model, modules, batches):
     """Vote shares from routers that hold the statistics themselves (module.scores), each
     token's decision the mean over the modules that measured it."""
-    current, out = {}, []
-
-    def hook_for(module):
-        def hook(layer, args, kwargs, output):
-            x = args[0] if args else kwargs["x"]
-            flat = x.reshape(-1, x.shape[-1])
-            h = module.project(flat)
-            keep = module.measured(x, h.reshape(*x.shape[:-1], -1), None)
-            current[module.name] = (module.scores(flat, h).reshape(*x.shape[:-1], -1), keep)
-
-        return hook
-
-    handles = [m.layer.register_forward_hook(hook_for(m), with_kwargs=True) for m in modules]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(input_ids=batch, adapter_names=["__base__"] * len(batch), logits_to_keep=1)
-                z = torch.stack([current[m.name][0] for m in modules]).double()  # (M, B, T, N)
-                keep = torch.stack([current[m.name][1] for m in modules])  # (M, B, T)
-                total = (z * keep.unsqueeze(-1)).sum(0)
-                count = keep.sum(0)
-                out.append(soft_votes(total / count.clamp_min(1).unsqueeze(-1), count > 0))
-    finally:
-        for handle in handles:
-            handle.remove()
+    out = []
+    for batch in batches:
+        scored = module_token_scores(model, modules, batch)
+        z = torch.stack([scores for scores, _ in scored]).double()  # (M, B, T, N)
+        keep = torch.stack([keep for _, keep in scored])  # (M, B, T)
+        total = (z * keep.unsqueeze(-1)).sum(0)
+        count = keep.sum(0)
+        out.append(soft_votes(total / count.clamp_min(1).unsqueeze(-1), count > 0))
     return torch.cat(out)
 
 

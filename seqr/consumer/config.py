@@ -112,8 +112,7 @@ class RouterConfig:
     def routing(self) -> ModelRoutingConfig:
         """The model-level config; per_token routing has no first pass to speed up."""
         dtype = self.first_pass_dtype if self.mode == "per_sequence" else None
-        aggregation = self.aggregation if self.mode == "per_sequence" else "mean"
         return ModelRoutingConfig(
             mode=self.mode, statistics=self.statistics, first_pass_dtype=dtype,
-            aggregation=aggregation,
+            aggregation=self.aggregation,  # soft_vote: per_sequence only (checked above)
         )  # fmt: skip

@@ -16,7 +16,6 @@ import torch
 
 from seqr.core.model_routing import build_routed_modules
 from seqr.core.model_routing.collect import ScoreSums
-from seqr.core.routing.gain import input_energy
 from seqr.core.stats import ScoreKind
 from seqr.sim.eval_scores import Calibration
 from seqr.sim.lm_loss import BASE, hidden_states, merged_adapter
@@ -34,18 +33,18 @@ def pool_votes(
 ) -> torch.Tensor:
     """(S, N) vote shares of batches of token ids (no padding) under ``calibration``."""
     modules = build_routed_modules(peft_model, adapters, score=score)
-    sums = ScoreSums(per_token=True)
+    holder = [ScoreSums(per_token=True)]  # the current batch's sums, read by every hook
 
     def hook_for(index: int, module: Any) -> Any:
         mean, std = calibration.mean[index].float(), calibration.std[index].float()
 
         def hook(layer: Any, args: tuple, kwargs: dict, output: Any) -> None:
             x = (args[0] if args else kwargs["x"]).to(module.A.dtype)
-            h = module.project(x.reshape(-1, x.shape[-1]))
+            flat = x.reshape(-1, x.shape[-1])
+            h = module.project(flat)
             keep = module.measured(x, h.reshape(*x.shape[:-1], -1), None)
-            scaled = h / input_energy(h) if score == "gain" else h  # as eval_scores scores
-            raw = module.router.scores_from_projection(scaled).float()
-            sums.add(module.name, ((raw - mean) / std).reshape(*x.shape[:-1], -1), keep)
+            raw = module.scores(flat, h).float()  # the one measurement, raw (no statistics)
+            holder[0].add(module.name, ((raw - mean) / std).reshape(*x.shape[:-1], -1), keep)
 
         return hook
 
@@ -57,9 +56,9 @@ def pool_votes(
     try:
         with merged_adapter(peft_model, BASE):
             for input_ids in batches:
-                sums = ScoreSums(per_token=True)
+                holder[0] = ScoreSums(per_token=True)
                 hidden_states(peft_model, input_ids)
-                out.append(sums.token_votes(temperature))
+                out.append(holder[0].token_votes(temperature))
                 if progress is not None:
                     progress(int(input_ids.shape[0]))
     finally:
