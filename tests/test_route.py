@@ -137,13 +137,13 @@ def test_soft_votes_standardised_over_the_query_pool_route_every_domain(
     for domain in DOMAINS:
         (tmp_path / f"{domain}.txt").write_text(domain_text(domain, 12, seed=7), encoding="utf-8")
     texts = [text for _, text in held_out_texts()]
-    mean = open_router(world, calibration="queries", reference=tmp_path).route(texts)
-    router = open_router(world, calibration="queries", reference=tmp_path,
-                         aggregation="soft_vote")  # fmt: skip
+    mean = open_router(world, calibration="queries", reference=tmp_path, aggregation="mean")
+    router = open_router(world, calibration="queries", reference=tmp_path)  # the default
+    assert router.config.aggregation == "soft_vote"
     votes = router.route(texts)
     assert [r.adapter for r in votes] == [d for d, _ in held_out_texts()]
     assert router.routed.vote_stats is not None  # measured on the same pool
-    for m, v in zip(mean, votes, strict=True):
+    for m, v in zip(mean.route(texts), votes, strict=True):
         assert v.scores != pytest.approx(m.scores, abs=1e-3)
     inputs = tmp_path.parent / "inputs.txt"
     inputs.write_text("\n\n".join(t.replace("\n", " ") for t in texts) + "\n", "utf-8")
@@ -152,14 +152,20 @@ def test_soft_votes_standardised_over_the_query_pool_route_every_domain(
     with pytest.raises(SystemExit):  # soft votes without the query pool: a usage error
         main(args)
     assert "--calibration queries" in capsys.readouterr().err
-    assert main([*args, "--calibration", "queries", "--reference", str(tmp_path)]) == 0
+    # With the query pool soft votes are the default: the same choices without the flag.
+    assert main([*args[:-2], "--calibration", "queries", "--reference", str(tmp_path)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [r["adapter"] for r in doc["results"]] == [r.adapter for r in votes]
 
 
-def test_soft_votes_need_the_query_pool() -> None:
+def test_soft_votes_need_the_query_pool_and_are_its_default() -> None:
     with pytest.raises(ConfigError, match="with --calibration queries"):
         RouterConfig(aggregation="soft_vote")
+    assert RouterConfig().aggregation == "mean"  # own statistics: no pool to standardise over
+    queries = RouterConfig(calibration="queries", reference=Path("."))
+    assert queries.aggregation == "soft_vote"
+    per_token = RouterConfig(calibration="queries", reference=Path("."), mode="per_token")
+    assert per_token.aggregation == "mean"
     with pytest.raises(ConfigError, match="must be mean or soft_vote"):
         RouterConfig(aggregation="median")  # type: ignore[arg-type]
 

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from seqr.cli.help import (
     CACHE_DIR_HELP,
@@ -90,11 +90,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, default=None,
                    help="folder of public text files you trust (for --calibration "
                    "reference|blend), or examples of your inputs (queries)")  # fmt: skip
-    p.add_argument("--aggregation", choices=("mean", "soft-vote"), default="mean",
-                   help="with --calibration queries: the mean of token z-scores, or soft token "
-                   "votes standardised over the same examples (docs/ROUTING.md)")  # fmt: skip
+    p.add_argument("--aggregation", choices=("mean", "soft-vote"), default=None,
+                   help="the mean of token z-scores, or soft token votes standardised over the "
+                   "--calibration queries examples (docs/ROUTING.md); default: soft-vote with "
+                   "--calibration queries per sequence, mean otherwise")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
     return p
+
+
+def _snake(choice: str | None) -> Any:
+    return None if choice is None else choice.replace("-", "_")
 
 
 def _inputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
@@ -171,7 +176,7 @@ def main(argv: list[str]) -> int:
                               first_pass_dtype=routing_pass_dtype(args.routing_pass,
                                                                   args.device),
                               calibration=args.calibration, reference=args.reference,
-                              aggregation=args.aggregation.replace("-", "_"))  # fmt: skip
+                              aggregation=_snake(args.aggregation))  # fmt: skip
         audit = AuditConfig(expected_root_sha256=args.expect_root_sha256)
     except ConfigError as exc:
         parser.error(str(exc))

@@ -64,11 +64,16 @@ class RouterConfig:
     calibration: Calibration = "own"  # whose statistics z-score the scores (module docstring)
     reference: Path | None = None  # folder of public text files; needed unless calibration="own"
     reference_max_chunks: int = 256  # chunks of REFERENCE_SEQ_LEN tokens read from it at most
-    # per_sequence with calibration "queries": "mean" of token z-scores, or "soft_vote" (soft
-    # token votes standardised over the same pool; seqr.core.model_routing.soft_votes)
-    aggregation: Literal["mean", "soft_vote"] = "mean"
+    # How token z-scores make a sequence's decision: "mean", or "soft_vote" (soft token votes
+    # standardised over the queries' pool; seqr.core.model_routing.soft_votes), which needs
+    # calibration "queries" and per_sequence. None: soft_vote where it can be used (better in
+    # every run measured, docs/RESULTS.md "Soft token votes"), mean elsewhere.
+    aggregation: Literal["mean", "soft_vote"] | None = None
 
     def __post_init__(self) -> None:
+        if self.aggregation is None:
+            soft = self.calibration == "queries" and self.mode == "per_sequence"
+            object.__setattr__(self, "aggregation", "soft_vote" if soft else "mean")
         if self.calibration not in CALIBRATIONS:
             raise ConfigError(
                 f"RouterConfig.calibration = {self.calibration!r} must be one of {CALIBRATIONS}"
@@ -114,5 +119,5 @@ class RouterConfig:
         dtype = self.first_pass_dtype if self.mode == "per_sequence" else None
         return ModelRoutingConfig(
             mode=self.mode, statistics=self.statistics, first_pass_dtype=dtype,
-            aggregation=self.aggregation,  # soft_vote: per_sequence only (checked above)
+            aggregation=self.aggregation or "mean",  # set by __post_init__; soft: checked
         )  # fmt: skip

@@ -1,7 +1,9 @@
 """Routing accuracy split by whether any adapter claims a sequence.
 
-Under query statistics each adapter's decision score is standardised over the traffic
-(seqr.core.model_routing.reference.decision_standardized), so a top decision score below 0
+Under query statistics each adapter's decision score (the mean of its module z-scores, or its
+soft token vote share) is standardised over the traffic
+(seqr.core.model_routing.reference.decision_standardized, soft_votes.vote_statistics), so a
+top decision score below 0
 means no adapter finds the sequence more its own than an average input does. Those rows are
 where the router is least reliable (docs/RESULTS.md, "A third set": routed right about half as
 often as the rest), and `seqr serve` returns the same z-scores per request (its ``seqr``

@@ -19,11 +19,11 @@ from seqr.sim import report_plots as plots
 from seqr.sim.claims import claim_sentence
 
 ACCURACY_ORDER = [
-    "seqr_queries", "seqr_soft_votes", "seqr_queries_per_module", "seqr_blend", "seqr_public",
+    "seqr_soft_votes", "seqr_queries", "seqr_queries_per_module", "seqr_blend", "seqr_public",
     "seqr", "seqr_raw", "spectr", "brute_force", "arrow", "peft_arrow", "random",
 ]  # fmt: skip
 LOSS_ORDER = [
-    "oracle", "seqr_queries", "seqr_soft_votes", "seqr_queries_per_module", "seqr_blend",
+    "oracle", "seqr_soft_votes", "seqr_queries", "seqr_queries_per_module", "seqr_blend",
     "seqr_public", "seqr", "seqr_per_token", "seqr_raw", "arrow", "peft_arrow_per_token",
     "uniform_merge", "random", "base",
 ]  # fmt: skip
@@ -224,9 +224,7 @@ def _accuracy_section(ev: dict[str, Any], drawn: dict) -> list[Block]:
             f"{ev['agreement_seqr_brute_force']:.1%} of test sequences "
             f"({ev['agreement_seqr_brute_force_per_token']:.1%} of tokens) with the adapters' "
             f"own statistics, and {ev['agreement_default_brute_force']:.1%} with {sel}'s"
-            + (f" ({ev['agreement_soft_votes_brute_force']:.1%} with soft token votes)"
-               if "agreement_soft_votes_brute_force" in ev else "")
-            + ": SEQR computes the same norms as brute force, only faster (100% means exact)."
+            ": SEQR computes the same norms as brute force, only faster (100% means exact)."
         )),
         Block("h3", "Confusion matrix"),
         Block("p", "Rows: the true domain; columns: the adapter SEQR chose. Off-diagonal cells "

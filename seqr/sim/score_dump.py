@@ -3,7 +3,9 @@
 A routing variant (another calibration, module weights, a layer subset) changes only how
 these scores are z-scored and combined, so it can be tried offline on the very numbers a
 report came from, in seconds, instead of a new evaluation (docs/RESULTS.md lists variants
-scored this way). ``scores.npz`` holds plain numeric and fixed-width string arrays only:
+scored this way). Soft token votes are not a function of these means; their vote shares under
+the query statistics are kept as they are (``votes``), so the default's decisions are too.
+``scores.npz`` holds plain numeric and fixed-width string arrays only:
 ``np.load(..., allow_pickle=False)`` reads it, so no bytes are ever unpickled.
 """
 
@@ -18,6 +20,7 @@ import torch
 
 from seqr.core.atomic_write import write_atomic
 from seqr.core.errors import DataError
+from seqr.core.model_routing.soft_votes import vote_statistics
 from seqr.sim.eval_scores import HeldOutScores
 
 # Raw per-sequence module scores kept: SEQR's (in the calibration's kind, to be z-scored by
@@ -38,6 +41,7 @@ class ScoreDump:
     chunks: np.ndarray  # (S,) each row's index among its domain's held-out chunks
     raw: dict[str, np.ndarray]  # method -> (S, M, N) token-mean raw score of each module
     calibrations: dict[str, tuple[np.ndarray, np.ndarray]]  # label -> (mean, std), (M, N)
+    votes: np.ndarray | None = None  # (S, N) soft token vote shares (seqr_soft_votes)
 
     def module_scores(self, method: str) -> np.ndarray:
         """(S, M, N) what ``method`` decides on: a calibration label ("seqr", "seqr_queries",
@@ -53,9 +57,13 @@ class ScoreDump:
 
     def decisions(self, method: str) -> np.ndarray:
         """(S,) adapter each row is routed to: all layers, the mean over modules, as the
-        report's methods decide."""
-        from seqr.sim.evaluate import decide  # the report's own rule, not a copy of it
+        report's methods decide; soft votes standardised over the validation rows."""
+        from seqr.sim.evaluate import SOFT_VOTES, decide  # the report's own rules
 
+        if method == SOFT_VOTES and self.votes is not None:
+            votes = torch.from_numpy(self.votes)
+            mean, std = vote_statistics(votes[~torch.from_numpy(self.is_test)])
+            return ((votes - mean) / std).argmax(dim=-1).numpy()
         scores = torch.from_numpy(self.module_scores(method))
         return decide(scores, torch.ones(scores.shape[1], dtype=torch.bool)).numpy()
 
@@ -71,6 +79,7 @@ def save_scores(
     labels: torch.Tensor,
     is_test: torch.Tensor,
     chunks: torch.Tensor,
+    votes: torch.Tensor | None = None,
 ) -> None:
     """Write the dump atomically (a reader sees the old file or the whole new one)."""
     arrays: dict[str, np.ndarray] = {
@@ -87,6 +96,8 @@ def save_scores(
     for label, calibration in scores.calibrations.items():
         arrays[f"mean.{label}"] = calibration.mean.numpy()
         arrays[f"std.{label}"] = calibration.std.numpy()
+    if votes is not None:
+        arrays["votes"] = votes.numpy()
     buffer = io.BytesIO()
     np.savez(buffer, allow_pickle=False, **arrays)
     write_atomic(path, buffer.getvalue())
@@ -120,12 +131,15 @@ def load_scores(path: Path) -> ScoreDump:
             for label in (k.removeprefix("mean.") for k in arrays if k.startswith("mean."))
             if f"std.{label}" in arrays
         },
+        votes=arrays.get("votes"),
     )
     shape = (len(dump.labels), len(dump.module_names), len(dump.adapters))
     wrong = [k for k in _ROW_ARRAYS if getattr(dump, k).shape != shape[:1]]
     wrong += [f"raw.{k}" for k, v in dump.raw.items() if v.shape != shape]
     wrong += [f"mean/std.{k}" for k, (m, s) in dump.calibrations.items()
               if m.shape != shape[1:] or s.shape != shape[1:]]  # fmt: skip
+    if dump.votes is not None and dump.votes.shape != (shape[0], shape[2]):
+        wrong.append("votes")
     if wrong:
         raise DataError(f"{path}: {wrong} do not match {shape} (rows, modules, adapters)")
     return dump
