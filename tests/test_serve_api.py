@@ -270,13 +270,20 @@ def test_query_statistics_take_over_once_the_pool_is_warm(world: ServeWorld) -> 
     try:
         ask = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
         kinds = []
-        for _, text in held_out_prompts():
+        prompts = [text for _, text in held_out_prompts()] * 2
+        for text in prompts:
             out = ask.completions.create(model="auto", prompt=text, max_tokens=1)
             kinds.append(out.model_extra["seqr"]["calibration"])
+        # own statistics for the first 4 prompts, then query statistics with the mean of
+        # z-scores while 4 prompts vote, then soft token votes
         assert kinds[0] == {"kind": "own"} and kinds[-1]["kind"] == "queries"
+        assert [k.get("aggregation") for k in kinds] == [None] * 4 + ["mean"] * 4 + [
+            "soft_vote"
+        ] * (len(prompts) - 8)
         assert kinds[-1]["pool_sequences"] >= 4
         assert metric(srv, "seqr_calibration_queries_in_use") == 1
-        assert metric(srv, "seqr_calibration_pool_prompts") == len(held_out_prompts())
+        assert metric(srv, "seqr_calibration_soft_votes_in_use") == 1
+        assert metric(srv, "seqr_calibration_pool_prompts") == len(prompts)
     finally:
         srv.stop()
 

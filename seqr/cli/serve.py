@@ -88,7 +88,15 @@ def _parser() -> argparse.ArgumentParser:
         "--pool-warm",
         type=int,
         default=pool.warm_sequences,
-        help="routed prompts before query statistics are used",
+        help="routed prompts before query statistics are used (and as many voting prompts "
+        "again before soft token votes decide)",
+    )
+    p.add_argument(
+        "--aggregation",
+        choices=("soft-vote", "mean"),
+        default=pool.aggregation.replace("_", "-"),
+        help="under query statistics: soft token votes standardised over the pool, or the "
+        "mean of token z-scores (docs/ROUTING.md)",
     )
     p.add_argument(
         "--max-batch", type=int, default=engine.max_batch, help="sequences decoded together"
@@ -160,7 +168,9 @@ def main(argv: list[str]) -> int:
             default_max_tokens=min(d.default_max_tokens, room),
             default_chat_max_tokens=min(d.default_chat_max_tokens, room),
         )
-        pool = PoolConfig(warm_sequences=args.pool_warm)
+        pool = PoolConfig(
+            warm_sequences=args.pool_warm, aggregation=args.aggregation.replace("-", "_")
+        )
         config = ServeConfig(
             host=args.host,
             port=args.port,

@@ -46,9 +46,10 @@ def absent_capture(dump: ScoreDump, domain: int, calibration: str) -> float:
 
 
 def pool_replay(dump: ScoreDump, rows: np.ndarray, config: PoolConfig) -> np.ndarray:
-    """The adapter `seqr serve` routes each of ``rows`` (in that order) to: the pool's
-    calibration at that moment (the adapters' own statistics until it is warm), argmax over
-    the routable adapters of the mean module z-score; then the row joins the pool."""
+    """The adapter `seqr serve --aggregation mean` routes each of ``rows`` (in that order)
+    to: the pool's calibration at that moment (the adapters' own statistics until it is
+    warm), argmax over the routable adapters of the mean module z-score; then the row joins
+    the pool. (Soft votes need each token's scores, which a dump does not keep.)"""
     raw = dump.raw["seqr"].astype(np.float64)
     own_mean, own_std = (torch.from_numpy(a.astype(np.float64)) for a in dump.calibrations["seqr"])
     n = len(dump.adapters)

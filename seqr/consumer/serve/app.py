@@ -297,6 +297,7 @@ def create_app(state: ServeState) -> FastAPI:
             state.metrics.pool_prompts.set(len(state.pool))
         calibration = state.engine.calibration_for(state.live.current)
         state.metrics.queries_in_use.set(1 if calibration.kind == "queries" else 0)
+        state.metrics.soft_votes_in_use.set(1 if calibration.votes is not None else 0)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)

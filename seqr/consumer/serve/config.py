@@ -13,6 +13,7 @@ from typing import Literal, get_args
 from seqr.core.device import check_device
 from seqr.core.errors import ConfigError
 from seqr.core.model_routing.config import FIRST_PASS_DTYPES
+from seqr.core.model_routing.soft_votes import SOFT_VOTE_TEMPERATURE
 
 Calibration = Literal["queries", "own"]
 CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
@@ -76,6 +77,10 @@ class PoolConfig:
     warm_sequences: int = 64  # pooled prompts scoring an adapter before its moments are used
     warm_adapters: int = 2  # distinct routed adapters the pool must hold before it is used
     refresh_every: int = 16  # prompts between recomputations of the moments
+    # How token z-scores under query statistics decide: soft token votes once the pool holds
+    # their statistics ("soft_vote", better in every run measured: docs/RESULTS.md), or "mean"
+    aggregation: Literal["mean", "soft_vote"] = "soft_vote"
+    vote_temperature: float = SOFT_VOTE_TEMPERATURE  # soft_votes.py, z-score units
 
     def __post_init__(self) -> None:
         _check_ints(
@@ -96,6 +101,13 @@ class PoolConfig:
             or not 0 < share <= 1
         ):
             raise ConfigError(f"PoolConfig.max_share = {share!r} must be a number in (0, 1]")
+        if self.aggregation not in ("mean", "soft_vote"):
+            raise ConfigError(
+                f"PoolConfig.aggregation = {self.aggregation!r} must be mean or soft_vote"
+            )
+        heat = self.vote_temperature
+        if isinstance(heat, bool) or not isinstance(heat, (int, float)) or not 0 < heat < 1e6:
+            raise ConfigError(f"PoolConfig.vote_temperature = {heat!r} must be a number > 0")
         if self.warm_sequences > self.capacity:
             raise ConfigError(
                 f"PoolConfig.warm_sequences = {self.warm_sequences} is over capacity = "

@@ -6,8 +6,9 @@ it: HTTP 429). Between two decoding steps the engine takes as many waiting jobs 
 room for and, per version:
 
 1. routes the ``auto`` ones: one routing pass over their prompts (scoring.py) z-scored with the
-   calibration in use (the adapters' own statistics, or query statistics: pool.py), then adds
-   each routed prompt's raw scores to the pool;
+   calibration in use (the adapters' own statistics, or query statistics: pool.py; with them
+   soft token votes once the pool has their statistics), then adds each routed prompt's raw
+   scores and votes to the pool;
 2. prefills them with their adapters (peft ``adapter_names``), samples each first token and
    merges their KV cache into the version's running batch (batch.py).
 
@@ -244,8 +245,13 @@ class Engine:
             ids, mask = _left_pad(
                 [list(p) for p in auto], self.tokenizer.pad_token_id, self.config.device
             )
-            raw = sequence_scores(version.first_pass, ids, mask)
-            decision = decide(raw, calibration)
+            if self.pool is None:
+                scored = sequence_scores(version.first_pass, ids, mask)
+            else:  # soft token votes under query statistics (pool.py)
+                scored = sequence_scores(version.first_pass, ids, mask,
+                                         self.pool.votes_under(calibration),
+                                         self.pool.config.vote_temperature)  # fmt: skip
+            decision = decide(scored, calibration)
             routable = calibration.routable.tolist()
             for row, key in enumerate(auto):
                 best, runner = decision.indices[row], decision.runner_up[row]
@@ -273,7 +279,9 @@ class Engine:
                 if self.metrics is not None:
                     self.metrics.routed(version.names[best])
                 if self.pool is not None:
-                    self.pool.add(version.shas, version.modules, version.shas[best], raw[row])
+                    votes = None if scored.votes is None else scored.votes[row]
+                    self.pool.add(version.shas, version.modules, version.shas[best],
+                                  scored.raw[row], votes, calibration.routable)  # fmt: skip
         out: list[tuple[int | None, Route]] = []
         for job in jobs:
             index: int | None

@@ -86,6 +86,11 @@ class ServeMetrics:
             "1 when routing z-scores with query statistics, 0 with the adapters' own",
             registry=r,
         )
+        self.soft_votes_in_use = Gauge(
+            "seqr_calibration_soft_votes_in_use",
+            "1 when soft token votes decide (query statistics with vote statistics), else 0",
+            registry=r,
+        )
         for outcome in ("loaded", "unchanged", "failed"):
             self.reloads.labels(outcome)
         self._steps: deque[tuple[float, int]] = deque()

@@ -31,11 +31,12 @@ _JS = """
 const ids = JSON.parse(document.getElementById('adapter-ids').textContent);
 const shown = Number(document.body.dataset.version);
 function put(id, text) { document.getElementById(id).textContent = text; }
+function kind(c) { return c.kind + (c.aggregation === 'soft_vote' ? ', soft votes' : ''); }
 async function refresh() {
   try {
     const r = await fetch('/api/status'); const s = await r.json();
     ids.forEach((id, i) => put('count-' + i, String(s.routed[id] || 0)));
-    put('pool', String(s.pool_prompts)); put('calibration', s.calibration.kind);
+    put('pool', String(s.pool_prompts)); put('calibration', kind(s.calibration));
     put('queue', s.waiting + ' waiting, ' + s.running + ' generating');
     if (s.registry_version !== shown)
       put('stale', 'The server now serves version ' + s.registry_version + '; reload the page.');
@@ -53,7 +54,7 @@ document.getElementById('send').addEventListener('click', async () => {
     put('routed-adapter', d.seqr.adapter);
     const margin = d.seqr.margin === null ? 'only choice' :
       'margin ' + d.seqr.margin.toFixed(3) + ' z over ' + d.seqr.runner_up;
-    put('why', margin + ' (calibration: ' + d.seqr.calibration.kind + ')');
+    put('why', margin + ' (calibration: ' + kind(d.seqr.calibration) + ')');
     put('continuation', d.choices[0].text);
   } catch (e) { put('routed-adapter', 'error'); put('continuation', String(e)); }
   refresh();
@@ -128,8 +129,8 @@ expires {_e(r.expires.isoformat())}</td></tr>
 in {version.build_seconds:.2f} s</td></tr>
 <tr><th>last reload</th><td><span class="{reload_class}">{_e(reload.outcome)}</span>
 {_e(reload.at.isoformat())}: {_e(reload.message)}</td></tr>
-<tr><th>calibration</th><td><span id="calibration">{_e(calibration.kind)}</span>; served prompts
-in the query pool: <span id="pool">{_e(pool_prompts)}</span></td></tr>
+<tr><th>calibration</th><td><span id="calibration">{_e(_calibration_label(calibration))}</span>;
+served prompts in the query pool: <span id="pool">{_e(pool_prompts)}</span></td></tr>
 <tr><th>engine</th><td id="queue"></td></tr>
 </table>
 <h2>Adapters</h2>
@@ -149,3 +150,8 @@ in the query pool: <span id="pool">{_e(pool_prompts)}</span></td></tr>
 </body></html>
 """
     return body, nonce
+
+
+def _calibration_label(calibration: Calibration) -> str:
+    """As the page's script writes it (kind())."""
+    return calibration.kind + (", soft votes" if calibration.votes is not None else "")

@@ -12,6 +12,12 @@ token mean: (mean_t g_t - mu) / sigma. The decision is then the mean over module
 module) pair), for whichever (mu, sigma) are in use: the adapters' own signed statistics, or
 query statistics the server measures on its own traffic (pool.py). Keeping ``raw`` also gives
 the pool its sample without a second pass.
+
+Under query statistics the same pass also takes each prompt's soft token votes
+(seqr.core.model_routing.soft_votes: softmax over the routable adapters of each token's mean
+module z-score, averaged over tokens), which are not a function of ``raw``: they need the
+statistics before the pass. Once the pool holds enough of them, the decision is each adapter's
+vote share standardised over the pool (RoutedModel's ``aggregation="soft_vote"``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 
 from seqr.core.errors import ShapeError, ValueCheckError
 from seqr.core.model_routing.modules import RoutedModule
+from seqr.core.model_routing.soft_votes import SOFT_VOTE_TEMPERATURE, soft_votes
 from seqr.core.routing import SeqrRouter
 from seqr.core.routing.gain import input_energy
 from seqr.core.stats import NormStatistics
@@ -43,12 +50,20 @@ class Calibration:
     routable: torch.Tensor  # (N,) bool: adapters "auto" may choose (pool.py: pending ones not)
     pool_sequences: int = 0  # prompts whose scores made these statistics (queries)
     pending: tuple[str, ...] = field(default=())  # adapters still waiting for their statistics
+    # Soft token votes (queries only, once the pool holds enough votes): each adapter's (mean,
+    # std) vote share over the pool, (N,) float64 each; None: the mean of z-scores decides.
+    votes: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def aggregation(self) -> str:
+        return "mean" if self.votes is None else "soft_vote"
 
     def describe(self) -> dict[str, Any]:
         """What a response says about the calibration (never the statistics themselves)."""
         out: dict[str, Any] = {"kind": self.kind}
         if self.kind == "queries":
             out["pool_sequences"] = self.pool_sequences
+            out["aggregation"] = self.aggregation
         if self.pending:
             out["pending_adapters"] = list(self.pending)
         return out
@@ -59,7 +74,9 @@ class Decision:
     """One adapter per sequence and the evidence for it."""
 
     indices: list[int]  # the chosen adapter per sequence
-    scores: torch.Tensor  # (B, N) float64: mean z-score over the prompt's tokens and modules
+    # (B, N) float64: mean z-score over the prompt's tokens and modules, or the standardised
+    # soft token vote share (Calibration.votes)
+    scores: torch.Tensor
     margin: list[float | None]  # chosen minus runner-up (None: nothing else could be chosen)
     runner_up: list[int | None]
 
@@ -79,19 +96,36 @@ def own_calibration(stats: list[NormStatistics], modules: list[str]) -> Calibrat
     return Calibration("own", mean, std, torch.ones(len(stats), dtype=torch.bool))
 
 
+@dataclass(frozen=True)
+class PromptScores:
+    """What one routing pass measured of each prompt."""
+
+    raw: torch.Tensor  # (B, M, N) float64 token-mean raw score per module: the pool's sample
+    votes: torch.Tensor | None = None  # (B, N) soft token vote shares (votes_under), or None
+
+
 def module_names(modules: list[RoutedModule]) -> tuple[str, ...]:
     return tuple(m.name for m in modules)
 
 
 @torch.no_grad()
-def sequence_scores(first_pass: FirstPass, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, M, N) float64: each sequence's mean raw score per module over the tokens the token
-    rule measures (seqr.core.measurement, as RoutedModel and every statistic count them)."""
+def sequence_scores(
+    first_pass: FirstPass,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    votes_under: Calibration | None = None,
+    temperature: float = SOFT_VOTE_TEMPERATURE,
+) -> PromptScores:
+    """Each sequence's mean raw score per module over the tokens the token rule measures
+    (seqr.core.measurement, as RoutedModel and every statistic count them); with
+    ``votes_under``, also its soft token votes over that calibration's routable adapters."""
     run, modules = first_pass
     for module in modules:
         if not isinstance(module.router, SeqrRouter):
             raise ShapeError(f"module {module.name} is not routed by SEQR")
     out = torch.zeros(ids.shape[0], len(modules), len(modules[0].router), dtype=torch.float64)
+    # Soft votes: per token, "z" the sum of the measuring modules' z-scores, "n" their count.
+    per_token: dict[str, torch.Tensor] = {}
 
     def hook_for(index: int, module: RoutedModule) -> Any:
         router: SeqrRouter = module.router  # type: ignore[assignment]
@@ -104,8 +138,14 @@ def sequence_scores(first_pass: FirstPass, ids: torch.Tensor, mask: torch.Tensor
                 h = h / input_energy(h)
             norms = router.norms_from_projection(h.reshape(-1, h.shape[-1]))
             norms = norms.reshape(*x.shape[:-1], -1).double()  # (B, T, N)
-            kept = torch.where(keep, norms, torch.zeros((), dtype=norms.dtype)).sum(dim=1)
+            zero = torch.zeros((), dtype=norms.dtype, device=norms.device)
+            kept = torch.where(keep, norms, zero).sum(dim=1)
             out[:, index] = (kept / keep.sum(dim=1).clamp_min(1)).cpu()
+            if votes_under is not None:
+                mean = votes_under.mean[index].to(norms)
+                z = torch.where(keep, (norms - mean) / votes_under.std[index].to(norms), zero)
+                for key, part in (("z", z), ("n", keep.squeeze(-1).double())):
+                    per_token[key] = per_token[key] + part if key in per_token else part
 
         return hook
 
@@ -118,17 +158,33 @@ def sequence_scores(first_pass: FirstPass, ids: torch.Tensor, mask: torch.Tensor
     finally:
         for handle in handles:
             handle.remove()
-    return out
+    if votes_under is None or not per_token:
+        return PromptScores(out)
+    counts = per_token["n"].cpu()
+    decisions = (per_token["z"].cpu() / counts.clamp_min(1).unsqueeze(-1)).masked_fill(
+        ~votes_under.routable,
+        float("-inf"),  # pending adapters get no share of any token
+    )
+    return PromptScores(out, soft_votes(decisions, counts > 0, temperature))
 
 
-def decide(raw: torch.Tensor, calibration: Calibration) -> Decision:
-    """SEQR per sequence: argmax over routable adapters of mean_m (raw - mu) / sigma."""
+def decide(scored: PromptScores, calibration: Calibration) -> Decision:
+    """SEQR per sequence: argmax over routable adapters of mean_m (raw - mu) / sigma, or of
+    the standardised soft token vote share when the calibration has vote statistics."""
+    raw = scored.raw
     if raw.shape[1:] != calibration.mean.shape:
         raise ShapeError(
             f"scores of shape {tuple(raw.shape[1:])} do not fit statistics of shape "
             f"{tuple(calibration.mean.shape)}"
         )
-    scores = ((raw - calibration.mean) / calibration.std).mean(dim=1)  # (B, N)
+    if calibration.votes is None:
+        scores = ((raw - calibration.mean) / calibration.std).mean(dim=1)  # (B, N)
+    elif scored.votes is None:
+        raise ShapeError("soft-vote statistics need the prompts' votes (sequence_scores "
+                         "with votes_under=the calibration)")  # fmt: skip
+    else:
+        mean, std = calibration.votes
+        scores = (scored.votes - mean) / std
     masked = scores.masked_fill(~calibration.routable, float("-inf"))
     indices, margins, runners = [], [], []
     for row in masked:
