@@ -17,6 +17,7 @@ from _serve_world import ServeWorld, serve_world
 
 from seqr.consumer.router import RouterConfig
 from seqr.consumer.serve.config import PoolConfig
+from seqr.consumer.serve.engine import route_prompts
 from seqr.consumer.serve.live import build_version
 from seqr.consumer.serve.pool import QueryPool, capped_shares
 from seqr.consumer.serve.scoring import PromptScores, decide, sequence_scores
@@ -252,15 +253,9 @@ def test_seqr_equals_brute_force_under_query_statistics(version: Any) -> None:
     pool = QueryPool(PoolConfig(warm_sequences=6, refresh_every=1))
     texts = [domain_text(d, 1, seed) for seed in (3, 4, 5) for d in ("code", "digits", "upper")]
     own = version.own
-    for text in texts:  # route each prompt, then pool its raw scores (what the engine does)
+    for text in texts:  # route each prompt, then pool its scores (the engine's step)
         ids = torch.tensor([base_tokenizer(text)["input_ids"]])
-        in_use = pool.calibration(version.shas, version.names, version.modules, own)
-        scored = sequence_scores(version.first_pass, ids, torch.ones_like(ids),
-                                 pool.votes_under(in_use))  # fmt: skip
-        chosen = decide(scored, in_use)
-        votes = None if scored.votes is None else scored.votes[0]
-        pool.add(version.shas, version.modules, version.shas[chosen.indices[0]], scored.raw[0],
-                 votes, in_use.routable)  # fmt: skip
+        route_prompts(version, pool, ids, torch.ones_like(ids))
     calibration = pool.calibration(version.shas, version.names, version.modules, own)
     assert calibration.kind == "queries"
     assert not torch.allclose(calibration.mean, own.mean)  # other statistics than the own ones

@@ -14,6 +14,7 @@ from seqr.core.errors import ConfigError, DataError
 from seqr.registry.audit import audit_registry
 from seqr.sim.scale import main as scale_main
 from seqr.sim.score_dump import load_scores
+from seqr.sim.serve_replay import main as replay_main
 from seqr.sim.simulate import SimulateConfig, main, pick_domains, validate_domains
 
 DOMAINS = {"d0": ("bisect.py", "heapq.py"), "d1": ("textwrap.py",), "d2": ("colorsys.py",)}
@@ -62,6 +63,16 @@ def test_simulation_over_two_seeds_reports_progress_failures_and_mean_and_spread
         assert "Clients and admission" in html and "data:image/png;base64," in html
     summary = json.loads((out / "report.json").read_text())
     assert summary["seeds"] == 2 and summary["accuracy"]["seqr"]["n"] == 2
+    # The run's held-out rows through `seqr serve`'s own routing step, as a stream: own
+    # statistics (16 prompts), then the mean under query statistics (16), then soft votes.
+    assert replay_main([str(out / "seed-0"), "--pool-warm", "4"]) == 0
+    replayed = json.loads((out / "seed-0" / "serve_replay.json").read_text())
+    evaluated = json.loads((out / "seed-0" / "report.json").read_text())["evaluation"]
+    rows = evaluated["test_sequences"] + evaluated["validation_sequences"]  # every held-out row
+    assert replayed["rows"] == rows > 32
+    assert replayed["soft_vote"]["second_half_decided_by"]["soft_vote"] == rows - 32
+    assert replayed["mean"]["second_half_decided_by"] == {"mean": rows - rows // 2}
+    assert 0 <= replayed["mcnemar_soft_vote_vs_mean"]["p_value"] <= 1
     assert (out / "report.html").stat().st_size > 1000
     assert (out / "accuracy_over_seeds.png").stat().st_size > 5_000
     # A second run into the same folder never overwrites a registry (nor anything else, its

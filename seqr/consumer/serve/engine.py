@@ -36,11 +36,30 @@ from seqr.consumer.serve.config import EngineConfig
 from seqr.consumer.serve.live import ServedVersion
 from seqr.consumer.serve.pool import QueryPool
 from seqr.consumer.serve.sampling import Sampler, SamplingParams, TextStream
-from seqr.consumer.serve.scoring import Calibration, decide, sequence_scores
+from seqr.consumer.serve.scoring import Calibration, Decision, decide, sequence_scores
 from seqr.core.errors import SeqrError
 
 log = logging.getLogger("seqr.serve")
 Event = tuple[Any, ...]
+
+
+def route_prompts(
+    version: ServedVersion, pool: QueryPool | None, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[Calibration, Decision]:
+    """Step 1 of the module docstring for one batch of prompts: the calibration in use, one
+    routing pass (with soft token votes under query statistics, pool.py), the decisions;
+    each routed prompt then joins the pool."""
+    if pool is None:
+        return version.own, decide(sequence_scores(version.first_pass, ids, mask), version.own)
+    calibration = pool.calibration(version.shas, version.names, version.modules, version.own)
+    scored = sequence_scores(version.first_pass, ids, mask, pool.votes_under(calibration),
+                             pool.config.vote_temperature)  # fmt: skip
+    decision = decide(scored, calibration)
+    for row, best in enumerate(decision.indices):
+        votes = None if scored.votes is None else scored.votes[row]
+        pool.add(version.shas, version.modules, version.shas[best], scored.raw[row], votes,
+                 calibration.routable)  # fmt: skip
+    return calibration, decision
 
 
 class QueueFull(SeqrError):
@@ -54,9 +73,10 @@ class Route:
     adapter: str | None  # model id of the adapter; None: the base model
     adapter_sha256: str | None
     routed: bool  # chosen by SEQR ("auto") rather than named
-    margin: float | None  # z-score of the choice minus the runner-up's
+    margin: float | None  # score of the choice minus the runner-up's
     runner_up: str | None
-    scores: dict[str, float] | None  # mean z-score per routable adapter
+    # per routable adapter: mean z-score, or standardised soft vote share (scoring.Decision)
+    scores: dict[str, float] | None
     calibration: dict[str, Any] | None
     registry_version: int
     prompt_tokens: int
@@ -241,17 +261,10 @@ class Engine:
         auto = list({tuple(j.route_on): None for j in jobs if j.route_on is not None})
         decided: dict[tuple[int, ...], tuple[int, Route]] = {}
         if auto:
-            calibration = self.calibration_for(version)
             ids, mask = _left_pad(
                 [list(p) for p in auto], self.tokenizer.pad_token_id, self.config.device
             )
-            if self.pool is None:
-                scored = sequence_scores(version.first_pass, ids, mask)
-            else:  # soft token votes under query statistics (pool.py)
-                scored = sequence_scores(version.first_pass, ids, mask,
-                                         self.pool.votes_under(calibration),
-                                         self.pool.config.vote_temperature)  # fmt: skip
-            decision = decide(scored, calibration)
+            calibration, decision = route_prompts(version, self.pool, ids, mask)
             routable = calibration.routable.tolist()
             for row, key in enumerate(auto):
                 best, runner = decision.indices[row], decision.runner_up[row]
@@ -278,10 +291,6 @@ class Engine:
                     self._routed[version.names[best]] += 1
                 if self.metrics is not None:
                     self.metrics.routed(version.names[best])
-                if self.pool is not None:
-                    votes = None if scored.votes is None else scored.votes[row]
-                    self.pool.add(version.shas, version.modules, version.shas[best],
-                                  scored.raw[row], votes, calibration.routable)  # fmt: skip
         out: list[tuple[int | None, Route]] = []
         for job in jobs:
             index: int | None
