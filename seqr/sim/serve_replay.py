@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -68,9 +69,7 @@ def summarise(replays: dict[str, Replay], labels: np.ndarray) -> dict[str, Any]:
             "accuracy": float(correct.mean()),
             "second_half_accuracy": float(correct[half:].mean()),
             "second_half_ci95": [low, high],
-            "second_half_decided_by": {
-                how: run.decided_by[half:].count(how) for how in sorted(set(run.decided_by))
-            },
+            "second_half_decided_by": dict(sorted(Counter(run.decided_by[half:]).items())),
         }
     if set(AGGREGATIONS) <= set(right):
         out["mcnemar_soft_vote_vs_mean"] = vars(mcnemar_exact(right["soft_vote"], right["mean"]))
