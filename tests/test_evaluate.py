@@ -328,3 +328,16 @@ def test_a_score_dump_with_mismatched_shapes_is_refused(tmp_path):
                 "std.seqr": np.ones((1, 2))})  # fmt: skip
     with pytest.raises(DataError, match=r"raw\.seqr.*do not match \(4, 1, 2\)"):
         load_scores(path)
+
+
+def test_a_score_dump_without_votes_says_how_to_get_the_defaults_decisions(tmp_path):
+    path = tmp_path / "scores.npz"
+    rows = np.array([0, 1, 0, 1])
+    np.savez(path, adapters=np.array(["a", "b"]), module_names=np.array(["m"]),
+             module_layers=np.zeros(1), labels=rows, is_test=rows.astype(bool), chunks=rows,
+             **{"raw.seqr": np.zeros((4, 1, 2)), "mean.seqr": np.zeros((1, 2)),
+                "std.seqr": np.ones((1, 2))})  # fmt: skip
+    dump = load_scores(path)  # written before the votes were kept: the rest still reads
+    assert dump.votes is None and dump.decisions("seqr").tolist() == [0, 0, 0, 0]
+    with pytest.raises(DataError, match="no soft token votes.*--dump-scores"):
+        dump.decisions(DEFAULT_METHOD)

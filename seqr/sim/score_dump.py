@@ -60,7 +60,12 @@ class ScoreDump:
         report's methods decide; soft votes standardised over the validation rows."""
         from seqr.sim.evaluate import SOFT_VOTES, decide  # the report's own rules
 
-        if method == SOFT_VOTES and self.votes is not None:
+        if method == SOFT_VOTES:
+            if self.votes is None:
+                raise DataError(
+                    "this dump has no soft token votes (written before they were kept): "
+                    "write it again with --evaluate-only --dump-scores"
+                )
             votes = torch.from_numpy(self.votes)
             mean, std = vote_statistics(votes[~torch.from_numpy(self.is_test)])
             return ((votes - mean) / std).argmax(dim=-1).numpy()
