@@ -66,8 +66,8 @@ class RouterConfig:
     reference_max_chunks: int = 256  # chunks of REFERENCE_SEQ_LEN tokens read from it at most
     # How token z-scores make a sequence's decision: "mean", or "soft_vote" (soft token votes
     # standardised over the queries' pool; seqr.core.model_routing.soft_votes), which needs
-    # calibration "queries" and per_sequence. None: soft_vote where it can be used (better in
-    # every run measured, docs/RESULTS.md "Soft token votes"), mean elsewhere.
+    # calibration "queries" and per_sequence. None: soft_vote where it can be used (ahead of
+    # the mean or level in every run measured, docs/RESULTS.md "Soft token votes"), else mean.
     aggregation: Literal["mean", "soft_vote"] | None = None
 
     def __post_init__(self) -> None:

@@ -52,8 +52,9 @@ LAYER_SUBSETS = {"all layers": 0.0, "upper half": 0.5, "upper third": 2 / 3}
 # The default routing settings, fixed once (issue 19: re-choosing them per run on a small
 # validation split picks noise). Query statistics are what `seqr serve` uses and the one
 # calibration no adapter author can steer (docs/RESULTS.md, bench hijack); soft token votes
-# under them beat the mean of token z-scores in every run measured (docs/RESULTS.md, "Soft
-# token votes"); subsets of layers were not better than all layers on the ten domains.
+# under them were ahead of the mean of token z-scores in five of six runs and level in the
+# sixth (docs/RESULTS.md, "Soft token votes"); subsets of layers were not better than all
+# layers on the ten domains.
 DEFAULT_CALIBRATION = "seqr_queries"
 DEFAULT_METHOD = SOFT_VOTES  # query statistics (DEFAULT_CALIBRATION), soft token votes
 DEFAULT_LAYERS = "all layers"

@@ -78,7 +78,8 @@ class PoolConfig:
     warm_adapters: int = 2  # distinct routed adapters the pool must hold before it is used
     refresh_every: int = 16  # prompts between recomputations of the moments
     # How token z-scores under query statistics decide: soft token votes once the pool holds
-    # their statistics ("soft_vote", better in every run measured: docs/RESULTS.md), or "mean"
+    # their statistics ("soft_vote", never behind the mean significantly: docs/RESULTS.md), or
+    # "mean"
     aggregation: Literal["mean", "soft_vote"] = "soft_vote"
     vote_temperature: float = SOFT_VOTE_TEMPERATURE  # soft_votes.py, z-score units
 
