@@ -33,8 +33,8 @@ import torch
 from seqr import ArrowRouter, BruteForceRouter
 from seqr.core.errors import ValueCheckError
 from seqr.core.model_routing import RoutedModule, blend_statistics, build_routed_modules
-from seqr.core.model_routing.collect import ScoreSums
 from seqr.core.model_routing.reference import decision_standardized
+from seqr.core.model_routing.soft_votes import TokenDecisions
 from seqr.core.routing.gain import input_energy
 from seqr.core.stats import NormStatistics, RunningMoments, ScoreKind
 from seqr.sim.lm_loss import BASE, causal_lm_losses, hidden_states, merged_adapter
@@ -149,7 +149,7 @@ def score_heldout(
     phase = "reference"
     ref_moments = {n: RunningMoments(len(adapters)) for n in names}
     current: dict[str, dict[str, torch.Tensor]] = {}  # method -> module -> (B, T, N)
-    vote_sums: dict[str, ScoreSums] = {}  # test rows: "seqr", "brute_force" -> this batch's
+    vote_sums: dict[str, TokenDecisions] = {}  # test rows: "seqr", "brute_force" -> this batch's
     measured: dict[str, torch.Tensor] = {}  # module -> (B, T) bool: the token rule's tokens
     token_parts: dict[str, dict[str, torch.Tensor]] = {}  # label -> module -> (B, T, N)
 
@@ -213,8 +213,8 @@ def score_heldout(
                     queries = calibrations["seqr_queries"]
                     q_mean, q_std = queries.mean[index].float(), queries.std[index].float()
                     seqr_z = (raw.reshape(*shape, -1) - q_mean) / q_std
-                    vote_sums["seqr"].add(module.name, seqr_z, keep)
-                    vote_sums["brute_force"].add(module.name, (brute - q_mean) / q_std, keep)
+                    vote_sums["seqr"].add(seqr_z, keep)
+                    vote_sums["brute_force"].add((brute - q_mean) / q_std, keep)
                 for method in [*others, *extra]:
                     if method != "brute_force":
                         add_token(method, module.name, current[method][module.name])
@@ -238,7 +238,7 @@ def score_heldout(
             measured.clear()
             token_parts.clear()
             if phase == "test" and soft_vote_temperature is not None:
-                vote_sums.update({m: ScoreSums(per_token=True) for m in ("seqr", "brute_force")})
+                vote_sums.update({m: TokenDecisions() for m in ("seqr", "brute_force")})
             # On test rows the base model's held-out loss comes from this same forward
             # instead of a pass of its own (the same call as seqr/sim/eval_losses.py makes,
             # so the same numbers); other rows need no output head.
@@ -256,7 +256,7 @@ def score_heldout(
                     module_means.setdefault(method, []).append(kept.sum(dim=2) / count)
             for method, sums in vote_sums.items():
                 assert soft_vote_temperature is not None
-                test_votes.setdefault(method, []).append(sums.token_votes(soft_vote_temperature))
+                test_votes.setdefault(method, []).append(sums.votes(soft_vote_temperature))
             for label, parts in token_parts.items():
                 stacked = torch.stack([parts[n] for n in names], dim=1)  # (B, M, T, N)
                 token_means.setdefault(label, []).append(stacked.mean(dim=1))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from seqr.core.model_routing import build_routed_modules
-from seqr.core.model_routing.collect import ScoreSums
+from seqr.core.model_routing.soft_votes import TokenDecisions
 from seqr.core.stats import ScoreKind
 from seqr.sim.eval_scores import Calibration
 from seqr.sim.lm_loss import BASE, hidden_states, merged_adapter
@@ -33,7 +33,7 @@ def pool_votes(
 ) -> torch.Tensor:
     """(S, N) vote shares of batches of token ids (no padding) under ``calibration``."""
     modules = build_routed_modules(peft_model, adapters, score=score)
-    holder = [ScoreSums(per_token=True)]  # the current batch's sums, read by every hook
+    holder = [TokenDecisions()]  # the current batch's, read by every hook
 
     def hook_for(index: int, module: Any) -> Any:
         mean, std = calibration.mean[index].float(), calibration.std[index].float()
@@ -44,7 +44,7 @@ def pool_votes(
             h = module.project(flat)
             keep = module.measured(x, h.reshape(*x.shape[:-1], -1), None)
             raw = module.scores(flat, h).float()  # the one measurement, raw (no statistics)
-            holder[0].add(module.name, ((raw - mean) / std).reshape(*x.shape[:-1], -1), keep)
+            holder[0].add(((raw - mean) / std).reshape(*x.shape[:-1], -1), keep)
 
         return hook
 
@@ -56,9 +56,9 @@ def pool_votes(
     try:
         with merged_adapter(peft_model, BASE):
             for input_ids in batches:
-                holder[0] = ScoreSums(per_token=True)
+                holder[0] = TokenDecisions()
                 hidden_states(peft_model, input_ids)
-                out.append(holder[0].token_votes(temperature))
+                out.append(holder[0].votes(temperature))
                 if progress is not None:
                     progress(int(input_ids.shape[0]))
     finally:

@@ -46,6 +46,7 @@ from seqr.consumer.serve.config import PoolConfig
 from seqr.consumer.serve.scoring import Calibration
 from seqr.core.errors import ShapeError
 from seqr.core.model_routing.reference import decision_standardized
+from seqr.core.model_routing.soft_votes import vote_statistics
 
 
 @dataclass(frozen=True)
@@ -211,9 +212,8 @@ class QueryPool:
         shas: tuple[str, ...],
         routable: tuple[bool, ...],
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Each adapter's weighted (mean, std) vote share over the prompts that voted over
-        these adapters (soft_votes.vote_statistics, with the pool's weights); None until
-        warm_sequences of them exist."""
+        """Each adapter's (mean, std) vote share over the prompts that voted over these
+        adapters, with the pool's weights; None until warm_sequences of them exist."""
         voted = [
             e for e in entries if e.votes is not None and (e.shas, e.voted_over) == (shas, routable)
         ]
@@ -221,9 +221,7 @@ class QueryPool:
             return None
         values = np.stack([e.votes for e in voted if e.votes is not None])  # (n, N)
         weights = self._weights(voted, serial)
-        mu = weights @ values
-        sigma = np.maximum(np.sqrt(weights @ (values - mu) ** 2), 1e-12)  # as vote_statistics
-        return torch.from_numpy(mu), torch.from_numpy(sigma)
+        return vote_statistics(torch.from_numpy(values), torch.from_numpy(weights))
 
     def snapshot(self) -> dict[str, Any]:
         """Counts only (for /metrics and the page): prompts held, routed groups."""

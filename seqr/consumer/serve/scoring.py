@@ -30,7 +30,7 @@ import torch
 
 from seqr.core.errors import ShapeError, ValueCheckError
 from seqr.core.model_routing.modules import RoutedModule
-from seqr.core.model_routing.soft_votes import SOFT_VOTE_TEMPERATURE, soft_votes
+from seqr.core.model_routing.soft_votes import SOFT_VOTE_TEMPERATURE, TokenDecisions
 from seqr.core.routing import SeqrRouter
 from seqr.core.routing.gain import input_energy
 from seqr.core.stats import NormStatistics
@@ -124,8 +124,7 @@ def sequence_scores(
         if not isinstance(module.router, SeqrRouter):
             raise ShapeError(f"module {module.name} is not routed by SEQR")
     out = torch.zeros(ids.shape[0], len(modules), len(modules[0].router), dtype=torch.float64)
-    # Soft votes: per token, "z" the sum of the measuring modules' z-scores, "n" their count.
-    per_token: dict[str, torch.Tensor] = {}
+    tokens = TokenDecisions()  # soft votes: each token's z-scores under votes_under
 
     def hook_for(index: int, module: RoutedModule) -> Any:
         router: SeqrRouter = module.router  # type: ignore[assignment]
@@ -138,14 +137,11 @@ def sequence_scores(
                 h = h / input_energy(h)
             norms = router.norms_from_projection(h.reshape(-1, h.shape[-1]))
             norms = norms.reshape(*x.shape[:-1], -1).double()  # (B, T, N)
-            zero = torch.zeros((), dtype=norms.dtype, device=norms.device)
-            kept = torch.where(keep, norms, zero).sum(dim=1)
+            kept = torch.where(keep, norms, torch.zeros((), dtype=norms.dtype)).sum(dim=1)
             out[:, index] = (kept / keep.sum(dim=1).clamp_min(1)).cpu()
             if votes_under is not None:
                 mean = votes_under.mean[index].to(norms)
-                z = torch.where(keep, (norms - mean) / votes_under.std[index].to(norms), zero)
-                for key, part in (("z", z), ("n", keep.squeeze(-1).double())):
-                    per_token[key] = per_token[key] + part if key in per_token else part
+                tokens.add((norms - mean) / votes_under.std[index].to(norms), keep.squeeze(-1))
 
         return hook
 
@@ -158,14 +154,10 @@ def sequence_scores(
     finally:
         for handle in handles:
             handle.remove()
-    if votes_under is None or not per_token:
+    if votes_under is None:
         return PromptScores(out)
-    counts = per_token["n"].cpu()
-    decisions = (per_token["z"].cpu() / counts.clamp_min(1).unsqueeze(-1)).masked_fill(
-        ~votes_under.routable,
-        float("-inf"),  # pending adapters get no share of any token
-    )
-    return PromptScores(out, soft_votes(decisions, counts > 0, temperature))
+    # pending adapters (not routable) get no share of any token
+    return PromptScores(out, tokens.votes(temperature, votes_under.routable).cpu())
 
 
 def decide(scored: PromptScores, calibration: Calibration) -> Decision:

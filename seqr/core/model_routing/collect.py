@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from seqr.core.errors import ConfigError, ShapeError
+from seqr.core.errors import ConfigError
 from seqr.core.model_routing.config import ModelRoutingConfig
 from seqr.core.model_routing.modules import RoutedModule
 from seqr.core.model_routing.per_token import ModuleRecord
-from seqr.core.model_routing.soft_votes import soft_votes
+from seqr.core.model_routing.soft_votes import TokenDecisions
 
 
 @dataclass
@@ -34,10 +34,9 @@ class ScoreSums:
     modules_seen: list[str] = field(default_factory=list)
     records: dict[str, ModuleRecord] = field(default_factory=dict)
     # Soft votes need each token's decision (the mean over the modules measuring it), kept
-    # only when asked: (B, T, N) sum over modules of measured z-scores, float64, and (B, T).
+    # only when asked.
     per_token: bool = False
-    token_total: torch.Tensor | None = None
-    token_count: torch.Tensor | None = None
+    tokens: TokenDecisions = field(default_factory=TokenDecisions)
 
     def add(self, name: str, scores: torch.Tensor, mask: torch.Tensor) -> None:
         """scores (B, T, N); mask (B, T) in {0, 1}: the module's measured tokens (padding
@@ -56,20 +55,9 @@ class ScoreSums:
         self.vote_sum = voted if self.vote_sum is None else self.vote_sum + voted
         cast = weights.sum(dim=(1, 2))  # (B,)
         if self.per_token:
-            part = torch.where(valid, scores.double(), torch.zeros((), dtype=torch.float64))
-            count = mask.to(torch.bool).to(torch.float64)
-            self.token_total = part if self.token_total is None else self.token_total + part
-            self.token_count = count if self.token_count is None else self.token_count + count
+            self.tokens.add(scores, mask)
         self.votes_cast = cast if self.votes_cast is None else self.votes_cast + cast
         self.modules_seen.append(name)
-
-    def token_votes(self, temperature: float) -> torch.Tensor:
-        """(B, N) soft token votes (soft_votes.py): each measured token's decision is the mean
-        over the modules that measured it; needs ``per_token``."""
-        if self.token_total is None or self.token_count is None:
-            raise ShapeError("soft votes need per-token sums; collect the scores per_token")
-        decisions = self.token_total / self.token_count.clamp_min(1).unsqueeze(-1)
-        return soft_votes(decisions, self.token_count > 0, temperature)
 
 
 def scored_modules(

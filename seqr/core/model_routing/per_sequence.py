@@ -69,7 +69,7 @@ def decide(
     if sums.score_sum is None or not sums.modules_seen:
         raise ShapeError("no routed module ran in the first pass; nothing to aggregate")
     if config.aggregation == "soft_vote":
-        votes = sums.token_votes(config.vote_temperature)
+        votes = sums.tokens.votes(config.vote_temperature)
         if vote_stats is not None:
             mean, std = vote_stats
             votes = (votes - mean.to(votes)) / std.to(votes)

@@ -17,6 +17,8 @@ Measured offline on five simulations, two domain sets (docs/RESULTS.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from seqr.core.errors import ShapeError
@@ -42,11 +44,46 @@ def soft_votes(
     return total / keep.sum(dim=1).clamp_min(1)
 
 
-def vote_statistics(pool_votes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each adapter's (mean, std) of its vote share over a pool (P, N) of unlabeled inputs;
-    a std of 0 (an adapter that takes the same share of every input) is floored."""
+@dataclass
+class TokenDecisions:
+    """Each token's decision scores, summed module by module as a pass runs: a token's
+    decision is the mean of its scores over the modules that measured it."""
+
+    total: torch.Tensor | None = None  # (B, T, N) float64: sum of the measured scores
+    count: torch.Tensor | None = None  # (B, T) float64: modules that measured each token
+
+    def add(self, scores: torch.Tensor, measured: torch.Tensor) -> None:
+        """One module's (B, T, N) scores (z-scores) and its (B, T) measured tokens."""
+        keep = measured.to(torch.bool)
+        zero = torch.zeros((), dtype=torch.float64)
+        part = torch.where(keep.unsqueeze(-1), scores.double(), zero)
+        count = keep.to(torch.float64)
+        self.total = part if self.total is None else self.total + part
+        self.count = count if self.count is None else self.count + count
+
+    def votes(self, temperature: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) soft_votes of the tokens any module measured; ``allowed`` (N,) bool: the
+        adapters that may take a share (the others get none)."""
+        if self.total is None or self.count is None:
+            raise ShapeError("soft votes need per-token scores; no module added any")
+        decisions = self.total / self.count.clamp_min(1).unsqueeze(-1)
+        if allowed is not None:
+            decisions = decisions.masked_fill(~allowed.to(decisions.device), float("-inf"))
+        return soft_votes(decisions, self.count > 0, temperature)
+
+
+def vote_statistics(
+    pool_votes: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each adapter's (mean, std) of its vote share over a pool (P, N) of unlabeled inputs,
+    each input weighing the same or by ``weights`` (P,), summing to 1; a std of 0 (an adapter
+    that takes the same share of every input) is floored."""
     if pool_votes.ndim != 2 or len(pool_votes) < 2:
         raise ShapeError(f"the pool needs >= 2 sequences of votes, got {tuple(pool_votes.shape)}")
-    mean = pool_votes.mean(dim=0)
-    std = pool_votes.std(dim=0, correction=0).clamp_min(1e-12)
-    return mean, std
+    if weights is None:
+        mean = pool_votes.mean(dim=0)
+        std = pool_votes.std(dim=0, correction=0)
+    else:
+        mean = weights @ pool_votes
+        std = (weights @ (pool_votes - mean) ** 2).sqrt()
+    return mean, std.clamp_min(1e-12)
