@@ -73,6 +73,15 @@ def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
         per_domain = methods[name]["heldout_loss_per_domain"]
         assert sorted(per_domain) == sorted(ADAPTERS)
         assert abs(sum(per_domain.values()) / 3 - methods[name]["heldout_loss"]) < 1e-5
+    # A mistake's loss is the chosen adapter's where the oracle's is its own domain's: the
+    # routed loss differs from the oracle's by the mistakes alone.
+    for name in (*SEQR_VARIANTS, "arrow"):
+        m, mistakes = methods[name], methods[name]["mistake_losses"]
+        assert mistakes["rows"] == m["total"] - m["correct"]
+        assert 0 <= mistakes["chosen_lower"] <= mistakes["rows"]
+        if mistakes["rows"]:
+            gap = mistakes["rows"] * (mistakes["chosen_loss"] - mistakes["labelled_loss"]) / 12
+            assert m["heldout_loss"] - methods["oracle"]["heldout_loss"] == pytest.approx(gap)
     pairs = {(t["first"], t["second"]) for t in result["significance"]}
     # The default against the best alternative, the mean it replaced, and ARROW.
     seconds = {result["seqr_best_alternative"], DEFAULT_CALIBRATION, "arrow"}
@@ -247,6 +256,17 @@ def test_pair_losses_equal_each_plans_own_mixed_batch_losses():
         direct = next_token_losses(model(input_ids=ids, adapter_names=names).logits, ids)
         cached = torch.tensor([cache[row, name] for row, name in enumerate(names)]).double()
         torch.testing.assert_close(cached, direct, rtol=1e-6, atol=1e-6)
+
+
+def test_mistake_losses_count_only_rows_routed_away_from_their_domain():
+    from seqr.sim.eval_losses import mistake_losses
+
+    chosen, labelled = ["a", "b", "b", "c"], ["a", "a", "b", "b"]
+    out = mistake_losses(chosen, labelled, [1.0, 2.0, 3.0, 1.5], [1.0, 2.5, 3.0, 1.0])
+    # rows 1 and 3 are mistakes; on row 1 the chosen adapter's loss is the lower one
+    assert out == {"rows": 2, "chosen_lower": 1, "chosen_loss": 1.75, "labelled_loss": 1.75}
+    none = mistake_losses(["a"], ["a"], [1.0], [1.0])
+    assert none == {"rows": 0, "chosen_lower": 0, "chosen_loss": None, "labelled_loss": None}
 
 
 def test_score_dump_reproduces_every_reported_accuracy(tmp_path):

@@ -46,6 +46,8 @@ def report_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # A routing mistake whose text (the domain's own) holds markup: shown as text.
     evaluation["misrouted"] = [{"domain": ADAPTERS[0], "chosen": ADAPTERS[1], "chunk": 3,
                                 "text": HOSTILE}]  # fmt: skip
+    evaluation["methods"]["arrow"]["mistake_losses"] = {
+        "rows": 1, "chosen_lower": 0, "chosen_loss": 3.5, "labelled_loss": 3.0}  # fmt: skip
     out = tmp_path_factory.mktemp("report")
     report = {"evaluation": evaluation, "clients": clients, "run": run, "not_admitted": ["broken"]}
     write_report(report, out, timing)
@@ -85,6 +87,7 @@ def test_report_renders_in_chromium_without_any_request(report_dir, browser, scr
     subheadings = [h.text for h in browser.find_elements("css selector", "h3")]
     for wanted in ("Wall time per stage", "Per domain", "Paired tests (McNemar)", "Exactness",
                    "Confusion matrix", "Routed vs oracle loss per domain",
+                   "Routing mistakes, by the text's own loss",
                    "Where routing fails"):  # fmt: skip
         assert wanted in subheadings
     images = browser.find_elements("css selector", "img")

@@ -92,7 +92,8 @@ def heldout_losses(
     base_loss: torch.Tensor | None = None,
     stage: Callable[[str, int], Callable[[int], None]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """{"mean": {plan: loss}, "per_domain": {plan: {domain: loss}}} on the test rows ``ids``.
+    """{"mean": {plan: loss}, "per_domain": {plan: {domain: loss}}, "mistakes": {method:
+    mistake_losses}} on the test rows ``ids``.
 
     ``routed``: method -> (S,) chosen adapter index per row. Plans besides them: the oracle,
     the base model (``base_loss`` when the scoring pass measured it already), with
@@ -144,4 +145,23 @@ def heldout_losses(
     return {
         "mean": {label: float(np.mean(v)) for label, v in per_row.items()},
         "per_domain": {label: _by_domain(v, label_list, adapters) for label, v in per_row.items()},
+        "mistakes": {
+            m: mistake_losses(plans[m], plans["oracle"], per_row[m], per_row["oracle"])
+            for m in routed
+        },
+    }
+
+
+def mistake_losses(
+    chosen: list[str], labelled: list[str], chosen_loss: list[float], labelled_loss: list[float]
+) -> dict[str, Any]:
+    """On the rows routed to another domain's adapter: how many, on how many of them that
+    adapter's loss is the lower one (a mistake only by the labels), and both mean losses.
+    Accuracy counts every such row wrong; this says whether the text agrees."""
+    rows = [r for r, (c, o) in enumerate(zip(chosen, labelled, strict=True)) if c != o]
+    return {
+        "rows": len(rows),
+        "chosen_lower": sum(chosen_loss[r] < labelled_loss[r] for r in rows),
+        "chosen_loss": float(np.mean([chosen_loss[r] for r in rows])) if rows else None,
+        "labelled_loss": float(np.mean([labelled_loss[r] for r in rows])) if rows else None,
     }

@@ -257,6 +257,8 @@ def evaluate(
         results.setdefault(method, {})["heldout_loss"] = loss
         results[method]["perplexity"] = float(np.exp(loss))
         results[method]["heldout_loss_per_domain"] = losses["per_domain"][method]
+    for method, mistakes in losses.get("mistakes", {}).items():
+        results[method]["mistake_losses"] = mistakes
     test_per_domain = {a: int((test_labels == i).sum()) for i, a in enumerate(adapters)}
     choice_default = decisions[default][is_test]
     return {

@@ -324,6 +324,7 @@ def _loss_section(ev: dict[str, Any], drawn: dict) -> list[Block]:
         Block("table", header=["adapter choice", "what", "loss", "perplexity", "vs oracle"],
               rows=rows),
     ]  # fmt: skip
+    blocks += _mistake_blocks(methods, shown)
     per_domain = {m: methods[m].get("heldout_loss_per_domain", {}) for m in ("oracle", sel)}
     if all(per_domain.values()):
         routed, best = per_domain[sel], per_domain["oracle"]
@@ -343,6 +344,26 @@ def _loss_section(ev: dict[str, Any], drawn: dict) -> list[Block]:
             Block("plot", "routed vs oracle loss per domain", plot="loss_per_domain.png"),
         ]  # fmt: skip
     return blocks
+
+
+def _mistake_blocks(methods: dict[str, Any], shown: list[str]) -> list[Block]:
+    rows = []
+    for name in shown:
+        m = methods[name].get("mistake_losses")
+        if m and m["rows"]:
+            rows.append([name, str(m["rows"]), str(m["chosen_lower"]),
+                         f"{m['chosen_loss']:.4f}", f"{m['labelled_loss']:.4f}"])  # fmt: skip
+    if not rows:
+        return []
+    return [
+        Block("h3", "Routing mistakes, by the text's own loss"),
+        Block("p", "On the test sequences a method sent to another domain's adapter: on how "
+                   "many that adapter predicts the text better than its own domain's adapter "
+                   "(a mistake only by the labels), and both mean losses. Where the chosen "
+                   "adapter is rarely better, accuracy measures real mistakes."),
+        Block("table", header=["adapter choice", "mistakes", "chosen adapter's loss lower",
+                               "loss, chosen", "loss, own domain's adapter"], rows=rows),
+    ]  # fmt: skip
 
 
 def finite_json(value: Any) -> Any:
