@@ -17,6 +17,7 @@ from seqr.sim.evaluate import (
     DEFAULT_LAYERS,
     DEFAULT_METHOD,
     SEQR_VARIANTS,
+    SOFT_VOTES,
     EvalConfig,
     evaluate,
     split_heldout,
@@ -83,8 +84,9 @@ def test_evaluation_reports_every_method_and_seqr_equals_brute_force(tmp_path):
             gap = mistakes["rows"] * (mistakes["chosen_loss"] - mistakes["labelled_loss"]) / 12
             assert m["heldout_loss"] - methods["oracle"]["heldout_loss"] == pytest.approx(gap)
     pairs = {(t["first"], t["second"]) for t in result["significance"]}
-    # The default against the best alternative, the mean it replaced, and ARROW.
-    seconds = {result["seqr_best_alternative"], DEFAULT_CALIBRATION, "arrow"}
+    # The default against the best alternative, what it replaced (soft votes alone, the mean
+    # of z-scores), and ARROW.
+    seconds = {result["seqr_best_alternative"], SOFT_VOTES, DEFAULT_CALIBRATION, "arrow"}
     assert pairs == {(DEFAULT_METHOD, second) for second in seconds}
     for test in result["significance"]:
         assert 0.0 <= test["p_value"] <= 1.0
@@ -258,6 +260,32 @@ def test_pair_losses_equal_each_plans_own_mixed_batch_losses():
         torch.testing.assert_close(cached, direct, rtol=1e-6, atol=1e-6)
 
 
+def test_the_loss_check_scores_close_pairs_by_each_adapters_own_loss_on_the_row():
+    from seqr.sim.eval_loss_check import loss_checked
+    from seqr.sim.lm_loss import next_token_losses
+
+    library = tiny_library()
+    model = library.peft_model
+    ids = torch.cat([torch.as_tensor(v[:2]) for v in heldout_by_domain(2).values()])  # 6 rows
+    scores = torch.tensor([[2.0, 1.5, 0.0], [0.0, 3.0, 0.0], [0.1, 0.0, 0.2],
+                           [0.0, 5.0, 4.9], [4.0, 0.0, 0.0], [0.0, 0.0, 0.5]])  # fmt: skip
+    is_test = torch.tensor([False, True, True, False, True, True])
+    out = loss_checked(model, ADAPTERS, ids, scores, scores[is_test], is_test, batch_size=4)
+    assert out.close.tolist() == [True, False, True, True, False, True]
+    for row, (first, second) in {0: (0, 1), 2: (2, 0), 3: (1, 2), 5: (2, 0)}.items():
+        # peft's mixed-batch path, full logits: an independent computation of each loss
+        direct = [
+            float(next_token_losses(model(input_ids=ids[row : row + 1],
+                                          adapter_names=[ADAPTERS[a]]).logits, ids[row : row + 1]))
+            for a in (first, second)
+        ]  # fmt: skip
+        assert out.pair_loss[row].tolist() == pytest.approx(direct, rel=1e-5)
+        assert out.choice[row] == (second if direct[1] < direct[0] else first)
+    assert out.choice[1] == 1 and out.choice[4] == 0 and out.pair_loss[[1, 4]].isnan().all()
+    # brute force's ranking, the same as SEQR's, gets the same check
+    assert out.brute_choice.tolist() == out.choice[is_test].tolist()
+
+
 def test_mistake_losses_count_only_rows_routed_away_from_their_domain():
     from seqr.sim.eval_losses import mistake_losses
 
@@ -295,14 +323,14 @@ def test_claim_split_counts_the_rows_no_adapter_scores_above_its_traffic_mean(tm
                      scores_path=path)  # fmt: skip
     result = evaluate(library, heldout_by_domain(), cfg)
     split = result["default_by_claim"]
-    # Recomputed from the dump in numpy: the default's decision scores of each test row, its
-    # vote shares standardised over the validation rows.
+    # Recomputed from the dump in numpy: each test row's decision scores, its vote shares
+    # standardised over the validation rows, split the default's choices.
     dump = load_scores(path)
     test = dump.is_test
     votes = dump.votes
     standardised = (votes - votes[~test].mean(axis=0)) / votes[~test].std(axis=0)
     top = standardised[test].max(axis=1)
-    right = standardised[test].argmax(axis=1) == dump.labels[test]
+    right = dump.decisions(DEFAULT_METHOD)[test] == dump.labels[test]
     for group, rows in (("claimed", top >= 0), ("unclaimed", top < 0)):
         assert split[group]["total"] == int(rows.sum())
         assert split[group]["correct"] == int(right[rows].sum())

@@ -19,13 +19,14 @@ from seqr.sim import report_plots as plots
 from seqr.sim.claims import claim_sentence
 
 ACCURACY_ORDER = [
-    "seqr_soft_votes", "seqr_queries", "seqr_queries_per_module", "seqr_blend", "seqr_public",
-    "seqr", "seqr_raw", "spectr", "brute_force", "arrow", "peft_arrow", "random",
+    "seqr_loss_checked", "seqr_soft_votes", "seqr_queries", "seqr_queries_per_module",
+    "seqr_blend", "seqr_public", "seqr", "seqr_raw", "spectr", "brute_force", "arrow",
+    "peft_arrow", "random",
 ]  # fmt: skip
 LOSS_ORDER = [
-    "oracle", "seqr_soft_votes", "seqr_queries", "seqr_queries_per_module", "seqr_blend",
-    "seqr_public", "seqr", "seqr_per_token", "seqr_raw", "arrow", "peft_arrow_per_token",
-    "uniform_merge", "random", "base",
+    "oracle", "seqr_loss_checked", "seqr_soft_votes", "seqr_queries", "seqr_queries_per_module",
+    "seqr_blend", "seqr_public", "seqr", "seqr_per_token", "seqr_raw", "arrow",
+    "peft_arrow_per_token", "uniform_merge", "random", "base",
 ]  # fmt: skip
 METHOD_NOTES = {
     "seqr": "SEQR, the adapters' own statistics",
@@ -34,6 +35,7 @@ METHOD_NOTES = {
     "seqr_queries": "SEQR, statistics of unlabeled validation inputs (decisions standardised)",
     "seqr_queries_per_module": "SEQR, statistics of unlabeled validation inputs, per module only",
     "seqr_soft_votes": "SEQR, query statistics, soft token votes standardised over the same inputs",
+    "seqr_loss_checked": "SEQR soft votes; the two best, where close, decided by the text's loss",
     "seqr_raw": "SEQR norms without z-scores",
     "spectr": "SpectR: the same raw norms via the SVD (computed once with seqr_raw)",
     "brute_force": "||B A x|| computed directly (checks SEQR)",

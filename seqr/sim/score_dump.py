@@ -4,7 +4,8 @@ A routing variant (another calibration, module weights, a layer subset) changes 
 these scores are z-scored and combined, so it can be tried offline on the very numbers a
 report came from, in seconds, instead of a new evaluation (docs/RESULTS.md lists variants
 scored this way). Soft token votes are not a function of these means; their vote shares under
-the query statistics are kept as they are (``votes``), so the default's decisions are too.
+the query statistics are kept as they are (``votes``), and the loss check's losses
+(``check_losses``), so the default's decisions are too.
 ``scores.npz`` holds plain numeric and fixed-width string arrays only:
 ``np.load(..., allow_pickle=False)`` reads it, so no bytes are ever unpickled.
 """
@@ -20,6 +21,7 @@ import torch
 
 from seqr.core.atomic_write import write_atomic
 from seqr.core.errors import DataError
+from seqr.core.model_routing.loss_check import checked_choice, shortlist
 from seqr.core.model_routing.soft_votes import vote_statistics
 from seqr.sim.eval_scores import HeldOutScores
 
@@ -42,6 +44,9 @@ class ScoreDump:
     raw: dict[str, np.ndarray]  # method -> (S, M, N) token-mean raw score of each module
     calibrations: dict[str, tuple[np.ndarray, np.ndarray]]  # label -> (mean, std), (M, N)
     votes: np.ndarray | None = None  # (S, N) soft token vote shares (seqr_soft_votes)
+    # (S, 2) each row's loss under its first and second adapter where the loss check ran
+    # (seqr_loss_checked), NaN elsewhere
+    check_losses: np.ndarray | None = None
 
     def module_scores(self, method: str) -> np.ndarray:
         """(S, M, N) what ``method`` decides on: a calibration label ("seqr", "seqr_queries",
@@ -58,17 +63,24 @@ class ScoreDump:
     def decisions(self, method: str) -> np.ndarray:
         """(S,) adapter each row is routed to: all layers, the mean over modules, as the
         report's methods decide; soft votes standardised over the validation rows."""
-        from seqr.sim.evaluate import SOFT_VOTES, decide  # the report's own rules
+        from seqr.sim.evaluate import LOSS_CHECKED, SOFT_VOTES, decide  # the report's rules
 
-        if method == SOFT_VOTES:
-            if self.votes is None:
+        if method in (SOFT_VOTES, LOSS_CHECKED):
+            kept = self.votes if method == SOFT_VOTES else self.check_losses
+            if self.votes is None or kept is None:
                 raise DataError(
-                    "this dump has no soft token votes (written before they were kept): "
-                    "write it again with --evaluate-only --dump-scores"
+                    f"this dump has no {'soft token votes' if self.votes is None else 'loss check'}"
+                    " (written before they were kept): write it again with --evaluate-only "
+                    "--dump-scores"
                 )
             votes = torch.from_numpy(self.votes)
             mean, std = vote_statistics(votes[~torch.from_numpy(self.is_test)])
-            return ((votes - mean) / std).argmax(dim=-1).numpy()
+            standardised = (votes - mean) / std
+            if method == SOFT_VOTES:
+                return standardised.argmax(dim=-1).numpy()
+            losses = torch.from_numpy(self.check_losses)
+            short = shortlist(standardised)
+            return checked_choice(short, losses[:, 0], losses[:, 1]).numpy()
         scores = torch.from_numpy(self.module_scores(method))
         return decide(scores, torch.ones(scores.shape[1], dtype=torch.bool)).numpy()
 
@@ -85,6 +97,7 @@ def save_scores(
     is_test: torch.Tensor,
     chunks: torch.Tensor,
     votes: torch.Tensor | None = None,
+    check_losses: torch.Tensor | None = None,
 ) -> None:
     """Write the dump atomically (a reader sees the old file or the whole new one)."""
     arrays: dict[str, np.ndarray] = {
@@ -103,6 +116,8 @@ def save_scores(
         arrays[f"std.{label}"] = calibration.std.numpy()
     if votes is not None:
         arrays["votes"] = votes.numpy()
+    if check_losses is not None:
+        arrays["check_losses"] = check_losses.numpy()
     buffer = io.BytesIO()
     np.savez(buffer, allow_pickle=False, **arrays)
     write_atomic(path, buffer.getvalue())
@@ -137,6 +152,7 @@ def load_scores(path: Path) -> ScoreDump:
             if f"std.{label}" in arrays
         },
         votes=arrays.get("votes"),
+        check_losses=arrays.get("check_losses"),
     )
     shape = (len(dump.labels), len(dump.module_names), len(dump.adapters))
     wrong = [k for k in _ROW_ARRAYS if getattr(dump, k).shape != shape[:1]]
@@ -145,6 +161,8 @@ def load_scores(path: Path) -> ScoreDump:
               if m.shape != shape[1:] or s.shape != shape[1:]]  # fmt: skip
     if dump.votes is not None and dump.votes.shape != (shape[0], shape[2]):
         wrong.append("votes")
+    if dump.check_losses is not None and dump.check_losses.shape != (shape[0], 2):
+        wrong.append("check_losses")
     if wrong:
         raise DataError(f"{path}: {wrong} do not match {shape} (rows, modules, adapters)")
     return dump

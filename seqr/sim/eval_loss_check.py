@@ -1,0 +1,82 @@
+"""The loss check (seqr.core.model_routing.loss_check) on the held-out rows of an evaluation.
+
+Every row whose two best adapters under soft votes are close is scored by both adapters'
+next-token loss on the row itself (the prompt, as `seqr serve` would see it); brute force's
+ranking gets the same check, so its agreement with SEQR covers the checked choice too. The
+losses come from seqr.sim.eval_losses.pair_losses (each adapter merged exactly), each pair
+once, and go into the score dump so the report's accuracy can be reproduced from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from seqr.core.model_routing.loss_check import Shortlist, checked_choice, shortlist
+from seqr.sim.eval_losses import pair_losses
+
+
+@dataclass(frozen=True)
+class LossChecked:
+    choice: torch.Tensor  # (S,) every row's checked adapter (validation first, as the scores)
+    brute_choice: torch.Tensor  # (S_test,) brute force's ranking, checked the same way
+    pair_loss: torch.Tensor  # (S, 2) loss under the first and second adapter, NaN if not close
+    close: torch.Tensor  # (S,) bool: the rows checked
+
+
+def _losses(short: Shortlist, cache: dict[tuple[int, int], float], rows: list[int]) -> torch.Tensor:
+    out = torch.full((len(short.first), 2), float("nan"), dtype=torch.float64)
+    for r in short.rows():
+        row = rows[r]
+        out[r, 0] = cache[row, int(short.first[r])]
+        out[r, 1] = cache[row, int(short.second[r])]
+    return out
+
+
+def loss_checked(
+    model: Any,
+    adapters: tuple[str, ...],
+    ids: torch.Tensor,
+    scores: torch.Tensor,
+    brute_scores: torch.Tensor,
+    is_test: torch.Tensor,
+    batch_size: int,
+    stage: Callable[[str, int], Callable[[int], None]] | None = None,
+) -> LossChecked:
+    """``scores`` (S, N): every row's standardised soft votes; ``brute_scores`` (S_test, N):
+    brute force's for the test rows; ``ids`` (S, T) the rows in the same order."""
+    short, brute = shortlist(scores), shortlist(brute_scores)
+    every_row, test_rows = list(range(len(ids))), torch.nonzero(is_test).flatten().tolist()
+    wanted: dict[int, set[int]] = {}
+    for s, rows in ((short, every_row), (brute, test_rows)):
+        for r in s.rows():
+            wanted.setdefault(rows[r], set()).update((int(s.first[r]), int(s.second[r])))
+    needed = sorted(wanted)
+    # pair_losses takes plans of one adapter per row: the k-th plan names each row's k-th
+    # candidate (its last one again where it has fewer); each pair is computed once.
+    candidates = [sorted(wanted[row]) for row in needed]
+    width = max(map(len, candidates), default=0)
+    plans = [[adapters[c[min(k, len(c) - 1)]] for c in candidates] for k in range(width)]
+    pairs = sum(map(len, candidates))
+    advance = stage("prompt loss of the close pairs (loss check)", pairs) if stage else None
+    done = 0
+
+    def step(k: int) -> None:
+        nonlocal done
+        done += k
+        if advance is not None:
+            advance(done)
+
+    computed = pair_losses(model, ids[needed], plans, batch_size, step) if needed else {}
+    cache = {(needed[i], adapters.index(name)): v for (i, name), v in computed.items()}
+    losses = _losses(short, cache, every_row)
+    brute_losses = _losses(brute, cache, test_rows)
+    return LossChecked(
+        checked_choice(short, losses[:, 0], losses[:, 1]),
+        checked_choice(brute, brute_losses[:, 0], brute_losses[:, 1]),
+        losses,
+        short.close,
+    )
