@@ -158,6 +158,40 @@ def test_soft_votes_standardised_over_the_query_pool_route_every_domain(
     assert [r["adapter"] for r in doc["results"]] == [r.adapter for r in votes]
 
 
+def test_the_loss_check_gives_close_inputs_to_the_adapter_that_predicts_them_better(
+    world: RouteWorld, tmp_path: Path
+) -> None:
+    from seqr.sim.lm_loss import next_token_losses
+
+    for domain in DOMAINS:
+        (tmp_path / f"{domain}.txt").write_text(domain_text(domain, 12, seed=7), encoding="utf-8")
+    every = open_router(world, calibration="queries", reference=tmp_path, loss_check_margin=1e5)
+    never = open_router(world, calibration="queries", reference=tmp_path, loss_check_margin=0)
+    assert never.routed.config.loss_check_margin is None
+    texts = [text for _, text in held_out_texts()]
+    texts += [domain_text(a, 1, 30)[:50] + " " + domain_text(b, 1, 31)[:50]
+              for a, b in zip(DOMAINS, DOMAINS[1:], strict=False)]  # fmt: skip
+    changed = 0
+    for text, plain, checked in zip(texts, never.route(texts), every.route(texts), strict=True):
+        assert plain.loss_check is None and plain.runner_up is not None
+        ids = every.tokenizer(text, return_tensors="pt")["input_ids"]
+        model = every.routed.peft_model
+        loss = {}
+        for name in (plain.adapter, plain.runner_up):
+            internal = every.routed.adapters[every.names.index(name)]
+            logits = model(input_ids=ids, adapter_names=[internal]).logits
+            loss[name] = float(next_token_losses(logits, ids)[0])
+        best = min((plain.adapter, plain.runner_up), key=lambda n: (loss[n], n != plain.adapter))
+        assert checked.adapter == best
+        assert checked.loss_check == ("kept" if best == plain.adapter else "changed")
+        assert checked.scores == pytest.approx(plain.scores)  # the same soft votes
+        assert (checked.margin < 0) == (best != plain.adapter)
+        changed += best != plain.adapter
+    assert changed > 0  # the check moved at least one input
+    with pytest.raises(ConfigError, match="loss_check_margin"):
+        RouterConfig(loss_check_margin=-1.0)
+
+
 def test_soft_votes_need_the_query_pool_and_are_its_default() -> None:
     with pytest.raises(ConfigError, match="with --calibration queries"):
         RouterConfig(aggregation="soft_vote")

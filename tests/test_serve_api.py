@@ -269,11 +269,12 @@ def test_query_statistics_take_over_once_the_pool_is_warm(world: ServeWorld) -> 
     )
     try:
         ask = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
-        kinds = []
+        kinds, checks = [], []
         prompts = [text for _, text in held_out_prompts()] * 2
         for text in prompts:
             out = ask.completions.create(model="auto", prompt=text, max_tokens=1)
             kinds.append(out.model_extra["seqr"]["calibration"])
+            checks.append(out.model_extra["seqr"]["loss_check"])
         # own statistics for the first 4 prompts, then query statistics with the mean of
         # z-scores while 4 prompts vote, then soft token votes
         assert kinds[0] == {"kind": "own"} and kinds[-1]["kind"] == "queries"
@@ -284,6 +285,11 @@ def test_query_statistics_take_over_once_the_pool_is_warm(world: ServeWorld) -> 
         assert metric(srv, "seqr_calibration_queries_in_use") == 1
         assert metric(srv, "seqr_calibration_soft_votes_in_use") == 1
         assert metric(srv, "seqr_calibration_pool_prompts") == len(prompts)
+        # the loss check runs only under soft votes, and /metrics counts what it decided
+        assert checks[:8] == [None] * 8 and set(checks) <= {None, "kept", "changed"}
+        for outcome in ("kept", "changed"):
+            counted = metric(srv, "seqr_loss_checks_total", outcome=outcome)
+            assert counted == checks.count(outcome)
     finally:
         srv.stop()
 

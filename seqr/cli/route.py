@@ -94,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the mean of token z-scores, or soft token votes standardised over the "
                    "--calibration queries examples (docs/ROUTING.md); default: soft-vote with "
                    "--calibration queries per sequence, mean otherwise")  # fmt: skip
+    p.add_argument("--loss-check-margin", type=float, default=None,
+                   help="with soft votes: an input whose two best adapters score closer than "
+                   "this goes to the one with the lower loss on the input (two "
+                   "more forward passes of it; docs/ROUTING.md); 0: no check")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON document")
     return p
 
@@ -138,6 +142,8 @@ def _print_results(router: RegistryRouter, results: list[RouteResult], generate:
             margin = "only adapter"
         else:
             margin = f"margin {res.margin:+.3f} z over {printable(res.runner_up)}"
+            if res.loss_check is not None:
+                margin += f"; loss check: {res.loss_check}"
         snippet = res.text if len(res.text) <= 60 else res.text[:57] + "..."
         print(f"[{i}] {printable(res.adapter)}  ({margin})  {snippet!r}")
         if res.token_share is not None:
@@ -176,7 +182,9 @@ def main(argv: list[str]) -> int:
                               first_pass_dtype=routing_pass_dtype(args.routing_pass,
                                                                   args.device),
                               calibration=args.calibration, reference=args.reference,
-                              aggregation=_snake(args.aggregation))  # fmt: skip
+                              aggregation=_snake(args.aggregation),
+                              **({} if args.loss_check_margin is None else
+                                 {"loss_check_margin": args.loss_check_margin}))  # fmt: skip
         audit = AuditConfig(expected_root_sha256=args.expect_root_sha256)
     except ConfigError as exc:
         parser.error(str(exc))

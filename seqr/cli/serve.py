@@ -99,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
         "mean of token z-scores (docs/ROUTING.md)",
     )
     p.add_argument(
+        "--loss-check-margin",
+        type=float,
+        default=pool.loss_check_margin,
+        help="under soft votes, a prompt whose two best adapters score closer than this goes "
+        "to the one with the lower loss on the prompt (two more forward passes); 0: no check",
+    )
+    p.add_argument(
         "--max-batch", type=int, default=engine.max_batch, help="sequences decoded together"
     )
     p.add_argument(
@@ -169,7 +176,9 @@ def main(argv: list[str]) -> int:
             default_chat_max_tokens=min(d.default_chat_max_tokens, room),
         )
         pool = PoolConfig(
-            warm_sequences=args.pool_warm, aggregation=args.aggregation.replace("-", "_")
+            warm_sequences=args.pool_warm,
+            aggregation=args.aggregation.replace("-", "_"),
+            loss_check_margin=args.loss_check_margin,
         )
         config = ServeConfig(
             host=args.host,

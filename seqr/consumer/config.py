@@ -18,6 +18,7 @@ from seqr.core.device import check_device
 from seqr.core.errors import ConfigError
 from seqr.core.model_routing import ModelRoutingConfig
 from seqr.core.model_routing.config import FIRST_PASS_DTYPES
+from seqr.core.model_routing.loss_check import LOSS_CHECK_MARGIN
 
 Mode = Literal["per_sequence", "per_token"]
 Calibration = Literal["own", "reference", "blend", "queries"]
@@ -69,6 +70,9 @@ class RouterConfig:
     # calibration "queries" and per_sequence. None: soft_vote where it can be used (ahead of
     # the mean or level in every run measured, docs/RESULTS.md "Soft token votes"), else mean.
     aggregation: Literal["mean", "soft_vote"] | None = None
+    # Under soft votes: inputs whose two best adapters score closer than this go to the one
+    # with the lower loss on the input (seqr.core.model_routing.loss_check); 0: no check.
+    loss_check_margin: float = LOSS_CHECK_MARGIN
 
     def __post_init__(self) -> None:
         if self.aggregation is None:
@@ -93,6 +97,11 @@ class RouterConfig:
         ):
             raise ConfigError("soft votes are standardised over the queries' pool: use them "
                               "with --calibration queries and per-sequence routing")  # fmt: skip
+        gap = self.loss_check_margin
+        if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not 0 <= gap < 1e6:
+            raise ConfigError(
+                f"RouterConfig.loss_check_margin = {gap!r} must be a number >= 0 (0: no check)"
+            )
         if self.mode not in ("per_sequence", "per_token"):
             raise ConfigError(f"RouterConfig.mode = {self.mode!r} must be per_sequence/per_token")
         if self.statistics not in ("per_module", "pooled"):
@@ -120,4 +129,6 @@ class RouterConfig:
         return ModelRoutingConfig(
             mode=self.mode, statistics=self.statistics, first_pass_dtype=dtype,
             aggregation=self.aggregation or "mean",  # set by __post_init__; soft: checked
+            loss_check_margin=(self.loss_check_margin or None)
+            if self.aggregation == "soft_vote" else None,
         )  # fmt: skip

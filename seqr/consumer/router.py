@@ -84,6 +84,8 @@ class RouteResult:
     scores: dict[str, float]  # mean z-score over the input's tokens and LoRA modules
     tokens: int  # input tokens routed (after truncation)
     token_share: dict[str, float] | None = None  # per_token: share of (token, module) wins
+    # "kept" / "changed" where the loss check decided (docs/ROUTING.md); margin < 0 if changed
+    loss_check: str | None = None
     generated: str | None = None  # greedy continuation, when asked for
 
     def to_json(self) -> dict[str, Any]:
@@ -96,6 +98,7 @@ class RouteResult:
             "scores": self.scores,
             "tokens": self.tokens,
             "token_share": self.token_share,
+            "loss_check": self.loss_check,
             "generated": self.generated,
         }
 
@@ -346,6 +349,7 @@ class RegistryRouter:
                     scores=dict(zip(self.names, scores[row].tolist(), strict=True)),
                     tokens=int(mask[row].sum()),
                     token_share=share,
+                    loss_check=None if decision.loss_check is None else decision.loss_check[row],
                 )
             )
         return results

@@ -13,6 +13,7 @@ from typing import Literal, get_args
 from seqr.core.device import check_device
 from seqr.core.errors import ConfigError
 from seqr.core.model_routing.config import FIRST_PASS_DTYPES
+from seqr.core.model_routing.loss_check import LOSS_CHECK_MARGIN
 from seqr.core.model_routing.soft_votes import SOFT_VOTE_TEMPERATURE
 
 Calibration = Literal["queries", "own"]
@@ -82,6 +83,10 @@ class PoolConfig:
     # "mean"
     aggregation: Literal["mean", "soft_vote"] = "soft_vote"
     vote_temperature: float = SOFT_VOTE_TEMPERATURE  # soft_votes.py, z-score units
+    # Under soft votes, a prompt whose two best adapters are closer than this (standardised
+    # units) goes to the one with the lower loss on the prompt: seqr.core.model_routing.
+    # loss_check (two more forward passes of that prompt); 0 turns the check off.
+    loss_check_margin: float = LOSS_CHECK_MARGIN
 
     def __post_init__(self) -> None:
         _check_ints(
@@ -109,6 +114,11 @@ class PoolConfig:
         heat = self.vote_temperature
         if isinstance(heat, bool) or not isinstance(heat, (int, float)) or not 0 < heat < 1e6:
             raise ConfigError(f"PoolConfig.vote_temperature = {heat!r} must be a number > 0")
+        gap = self.loss_check_margin
+        if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not 0 <= gap < 1e6:
+            raise ConfigError(
+                f"PoolConfig.loss_check_margin = {gap!r} must be a number >= 0 (0: no check)"
+            )
         if self.warm_sequences > self.capacity:
             raise ConfigError(
                 f"PoolConfig.warm_sequences = {self.warm_sequences} is over capacity = "

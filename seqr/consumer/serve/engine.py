@@ -36,8 +36,15 @@ from seqr.consumer.serve.config import EngineConfig
 from seqr.consumer.serve.live import ServedVersion
 from seqr.consumer.serve.pool import QueryPool
 from seqr.consumer.serve.sampling import Sampler, SamplingParams, TextStream
-from seqr.consumer.serve.scoring import Calibration, Decision, decide, sequence_scores
+from seqr.consumer.serve.scoring import (
+    Calibration,
+    Decision,
+    check_close_pairs,
+    decide,
+    sequence_scores,
+)
 from seqr.core.errors import SeqrError
+from seqr.core.model_routing.loss_check import prompt_losses
 
 log = logging.getLogger("seqr.serve")
 Event = tuple[Any, ...]
@@ -47,14 +54,22 @@ def route_prompts(
     version: ServedVersion, pool: QueryPool | None, ids: torch.Tensor, mask: torch.Tensor
 ) -> tuple[Calibration, Decision]:
     """Step 1 of the module docstring for one batch of prompts: the calibration in use, one
-    routing pass (with soft token votes under query statistics, pool.py), the decisions;
-    each routed prompt then joins the pool."""
+    routing pass (with soft token votes under query statistics, pool.py), the decisions
+    (close pairs under soft votes checked by the prompt's loss); each routed prompt then
+    joins the pool."""
     if pool is None:
         return version.own, decide(sequence_scores(version.first_pass, ids, mask), version.own)
     calibration = pool.calibration(version.shas, version.names, version.modules, version.own)
     scored = sequence_scores(version.first_pass, ids, mask, pool.votes_under(calibration),
                              pool.config.vote_temperature)  # fmt: skip
     decision = decide(scored, calibration)
+    if calibration.votes is not None and pool.config.loss_check_margin > 0:
+
+        def losses_of(rows: list[int], adapters: list[int]) -> torch.Tensor:
+            names = [version.internal(i) for i in adapters]
+            return prompt_losses(version.peft_model, ids[rows], mask[rows], names)
+
+        decision = check_close_pairs(decision, pool.config.loss_check_margin, losses_of)
     for row, best in enumerate(decision.indices):
         votes = None if scored.votes is None else scored.votes[row]
         pool.add(version.shas, version.modules, version.shas[best], scored.raw[row], votes,
@@ -75,6 +90,10 @@ class Route:
     routed: bool  # chosen by SEQR ("auto") rather than named
     margin: float | None  # score of the choice minus the runner-up's
     runner_up: str | None
+    # the loss check: "kept" the scores' first or "changed" to the runner-up, and the
+    # (choice's, runner-up's) loss on the prompt; None: it did not run
+    loss_check: str | None
+    prompt_losses: tuple[float, float] | None
     # per routable adapter: mean z-score, or standardised soft vote share (scoring.Decision)
     scores: dict[str, float] | None
     calibration: dict[str, Any] | None
@@ -88,6 +107,8 @@ class Route:
             "routed": self.routed,
             "margin": self.margin,
             "runner_up": self.runner_up,
+            "loss_check": self.loss_check,
+            "prompt_losses": None if self.prompt_losses is None else list(self.prompt_losses),
             "scores": self.scores,
             "calibration": self.calibration,
             "registry_version": self.registry_version,
@@ -281,6 +302,8 @@ class Engine:
                         routed=True,
                         margin=decision.margin[row],
                         runner_up=None if runner is None else version.names[runner],
+                        loss_check=decision.loss_check[row],
+                        prompt_losses=decision.prompt_losses[row],
                         scores=scores,
                         calibration=calibration.describe(),
                         registry_version=version.version,
@@ -290,7 +313,7 @@ class Engine:
                 with self._routed_lock:
                     self._routed[version.names[best]] += 1
                 if self.metrics is not None:
-                    self.metrics.routed(version.names[best])
+                    self.metrics.routed(version.names[best], decision.loss_check[row])
         out: list[tuple[int | None, Route]] = []
         for job in jobs:
             index: int | None
@@ -304,6 +327,8 @@ class Engine:
                     routed=False,
                     margin=None,
                     runner_up=None,
+                    loss_check=None,
+                    prompt_losses=None,
                     scores=None,
                     calibration=None,
                     registry_version=version.version,

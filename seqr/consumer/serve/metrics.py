@@ -91,14 +91,26 @@ class ServeMetrics:
             "1 when soft token votes decide (query statistics with vote statistics), else 0",
             registry=r,
         )
+        self.loss_checks = Counter(
+            "seqr_loss_checks",
+            "auto prompts whose close pair the prompt's loss decided: the scores' first kept, "
+            "or the runner-up chosen",
+            ["outcome"],
+            registry=r,
+        )
         for outcome in ("loaded", "unchanged", "failed"):
             self.reloads.labels(outcome)
+        for outcome in ("kept", "changed"):
+            self.loss_checks.labels(outcome)
         self._steps: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
 
     # ----- called by the engine thread ----------------------------------------------------
-    def routed(self, adapter: str) -> None:
+    def routed(self, adapter: str, loss_check: str | None = None) -> None:
+        """One auto prompt routed; ``loss_check``: "kept" or "changed" where it ran."""
         self.decisions.labels(adapter).inc()
+        if loss_check is not None:
+            self.loss_checks.labels(loss_check).inc()
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

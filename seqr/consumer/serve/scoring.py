@@ -22,6 +22,7 @@ vote share standardised over the pool (RoutedModel's ``aggregation="soft_vote"``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from seqr.core.errors import ShapeError, ValueCheckError
+from seqr.core.model_routing.loss_check import Shortlist, checked_choice
 from seqr.core.model_routing.modules import RoutedModule
 from seqr.core.model_routing.soft_votes import SOFT_VOTE_TEMPERATURE, TokenDecisions
 from seqr.core.routing import SeqrRouter
@@ -79,6 +81,58 @@ class Decision:
     scores: torch.Tensor
     margin: list[float | None]  # chosen minus runner-up (None: nothing else could be chosen)
     runner_up: list[int | None]
+    # per sequence whose close pair the loss check decided: (chosen's, runner-up's) loss on
+    # the prompt; None where it did not run
+    prompt_losses: list[tuple[float, float] | None] = field(default_factory=list)
+    # "kept" (the scores' first) or "changed" (the runner-up) where the check ran
+    loss_check: list[str | None] = field(default_factory=list)
+
+
+def check_close_pairs(
+    decision: Decision,
+    margin: float,
+    losses_of: Callable[[list[int], list[int]], torch.Tensor],
+) -> Decision:
+    """``decision`` with every sequence whose runner-up is within ``margin`` decided by the
+    prompt's own loss (seqr.core.model_routing.loss_check); ``losses_of(rows, adapters)``
+    gives the loss of each listed row's prompt under the listed adapter."""
+    rows = len(decision.indices)
+    first = torch.tensor(decision.indices, dtype=torch.long)
+    second = torch.tensor([f if r is None else r for f, r in
+                           zip(decision.indices, decision.runner_up, strict=True)])  # fmt: skip
+    close = torch.tensor([m is not None and m < margin for m in decision.margin], dtype=torch.bool)
+    short = Shortlist(first, second, close)
+    checked = short.rows()
+    if not checked:
+        return dataclasses.replace(decision, prompt_losses=[None] * rows, loss_check=[None] * rows)
+    pairs = [int(first[r]) for r in checked] + [int(second[r]) for r in checked]
+    both = losses_of(checked * 2, pairs)
+    first_loss = torch.full((rows,), float("nan"), dtype=torch.float64)
+    second_loss = first_loss.clone()
+    first_loss[checked] = both[: len(checked)].double()
+    second_loss[checked] = both[len(checked) :].double()
+    chosen = checked_choice(short, first_loss, second_loss).tolist()
+    swapped = [c != f for c, f in zip(chosen, decision.indices, strict=True)]
+    losses: list[tuple[float, float] | None] = [None] * rows
+    outcome: list[str | None] = [None] * rows
+    for r in checked:
+        pair = (float(first_loss[r]), float(second_loss[r]))
+        losses[r] = pair[::-1] if swapped[r] else pair
+        outcome[r] = "changed" if swapped[r] else "kept"
+    return Decision(
+        indices=chosen,
+        scores=decision.scores,
+        margin=[
+            None if m is None else -m if s else m
+            for m, s in zip(decision.margin, swapped, strict=True)
+        ],  # fmt: skip
+        runner_up=[
+            f if s else r
+            for f, r, s in zip(decision.indices, decision.runner_up, swapped, strict=True)
+        ],  # fmt: skip
+        prompt_losses=losses,
+        loss_check=outcome,
+    )
 
 
 def own_calibration(stats: list[NormStatistics], modules: list[str]) -> Calibration:
@@ -186,4 +240,4 @@ def decide(scored: PromptScores, calibration: Calibration) -> Decision:
         indices.append(best)
         runners.append(runner)
         margins.append(None if runner is None else float(row[best] - row[runner]))
-    return Decision(indices, scores, margins, runners)
+    return Decision(indices, scores, margins, runners, [None] * len(indices), [None] * len(indices))

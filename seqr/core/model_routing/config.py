@@ -68,6 +68,9 @@ class ModelRoutingConfig:
     layers: tuple[int, ...] | None = None
     first_pass_dtype: str | None = None
     record: bool = False
+    # soft_vote only: sequences whose two best adapters score closer than this (standardised
+    # units) go to the one with the lower loss on the sequence (loss_check.py); None: no check
+    loss_check_margin: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -106,6 +109,13 @@ class ModelRoutingConfig:
                 raise ConfigError("first_pass_dtype applies to per_sequence routing only")
         if not isinstance(self.record, bool):
             raise ConfigError(f"record must be a bool, got {self.record!r}")
+        gap = self.loss_check_margin
+        if gap is not None:
+            if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not 0 <= gap < 1e6:
+                raise ConfigError(f"loss_check_margin must be None or a number >= 0, got {gap!r}")
+            if self.aggregation != "soft_vote" or self.mode != "per_sequence":
+                raise ConfigError("the loss check decides between soft votes' two best "
+                                  "adapters: use it with per_sequence soft_vote")  # fmt: skip
         self._check_layers()
 
     def _check_layers(self) -> None:

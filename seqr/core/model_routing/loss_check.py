@@ -17,8 +17,10 @@ is the same function of the same ranking for any router.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from seqr.core.errors import ConfigError, ShapeError
 
@@ -26,6 +28,9 @@ from seqr.core.errors import ConfigError, ShapeError
 # are checked. 0.25-1.0 measured, each better than no check; 1.0 checks about a fifth of the
 # ten domains' rows (docs/RESULTS.md).
 LOSS_CHECK_MARGIN = 1.0
+# Rows per forward pass and positions per slice of the vocabulary head in prompt_losses: its
+# memory stays at a few (rows, positions, hidden) and (rows, slice, vocabulary) blocks.
+_ROWS, _POSITIONS = 4, 256
 
 
 @dataclass(frozen=True)
@@ -69,3 +74,40 @@ def checked_choice(
                          f"{tuple(second_loss.shape)}")  # fmt: skip
     lower = second_loss.double() < first_loss.double()
     return torch.where(short.close & lower, short.second, short.first)
+
+
+@torch.no_grad()
+def prompt_losses(
+    peft_model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str]
+) -> torch.Tensor:
+    """(B,) float64: each sequence's mean next-token cross-entropy over its own tokens (either
+    padding side) under its adapter (peft's ``adapter_names``, one per row); NaN for a
+    sequence of fewer than two tokens."""
+    if len(adapters) != input_ids.shape[0] or attention_mask.shape != input_ids.shape:
+        raise ShapeError(f"need (B, T) ids and mask and B adapter names; got "
+                         f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, "
+                         f"{len(adapters)}")  # fmt: skip
+    head = peft_model.get_output_embeddings()
+    out = []
+    for start in range(0, input_ids.shape[0], _ROWS):
+        ids, mask = input_ids[start : start + _ROWS], attention_mask[start : start + _ROWS]
+        hidden = peft_model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.long().cumsum(dim=-1) - 1).clamp_min(0),
+            adapter_names=adapters[start : start + _ROWS],
+            output_hidden_states=True,
+            logits_to_keep=1,  # the head runs below, slice by slice
+            use_cache=False,
+        ).hidden_states[-1]  # after the final norm: what the head reads
+        real = mask.bool()
+        scored = real[:, :-1] & real[:, 1:]  # position t predicts token t + 1
+        total = torch.zeros(len(ids), dtype=torch.float64, device=ids.device)
+        for s in range(0, ids.shape[1] - 1, _POSITIONS):
+            e = min(s + _POSITIONS, ids.shape[1] - 1)
+            logits = head(hidden[:, s:e]).float()
+            loss = F.cross_entropy(logits.transpose(1, 2), ids[:, s + 1 : e + 1], reduction="none")
+            total += torch.where(scored[:, s:e], loss.double(), 0.0).sum(dim=1)
+        count = scored.sum(dim=1)
+        out.append(torch.where(count > 0, total / count.clamp_min(1), float("nan")))
+    return torch.cat(out)

@@ -9,13 +9,16 @@ mixed adapters through peft's ``adapter_names`` (one LoRA per row).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from seqr.core.errors import DataError, ShapeError
 from seqr.core.model_routing.collect import ScoreSums
 from seqr.core.model_routing.config import ModelRoutingConfig
+from seqr.core.model_routing.loss_check import checked_choice, prompt_losses, shortlist
 from seqr.core.routing.base import finite_or_lowest
 
 
@@ -26,7 +29,9 @@ class RoutingDecision:
     adapters: tuple[str, ...]  # the N routed adapters; indices below point into this
     indices: torch.Tensor  # (B,) int64: the chosen adapter of each sequence
     scores: torch.Tensor  # (B, N): mean score (or vote share) over valid tokens and modules
-    margin: torch.Tensor  # (B,): best minus second-best score; inf when N == 1
+    margin: torch.Tensor  # (B,): the chosen's score minus the best other; inf when N == 1
+    # (B,) "kept" / "changed" where the loss check decided the sequence (loss_check.py)
+    loss_check: tuple[str | None, ...] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -92,3 +97,35 @@ def decide(
         indices, margin = top.indices[:, 0], top.values[:, 0] - top.values[:, 1]
         margin = torch.nan_to_num(margin, nan=0.0)  # two -inf scores: a tie, not NaN
     return RoutingDecision(adapters=adapters, indices=indices, scores=scores, margin=margin)
+
+
+def check_by_loss(
+    peft_model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    decision: RoutingDecision,
+    margin: float,
+) -> RoutingDecision:
+    """``decision`` with each sequence whose two best scores are within ``margin`` given to
+    the one of the two with the lower loss on the sequence itself (loss_check.py)."""
+    short = shortlist(decision.scores, margin)
+    rows = short.rows()
+    outcome: list[str | None] = [None] * len(decision.indices)
+    if not rows:
+        return dataclasses.replace(decision, loss_check=tuple(outcome))
+    names = [decision.adapters[int(short.first[r])] for r in rows]
+    names += [decision.adapters[int(short.second[r])] for r in rows]
+    both = prompt_losses(peft_model, input_ids[rows * 2], attention_mask[rows * 2], names)
+    first_loss = torch.full((len(outcome),), float("nan"), dtype=torch.float64)
+    second_loss = first_loss.clone()
+    first_loss[rows], second_loss[rows] = both[: len(rows)].cpu(), both[len(rows) :].cpu()
+    chosen = checked_choice(short, first_loss, second_loss).to(decision.indices.device)
+    for r in rows:
+        outcome[r] = "kept" if int(chosen[r]) == int(short.first[r]) else "changed"
+    # the chosen's score minus the best other's: negative where the runner-up took it
+    others = decision.scores.scatter(-1, chosen[:, None], float("-inf")).amax(dim=-1)
+    chosen_scores = decision.scores.gather(-1, chosen[:, None]).squeeze(-1)
+    margin_now = torch.where(torch.isfinite(others), chosen_scores - others, decision.margin)
+    return dataclasses.replace(
+        decision, indices=chosen, margin=margin_now, loss_check=tuple(outcome)
+    )

@@ -23,7 +23,12 @@ from seqr.core.model_routing.modules import (
     RouterFactory,
     build_routed_modules,
 )
-from seqr.core.model_routing.per_sequence import RoutingDecision, check_batch, decide
+from seqr.core.model_routing.per_sequence import (
+    RoutingDecision,
+    check_batch,
+    check_by_loss,
+    decide,
+)
 from seqr.core.model_routing.per_token import ModuleRecord, per_token_routing
 from seqr.core.model_routing.soft_votes import vote_statistics
 from seqr.core.routing import SeqrRouter
@@ -124,8 +129,12 @@ class RoutedModel:
         )  # fmt: skip
         if self.config.record:
             self.records = sums.records
-        self.last_decision = decide(sums, self.config, self.adapters, self.vote_stats)
-        return self.last_decision
+        decision = decide(sums, self.config, self.adapters, self.vote_stats)
+        if self.config.loss_check_margin is not None and self.vote_stats is not None:
+            decision = check_by_loss(self.peft_model, input_ids, attention_mask, decision,
+                                     self.config.loss_check_margin)  # fmt: skip
+        self.last_decision = decision
+        return decision
 
     def _first_pass(self) -> tuple[Any, list[RoutedModule]]:
         """How the first pass runs, and the scored modules' routers hooked into that model."""
