@@ -70,9 +70,11 @@ def test_simulation_over_two_seeds_reports_progress_failures_and_mean_and_spread
     evaluated = json.loads((out / "seed-0" / "report.json").read_text())["evaluation"]
     rows = evaluated["test_sequences"] + evaluated["validation_sequences"]  # every held-out row
     assert replayed["rows"] == rows > 32
-    assert replayed["soft_vote"]["second_half_decided_by"]["soft_vote"] == rows - 32
+    for soft in ("soft_vote", "soft_vote_loss_checked"):  # soft votes decide once warm
+        assert replayed[soft]["second_half_decided_by"]["soft_vote"] == rows - 32
     assert replayed["mean"]["second_half_decided_by"] == {"mean": rows - rows // 2}
     assert 0 <= replayed["mcnemar_soft_vote_vs_mean"]["p_value"] <= 1
+    assert 0 <= replayed["mcnemar_soft_vote_loss_checked_vs_soft_vote"]["p_value"] <= 1
     assert (out / "report.html").stat().st_size > 1000
     assert (out / "accuracy_over_seeds.png").stat().st_size > 5_000
     # A second run into the same folder never overwrites a registry (nor anything else, its

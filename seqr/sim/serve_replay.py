@@ -5,8 +5,9 @@ server measures them as it goes (seqr.consumer.serve.pool: own statistics until 
 per-adapter caps) and, by default, turns to soft token votes once the pool holds their
 statistics. This replays every held-out row of a run (validation and test, in a random order,
 in batches of ``refresh_every`` prompts, as the server refreshes its statistics) through the
-server's routing step (engine.route_prompts) once per aggregation, and reports accuracy over
-the second half of the stream (the pool warm), with Wilson intervals and McNemar between them.
+server's routing step (engine.route_prompts) once per way of deciding (the mean of z-scores,
+soft votes, soft votes with the loss check: STREAMS), and reports accuracy over the second half
+of the stream (the pool warm), with Wilson intervals and McNemar between them.
 
 usage: python -m seqr.sim.serve_replay RUN [--data DIR] [--seed K] [--pool-warm N]
 """
@@ -18,7 +19,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,14 @@ from seqr.consumer.serve.live import ServedVersion
 from seqr.consumer.serve.pool import QueryPool
 from seqr.sim.significance import mcnemar_exact, wilson_interval
 
-AGGREGATIONS: tuple[Literal["mean", "soft_vote"], ...] = ("mean", "soft_vote")
+# name -> how its pool decides (PoolConfig fields); the last is `seqr serve`'s default
+STREAMS: dict[str, dict[str, Any]] = {
+    "mean": {"aggregation": "mean"},
+    "soft_vote": {"aggregation": "soft_vote", "loss_check_margin": 0.0},
+    "soft_vote_loss_checked": {"aggregation": "soft_vote"},
+}
+# McNemar pairs (first, second): each way against the one before it
+PAIRS = (("soft_vote", "mean"), ("soft_vote_loss_checked", "soft_vote"))
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,8 @@ def replay(
     serve` routes ``auto`` prompts with a pool of this config."""
     pool, picks, decided_by = QueryPool(config), [], []
     batches = range(0, len(order), config.refresh_every)
-    for start in tqdm(batches, desc=f"replay ({config.aggregation})", unit="batch"):
+    for start in tqdm(batches, desc=f"replay ({config.aggregation}, check "
+                      f"{config.loss_check_margin:g})", unit="batch"):  # fmt: skip
         rows = torch.as_tensor(order[start : start + config.refresh_every])
         calibration, decision = route_prompts(version, pool, ids[rows], torch.ones_like(ids[rows]))
         picks += decision.indices
@@ -56,8 +65,8 @@ def replay(
 
 
 def summarise(replays: dict[str, Replay], labels: np.ndarray) -> dict[str, Any]:
-    """Accuracy over the whole stream and over its second half, per aggregation; McNemar of
-    soft votes against the mean on the second half."""
+    """Accuracy over the whole stream and over its second half, per stream; McNemar of each
+    pair in PAIRS on the second half."""
     half = len(labels) // 2
     out: dict[str, Any] = {"rows": len(labels), "second_half_rows": len(labels) - half}
     right = {}
@@ -71,8 +80,10 @@ def summarise(replays: dict[str, Replay], labels: np.ndarray) -> dict[str, Any]:
             "second_half_ci95": [low, high],
             "second_half_decided_by": dict(sorted(Counter(run.decided_by[half:]).items())),
         }
-    if set(AGGREGATIONS) <= set(right):
-        out["mcnemar_soft_vote_vs_mean"] = vars(mcnemar_exact(right["soft_vote"], right["mean"]))
+    for first, second in PAIRS:
+        if first in right and second in right:
+            test = mcnemar_exact(right[first], right[second])
+            out[f"mcnemar_{first}_vs_{second}"] = vars(test)
     return out
 
 
@@ -112,10 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = np.concatenate([[i] * len(c) for i, c in enumerate(heldout.values())])
     order = np.random.default_rng(args.seed).permutation(len(labels))
     replays: dict[str, Replay] = {
-        name: replay(
-            version, ids, order, PoolConfig(warm_sequences=args.pool_warm, aggregation=name)
-        )
-        for name in AGGREGATIONS
+        name: replay(version, ids, order, PoolConfig(warm_sequences=args.pool_warm, **how))
+        for name, how in STREAMS.items()
     }
     summary = {"run": str(args.run), "seed": args.seed, **summarise(replays, labels[order])}
     write_atomic(args.run / "serve_replay.json", json.dumps(summary, indent=2).encode())
