@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from seqr.core.model_routing.loss_check import Shortlist, checked_choice, shortlist
-from seqr.sim.eval_losses import pair_losses
+from seqr.sim.eval_losses import counting, pair_losses
 
 
 @dataclass(frozen=True)
@@ -61,15 +61,7 @@ def loss_checked(
     width = max(map(len, candidates), default=0)
     plans = [[adapters[c[min(k, len(c) - 1)]] for c in candidates] for k in range(width)]
     pairs = sum(map(len, candidates))
-    advance = stage("prompt loss of the close pairs (loss check)", pairs) if stage else None
-    done = 0
-
-    def step(k: int) -> None:
-        nonlocal done
-        done += k
-        if advance is not None:
-            advance(done)
-
+    step = counting(stage, "prompt loss of the close pairs (loss check)", pairs)
     computed = pair_losses(model, ids[needed], plans, batch_size, step) if needed else {}
     cache = {(needed[i], adapters.index(name)): v for (i, name), v in computed.items()}
     losses = _losses(short, cache, every_row)

@@ -72,6 +72,23 @@ def pair_losses(
     return out
 
 
+def counting(
+    stage: Callable[[str, int], Callable[[int], None]] | None, name: str, total: int
+) -> Callable[[int], None]:
+    """``step(rows just done)`` that starts stage ``name`` of ``total`` rows and tells it the
+    running count (status.json); a no-op without a stage."""
+    advance = stage(name, total) if stage else None
+    done = 0
+
+    def step(k: int) -> None:
+        nonlocal done
+        done += k
+        if advance is not None:
+            advance(done)
+
+    return step
+
+
 def _by_domain(values: list[float], labels: list[int], adapters: tuple[str, ...]) -> dict:
     out = {}
     for i, name in enumerate(adapters):
@@ -109,15 +126,7 @@ def heldout_losses(
         **{m: [adapters[i] for i in choice.tolist()] for m, choice in routed.items()},
     }
     pairs = len({(r, n) for names in plans.values() for r, n in enumerate(names)})
-    advance = stage("held-out loss of each adapter choice", pairs) if stage else None
-    done = 0
-
-    def step(k: int) -> None:
-        nonlocal done
-        done += k
-        if advance is not None:
-            advance(done)
-
+    step = counting(stage, "held-out loss of each adapter choice", pairs)
     pair_loss = pair_losses(model, ids, plans.values(), cfg.batch_size, step)
     per_row = {
         label: [pair_loss[row, name] for row, name in enumerate(names)]
@@ -126,8 +135,7 @@ def heldout_losses(
     if base_loss is not None:
         per_row["base"] = base_loss.tolist()
     if cfg.per_token_losses:
-        advance = stage("held-out loss of per-token routing", 2 * rows) if stage else None
-        done = 0
+        step = counting(stage, "held-out loss of per-token routing", 2 * rows)
         routed_model = RoutedModel(
             model,
             ModelRoutingConfig(mode="per_token", top_k=cfg.per_token_top_k),
