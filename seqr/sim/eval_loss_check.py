@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from seqr.core.model_routing.loss_check import Shortlist, checked_choice, shortlist
+from seqr.core.model_routing.loss_check import check_pairs, shortlist
 from seqr.sim.eval_losses import counting, pair_losses
 
 
@@ -25,15 +25,6 @@ class LossChecked:
     brute_choice: torch.Tensor  # (S_test,) brute force's ranking, checked the same way
     pair_loss: torch.Tensor  # (S, 2) loss under the first and second adapter, NaN if not close
     close: torch.Tensor  # (S,) bool: the rows checked
-
-
-def _losses(short: Shortlist, cache: dict[tuple[int, int], float], rows: list[int]) -> torch.Tensor:
-    out = torch.full((len(short.first), 2), float("nan"), dtype=torch.float64)
-    for r in short.rows():
-        row = rows[r]
-        out[r, 0] = cache[row, int(short.first[r])]
-        out[r, 1] = cache[row, int(short.second[r])]
-    return out
 
 
 def loss_checked(
@@ -64,11 +55,14 @@ def loss_checked(
     step = counting(stage, "prompt loss of the close pairs (loss check)", pairs)
     computed = pair_losses(model, ids[needed], plans, batch_size, step) if needed else {}
     cache = {(needed[i], adapters.index(name)): v for (i, name), v in computed.items()}
-    losses = _losses(short, cache, every_row)
-    brute_losses = _losses(brute, cache, test_rows)
-    return LossChecked(
-        checked_choice(short, losses[:, 0], losses[:, 1]),
-        checked_choice(brute, brute_losses[:, 0], brute_losses[:, 1]),
-        losses,
-        short.close,
-    )
+
+    def lookup(positions: list[int]) -> Callable[[list[int], list[int]], torch.Tensor]:
+        def losses_of(rows: list[int], adapters: list[int]) -> torch.Tensor:
+            pairs = zip(rows, adapters, strict=True)
+            return torch.tensor([cache[positions[r], a] for r, a in pairs], dtype=torch.float64)
+
+        return losses_of
+
+    choice, first_loss, second_loss = check_pairs(short, lookup(every_row))
+    brute_choice, _, _ = check_pairs(brute, lookup(test_rows))
+    return LossChecked(choice, brute_choice, torch.stack([first_loss, second_loss], 1), short.close)

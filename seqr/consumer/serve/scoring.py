@@ -22,7 +22,6 @@ vote share standardised over the pool (RoutedModel's ``aggregation="soft_vote"``
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 
 from seqr.core.errors import ShapeError, ValueCheckError
-from seqr.core.model_routing.loss_check import Shortlist, checked_choice
+from seqr.core.model_routing.loss_check import Shortlist, check_pairs
 from seqr.core.model_routing.modules import RoutedModule
 from seqr.core.model_routing.soft_votes import SOFT_VOTE_TEMPERATURE, TokenDecisions
 from seqr.core.routing import SeqrRouter
@@ -102,20 +101,12 @@ def check_close_pairs(
                            zip(decision.indices, decision.runner_up, strict=True)])  # fmt: skip
     close = torch.tensor([m is not None and m < margin for m in decision.margin], dtype=torch.bool)
     short = Shortlist(first, second, close)
-    checked = short.rows()
-    if not checked:
-        return dataclasses.replace(decision, prompt_losses=[None] * rows, loss_check=[None] * rows)
-    pairs = [int(first[r]) for r in checked] + [int(second[r]) for r in checked]
-    both = losses_of(checked * 2, pairs)
-    first_loss = torch.full((rows,), float("nan"), dtype=torch.float64)
-    second_loss = first_loss.clone()
-    first_loss[checked] = both[: len(checked)].double()
-    second_loss[checked] = both[len(checked) :].double()
-    chosen = checked_choice(short, first_loss, second_loss).tolist()
+    picked, first_loss, second_loss = check_pairs(short, losses_of)
+    chosen = picked.tolist()
     swapped = [c != f for c, f in zip(chosen, decision.indices, strict=True)]
     losses: list[tuple[float, float] | None] = [None] * rows
     outcome: list[str | None] = [None] * rows
-    for r in checked:
+    for r in short.rows():
         pair = (float(first_loss[r]), float(second_loss[r]))
         losses[r] = pair[::-1] if swapped[r] else pair
         outcome[r] = "changed" if swapped[r] else "kept"

@@ -16,6 +16,7 @@ is the same function of the same ranking for any router.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,22 @@ def checked_choice(
                          f"{tuple(second_loss.shape)}")  # fmt: skip
     lower = second_loss.double() < first_loss.double()
     return torch.where(short.close & lower, short.second, short.first)
+
+
+def check_pairs(
+    short: Shortlist, losses_of: Callable[[list[int], list[int]], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen, first's loss, second's loss), each (S,), the losses NaN where not close.
+    ``losses_of(rows, adapters)``: the loss of each listed row under the listed adapter,
+    asked once for every close row's first, then its second."""
+    rows = short.rows()
+    first_loss = torch.full(tuple(short.first.shape), float("nan"), dtype=torch.float64)
+    second_loss = first_loss.clone()
+    if rows:
+        pairs = [int(short.first[r]) for r in rows] + [int(short.second[r]) for r in rows]
+        both = losses_of(rows * 2, pairs).detach().double().cpu()
+        first_loss[rows], second_loss[rows] = both[: len(rows)], both[len(rows) :]
+    return checked_choice(short, first_loss, second_loss), first_loss, second_loss
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch
 from seqr.core.errors import DataError, ShapeError
 from seqr.core.model_routing.collect import ScoreSums
 from seqr.core.model_routing.config import ModelRoutingConfig
-from seqr.core.model_routing.loss_check import checked_choice, prompt_losses, shortlist
+from seqr.core.model_routing.loss_check import check_pairs, prompt_losses, shortlist
 from seqr.core.routing.base import finite_or_lowest
 
 
@@ -108,19 +108,16 @@ def check_by_loss(
 ) -> RoutingDecision:
     """``decision`` with each sequence whose two best scores are within ``margin`` given to
     the one of the two with the lower loss on the sequence itself (loss_check.py)."""
-    short = shortlist(decision.scores, margin)
-    rows = short.rows()
+    short = shortlist(decision.scores.cpu(), margin)
+
+    def losses_of(rows: list[int], adapters: list[int]) -> torch.Tensor:
+        names = [decision.adapters[a] for a in adapters]
+        return prompt_losses(peft_model, input_ids[rows], attention_mask[rows], names)
+
+    picked, _, _ = check_pairs(short, losses_of)
+    chosen = picked.to(decision.indices.device)
     outcome: list[str | None] = [None] * len(decision.indices)
-    if not rows:
-        return dataclasses.replace(decision, loss_check=tuple(outcome))
-    names = [decision.adapters[int(short.first[r])] for r in rows]
-    names += [decision.adapters[int(short.second[r])] for r in rows]
-    both = prompt_losses(peft_model, input_ids[rows * 2], attention_mask[rows * 2], names)
-    first_loss = torch.full((len(outcome),), float("nan"), dtype=torch.float64)
-    second_loss = first_loss.clone()
-    first_loss[rows], second_loss[rows] = both[: len(rows)].cpu(), both[len(rows) :].cpu()
-    chosen = checked_choice(short, first_loss, second_loss).to(decision.indices.device)
-    for r in rows:
+    for r in short.rows():
         outcome[r] = "kept" if int(chosen[r]) == int(short.first[r]) else "changed"
     # the chosen's score minus the best other's: negative where the runner-up took it
     others = decision.scores.scatter(-1, chosen[:, None], float("-inf")).amax(dim=-1)
