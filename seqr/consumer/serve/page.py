@@ -54,7 +54,8 @@ document.getElementById('send').addEventListener('click', async () => {
     put('routed-adapter', d.seqr.adapter);
     const margin = d.seqr.margin === null ? 'only choice' :
       'margin ' + d.seqr.margin.toFixed(3) + ' z over ' + d.seqr.runner_up;
-    put('why', margin + ' (calibration: ' + kind(d.seqr.calibration) + ')');
+    const check = d.seqr.loss_check ? ', loss check: ' + d.seqr.loss_check : '';
+    put('why', margin + check + ' (calibration: ' + kind(d.seqr.calibration) + ')');
     put('continuation', d.choices[0].text);
   } catch (e) { put('routed-adapter', 'error'); put('continuation', String(e)); }
   refresh();
