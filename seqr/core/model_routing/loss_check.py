@@ -8,10 +8,10 @@ loss) is the one trained on text like it. Measured on the project's ten domains 
 machine's text types (docs/RESULTS.md): on the ten domains' misrouted test rows the right
 adapter had the lower loss on 70 of 74.
 
-The check costs two forward passes of the prompt, only for the close rows (about a fifth of
-them on the ten domains), and uses nothing any submitter sends beyond the admitted weights:
-no statistics, no claims. SEQR's ranking stays exact (brute force ranks the same); the check
-is the same function of the same ranking for any router.
+The check costs two forward passes of the prompt, only for the close rows (a fifth of them on
+the ten domains, half on four sections of one dictionary), and uses nothing any submitter
+sends beyond the admitted weights: no statistics, no claims. SEQR's ranking stays exact (brute
+force ranks the same); the check is the same function of the same ranking for any router.
 """
 
 from __future__ import annotations
