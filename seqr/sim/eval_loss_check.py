@@ -25,6 +25,7 @@ class LossChecked:
     brute_choice: torch.Tensor  # (S_test,) brute force's ranking, checked the same way
     pair_loss: torch.Tensor  # (S, 2) loss under the first and second adapter, NaN if not close
     close: torch.Tensor  # (S,) bool: the rows checked
+    losses: dict[tuple[int, str], float]  # (row, adapter name) -> every loss computed
 
 
 def loss_checked(
@@ -54,15 +55,17 @@ def loss_checked(
     pairs = sum(map(len, candidates))
     step = counting(stage, "prompt loss of the close pairs (loss check)", pairs)
     computed = pair_losses(model, ids[needed], plans, batch_size, step) if needed else {}
-    cache = {(needed[i], adapters.index(name)): v for (i, name), v in computed.items()}
+    losses = {(needed[i], name): v for (i, name), v in computed.items()}
 
     def lookup(positions: list[int]) -> Callable[[list[int], list[int]], torch.Tensor]:
-        def losses_of(rows: list[int], adapters: list[int]) -> torch.Tensor:
-            pairs = zip(rows, adapters, strict=True)
-            return torch.tensor([cache[positions[r], a] for r, a in pairs], dtype=torch.float64)
+        def losses_of(rows: list[int], indices: list[int]) -> torch.Tensor:
+            pairs = zip(rows, indices, strict=True)
+            return torch.tensor([losses[positions[r], adapters[a]] for r, a in pairs],
+                                dtype=torch.float64)  # fmt: skip
 
         return losses_of
 
     choice, first_loss, second_loss = check_pairs(short, lookup(every_row))
     brute_choice, _, _ = check_pairs(brute, lookup(test_rows))
-    return LossChecked(choice, brute_choice, torch.stack([first_loss, second_loss], 1), short.close)
+    pair_loss = torch.stack([first_loss, second_loss], 1)
+    return LossChecked(choice, brute_choice, pair_loss, short.close, losses)

@@ -45,14 +45,20 @@ def pair_losses(
     plans: Iterable[list[str]],
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    known: Mapping[tuple[int, str], float] | None = None,
 ) -> dict[tuple[int, str], float]:
-    """Loss of every (sequence, adapter) pair some plan needs, each computed once."""
+    """Loss of every (sequence, adapter) pair some plan needs, each computed once; pairs in
+    ``known`` (computed earlier by the same pass) are taken from it."""
+    known = known or {}
     rows_by_adapter: dict[str, set[int]] = {}
+    out: dict[tuple[int, str], float] = {}
     for names in plans:
         for row, name in enumerate(names):
-            rows_by_adapter.setdefault(name, set()).add(row)
+            if (row, name) in known:
+                out[row, name] = known[row, name]
+            else:
+                rows_by_adapter.setdefault(name, set()).add(row)
 
-    out: dict[tuple[int, str], float] = {}
     total = sum(len(rows) for rows in rows_by_adapter.values())
     with tqdm(total=total, desc="held-out loss", unit="seq") as bar:
 
@@ -108,11 +114,13 @@ def heldout_losses(
     *,
     base_loss: torch.Tensor | None = None,
     stage: Callable[[str, int], Callable[[int], None]] | None = None,
+    known: Mapping[tuple[int, str], float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """{"mean": {plan: loss}, "per_domain": {plan: {domain: loss}}, "mistakes": {method:
     mistake_losses}} on the test rows ``ids``.
 
-    ``routed``: method -> (S,) chosen adapter index per row. Plans besides them: the oracle,
+    ``routed``: method -> (S,) chosen adapter index per row; ``known``: (row, adapter) losses
+    computed already (the loss check's), not computed again. Plans besides them: the oracle,
     the base model (``base_loss`` when the scoring pass measured it already), with
     ``cfg.merge_baseline`` the exact uniform merge; with ``cfg.per_token_losses`` also
     per-token SEQR routing (own statistics) and peft's per-token ARROW, each one more pass.
@@ -125,9 +133,10 @@ def heldout_losses(
         **({"uniform_merge": [add_uniform_merge(library)] * rows} if cfg.merge_baseline else {}),
         **{m: [adapters[i] for i in choice.tolist()] for m, choice in routed.items()},
     }
-    pairs = len({(r, n) for names in plans.values() for r, n in enumerate(names)})
+    known = known or {}
+    pairs = len({(r, n) for names in plans.values() for r, n in enumerate(names)} - set(known))
     step = counting(stage, "held-out loss of each adapter choice", pairs)
-    pair_loss = pair_losses(model, ids, plans.values(), cfg.batch_size, step)
+    pair_loss = pair_losses(model, ids, plans.values(), cfg.batch_size, step, known)
     per_row = {
         label: [pair_loss[row, name] for row, name in enumerate(names)]
         for label, names in plans.items()

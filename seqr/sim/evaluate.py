@@ -272,8 +272,12 @@ def evaluate(
     losses: dict[str, Any] = {}
     if cfg.losses:
         plans = {m: decisions[m][is_test] for m in (*SEQR_VARIANTS, "arrow") if m in decisions}
+        # the check's losses of test rows (validation rows first in its order) are reused
+        n_val = int(val.sum())
+        known = {(row - n_val, name): v for (row, name), v in checked.losses.items()
+                 if row >= n_val}  # fmt: skip
         losses = heldout_losses(library, data.ids[test], test_labels, plans, cfg, arrow_model,
-                                base_loss=scores.base_loss, stage=stage)  # fmt: skip
+                                base_loss=scores.base_loss, stage=stage, known=known)  # fmt: skip
     for method, loss in losses.get("mean", {}).items():
         results.setdefault(method, {})["heldout_loss"] = loss
         results[method]["perplexity"] = float(np.exp(loss))

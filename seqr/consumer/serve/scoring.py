@@ -82,9 +82,9 @@ class Decision:
     runner_up: list[int | None]
     # per sequence whose close pair the loss check decided: (chosen's, runner-up's) loss on
     # the prompt; None where it did not run
-    prompt_losses: list[tuple[float, float] | None] = field(default_factory=list)
+    prompt_losses: list[tuple[float, float] | None]
     # "kept" (the scores' first) or "changed" (the runner-up) where the check ran
-    loss_check: list[str | None] = field(default_factory=list)
+    loss_check: list[str | None]
 
 
 def check_close_pairs(
